@@ -1,0 +1,53 @@
+"""gds-stream: stream huge point clouds from storage into PyTorch, GPU-direct where it can.
+
+Importing this package is cheap: it never imports cupy or kvikio, and torch only when a loader
+is built.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .errors import BackendUnavailable, ConversionError, DatasetError, GDSStreamError, LoaderError
+from .format import Dataset, FieldSpec, open_dataset
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "open_dataset",
+    "convert",
+    "open_loader",
+    "GDSLoader",
+    "Dataset",
+    "FieldSpec",
+    "GDSStreamError",
+    "DatasetError",
+    "ConversionError",
+    "LoaderError",
+    "BackendUnavailable",
+    "__version__",
+]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .convert import convert
+    from .gds import GDSLoader
+    from .loader import open_loader
+
+_LAZY = {
+    "convert": ("gds_stream.convert", "convert"),
+    "open_loader": ("gds_stream.loader", "open_loader"),
+    "GDSLoader": ("gds_stream.gds", "GDSLoader"),
+}
+
+
+def __getattr__(name: str):
+    """Import the heavier parts (converters, torch-based loaders) on first use."""
+    try:
+        module, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'gds_stream' has no attribute {name!r}") from None
+    import importlib
+
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value
+    return value
