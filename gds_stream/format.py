@@ -434,7 +434,8 @@ class DatasetWriter:
                 raise ConversionError(f"{w.spec.name}: {rows} rows where other fields have {n}")
             want_shape = (rows,) if w.spec.components == 1 else (rows, w.spec.components)
             a = np.ascontiguousarray(a, dtype=w.spec.dtype).reshape(want_shape)
-            w.write(memoryview(a).cast("B"))
+            if rows:
+                w.write(memoryview(a.reshape(-1).view(np.uint8)))
         self._scan_points += n or 0
 
     def end_scan(self, source: str, **info: object) -> None:

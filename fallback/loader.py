@@ -1,0 +1,240 @@
+"""The CPU fallback backend: worker threads ``preadv`` planned ranges into host buffers.
+
+* CPU device: each batch is read into a fresh host buffer that is handed out through DLPack, so a
+  yielded batch is never written again (contract point 5) and there is no copy beyond the read.
+* CUDA device: batches are read into a ring of ``prefetch`` pinned slots; each slot is copied to a
+  new device buffer on a side stream, the consumer's current stream waits on that copy's event,
+  and a slot is refilled only after the event of its previous copy completed.
+
+The within-batch shuffle is one gather on the consumer's device, by the plan's permutation,
+which travels inside the same slab (one host→device copy per batch).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from gds_stream.errors import DatasetError, LoaderError
+from gds_stream.format import Dataset, pread_into
+from gds_stream.loader import POLL_S, EpochIterator, Loader, SlabLayout
+from gds_stream.plan import BatchPlan, EpochPlan
+
+from .ring import PinnedRing, Slot
+
+log = logging.getLogger(__name__)
+
+#: Reads larger than this are split across worker threads.
+CHUNK_BYTES = 4 << 20
+
+
+@dataclass
+class _Pending:
+    batch: BatchPlan
+    layout: SlabLayout
+    host: np.ndarray  # uint8 view of the slab
+    slot: Slot | None
+    futures: list[cf.Future] = field(default_factory=list)
+
+
+def _read(fd: int, path: str, view: memoryview, offset: int, stop: threading.Event,
+          slot: Slot | None) -> None:
+    """Worker task: one positioned read into the batch's slab (no reference to the iterator)."""
+    if stop.is_set():
+        return
+    if slot is not None:
+        slot.wait_free()
+    try:
+        pread_into(fd, view, offset, path)
+    except OSError as exc:
+        raise DatasetError(f"{path}: read of {len(view)} bytes at offset {offset} failed: {exc}") \
+            from exc
+
+
+def _fill_meta(batch: BatchPlan, layout: SlabLayout, host: np.ndarray, stop: threading.Event,
+               slot: Slot | None) -> None:
+    """Worker task: the permutation and scan offsets of a batch, written into its slab."""
+    if stop.is_set():
+        return
+    if slot is not None:
+        slot.wait_free()
+    perm = batch.permutation()
+    if perm is not None:
+        host[layout.perm_offset:layout.perm_offset + perm.nbytes] = perm.view(np.uint8)
+    offs = batch.offsets()
+    if offs is not None:
+        host[layout.offsets_offset:layout.offsets_offset + offs.nbytes] = offs.view(np.uint8)
+
+
+class FallbackLoader(Loader):
+    """numpy/preadv + threaded prefetch ring; same options and contract as every loader."""
+
+    backend = "fallback"
+
+    def __init__(self, dataset: Dataset | str, **options: Any):
+        super().__init__(dataset, **options)
+        import torch
+
+        self._device = torch.device(self.options.device)
+        self._cuda = self._device.type == "cuda"
+        if self._cuda:
+            if not torch.cuda.is_available():
+                raise LoaderError(f"device={self.options.device!r} but CUDA is not available "
+                                  f"(torch {torch.__version__}); use device='cpu'")
+            if self._device.index is None:
+                self._device = torch.device("cuda", torch.cuda.current_device())
+            self._copy_stream = torch.cuda.Stream(self._device)
+        elif self._device.type != "cpu":
+            raise LoaderError(f"device={self.options.device!r}: the fallback supports cpu and cuda")
+        self._ring: PinnedRing | None = None
+        log.debug("%r", self)
+
+    def _make_iterator(self, plan: EpochPlan, start: int) -> "_FallbackIterator":
+        if self._cuda:
+            scans = self.options.batch_scans
+            cap = SlabLayout.build(self.specs, plan.max_batch_points(), self.options.shuffle
+                                   and not self.options.scan_mode, scans).nbytes
+            if self._ring is None:
+                self._ring = PinnedRing(self.options.prefetch, cap)
+            self._ring.reserve(cap)
+        return _FallbackIterator(self, plan, start)
+
+    def _release(self) -> None:
+        self._ring = None
+
+
+class _FallbackIterator(EpochIterator):
+    def __init__(self, loader: FallbackLoader, plan: EpochPlan, start: int):
+        super().__init__(loader, plan, start)
+        import torch
+
+        self._torch = torch
+        ds = loader.dataset
+        self._specs = loader.specs
+        self._files = [(ds.fileno(s.name), str(ds.field_path(s.name)), ds.layout(s.name).offset)
+                       for s in self._specs]
+        self._scan_mode = loader.options.scan_mode
+        self._device = loader._device
+        self._cuda = loader._cuda
+        self._ring = loader._ring
+        self._copy_stream = loader._copy_stream if self._cuda else None
+        self._stop = threading.Event()
+        self._pool = cf.ThreadPoolExecutor(loader.options.num_threads,
+                                           thread_name_prefix="gds-stream-fallback")
+
+    # -- reads --------------------------------------------------------------------------------
+    def _submit(self, batch: BatchPlan) -> _Pending:
+        n = batch.num_points
+        layout = SlabLayout.build(self._specs, n, batch.perm_key is not None,
+                                  None if batch.scan_sizes is None else len(batch.scan_sizes))
+        if self._cuda:
+            assert self._ring is not None
+            slot = self._ring.acquire(layout.nbytes)
+            host = slot.array[:layout.nbytes]
+        else:
+            slot = None
+            host = np.empty(layout.nbytes, dtype=np.uint8)
+        p = _Pending(batch, layout, host, slot)
+        mv = memoryview(host)
+        submit = self._pool.submit
+        for spec, (fd, path, base), foff in zip(self._specs, self._files, layout.field_offsets):
+            pb = spec.point_bytes
+            dst = foff
+            for a, b in batch.segments:
+                off, length = base + int(a) * pb, int(b - a) * pb
+                for c in range(0, length, CHUNK_BYTES):
+                    m = min(CHUNK_BYTES, length - c)
+                    p.futures.append(submit(_read, fd, path, mv[dst + c:dst + c + m], off + c,
+                                            self._stop, slot))
+                dst += length
+        if batch.perm_key is not None or batch.scan_sizes is not None:
+            p.futures.append(submit(_fill_meta, batch, layout, host, self._stop, slot))
+        return p
+
+    def _handle_nbytes(self, handle: _Pending) -> int:
+        return handle.layout.nbytes
+
+    def _wait(self, p: _Pending) -> None:
+        pending = set(p.futures)
+        while pending:
+            done, pending = cf.wait(pending, timeout=POLL_S, return_when=cf.FIRST_EXCEPTION)
+            for f in done:
+                exc = f.exception()
+                if exc is not None:
+                    raise exc
+            if self._stop.is_set():
+                raise LoaderError("loader was closed while waiting for a batch")
+
+    # -- hand-out -----------------------------------------------------------------------------
+    def _complete(self, p: _Pending) -> dict:
+        torch = self._torch
+        try:
+            self._wait(p)
+        except BaseException:
+            if p.slot is not None and self._ring is not None:
+                self._ring.release(p.slot, None)
+            raise
+        if self._cuda:
+            assert p.slot is not None and self._ring is not None
+            with torch.cuda.stream(self._copy_stream):
+                slab = torch.empty(p.layout.nbytes, dtype=torch.uint8, device=self._device)
+                slab.copy_(p.slot.tensor[:p.layout.nbytes], non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self._copy_stream)
+            self._ring.release(p.slot, event)
+            consumer = torch.cuda.current_stream(self._device)
+            consumer.wait_event(event)
+            slab.record_stream(consumer)
+        else:
+            slab = torch.from_dlpack(p.host)
+        return unpack_slab(torch, slab, self._specs, p.layout, p.batch)
+
+    def _shutdown(self) -> None:
+        self._stop.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        # A slot whose reads were cancelled goes back to the ring without a pending copy.
+        if self._ring is not None:
+            for _, p, _ in self._inflight:
+                if p.slot is not None:
+                    self._ring.release(p.slot, None)
+
+
+_TORCH_DTYPES: dict[str, Any] = {}
+
+
+def torch_dtype(torch: Any, dt: np.dtype) -> Any:
+    key = dt.str
+    if key not in _TORCH_DTYPES:
+        _TORCH_DTYPES[key] = torch.from_numpy(np.empty(0, dtype=dt)).dtype
+    return _TORCH_DTYPES[key]
+
+
+_GATHER_INT = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
+
+
+def unpack_slab(torch: Any, slab: Any, specs, layout: SlabLayout, batch: BatchPlan) -> dict:
+    """Views of one uint8 slab as the batch dict; with a permutation, one gather per field
+    (done on integer views of the same width, so every dtype is moved bit for bit)."""
+    n = batch.num_points
+    perm = None
+    if batch.perm_key is not None:
+        perm = slab[layout.perm_offset:layout.perm_offset + 4 * n].view(torch.int32)
+    out = {}
+    for spec, off in zip(specs, layout.field_offsets):
+        region = slab[off:off + n * spec.point_bytes]
+        if perm is None:
+            t = region.view(torch_dtype(torch, spec.dtype))
+        else:
+            bits = torch_dtype(torch, np.dtype(_GATHER_INT[spec.dtype.itemsize]))
+            t = region.view(bits).view(n, spec.components).index_select(0, perm)
+            t = t.view(torch_dtype(torch, spec.dtype))
+        out[spec.name] = t.view(n, spec.components) if spec.components > 1 else t.view(n)
+    if batch.scan_sizes is not None:
+        k = len(batch.scan_sizes)
+        out["offset"] = slab[layout.offsets_offset:layout.offsets_offset + 8 * k].view(torch.int64)
+    return out
