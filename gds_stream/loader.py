@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 #: How often a waiting consumer re-checks for errors and stop requests (seconds).
 POLL_S = 0.05
+#: Options only the GPU-direct backend takes (ignored when ``auto`` falls back).
+GDS_ONLY_OPTIONS = ("task_size",)
 #: Region alignment inside a batch's host/device slab (bytes).
 SLAB_ALIGN = 4096
 
@@ -436,6 +438,7 @@ def open_loader(dataset: Dataset | str | os.PathLike, backend: str = "auto",
     :class:`BackendUnavailable` with the reason if it can't run) or ``"fallback"``."""
     if backend not in ("auto", "gds", "fallback"):
         raise LoaderError(f"backend must be 'auto', 'gds' or 'fallback', got {backend!r}")
+    gds_only = {k: options.pop(k) for k in GDS_ONLY_OPTIONS if k in options}
     if backend in ("auto", "gds"):
         device = options.get("device")
         if backend == "auto" and device is not None and not str(device).startswith("cuda"):
@@ -444,7 +447,7 @@ def open_loader(dataset: Dataset | str | os.PathLike, backend: str = "auto",
             from .gds import GDSLoader
 
             try:
-                loader = GDSLoader(dataset, **options)
+                loader = GDSLoader(dataset, **options, **gds_only)
                 log.info("gds-stream backend: %s", loader.backend)
                 return loader
             except BackendUnavailable as exc:

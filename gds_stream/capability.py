@@ -1,0 +1,158 @@
+"""What this machine can do for the GPU-direct path, probed once and reported truthfully.
+
+Three answers: ``gds`` (KvikIO reads through GPUDirect Storage: cuFile and the nvidia-fs driver
+are there), ``gds-compat`` (KvikIO runs, but in compat mode: POSIX reads into pinned bounce
+buffers, then host→device copies on KvikIO's threads), or unavailable, with the reason (no CUDA
+device, no cupy, no kvikio). Nothing here imports cupy or kvikio before it is called.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import os
+import platform
+import sys
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'gds-stream[gpu]'"
+NVIDIA_FS_PROC = "/proc/driver/nvidia-fs"
+
+
+@dataclass(frozen=True)
+class GDSCapability:
+    """The probe's verdict. ``mode`` is "gds", "gds-compat" or "unavailable"."""
+
+    mode: str
+    reason: str  # why unavailable, or why compat instead of true GDS; "" for true GDS
+    versions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def available(self) -> bool:
+        return self.mode != "unavailable"
+
+
+def _version(module: str) -> str | None:
+    try:
+        return getattr(importlib.import_module(module), "__version__", "?")
+    except Exception:
+        return None
+
+
+def _cuda_device_reason() -> str | None:
+    """None when torch sees a CUDA device, else why not."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return "torch is not installed"
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible (no NVIDIA driver or no GPU)"
+    return None
+
+
+@functools.cache
+def probe_gds() -> GDSCapability:
+    """Can the GPU-direct backend run here, and in which mode? Cached for the process."""
+    versions: dict[str, str] = {}
+    reason = _cuda_device_reason()
+    if reason is not None:
+        return GDSCapability("unavailable", reason, versions)
+    try:
+        import cupy
+    except ImportError as exc:
+        return GDSCapability("unavailable", f"cupy is not installed ({exc}); {INSTALL_HINT}",
+                             versions)
+    except Exception as exc:  # a broken CUDA install raises odd things at import
+        return GDSCapability("unavailable", f"cupy failed to import: {exc}", versions)
+    versions["cupy"] = cupy.__version__
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        return GDSCapability("unavailable", f"cupy cannot reach a CUDA device: {exc}", versions)
+    if n < 1:
+        return GDSCapability("unavailable", "cupy sees no CUDA device", versions)
+    try:
+        import kvikio
+        import kvikio.defaults
+    except ImportError as exc:
+        return GDSCapability("unavailable", f"kvikio is not installed ({exc}); {INSTALL_HINT}",
+                             versions)
+    except Exception as exc:
+        return GDSCapability("unavailable", f"kvikio failed to import: {exc}", versions)
+    versions["kvikio"] = kvikio.__version__
+    compat_reason = _compat_reason(kvikio)
+    if compat_reason is None:
+        return GDSCapability("gds", "", versions)
+    return GDSCapability("gds-compat", compat_reason, versions)
+
+
+def _compat_reason(kvikio) -> str | None:
+    """None when KvikIO will use GPUDirect Storage proper, else why it runs in compat mode."""
+    setting = os.environ.get("KVIKIO_COMPAT_MODE", "").upper()
+    if setting in ("ON", "TRUE", "YES", "1"):
+        return "KVIKIO_COMPAT_MODE=ON forces compat mode"
+    gds_available = None
+    try:
+        import kvikio.cufile_driver
+
+        gds_available = bool(kvikio.cufile_driver.get("is_gds_available"))
+    except Exception as exc:  # libcufile missing or too old
+        log.debug("cuFile driver query failed: %s", exc)
+        return f"the cuFile library is unavailable ({exc})"
+    try:
+        preferred = bool(kvikio.defaults.is_compat_mode_preferred())
+    except Exception as exc:  # pragma: no cover - very old kvikio
+        log.debug("is_compat_mode_preferred failed: %s", exc)
+        preferred = not gds_available
+    if gds_available and not preferred:
+        return None
+    if not os.path.exists(NVIDIA_FS_PROC):
+        return f"the nvidia-fs kernel module is not loaded ({NVIDIA_FS_PROC} is absent)"
+    if not gds_available:
+        return "cuFile reports GPUDirect Storage unavailable on this system"
+    return "KvikIO prefers compat mode for this system's configuration"
+
+
+def environment_report() -> list[tuple[str, str]]:
+    """Rows for ``gds-stream env``: versions, device, and GDS vs compat, each with its reason."""
+    import numpy
+
+    from . import __version__
+
+    rows = [
+        ("gds-stream", __version__),
+        ("python", f"{sys.version.split()[0]} ({platform.machine()}, {platform.system()})"),
+        ("numpy", numpy.__version__),
+    ]
+    try:
+        import torch
+
+        rows.append(("torch", f"{torch.__version__} (CUDA build: {torch.version.cuda or 'none'})"))
+        if torch.cuda.is_available():
+            i = torch.cuda.current_device()
+            p = torch.cuda.get_device_properties(i)
+            rows.append(("cuda device", f"{p.name} (sm_{p.major}{p.minor}, "
+                                        f"{p.total_memory / 2**30:.1f} GiB), {torch.cuda.device_count()} visible"))
+        else:
+            rows.append(("cuda device", f"none: {_cuda_device_reason()}"))
+    except ImportError:  # pragma: no cover
+        rows.append(("torch", "not installed"))
+    cap = probe_gds()
+    for mod in ("cupy", "kvikio"):
+        v = cap.versions.get(mod) or _version(mod)
+        rows.append((mod, v if v else f"not installed ({INSTALL_HINT})"))
+    if cap.mode == "gds":
+        rows.append(("GPUDirect", "available: KvikIO reads through GPUDirect Storage (cuFile + nvidia-fs)"))
+    elif cap.mode == "gds-compat":
+        rows.append(("GPUDirect", f"not available: {cap.reason}; KvikIO runs in compat mode "
+                                  f"(POSIX reads + pinned bounce buffers)"))
+    else:
+        rows.append(("GPUDirect", f"not available: {cap.reason}"))
+    auto = cap.mode if cap.available else "fallback"
+    rows.append(("backend auto", auto))
+    return rows
