@@ -29,8 +29,8 @@ from .ring import PinnedRing, Slot
 
 log = logging.getLogger(__name__)
 
-#: Reads larger than this are split across worker threads.
-CHUNK_BYTES = 4 << 20
+#: Reads are grouped into (and large ones split into) worker tasks of about this size.
+TASK_BYTES = 8 << 20
 
 
 @dataclass
@@ -42,18 +42,20 @@ class _Pending:
     futures: list[cf.Future] = field(default_factory=list)
 
 
-def _read(fd: int, path: str, view: memoryview, offset: int, stop: threading.Event,
+def _read(reads: list[tuple[int, str, memoryview, int]], stop: threading.Event,
           slot: Slot | None) -> None:
-    """Worker task: one positioned read into the batch's slab (no reference to the iterator)."""
-    if stop.is_set():
-        return
+    """Worker task: a few positioned reads into the batch's slab, in order. Holds no reference
+    to the iterator, so an abandoned iterator is collected (and closed) at once."""
     if slot is not None:
         slot.wait_free()
-    try:
-        pread_into(fd, view, offset, path)
-    except OSError as exc:
-        raise DatasetError(f"{path}: read of {len(view)} bytes at offset {offset} failed: {exc}") \
-            from exc
+    for fd, path, view, offset in reads:
+        if stop.is_set():
+            return
+        try:
+            pread_into(fd, view, offset, path)
+        except OSError as exc:
+            raise DatasetError(f"{path}: read of {len(view)} bytes at offset {offset} failed: "
+                               f"{exc}") from exc
 
 
 def _fill_meta(batch: BatchPlan, layout: SlabLayout, host: np.ndarray, stop: threading.Event,
@@ -141,19 +143,27 @@ class _FallbackIterator(EpochIterator):
             host = np.empty(layout.nbytes, dtype=np.uint8)
         p = _Pending(batch, layout, host, slot)
         mv = memoryview(host)
-        submit = self._pool.submit
+        # Reads are grouped into tasks of about TASK_BYTES: few enough that the pool's per-task
+        # overhead stays small, large ones split so several threads share a big batch.
+        task: list[tuple[int, str, memoryview, int]] = []
+        task_bytes = 0
         for spec, (fd, path, base), foff in zip(self._specs, self._files, layout.field_offsets):
             pb = spec.point_bytes
             dst = foff
             for a, b in batch.segments:
                 off, length = base + int(a) * pb, int(b - a) * pb
-                for c in range(0, length, CHUNK_BYTES):
-                    m = min(CHUNK_BYTES, length - c)
-                    p.futures.append(submit(_read, fd, path, mv[dst + c:dst + c + m], off + c,
-                                            self._stop, slot))
+                for c in range(0, length, TASK_BYTES):
+                    m = min(TASK_BYTES, length - c)
+                    task.append((fd, path, mv[dst + c:dst + c + m], off + c))
+                    task_bytes += m
+                    if task_bytes >= TASK_BYTES:
+                        p.futures.append(self._pool.submit(_read, task, self._stop, slot))
+                        task, task_bytes = [], 0
                 dst += length
+        if task:
+            p.futures.append(self._pool.submit(_read, task, self._stop, slot))
         if batch.perm_key is not None or batch.scan_sizes is not None:
-            p.futures.append(submit(_fill_meta, batch, layout, host, self._stop, slot))
+            p.futures.append(self._pool.submit(_fill_meta, batch, layout, host, self._stop, slot))
         return p
 
     def _handle_nbytes(self, handle: _Pending) -> int:
