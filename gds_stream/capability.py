@@ -113,6 +113,8 @@ def _compat_reason(kvikio) -> str | None:
         return None
     if not os.path.exists(NVIDIA_FS_PROC):
         return f"the nvidia-fs kernel module is not loaded ({NVIDIA_FS_PROC} is absent)"
+    if preferred and not os.access("/run/udev", os.R_OK):
+        return "/run/udev is not readable, so KvikIO's AUTO mode resolves to compat"
     if not gds_available:
         return "cuFile reports GPUDirect Storage unavailable on this system"
     return "KvikIO prefers compat mode for this system's configuration"

@@ -171,6 +171,9 @@ class _GDSIterator(EpochIterator):
     def _stream(self):
         """The consumer's current torch stream, as a CuPy stream."""
         ts = self._torch.cuda.current_stream(self._device)
+        stream_cls = self._cp.cuda.Stream
+        if hasattr(stream_cls, "from_external"):  # CuPy >= 14 (torch streams speak __cuda_stream__)
+            return stream_cls.from_external(ts)
         return self._cp.cuda.ExternalStream(ts.cuda_stream, self._device.index)
 
     # -- reads --------------------------------------------------------------------------------

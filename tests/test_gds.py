@@ -190,7 +190,8 @@ def simulated_gpu(monkeypatch):
     fake_cupy.__version__ = "simulated"
     fake_cupy.uint8 = np.uint8
     fake_cupy.empty, fake_cupy.asarray, fake_cupy.concatenate = np.empty, np.asarray, np.concatenate
-    fake_cupy.cuda = types.SimpleNamespace(Device=_Ctx, ExternalStream=_Ctx, Event=_FakeEvent)
+    fake_cupy.cuda = types.SimpleNamespace(Device=_Ctx, ExternalStream=_Ctx, Event=_FakeEvent,
+                                           Stream=types.SimpleNamespace(from_external=_Ctx))
     fake_kvikio = types.ModuleType("kvikio")
     fake_kvikio.__version__ = "simulated"
     fake_kvikio.CuFile = _FakeCuFile
