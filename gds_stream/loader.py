@@ -324,8 +324,10 @@ class EpochIterator:
     """
 
     def __init__(self, loader: Loader, plan: EpochPlan, start: int):
-        # Only a weak reference back: the iterator must never keep its loader alive.
-        self._loader = weakref.ref(loader)
+        # A strong reference: ``for b in open_loader(...)`` keeps the loader alive while its
+        # epoch runs. The loader holds only a weak reference back, so there is no cycle and an
+        # abandoned iterator is collected (and closed) at once.
+        self._owner = loader
         self._stats = loader.stats
         self.plan = plan
         self.prefetch = loader.options.prefetch
@@ -367,9 +369,7 @@ class EpochIterator:
             finally:
                 self._stats.retired(nbytes, batch.num_points, yielded=ok)
             self._yielded += 1
-            loader = self._loader()
-            if loader is not None:
-                loader._on_yield(self.plan.epoch, self._yielded)
+            self._owner._on_yield(self.plan.epoch, self._yielded)
             self._fill()  # start the next reads before the consumer computes on this batch
             return out
         except StopIteration:
@@ -383,14 +383,11 @@ class EpochIterator:
                 f"failed: {type(exc).__name__}: {exc}") from exc
 
     def _loader_path(self) -> str:
-        loader = self._loader()
-        return str(loader.dataset.path) if loader is not None else "dataset"
+        return str(self._owner.dataset.path)
 
     def _finish(self) -> None:
         self.close()
-        loader = self._loader()
-        if loader is not None:
-            loader._on_epoch_end(self.plan.epoch)
+        self._owner._on_epoch_end(self.plan.epoch)
 
     def close(self) -> None:
         """Stop every read this iterator started and join its threads. Idempotent."""

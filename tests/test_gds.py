@@ -262,12 +262,16 @@ def _record_allocations(monkeypatch, module, pointer):
 
 
 def _assert_views_of_one_allocation(batch, ranges):
+    """Every field lies inside the newest allocation that contains it (older ranges at the same
+    addresses were freed), and all fields of the batch inside the same one."""
+    homes = set()
     for name, t in batch.items():
         lo = t.data_ptr()
         hi = lo + t.numel() * t.element_size()
-        assert any(a <= lo and hi <= b for a, b in ranges), f"{name} is not a view of a read buffer"
-    homes = {next(i for i, (a, b) in enumerate(ranges) if a <= t.data_ptr() < b)
-             for t in batch.values()}
+        home = next((i for i in range(len(ranges) - 1, -1, -1)
+                     if ranges[i][0] <= lo < ranges[i][1]), None)
+        assert home is not None and hi <= ranges[home][1], f"{name} is not a view of a read buffer"
+        homes.add(home)
     assert len(homes) == 1, "fields of one batch come from one staging buffer"
 
 
