@@ -46,6 +46,14 @@ from typing import Any, Callable, Iterator, Sequence
 if __package__ in (None, ""):  # ``python bench/compare.py``: make ``bench`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+# torch's CPU allocator maps every large activation afresh; on a VM the page faults cost ~30 %
+# of the backbone's time and most of its run-to-run noise. Transparent huge pages for those
+# allocations (torch's own THP_MEM_ALLOC_ENABLE switch, read once when torch first allocates)
+# remove both. The same for every loader; set THP_MEM_ALLOC_ENABLE=0 to keep torch's default.
+THP_SET_BY_BENCH = "torch" not in sys.modules and "THP_MEM_ALLOC_ENABLE" not in os.environ
+if THP_SET_BY_BENCH:
+    os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
+
 import numpy as np
 import torch
 
@@ -67,7 +75,9 @@ GPU_BATCH = 1_000_000
 CPU_BATCH = 250_000
 SMOKE_POINTS = 200_000
 SMOKE_BATCH = 50_000
-READ_CHUNK = 16 << 20
+READ_CHUNK = 4 << 20
+#: Loader-only epochs are cheap and short, so they are sampled this many times more often.
+LOADER_ONLY_FACTOR = 5
 WARMUP_BATCHES = 2
 POLL_S = 0.05
 EXIT_MISMATCH = 3
@@ -499,7 +509,9 @@ class CacheState:
 # -- limits -----------------------------------------------------------------------------------
 def read_bandwidth(files: Sequence[FieldFile], threads: int) -> float:
     """Bytes/s reading every byte of the fields with READ_CHUNK preadv calls, each thread into
-    its own reused buffer (one buffer when ``threads == 1``)."""
+    its own reused buffer (one buffer when ``threads == 1``), faulted in before the clock starts
+    so the number is the kernel's copy rate, not page-fault cost."""
+    bufs = [np.ones(READ_CHUNK, dtype=np.uint8) for _ in range(threads)]
     chunks = []
     fds = {ff.path: os.open(ff.path, os.O_RDONLY) for ff in files}
     try:
@@ -508,18 +520,17 @@ def read_bandwidth(files: Sequence[FieldFile], threads: int) -> float:
                 chunks.append((fds[ff.path], ff.offset + off, min(READ_CHUNK, ff.nbytes - off)))
         total = sum(c[2] for c in chunks)
 
-        def work(part):
-            buf = memoryview(bytearray(READ_CHUNK))
+        def work(part, buf):
             for fd, off, n in part:
                 pread_full(fd, buf[:n], off)
 
         parts = [chunks[i::threads] for i in range(threads)]
         t0 = time.perf_counter()
         if threads == 1:
-            work(parts[0])
+            work(parts[0], memoryview(bufs[0]))
         else:
-            ths = [threading.Thread(target=work, args=(p,), name=f"bench-read-{i}")
-                   for i, p in enumerate(parts)]
+            ths = [threading.Thread(target=work, args=(p, memoryview(b)), name=f"bench-read-{i}")
+                   for i, (p, b) in enumerate(zip(parts, bufs))]
             for t in ths:
                 t.start()
             for t in ths:
@@ -786,9 +797,25 @@ def environment(dev: Device, cap, args, ds: Dataset, nbytes: int, batch: int, mo
         "page_cache": cache.mode,
         "page_cache_check": cache.verdict(),
         "repeat": args.repeat,
+        "loader_only_repeat": args.repeat * (1 if args.cold else LOADER_ONLY_FACTOR),
+        "torch_cpu_thp": thp_state(),
         "torch_dataloader_grid": grid_cfgs,
         "command": cmd,
     }
+
+
+def thp_state() -> str:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            sysmode = f.read().split("[", 1)[1].split("]", 1)[0]
+    except (OSError, IndexError):
+        sysmode = "unknown"
+    val = os.environ.get("THP_MEM_ALLOC_ENABLE")
+    who = "set by the bench" if THP_SET_BY_BENCH else "from the environment"
+    if val is None:
+        return f"THP_MEM_ALLOC_ENABLE unset (torch imported before the bench could set it); " \
+               f"system THP: {sysmode}"
+    return f"THP_MEM_ALLOC_ENABLE={val} ({who}); system THP: {sysmode}"
 
 
 def render(env: dict, limits: dict, rows: list[dict], grid: list[dict], skipped: dict,
@@ -811,8 +838,9 @@ def render(env: dict, limits: dict, rows: list[dict], grid: list[dict], skipped:
             ("batch", f"{env['batch_points']:,} points, shuffle=False, drop_last=False, 1 rank"),
             ("backbone", f"{env['backbone']}, {env['mode']}"),
             ("page cache", env["page_cache_check"]),
-            ("repeat", f"{env['repeat']} timed epochs per loader (median), after one short "
-                       f"untimed warm-up pass"),
+            ("repeat", f"median of {env['repeat']} end-to-end and {env['loader_only_repeat']} "
+                       f"loader-only epochs per loader, after a short untimed warm-up pass"),
+            ("torch CPU", env["torch_cpu_thp"]),
             ("command", env["command"]),
     ):
         L.append(f"{k:>11}: {val}")
@@ -1094,21 +1122,25 @@ def _main(args: argparse.Namespace) -> int:
                 run_epoch(v, dev, None, limit_batches=WARMUP_BATCHES)
         if not args.cold:
             cache.record(*residency(paths))
-        total_runs = args.repeat * sum(1 if v.family == "compute-only" else 2 for v in variants)
+        lo_runs = 1 if args.cold else LOADER_ONLY_FACTOR
+        plan = [("end-to-end", 1)] + [("loader-only", lo_runs)]
+        total_runs = args.repeat * sum(1 if v.family == "compute-only" else 1 + lo_runs
+                                       for v in variants)
         k = 0
         # Round-robin over loaders within each repetition, so drift hits every loader alike.
         for rep in range(args.repeat):
             for v in variants:
-                for mode in ("end-to-end", "loader-only"):
+                for mode, times in plan:
                     if mode == "loader-only" and v.family == "compute-only":
                         continue
-                    k += 1
-                    progress(f"[{k}/{total_runs}] {v.name} {mode}")
-                    resident = prepare_run()
-                    r = run_epoch(v, dev, make_step() if mode == "end-to-end" else None)
-                    r.resident = resident
-                    (stats[v.name].runs if mode == "end-to-end"
-                     else stats[v.name].loader_only).append(r)
+                    for _ in range(times):
+                        k += 1
+                        progress(f"[{k}/{total_runs}] {v.name} {mode}")
+                        resident = prepare_run()
+                        r = run_epoch(v, dev, make_step() if mode == "end-to-end" else None)
+                        r.resident = resident
+                        (stats[v.name].runs if mode == "end-to-end"
+                         else stats[v.name].loader_only).append(r)
     finally:
         for v in variants:
             v.close()

@@ -1,0 +1,157 @@
+"""bench/compare.py: the smoke run of every loader variant, and the checksum that guards it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # bench/ is a program beside the package, not installed
+    sys.path.insert(0, str(ROOT))
+
+from bench.backbone import FIELDS, Checksum, ChecksumMismatch, compare_checksums  # noqa: E402
+LOADERS = ("sequential", "queue", "torch-dataloader", "fallback", "compute-only")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    cmd = [sys.executable, "-m", "bench.compare", "--smoke", "--json", str(tmp / "r.json"),
+           "--plot", str(tmp / "r.png"), "--workdir", str(tmp)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    doc = json.loads((tmp / "r.json").read_text()) if proc.returncode == 0 else None
+    return tmp, proc, doc
+
+
+def test_smoke_exits_zero_and_prints_the_table(smoke):
+    _, proc, _ = smoke
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "checksums: all equal" in out
+    for name in LOADERS:
+        assert name in out
+    assert "goals" in out
+    # correctness is printed before any speed
+    assert out.index("checksums: all equal") < out.index("limits (measured")
+
+
+def test_json_has_every_loader_and_its_loader_only_run(smoke):
+    _, proc, doc = smoke
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["family"]: r for r in doc["loaders"]}
+    for name in LOADERS:
+        assert name in rows, f"{name} missing from {sorted(rows)}"
+    if "gds" not in rows:
+        assert doc["skipped"]["gds"]["reason"], "gds neither ran nor says why it was skipped"
+    points = doc["environment"]["dataset"]["points"]
+    for name, r in rows.items():
+        assert r["wall_s"] > 0 and r["points_per_s"] > 0 and r["gb_per_s"] > 0, name
+        assert 0 <= r["stall_fraction"] <= 1.0 + 1e-9, name
+        if name == "compute-only":
+            continue
+        lo = r["loader_only"]
+        assert lo["wall_s"] > 0 and lo["points_per_s"] > 0, name
+        assert all(p == points for p in lo["points"]), name
+        assert r["overlap_efficiency"] > 0, name
+    # the whole torch DataLoader grid ran, and one is marked best
+    grid = doc["torch_dataloader_grid"]
+    assert len(grid) >= 2 and sum(bool(g["best"]) for g in grid) == 1
+    assert all("loader_only" in g for g in grid)
+    assert any(g["config"]["num_workers"] > 0 for g in grid)
+
+
+def test_all_checksums_equal_and_cover_the_dataset(smoke):
+    _, proc, doc = smoke
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert doc["checksums_equal"] is True
+    ref = doc["checksum"]
+    assert ref["points"] == doc["environment"]["dataset"]["points"] == 200_000
+    for v in doc["all_variants"]:
+        for cs in v["checksums"]:
+            assert cs == ref, v["name"]
+
+
+def test_plot_is_a_png(smoke):
+    tmp, proc, _ = smoke
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = (tmp / "r.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_limits_and_goals_are_reported(smoke):
+    _, proc, doc = smoke
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert doc["limits"]["read_warm_bytes_per_s"] > 0
+    if torch.cuda.is_available():
+        assert doc["limits"]["h2d_pinned_bytes_per_s"] > 0
+    assert doc["goals"] and all(g["status"] in ("met", "missed", "not evaluated")
+                                for g in doc["goals"])
+
+
+# -- the checksum itself ------------------------------------------------------------------------
+def _batch(n: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    b = {f: torch.rand(n, generator=g) for f in FIELDS[:4]}
+    b.update({f: torch.randint(-1, 9, (n,), generator=g, dtype=torch.int32) for f in FIELDS[4:]})
+    return b
+
+
+def _sum(batches) -> dict:
+    cs = Checksum(FIELDS, "cpu")
+    for b in batches:
+        cs.update(b)
+    return cs.result()
+
+
+def test_checksum_is_order_independent_within_the_epoch():
+    b = _batch(1000)
+    perm = torch.randperm(1000)
+    shuffled = {k: v[perm] for k, v in b.items()}
+    halves = [{k: v[:400] for k, v in b.items()}, {k: v[400:] for k, v in b.items()}]
+    assert _sum([b]) == _sum([shuffled]) == _sum(halves[::-1])
+
+
+def test_checksum_ties_the_fields_of_a_point_together():
+    b = _batch(1000)
+    mixed = {k: v.clone() for k, v in b.items()}
+    # swap x between two points: every per-field sum is unchanged, the row hash is not
+    mixed["x"][[3, 7]] = mixed["x"][[7, 3]]
+    a, m = _sum([b]), _sum([mixed])
+    assert a["fields"] == m["fields"] and a["rows"] != m["rows"]
+
+
+def test_checksum_mismatch_names_the_loaders():
+    good = _sum([_batch(500)])
+    bad = _sum([_batch(500, seed=1)])
+    short = _sum([{k: v[:499] for k, v in _batch(500).items()}])
+    compare_checksums({"sequential": good, "fallback": dict(good)})  # equal: no error
+    with pytest.raises(ChecksumMismatch) as err:
+        compare_checksums({"sequential": good, "fallback": good, "queue": bad, "gds": short})
+    msg = str(err.value)
+    assert "queue" in msg and "gds" in msg and "fallback differs" not in msg
+    assert "points 499 vs 500" in msg
+
+
+def test_check_results_rejects_a_short_loader_only_run():
+    from bench.compare import RunResult, Stats, check_results
+
+    cs = _sum([_batch(100)])
+    ok = Stats("sequential", "sequential", "", {}, [RunResult(1.0, 0.1, 100, 1, cs)],
+               [RunResult(0.1, 0.1, 100, 1, None)])
+    short = Stats("queue", "queue", "", {}, [RunResult(1.0, 0.1, 100, 1, cs)],
+                  [RunResult(0.1, 0.1, 90, 1, None)])
+    assert check_results([ok], 100) == cs
+    with pytest.raises(ChecksumMismatch, match="queue loader-only run 1: 90 points"):
+        check_results([ok, short], 100)
+
+
+def test_script_form_runs():
+    proc = subprocess.run([sys.executable, "bench/compare.py", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--smoke" in proc.stdout and "--cold" in proc.stdout
