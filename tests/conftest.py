@@ -156,7 +156,9 @@ def _make_raw(path: str | Path, n: int, fields: Sequence[str], dtype: str = "flo
               seed: int = 0) -> dict[str, np.ndarray]:
     """An N×F file of ``dtype`` records named ``fields``; returns the columns."""
     rng = np.random.default_rng(seed)
-    arr = np.stack([random_column(dtype, n, rng) for _ in fields], axis=1)
+    arr = np.empty((n, len(fields)), dtype=dtype)  # np.stack would drop a non-native order
+    for j in range(len(fields)):
+        arr[:, j] = random_column(dtype, n, rng)
     arr.tofile(path)
     return {k: arr[:, j].copy() for j, k in enumerate(fields)}
 
