@@ -1,0 +1,227 @@
+"""The ``gds-stream`` command line, through a subprocess (``python -m gds_stream``): convert, info
+and verify outputs; every bad input is one line on stderr with exit status 2 and no traceback
+(``--debug`` shows it), and a failed conversion leaves no directory behind.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import gds_stream.convert as conv
+from gds_stream.convert import convert
+from gds_stream.format import DatasetWriter
+
+
+def cli(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gds_stream", *map(str, args)],
+                          capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+def assert_error(proc: subprocess.CompletedProcess, *words: str) -> str:
+    """Exit status 2, exactly one line on stderr, no traceback, and ``words`` in it."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    line = lines[0]
+    assert line.startswith("gds-stream: error: "), line
+    for w in words:
+        assert w in line, f"{w!r} not in {line!r}"
+    return line
+
+
+def nothing_left(parent, name="out") -> bool:
+    return not [p for p in parent.iterdir() if p.name == name or p.name.startswith(f".{name}.")]
+
+
+@pytest.fixture
+def dataset(tmp_path, make_ply):
+    """A dataset converted by the CLI from two PLY files."""
+    make_ply(tmp_path / "a.ply", 1200, seed=1)
+    make_ply(tmp_path / "b.ply", 300, "ascii", seed=2)
+    proc = cli("convert", tmp_path / "a.ply", tmp_path / "b.ply", "-o", tmp_path / "ds",
+               "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    return tmp_path / "ds"
+
+
+def edit_manifest(ds, change) -> None:
+    path = ds / "manifest.json"
+    doc = json.loads(path.read_text())
+    change(doc)
+    path.write_text(json.dumps(doc))
+
+
+# -- success -----------------------------------------------------------------------------------------
+def test_convert_then_info(dataset):
+    proc = cli("info", dataset)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "points   1,500" in out and "scans    2" in out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[5:]}
+    assert rows["x"] == ["float32", "1", "4", "6,000"]
+    assert rows["z"] == ["float64", "1", "8", "12,000"]
+    assert rows["sem_class"][0] == "int32" and rows["ins_class"][0] == "uint8"
+    assert proc.stderr == ""
+
+
+def test_convert_prints_a_summary(tmp_path, make_kitti):
+    paths, _ = make_kitti(tmp_path / "seq", [100, 50], layout="semantickitti")
+    proc = cli("convert", tmp_path / "seq", "-o", tmp_path / "out", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "150 points in 2 scans" in proc.stdout and proc.stderr == ""
+    proc = cli("verify", tmp_path / "out", "--no-progress")
+    assert proc.returncode == 0 and "blocks ok" in proc.stdout
+
+
+def test_convert_raw_and_fields(tmp_path, make_raw):
+    make_raw(tmp_path / "r.bin", 100, ["x", "y", "z", "t"], "float64")
+    proc = cli("convert", tmp_path / "r.bin", "-o", tmp_path / "out", "--raw-fields", "x,y,z,t",
+               "--raw-dtype", "float64", "--fields", "t,x", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    info = cli("info", tmp_path / "out").stdout
+    assert "t      float64" in info and "x      float64" in info and "\ny " not in info
+
+
+def test_overwrite(tmp_path, make_ply, dataset):
+    make_ply(tmp_path / "c.ply", 10)
+    proc = cli("convert", tmp_path / "c.ply", "-o", dataset, "--no-progress")
+    assert_error(proc, str(dataset), "not empty", "--overwrite")
+    assert "1,500" in cli("info", dataset).stdout
+    proc = cli("convert", tmp_path / "c.ply", "-o", dataset, "--overwrite", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "points   10\n" in cli("info", dataset).stdout
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(".ds.")] == []
+
+
+def test_verify_reports_field_and_block(tmp_path, make_ply, monkeypatch):
+    monkeypatch.setattr(conv, "DatasetWriter", functools.partial(DatasetWriter, block_bytes=4096))
+    make_ply(tmp_path / "a.ply", 5000)
+    ds = convert(tmp_path / "a.ply", tmp_path / "ds", progress=False)
+    lay = ds.layout("intensity")  # 10,000 bytes: blocks 0, 1, 2
+    with open(ds.field_path("intensity"), "r+b") as f:
+        f.seek(lay.offset + 5000)
+        b = f.read(1)
+        f.seek(lay.offset + 5000)
+        f.write(bytes([b[0] ^ 1]))
+    proc = cli("verify", tmp_path / "ds", "--no-progress")
+    assert proc.returncode == 1
+    assert "field 'intensity' block 1 " in proc.stderr and "1 corrupt block" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# -- bad inputs: exit 2, one line, nothing left -------------------------------------------------------
+def test_missing_file(tmp_path):
+    proc = cli("convert", tmp_path / "nope.ply", "-o", tmp_path / "out")
+    assert_error(proc, "nope.ply", "no such file")
+    assert nothing_left(tmp_path)
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "e.ply").touch()
+    assert_error(cli("convert", tmp_path / "e.ply", "-o", tmp_path / "out"), "e.ply", "empty file")
+    assert nothing_left(tmp_path)
+
+
+def test_ply_without_xyz(tmp_path, make_ply):
+    make_ply(tmp_path / "tile_3.ply", 10, properties=[("x", "f4"), ("y", "f4"), ("s", "u1")])
+    line = assert_error(cli("convert", tmp_path / "tile_3.ply", "-o", tmp_path / "out"))
+    assert line.endswith("tile_3.ply: element 'vertex' has no property 'z'")
+    assert nothing_left(tmp_path)
+
+
+def test_truncated_binary_ply(tmp_path, make_ply):
+    make_ply(tmp_path / "t.ply", 100, properties=[("x", "f4"), ("y", "f4"), ("z", "f4")])
+    data = (tmp_path / "t.ply").read_bytes()
+    (tmp_path / "t.ply").write_bytes(data[:-100])
+    proc = cli("convert", tmp_path / "t.ply", "-o", tmp_path / "out")
+    assert_error(proc, "t.ply", "truncated", "promises 1200 bytes", "only 1100 bytes")
+    assert nothing_left(tmp_path)
+
+
+def test_ascii_ply_malformed_row(tmp_path, make_ply):
+    make_ply(tmp_path / "a.ply", 50, "ascii", properties=[("x", "f4"), ("y", "f4"), ("z", "f4")])
+    lines = (tmp_path / "a.ply").read_text().split("\n")
+    at = lines.index("end_header") + 10
+    lines[at] = "1.0 2.0 three"
+    (tmp_path / "a.ply").write_text("\n".join(lines))
+    # the error comes mid-stream: --no-progress keeps the (forced) bar out of stderr
+    proc = cli("convert", tmp_path / "a.ply", "-o", tmp_path / "out", "--no-progress")
+    assert_error(proc, "a.ply", f"line {at + 1}", "property 'z'", "'three' is not a number")
+    assert nothing_left(tmp_path)
+
+
+def test_kitti_label_count_differs(tmp_path, make_kitti):
+    paths, _ = make_kitti(tmp_path / "seq", [20], layout="semantickitti")
+    np.zeros(19, "<u4").tofile(tmp_path / "seq" / "labels" / "000000.label")
+    proc = cli("convert", tmp_path / "seq", "-o", tmp_path / "out")
+    assert_error(proc, "000000.label", "19 labels", "20 points")
+    assert nothing_left(tmp_path)
+
+
+def test_raw_size_not_a_multiple(tmp_path):
+    (tmp_path / "r.bin").write_bytes(b"\0" * 30)
+    proc = cli("convert", tmp_path / "r.bin", "-o", tmp_path / "out", "--raw-fields", "x,y,z,i")
+    assert_error(proc, "r.bin", "30 bytes", "record size 16")
+    proc = cli("convert", tmp_path / "r.bin", "-o", tmp_path / "out", "--format", "raw")
+    assert_error(proc, "--raw-fields")
+    assert nothing_left(tmp_path)
+
+
+def test_unknown_format(tmp_path, make_ply):
+    make_ply(tmp_path / "a.ply", 5)
+    proc = cli("convert", tmp_path / "a.ply", "-o", tmp_path / "out", "--format", "las")
+    assert_error(proc, "unknown format 'las'", "auto, ply, kitti, raw")
+    (tmp_path / "a.xyz").write_text("1 2 3\n")
+    proc = cli("convert", tmp_path / "a.xyz", "-o", tmp_path / "out")
+    assert_error(proc, "a.xyz", "extension '.xyz'")
+    assert nothing_left(tmp_path)
+
+
+def test_schema_mismatch(tmp_path, make_ply):
+    make_ply(tmp_path / "a.ply", 5, properties=[("x", "f4"), ("y", "f4"), ("z", "f4")])
+    make_ply(tmp_path / "b.ply", 5, properties=[("x", "f8"), ("y", "f4"), ("z", "f4")])
+    proc = cli("convert", tmp_path / "a.ply", tmp_path / "b.ply", "-o", tmp_path / "out")
+    assert_error(proc, "b.ply: schema differs from", "a.ply", "'x' is x:float32", "x:float64")
+    assert nothing_left(tmp_path)
+
+
+def test_manifest_path_outside(dataset):
+    edit_manifest(dataset, lambda d: d["fields"][0].update(file="../x.bin"))
+    (dataset.parent / "x.bin").write_bytes(b"\0" * 8192)
+    for cmd in ("info", "verify"):
+        assert_error(cli(cmd, dataset), "manifest.json", "'../x.bin'", "outside the dataset")
+
+
+def test_manifest_claims_more_bytes(dataset):
+    edit_manifest(dataset, lambda d: d["fields"][0].update(offset=1 << 20))
+    assert_error(cli("info", dataset), "x.bin", "file holds", "the manifest needs")
+
+
+def test_data_file_shorter_than_manifest(dataset):
+    with open(dataset / "y.bin", "r+b") as f:
+        f.truncate(100)
+    assert_error(cli("verify", dataset), "y.bin", "file holds 100 bytes", "the manifest needs")
+
+
+def test_unknown_version(dataset):
+    edit_manifest(dataset, lambda d: d.update(version=99))
+    assert_error(cli("info", dataset), "manifest.json", "unknown format version 99")
+
+
+def test_not_a_dataset(tmp_path):
+    assert_error(cli("info", tmp_path / "nope"), "nope", "no such directory")
+
+
+def test_debug_shows_traceback(tmp_path):
+    proc = cli("--debug", "convert", tmp_path / "nope.ply", "-o", tmp_path / "out")
+    assert proc.returncode not in (0, 2)
+    assert "Traceback" in proc.stderr and "DatasetError" in proc.stderr
+    assert "nope.ply: no such file" in proc.stderr
+    assert nothing_left(tmp_path)
