@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from gds_stream.format import ALIGN
 from gds_stream.plan import MIN_READ_BYTES, EpochPlan, PlanSpec, shuffle_block_points
 
-SETTINGS = settings(max_examples=100, deadline=None,
+SETTINGS = settings(max_examples=75, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 
