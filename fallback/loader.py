@@ -170,6 +170,7 @@ class _FallbackIterator(EpochIterator):
         return handle.layout.nbytes
 
     def _wait(self, p: _Pending) -> None:
+        """Wait for batch ``p``; a failure in *any* in-flight batch is raised at once."""
         pending = set(p.futures)
         while pending:
             done, pending = cf.wait(pending, timeout=POLL_S, return_when=cf.FIRST_EXCEPTION)
@@ -179,6 +180,11 @@ class _FallbackIterator(EpochIterator):
                     raise exc
             if self._stop.is_set():
                 raise LoaderError("loader was closed while waiting for a batch")
+            if pending:
+                for _, later, _ in self._inflight:
+                    for f in later.futures:
+                        if f.done() and f.exception() is not None:
+                            raise f.exception()
 
     # -- hand-out -----------------------------------------------------------------------------
     def _complete(self, p: _Pending) -> dict:

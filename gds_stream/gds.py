@@ -69,6 +69,7 @@ class _Pending:
     perm: np.ndarray | None = None
     submitted: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
+    outcomes: dict = field(default_factory=dict)  # read index -> bytes read, or the exception
 
 
 class GDSLoader(Loader):
@@ -204,27 +205,44 @@ class _GDSIterator(EpochIterator):
     def _handle_nbytes(self, handle: _Pending) -> int:
         return handle.nbytes
 
-    def _wait(self, p: _Pending) -> None:
-        while not p.submitted.wait(POLL_S):
-            if self._stop.is_set():
-                raise LoaderError("loader was closed while waiting for a batch")
+    def _harvest(self, p: _Pending) -> None:
+        """Collect the outcome of every finished read of ``p`` (``get()`` may run only once);
+        raise the first failure."""
         if p.error is not None:
             raise p.error
-        for r, fut in p.futures:
-            delay = 1e-5
-            while not fut.done():
-                if self._stop.is_set():
-                    raise LoaderError("loader was closed while waiting for a batch")
-                time.sleep(delay)
-                delay = min(delay * 2, 1e-3)
+        if not p.submitted.is_set():
+            return
+        for k, (r, fut) in enumerate(p.futures):
+            if k in p.outcomes or not fut.done():
+                continue
             try:
-                got = fut.get()
+                p.outcomes[k] = fut.get()
             except Exception as exc:
+                p.outcomes[k] = exc
+        for k, got in sorted(p.outcomes.items()):
+            r = p.futures[k][0]
+            if isinstance(got, BaseException):
                 raise DatasetError(f"{self._paths[r.field]}: KvikIO read of {r.size} bytes at "
-                                   f"offset {r.file_offset} failed: {exc}") from exc
+                                   f"offset {r.file_offset} failed: {got}") from got
             if got != r.size:
                 raise DatasetError(f"{self._paths[r.field]}: short read at offset "
                                    f"{r.file_offset}: {got} of {r.size} bytes (file truncated?)")
+
+    def _wait(self, p: _Pending) -> None:
+        """Wait for batch ``p``; a failure in *any* in-flight batch is raised at once."""
+        delay, last_scan = 1e-5, time.monotonic()
+        while True:
+            if self._stop.is_set():
+                raise LoaderError("loader was closed while waiting for a batch")
+            self._harvest(p)
+            if p.submitted.is_set() and len(p.outcomes) == len(p.futures):
+                return
+            if time.monotonic() - last_scan > POLL_S:
+                for _, later, _ in self._inflight:
+                    self._harvest(later)
+                last_scan = time.monotonic()
+            time.sleep(delay)
+            delay = min(delay * 2, 1e-3)
 
     # -- hand-out -----------------------------------------------------------------------------
     def _complete(self, p: _Pending) -> dict:
@@ -265,7 +283,9 @@ class _GDSIterator(EpochIterator):
         self._thread.join()
         # KvikIO reads cannot be cancelled: let them land before their buffers are freed.
         for p in self._issued:
-            for _, fut in p.futures:
+            for k, (_, fut) in enumerate(p.futures):
+                if k in p.outcomes:
+                    continue
                 try:
                     fut.get()
                 except Exception:

@@ -85,7 +85,8 @@ def resolve_options(ds: Dataset, *, batch_points: int | None = None,
     if (batch_points is None) == (batch_scans is None):
         raise LoaderError("give exactly one of batch_points= or batch_scans=")
     for name, v in (("batch_points", batch_points), ("batch_scans", batch_scans)):
-        if v is not None and (not isinstance(v, (int, np.integer)) or v < 1):
+        if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool)
+                              or v < 1):
             raise LoaderError(f"{name} must be a positive integer, got {v!r}")
     if fields is None:
         fields = tuple(ds.schema)
@@ -104,6 +105,8 @@ def resolve_options(ds: Dataset, *, batch_points: int | None = None,
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = str(device)
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise LoaderError(f"seed must be an integer >= 0, got {seed!r}")
     if not isinstance(prefetch, int) or prefetch < 1:
         raise LoaderError(f"prefetch must be an integer >= 1, got {prefetch!r}")
     num_threads = default_num_threads() if num_threads is None else num_threads
