@@ -6,6 +6,7 @@ and verify outputs; every bad input is one line on stderr with exit status 2 and
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import subprocess
 import sys
@@ -13,9 +14,12 @@ import sys
 import numpy as np
 import pytest
 
-import gds_stream.convert as conv
 from gds_stream.convert import convert
 from gds_stream.format import DatasetWriter
+
+# The module, however the package attribute ``gds_stream.convert`` is bound (``import
+# gds_stream.convert as conv`` would give the function once __init__ imports it eagerly).
+conv = importlib.import_module("gds_stream.convert")
 
 
 def cli(*args, cwd=None) -> subprocess.CompletedProcess:

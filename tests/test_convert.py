@@ -6,6 +6,7 @@ bit for bit, chunk boundaries, scans, schema checks, error messages, bounded mem
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import logging
 import tracemalloc
@@ -16,10 +17,13 @@ import pytest
 from conftest import PLY_PROPERTIES, SMALL_SCANS
 
 import gds_stream
-import gds_stream.convert as conv
 from gds_stream import ConversionError, DatasetError, open_dataset
 from gds_stream.convert import convert
 from gds_stream.format import DatasetWriter
+
+# The module, however the package attribute ``gds_stream.convert`` is bound (``import
+# gds_stream.convert as conv`` would give the function once __init__ imports it eagerly).
+conv = importlib.import_module("gds_stream.convert")
 
 FORMATS = ["binary_little_endian", "binary_big_endian", "ascii"]
 
