@@ -15,7 +15,6 @@ error names the line and the problem).
 from __future__ import annotations
 
 import io
-import itertools
 import logging
 import os
 import sys
@@ -50,6 +49,8 @@ CHUNK_ROWS = 1 << 20
 CHUNK_BYTES = 32 << 20
 #: ASCII rows per chunk: a list of line objects costs far more than the binary rows.
 ASCII_CHUNK_ROWS = 1 << 18
+#: Longest ASCII row accepted (a row of scalars is far shorter).
+MAX_LINE = 1 << 16
 #: A PLY header must end within this many bytes.
 HEADER_LIMIT = 1 << 20
 
@@ -277,7 +278,7 @@ class _PlySource(_Source):
             f.seek(self.data_start)
             left = self.skip_rows
             while left:
-                k = sum(1 for _ in itertools.islice(f, min(left, 1 << 20)))
+                k = len(self._read_lines(f, min(left, per), line_no))
                 if k == 0:
                     raise DatasetError(
                         f"{self.path}: file ends at line {line_no - 1}, before the rows of "
@@ -289,7 +290,7 @@ class _PlySource(_Source):
             done = 0
             while done < self.num_points:
                 n = min(per, self.num_points - done)
-                lines = list(itertools.islice(f, n))
+                lines = self._read_lines(f, n, line_no)
                 if len(lines) < n:
                     raise DatasetError(
                         f"{self.path}: truncated: file ends at line "
@@ -301,6 +302,23 @@ class _PlySource(_Source):
                 yield {k: rows[k] for k in names}, sum(map(len, lines))
                 done += n
                 line_no += n
+
+    def _read_lines(self, f, n: int, line_no: int) -> list[bytes]:
+        """Up to ``n`` lines (fewer at the end of the file), each at most ``MAX_LINE`` bytes, so
+        a file without line breaks cannot make one line the size of the file."""
+        out = []
+        readline = f.readline
+        for _ in range(n):
+            line = readline(MAX_LINE)
+            if not line:
+                break
+            if len(line) == MAX_LINE and not line.endswith(b"\n"):
+                raise ConversionError(
+                    f"{self.path}: line {line_no + len(out)} is longer than {MAX_LINE} bytes; "
+                    f"not a row of an ASCII PLY element"
+                )
+            out.append(line)
+        return out
 
     def _parse(self, lines: list[bytes], first_line: int) -> np.ndarray:
         try:

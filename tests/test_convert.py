@@ -505,3 +505,19 @@ def test_verify_finds_a_flipped_byte_in_every_field(tmp_path, make_ply, small_bl
             f.write(orig)
     assert open_dataset(tmp_path / "ds").verify() == []
     assert_same(open_dataset(tmp_path / "ds"), want)
+
+
+def test_ascii_line_length_is_bounded(tmp_path, make_ply, monkeypatch):
+    """A file without line breaks (say binary data under an ASCII header) is not read as one
+    huge line."""
+    monkeypatch.setattr(conv, "MAX_LINE", 64)
+    make_ply(tmp_path / "a.ply", 3, "ascii", properties=[("x", "f4"), ("y", "f4"), ("z", "f4")])
+    with open(tmp_path / "a.ply", "ab") as f:
+        f.write(b"1" * 200)
+    text = (tmp_path / "a.ply").read_bytes()
+    (tmp_path / "a.ply").write_bytes(text.replace(b"element vertex 3", b"element vertex 4"))
+    header = text.split(b"end_header\n")[0].count(b"\n") + 1
+    with pytest.raises(ConversionError, match=rf"a\.ply: line {header + 4} is longer than 64 "
+                                              rf"bytes"):
+        convert(tmp_path / "a.ply", tmp_path / "ds", progress=False)
+    assert no_output_left(tmp_path)
