@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .convert import convert
 from .errors import BackendUnavailable, ConversionError, DatasetError, GDSStreamError, LoaderError
 from .format import Dataset, FieldSpec, open_dataset
 
@@ -29,12 +30,10 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .convert import convert
     from .gds import GDSLoader
     from .loader import open_loader
 
 _LAZY = {
-    "convert": ("gds_stream.convert", "convert"),
     "open_loader": ("gds_stream.loader", "open_loader"),
     "GDSLoader": ("gds_stream.gds", "GDSLoader"),
 }

@@ -66,7 +66,7 @@ def _cmd_convert(a: argparse.Namespace) -> int:
 
     ds = convert(a.inputs, a.output, format=a.format, element=a.element, fields=a.fields,
                  raw_fields=a.raw_fields, raw_dtype=a.raw_dtype, overwrite=a.overwrite,
-                 progress=not a.no_progress)
+                 progress=False if a.no_progress else None)
     print(f"wrote {ds.path}: {ds.num_points:,} points in {ds.num_scans:,} scans, "
           f"{_fmt_bytes(ds.nbytes)}")
     return 0

@@ -416,8 +416,14 @@ class DatasetWriter:
         self.num_points = 0
         self.scan_offsets = [0]
         self.sources: list[dict] = []
-        self._writers = [_FieldWriter(s, self.tmp / f"{s.name}.bin", block_bytes)
-                         for s in self.schema]
+        self._writers: list[_FieldWriter] = []
+        try:
+            for s in self.schema:
+                self._writers.append(_FieldWriter(s, self.tmp / f"{s.name}.bin", block_bytes))
+        except BaseException:
+            self._done = False
+            self.abort()
+            raise
         self.block_bytes = block_bytes
         self._scan_points = 0
         self._done = False

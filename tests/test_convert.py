@@ -64,9 +64,6 @@ def concat(parts):
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-@pytest.mark.xfail(strict=True, reason="gds_stream/__init__.py resolves 'convert' lazily, and "
-                   "importing the submodule gds_stream.convert rebinds the package attribute to "
-                   "the module; fix: import convert eagerly in __init__.py (then drop this mark)")
 def test_package_convert_is_the_function():
     assert gds_stream.convert is conv.convert
 
