@@ -721,6 +721,14 @@ class Stats:
         return self._median(self.loader_only, "wall")
 
 
+def _spread(xs: Sequence[float]) -> float | None:
+    """(max − min) / median: how far apart the timed epochs of one loader fell."""
+    if len(xs) < 2:
+        return None
+    med = statistics.median(xs)
+    return (max(xs) - min(xs)) / med if med > 0 else None
+
+
 def _max_other(rs: Sequence[RunResult]) -> float | None:
     """Largest share of the machine other processes (or the hypervisor) took during a run."""
     vals = [r.other["other_fraction"] + r.other["steal_fraction"] for r in rs if r.other]
@@ -735,6 +743,7 @@ def summarize(st: Stats, num_points: int, nbytes: int, seq_wall: float | None,
     if w is not None:
         d.update({
             "wall_s": w, "wall_s_runs": [r.wall for r in st.runs],
+            "wall_spread": _spread([r.wall for r in st.runs]),
             "points_per_s": num_points / w, "gb_per_s": nbytes / w / 1e9,
             "stall_s": st.stall, "stall_s_runs": [r.stall for r in st.runs],
             "stall_fraction": st.stall / w if w > 0 else None,
@@ -749,6 +758,8 @@ def summarize(st: Stats, num_points: int, nbytes: int, seq_wall: float | None,
         d["loader_only"] = {
             "wall_s": lw, "wall_s_runs": [r.wall for r in st.loader_only],
             "points_per_s": num_points / lw, "gb_per_s": nbytes / lw / 1e9,
+            "best_gb_per_s": nbytes / min(r.wall for r in st.loader_only) / 1e9,
+            "wall_spread": _spread([r.wall for r in st.loader_only]),
             "stall_s": statistics.median(r.stall for r in st.loader_only),
             "points": [r.points for r in st.loader_only],
             "resident_before_runs": [r.resident for r in st.loader_only],
@@ -784,6 +795,19 @@ def _goal(text: str, met: bool | None, detail: str) -> dict:
     return {"goal": text, "status": status, "detail": detail}
 
 
+def _significance(ratio: float, *rows: dict | None) -> str:
+    """A note when the margin to a goal's threshold (``ratio`` = measured / threshold) is smaller
+    than the run-to-run spread of the loaders compared: then the verdict is noise."""
+    spreads = [r["wall_spread"] for r in rows if r and r.get("wall_spread") is not None]
+    if not spreads:
+        return ""
+    noise = max(spreads)
+    if abs(ratio - 1.0) < noise:
+        return (f"; the margin ({ratio - 1.0:+.1%}) is within the run-to-run spread of "
+                f"{noise:.0%}: not significant")
+    return f"; run-to-run spread {noise:.0%}"
+
+
 def evaluate_goals(rows: dict[str, dict], limits: dict, cuda: bool, backbone: str,
                    cold: bool, gds_skip: str | None) -> list[dict]:
     goals = []
@@ -795,13 +819,17 @@ def evaluate_goals(rows: dict[str, dict], limits: dict, cuda: bool, backbone: st
             r = seq["wall_s"] / fb["wall_s"]
             goals.append(_goal("fallback end-to-end not slower than sequential", r >= 1.0,
                                f"fallback {fb['wall_s']:.3f} s vs sequential "
-                               f"{seq['wall_s']:.3f} s ({r:.3f}×)"))
+                               f"{seq['wall_s']:.3f} s ({r:.3f}×)"
+                               + _significance(r, fb, seq, rows.get("compute-only"))))
         if fb and "loader_only" in fb and limits.get("read_warm_bytes_per_s"):
             got = fb["loader_only"]["gb_per_s"] * 1e9
             lim = limits["read_warm_bytes_per_s"]
+            best = fb["loader_only"]["best_gb_per_s"] * 1e9
             goals.append(_goal("fallback loader-only ≥ 80 % of the warm read bandwidth",
                                got >= 0.8 * lim,
-                               f"{got / 1e9:.2f} GB/s = {got / lim:.0%} of {lim / 1e9:.2f} GB/s"))
+                               f"{got / 1e9:.2f} GB/s = {got / lim:.0%} of {lim / 1e9:.2f} GB/s "
+                               f"(median epoch vs the best read pass; fallback's best epoch "
+                               f"{best / 1e9:.2f} GB/s = {best / lim:.0%})"))
         return goals
     g = rows.get("gds")
     if g is None:
@@ -818,27 +846,31 @@ def evaluate_goals(rows: dict[str, dict], limits: dict, cuda: bool, backbone: st
     if q:
         r = q["wall_s"] / g["wall_s"]
         goals.append(_goal("gds ≥ 3× queue (--backbone linear)", r >= 3.0,
-                           f"{r:.2f}× (gds {g['wall_s']:.3f} s, queue {q['wall_s']:.3f} s){note}"))
+                           f"{r:.2f}× (gds {g['wall_s']:.3f} s, queue {q['wall_s']:.3f} s){note}"
+                           + _significance(r / 3.0, g, q)))
     if t:
         r = t["wall_s"] / g["wall_s"]
         goals.append(_goal("gds ≥ 1.5× best torch-dataloader (--backbone linear)", r >= 1.5,
                            f"{r:.2f}× (gds {g['wall_s']:.3f} s, {t['name']} "
-                           f"{t['wall_s']:.3f} s){note}"))
+                           f"{t['wall_s']:.3f} s){note}" + _significance(r / 1.5, g, t)))
     h2d = limits.get("h2d_pinned_bytes_per_s")
     if "loader_only" in g and read_bw and h2d:
         lim = min(read_bw, h2d)
         got = g["loader_only"]["gb_per_s"] * 1e9
+        best = g["loader_only"]["best_gb_per_s"] * 1e9
         goals.append(_goal("gds loader-only ≥ 90 % of min(read, pinned H2D bandwidth)",
                            got >= 0.9 * lim,
                            f"{got / 1e9:.2f} GB/s = {got / lim:.0%} of {lim / 1e9:.2f} GB/s "
-                           f"(read {read_bw / 1e9:.2f}, H2D {h2d / 1e9:.2f})"))
+                           f"(read {read_bw / 1e9:.2f}, H2D {h2d / 1e9:.2f}; median epoch; "
+                           f"best epoch {best / 1e9:.2f} GB/s = {best / lim:.0%})"))
     c = rows.get("compute-only")
     if c and "loader_only" in g:
         floor = max(c["wall_s"], g["loader_only"]["wall_s"])
         goals.append(_goal("balanced: gds wall ≤ 1.05 × max(compute-only, gds loader-only)",
                            g["wall_s"] <= 1.05 * floor,
                            f"gds {g['wall_s']:.3f} s vs 1.05 × {floor:.3f} s = "
-                           f"{1.05 * floor:.3f} s"))
+                           f"{1.05 * floor:.3f} s"
+                           + _significance(g["wall_s"] / (1.05 * floor), g, c)))
     return goals
 
 
@@ -975,7 +1007,8 @@ def render(env: dict, limits: dict, rows: list[dict], grid: list[dict], skipped:
         L.append(f"  {label:<24} {bw / 1e9:8.2f} GB/s = {bw / bytes_per_point / 1e6:9.1f} "
                  f"Mpoints/s{extra}")
     L.append("")
-    head = (f"{'loader':<18} {'backend / config':<30} {'wall s':>8} {'Mpts/s':>8} {'GB/s':>6} "
+    head = (f"{'loader':<18} {'backend / config':<30} {'wall s':>8} {'±%':>5} {'Mpts/s':>8} "
+            f"{'GB/s':>6} "
             f"{'stall s':>8} {'stall%':>6} {'overlap':>7} {'speedup':>7} {'other%':>6} | "
             f"{'ld-only s':>9} {'ld GB/s':>7}")
     L.append("end-to-end (median epoch) | loader-only")
@@ -988,6 +1021,7 @@ def render(env: dict, limits: dict, rows: list[dict], grid: list[dict], skipped:
         sp = r.get("speedup_vs_sequential")
         L.append(
             f"{r['family']:<18} {r['backend'][:30]:<30} {_fmt(r.get('wall_s'), '8.3f'):>8} "
+            f"{_fmt(_pct(r.get('wall_spread')), '5.0f'):>5} "
             f"{_fmt(pps and pps / 1e6, '8.2f'):>8} {_fmt(r.get('gb_per_s'), '6.3f'):>6} "
             f"{_fmt(r.get('stall_s'), '8.3f'):>8} {_fmt(_pct(sf), '5.1f'):>6} "
             f"{_fmt(r.get('overlap_efficiency'), '7.2f'):>7} "
@@ -997,6 +1031,8 @@ def render(env: dict, limits: dict, rows: list[dict], grid: list[dict], skipped:
     for name, why in skipped.items():
         L.append(f"{name:<18} skipped: {why}")
     L.append("")
+    L.append("  ±% = (max − min) / median of the end-to-end epochs: differences smaller than "
+             "this are noise.")
     L.append("  stall = host seconds blocked in next() (on CUDA a loader whose copy synchronises "
              "also waits there for queued compute);")
     L.append("  overlap = max(compute-only, this loader's loader-only) / wall (1.00 = perfect "

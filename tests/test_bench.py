@@ -155,3 +155,64 @@ def test_script_form_runs():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "--smoke" in proc.stdout and "--cold" in proc.stdout
+
+
+# -- the GPU-only reporting paths, fed synthetic numbers (they can't run on a CPU machine) ----
+def _row(family, wall, lo_wall=None, name=None, spread=0.02):
+    nbytes = 24 * 36_831_590
+    r = {"name": name or family, "family": family, "backend": family, "config": {},
+         "wall_s": wall, "wall_spread": spread, "points_per_s": 36_831_590 / wall,
+         "gb_per_s": nbytes / wall / 1e9, "stall_s": 0.1 * wall, "stall_fraction": 0.1,
+         "speedup_vs_sequential": 1.0, "other_load_max": 0.0}
+    if lo_wall is not None:
+        r["loader_only"] = {"wall_s": lo_wall, "gb_per_s": nbytes / lo_wall / 1e9,
+                            "best_gb_per_s": nbytes / lo_wall / 1e9 * 1.05,
+                            "points_per_s": 36_831_590 / lo_wall}
+        r["overlap_efficiency"] = 0.9
+    return r
+
+
+def test_gpu_goals_are_evaluated_with_their_numbers():
+    from bench.compare import evaluate_goals
+
+    rows = {"sequential": _row("sequential", 4.0, 3.5), "queue": _row("queue", 3.0, 2.5),
+            "torch-dataloader": _row("torch-dataloader", 1.2, 1.0, "torch-dataloader[w=4]"),
+            "fallback": _row("fallback", 0.9, 0.8), "gds": _row("gds", 0.5, 0.45),
+            "compute-only": _row("compute-only", 0.3)}
+    limits = {"read_warm_bytes_per_s": 2.0e9, "h2d_pinned_bytes_per_s": 25e9}
+    goals = {g["goal"]: g for g in evaluate_goals(rows, limits, True, "linear", False, None)}
+    assert goals["gds ≥ 3× queue (--backbone linear)"]["status"] == "met"  # 6×
+    assert goals["gds ≥ 1.5× best torch-dataloader (--backbone linear)"]["status"] == "met"
+    lo = goals["gds loader-only ≥ 90 % of min(read, pinned H2D bandwidth)"]
+    assert lo["status"] == "met" and "of 2.00 GB/s" in lo["detail"]  # 1.96 GB/s = 98 %
+    bal = goals["balanced: gds wall ≤ 1.05 × max(compute-only, gds loader-only)"]
+    assert bal["status"] == "missed" and "1.05 × 0.450 s" in bal["detail"]  # 0.5 > 0.4725
+    mlp = evaluate_goals(rows, limits, True, "mlp", False, None)
+    assert "stated for linear" in mlp[0]["detail"]
+    skipped = evaluate_goals({k: v for k, v in rows.items() if k != "gds"}, limits, True,
+                             "linear", False, "cupy is not installed")
+    assert skipped and all(g["status"] == "not evaluated" and "cupy is not installed" in
+                           g["detail"] for g in skipped)
+
+
+def test_render_and_plot_with_a_gds_row(tmp_path):
+    from bench.compare import plot, render
+
+    rows = [_row("sequential", 4.0, 3.5), _row("gds", 0.5, 0.45), _row("compute-only", 0.3)]
+    rows[1]["backend"] = "gds-compat"
+    env = {"device": "NVIDIA H100 80GB HBM3 (cuda:0, 79 GiB)", "gpu_direct": "gds-compat: x",
+           "versions": {"python": "3", "torch": "2", "torch_cuda": "13.0", "numpy": "2",
+                        "cupy": "14", "kvikio": "26"},
+           "cpu_count": 16, "torch_threads": 16,
+           "dataset": {"path": "d", "points": 36_831_590, "scans": 4,
+                       "bytes_selected": 24 * 36_831_590, "fields": ["x"] * 6},
+           "batch_points": 1_000_000, "backbone": "linear (6→64→9)", "mode": "inference",
+           "page_cache": "warm", "page_cache_check": "warm", "repeat": 3,
+           "loader_only_repeat": 15, "torch_cpu_thp": "-", "other_load": None, "command": "c"}
+    limits = {"read_warm_bytes_per_s": 10e9, "read_warm_1t_bytes_per_s": 5e9,
+              "read_warm_nt_bytes_per_s": 10e9, "read_threads": 16, "read_repeats": 3,
+              "h2d_pinned_bytes_per_s": 25e9, "d2d_bytes_per_s": 1.5e12}
+    text = render(env, limits, rows, [], {}, [], 24, {"points": 36_831_590, "rows": 1})
+    assert "gds-compat" in text and "host→device, pinned" in text and "device→device" in text
+    plot(tmp_path / "g.png", env, rows, limits, 24, {})
+    assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
