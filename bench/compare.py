@@ -76,12 +76,17 @@ CPU_BATCH = 250_000
 SMOKE_POINTS = 200_000
 SMOKE_BATCH = 50_000
 READ_CHUNK = 4 << 20
-#: Loader-only epochs are cheap and short, so they are sampled this many times more often.
+#: On CPU the loader-only epochs are short (tens of ms) and noisy, so they are sampled this many
+#: times per repetition (warm cache only).
 LOADER_ONLY_FACTOR = 5
 WARMUP_BATCHES = 2
 POLL_S = 0.05
 EXIT_MISMATCH = 3
 EXIT_USAGE = 2
+
+
+def lo_factor(args: argparse.Namespace, cuda: bool) -> int:
+    return 1 if (args.cold or cuda) else LOADER_ONLY_FACTOR
 
 
 def progress(msg: str) -> None:
@@ -231,14 +236,28 @@ class _Failure:
 
 class QueueVariant(Variant):
     """One producer thread copying memmap slices into a ``Queue(maxsize=2)``; pageable H2D in
-    the consumer. The memmaps live for one epoch (so ``--cold`` can drop the pages)."""
+    the consumer. The memmaps stay open across epochs, as such code keeps them, unless
+    ``keep_maps=False`` (``--cold``: pages mapped by a process can't be dropped)."""
 
     family = "queue"
 
-    def __init__(self, files, num_points, batch, device):
+    def __init__(self, files, num_points, batch, device, keep_maps=True):
         super().__init__("queue", "thread + Queue(2), memmap copy",
-                         {"threads": 1, "maxsize": 2})
+                         {"threads": 1, "maxsize": 2, "memmaps_kept_across_epochs": keep_maps})
         self.files, self.num_points, self.batch, self.device = files, num_points, batch, device
+        self.keep_maps = keep_maps
+        self._maps: dict[str, np.memmap] | None = None
+
+    def _open_maps(self) -> dict[str, np.memmap]:
+        if self._maps is not None:
+            return self._maps
+        maps = _memmaps(self.files, self.num_points) if self.num_points else {}
+        if self.keep_maps:
+            self._maps = maps
+        return maps
+
+    def close(self):
+        self._maps = None
 
     def epoch(self):
         return self._gen()
@@ -258,7 +277,7 @@ class QueueVariant(Variant):
 
         def produce() -> None:
             try:
-                maps = _memmaps(self.files, self.num_points) if self.num_points else {}
+                maps = self._open_maps()
                 for a, b in batch_ranges(self.num_points, self.batch):
                     item = {k: np.copy(m[a:b]) for k, m in maps.items()}
                     if not put(item):
@@ -321,6 +340,8 @@ class TorchDataLoaderVariant(Variant):
 
     def __init__(self, files, num_points, batch, device, num_workers, pin_memory,
                  prefetch_factor, persistent):
+        """``persistent=False`` (``--cold``) also closes the main process's memmaps after each
+        epoch: pages mapped by a process can't be dropped from the page cache."""
         cfg = {"num_workers": num_workers, "pin_memory": pin_memory,
                "prefetch_factor": prefetch_factor if num_workers else None,
                "persistent_workers": bool(persistent and num_workers),
@@ -337,6 +358,7 @@ class TorchDataLoaderVariant(Variant):
             pin_memory=pin_memory, prefetch_factor=prefetch_factor if num_workers else None,
             persistent_workers=cfg["persistent_workers"])
         self.non_blocking = pin_memory
+        self.keep_maps = persistent
 
     def epoch(self):
         return self._gen()
@@ -347,7 +369,8 @@ class TorchDataLoaderVariant(Variant):
                 yield {k: v.to(self.device, non_blocking=self.non_blocking)
                        for k, v in item.items()}
         finally:
-            self.dataset.release()  # the main process's maps (num_workers=0)
+            if not self.keep_maps:
+                self.dataset.release()  # the main process's maps (num_workers=0)
 
     def close(self):
         it = getattr(self.loader, "_iterator", None)
@@ -921,7 +944,7 @@ def environment(dev: Device, cap, args, ds: Dataset, nbytes: int, batch: int, mo
         "page_cache": cache.mode,
         "page_cache_check": cache.verdict(),
         "repeat": args.repeat,
-        "loader_only_repeat": args.repeat * (1 if args.cold else LOADER_ONLY_FACTOR),
+        "loader_only_repeat": args.repeat * lo_factor(args, dev.cuda),
         "torch_cpu_thp": thp_state(),
         "torch_dataloader_grid": grid_cfgs,
         "command": cmd,
@@ -1243,7 +1266,7 @@ def _main(args: argparse.Namespace) -> int:
     # -- loaders ---------------------------------------------------------------------------
     progress("building loaders …")
     variants: list[Variant] = [SequentialVariant(files, n, batch, dev.device),
-                               QueueVariant(files, n, batch, dev.device)]
+                               QueueVariant(files, n, batch, dev.device, keep_maps=not args.cold)]
     grid_cfgs = tdl_grid(cuda, args.smoke)
     for cfg in grid_cfgs:
         variants.append(TorchDataLoaderVariant(files, n, batch, dev.device,
@@ -1284,7 +1307,7 @@ def _main(args: argparse.Namespace) -> int:
                 run_epoch(v, dev, None, limit_batches=WARMUP_BATCHES)
         if not args.cold:
             cache.record(*residency(paths))
-        lo_runs = 1 if args.cold else LOADER_ONLY_FACTOR
+        lo_runs = lo_factor(args, cuda)
         plan = [("end-to-end", 1)] + [("loader-only", lo_runs)]
         total_runs = args.repeat * sum(1 if v.family == "compute-only" else 1 + lo_runs
                                        for v in variants)
