@@ -1152,11 +1152,18 @@ def plot(path: Path, env: dict, rows: list[dict], limits: dict, bytes_per_point:
     w = 0.38
     b1 = a1.bar(x - w / 2, e2e, w, label="end-to-end", color="#3b6fb6")
     b2 = a1.bar(x + w / 2, lo, w, label="loader-only", color="#9cc3e6")
+    zero_copy = [bool(r.get("config", {}).get("zero_copy_views")) for r in rows]
+    for bar, zc in zip(b2, zero_copy):
+        if zc:  # reads nothing in a loader-only run: not an I/O floor
+            bar.set_hatch("//")
+            bar.set_alpha(0.5)
     for bars in (b1, b2):
-        for bar in bars:
+        for i, bar in enumerate(bars):
             h = bar.get_height()
             if h > 0:
-                a1.annotate(f"{h / 1e6:.3g}M", (bar.get_x() + bar.get_width() / 2, h),
+                label = f"{h / 1e6:.3g}M" + ("\n(zero-copy:\nreads nothing)"
+                                             if bars is b2 and zero_copy[i] else "")
+                a1.annotate(label, (bar.get_x() + bar.get_width() / 2, h),
                             ha="center", va="bottom", fontsize=7)
     styles = {"read_warm_bytes_per_s": ("read, warm", "#2a9d3a", "--"),
               "read_warm_cached_bytes_per_s": ("read, warm, cache-hot", "#8fd19e", ":"),
@@ -1171,9 +1178,9 @@ def plot(path: Path, env: dict, rows: list[dict], limits: dict, bytes_per_point:
             a1.annotate(f"{label}: {pps / 1e6:.3g}M pts/s", (len(rows) - 0.5, pps),
                         ha="right", va="bottom", fontsize=8, color=color)
     a1.set_yscale("log")
-    for i, (name, why) in enumerate(skipped.items()):
-        a1.text(0.01, 0.02 + 0.05 * i, f"{name}: skipped ({why[:90]})", transform=a1.transAxes,
-                fontsize=7, color="#555555")
+    top = max([v for v in e2e + lo if v > 0] + [bw / bytes_per_point for k, bw in limits.items()
+                                                 if k in styles and bw], default=1.0)
+    a1.set_ylim(top=top * 6)  # room for the labels above the tallest bar or line
     a1.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
     a1.set_ylabel("points / s (log)")
     a1.set_title("throughput per loader (median epoch); lines: measured limits")
@@ -1181,8 +1188,8 @@ def plot(path: Path, env: dict, rows: list[dict], limits: dict, bytes_per_point:
     a1.grid(axis="y", which="both", alpha=0.3)
     a2.bar(x, stall, 0.6, color="#e07b39")
     for i, s in enumerate(stall):
-        a2.annotate(f"{s:.0%}", (i, s), ha="center", va="bottom", fontsize=8)
-    a2.set_ylim(0, 1.08)
+        a2.annotate(f"{s:.1%}", (i, s), ha="center", va="bottom", fontsize=8)
+    a2.set_ylim(0, min(1.08, max(0.05, 1.3 * max(stall, default=0.0))))
     a2.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
     a2.set_ylabel("stall / wall")
     a2.set_title("stall fraction (host time blocked in next())")
@@ -1190,7 +1197,10 @@ def plot(path: Path, env: dict, rows: list[dict], limits: dict, bytes_per_point:
     fig.suptitle(f"{env['device']} — {env['dataset']['points']:,} points, batch "
                  f"{env['batch_points']:,}, {env['backbone']} {env['mode']}, "
                  f"{env['page_cache']} cache", fontsize=10)
-    fig.tight_layout()
+    notes = [f"{name}: skipped — {why}" for name, why in skipped.items()]
+    if notes:
+        fig.text(0.01, 0.01, "; ".join(notes)[:220], fontsize=8, color="#555555")
+    fig.tight_layout(rect=(0, 0.03 if notes else 0, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
