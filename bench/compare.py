@@ -794,8 +794,7 @@ def _max_other(rs: Sequence[RunResult]) -> float | None:
     return max(vals) if vals else None
 
 
-def summarize(st: Stats, num_points: int, nbytes: int, seq_wall: float | None,
-              compute_wall: float | None) -> dict:
+def summarize(st: Stats, num_points: int, nbytes: int, compute_wall: float | None) -> dict:
     d: dict[str, Any] = {"name": st.name, "family": st.family, "backend": st.backend,
                          "config": st.config}
     w = st.wall
@@ -806,7 +805,7 @@ def summarize(st: Stats, num_points: int, nbytes: int, seq_wall: float | None,
             "points_per_s": num_points / w, "gb_per_s": nbytes / w / 1e9,
             "stall_s": st.stall, "stall_s_runs": [r.stall for r in st.runs],
             "stall_fraction": st.stall / w if w > 0 else None,
-            "speedup_vs_sequential": seq_wall / w if seq_wall else None,
+            "speedup_vs_sequential": None,  # filled in paired, once every loader ran
             "checksums": [r.checksum for r in st.runs],
             "resident_before_runs": [r.resident for r in st.runs],
             "other_load_runs": [r.other for r in st.runs],
@@ -854,17 +853,32 @@ def _goal(text: str, met: bool | None, detail: str) -> dict:
     return {"goal": text, "status": status, "detail": detail}
 
 
-def _significance(ratio: float, *rows: dict | None) -> str:
-    """A note when the margin to a goal's threshold (``ratio`` = measured / threshold) is smaller
-    than the run-to-run spread of the loaders compared: then the verdict is noise."""
-    spreads = [r["wall_spread"] for r in rows if r and r.get("wall_spread") is not None]
-    if not spreads:
+def paired_speedup(row: dict, ref: dict) -> tuple[float, float | None]:
+    """How many times faster ``row`` ran than ``ref``: the median over repetitions of
+    ref.wall[i] / row.wall[i]. The round-robin runs the two close together in time within a
+    repetition, so the pairing cancels the machine's slow drift. Also returns the spread of
+    the paired ratios, (max − min) / median; ratio of medians when the runs don't pair up."""
+    a, b = row.get("wall_s_runs") or [], ref.get("wall_s_runs") or []
+    if len(a) == len(b) and a and all(x > 0 for x in a):
+        ratios = [y / x for x, y in zip(a, b)]
+        return statistics.median(ratios), _spread(ratios)
+    return ref["wall_s"] / row["wall_s"], None
+
+
+def _significance(margin_ratio: float, noise: float | None) -> str:
+    """A note when the margin to a goal's threshold (``margin_ratio`` = measured / threshold)
+    is smaller than the run-to-run spread: then the verdict is noise."""
+    if noise is None:
         return ""
-    noise = max(spreads)
-    if abs(ratio - 1.0) < noise:
-        return (f"; the margin ({ratio - 1.0:+.1%}) is within the run-to-run spread of "
+    if abs(margin_ratio - 1.0) < noise:
+        return (f"; the margin ({margin_ratio - 1.0:+.1%}) is within the run-to-run spread of "
                 f"{noise:.0%}: not significant")
     return f"; run-to-run spread {noise:.0%}"
+
+
+def _noise(*rows: dict | None) -> float | None:
+    spreads = [r["wall_spread"] for r in rows if r and r.get("wall_spread") is not None]
+    return max(spreads) if spreads else None
 
 
 def evaluate_goals(rows: dict[str, dict], limits: dict, cuda: bool, backbone: str,
@@ -875,11 +889,11 @@ def evaluate_goals(rows: dict[str, dict], limits: dict, cuda: bool, backbone: st
     read_bw = limits.get(read_key)
     if not cuda:
         if fb and seq:
-            r = seq["wall_s"] / fb["wall_s"]
+            r, noise = paired_speedup(fb, seq)
             goals.append(_goal("fallback end-to-end not slower than sequential", r >= 1.0,
                                f"fallback {fb['wall_s']:.3f} s vs sequential "
-                               f"{seq['wall_s']:.3f} s ({r:.3f}×)"
-                               + _significance(r, fb, seq, rows.get("compute-only"))))
+                               f"{seq['wall_s']:.3f} s (median epochs); paired speedup "
+                               f"{r:.3f}×" + _significance(r, noise)))
         if fb and "loader_only" in fb and limits.get("read_warm_bytes_per_s"):
             got = fb["loader_only"]["gb_per_s"] * 1e9
             lim = limits["read_warm_bytes_per_s"]
@@ -903,15 +917,15 @@ def evaluate_goals(rows: dict[str, dict], limits: dict, cuda: bool, backbone: st
                                            f"is stated for linear)"
     q, t = rows.get("queue"), rows.get("torch-dataloader")
     if q:
-        r = q["wall_s"] / g["wall_s"]
+        r, noise = paired_speedup(g, q)
         goals.append(_goal("gds ≥ 3× queue (--backbone linear)", r >= 3.0,
-                           f"{r:.2f}× (gds {g['wall_s']:.3f} s, queue {q['wall_s']:.3f} s){note}"
-                           + _significance(r / 3.0, g, q)))
+                           f"paired speedup {r:.2f}× (gds {g['wall_s']:.3f} s, queue "
+                           f"{q['wall_s']:.3f} s){note}" + _significance(r / 3.0, noise)))
     if t:
-        r = t["wall_s"] / g["wall_s"]
+        r, noise = paired_speedup(g, t)
         goals.append(_goal("gds ≥ 1.5× best torch-dataloader (--backbone linear)", r >= 1.5,
-                           f"{r:.2f}× (gds {g['wall_s']:.3f} s, {t['name']} "
-                           f"{t['wall_s']:.3f} s){note}" + _significance(r / 1.5, g, t)))
+                           f"paired speedup {r:.2f}× (gds {g['wall_s']:.3f} s, {t['name']} "
+                           f"{t['wall_s']:.3f} s){note}" + _significance(r / 1.5, noise)))
     h2d = limits.get("h2d_pinned_bytes_per_s")
     if "loader_only" in g and read_bw and h2d:
         lim = min(read_bw, h2d)
@@ -929,7 +943,7 @@ def evaluate_goals(rows: dict[str, dict], limits: dict, cuda: bool, backbone: st
                            g["wall_s"] <= 1.05 * floor,
                            f"gds {g['wall_s']:.3f} s vs 1.05 × {floor:.3f} s = "
                            f"{1.05 * floor:.3f} s"
-                           + _significance(g["wall_s"] / (1.05 * floor), g, c)))
+                           + _significance(g["wall_s"] / (1.05 * floor), _noise(g, c))))
     return goals
 
 
@@ -1105,7 +1119,9 @@ def render(env: dict, limits: dict, rows: list[dict], grid: list[dict], skipped:
     L.append("  stall = host seconds blocked in next() (on CUDA a loader whose copy synchronises "
              "also waits there for queued compute);")
     L.append("  overlap = max(compute-only, this loader's loader-only) / wall (1.00 = perfect "
-             "overlap); speedup = sequential wall / wall.")
+             "overlap);")
+    L.append("  speedup = median over repetitions of sequential wall / this wall, each pair run "
+             "back to back (cancels the machine's drift).")
     L.append("  other% = the largest share of the machine that other processes or the hypervisor "
              "took during one of this loader's end-to-end runs (> 5 %: that run was disturbed).")
     if any(g["config"].get("zero_copy_views") for g in grid):
@@ -1400,10 +1416,13 @@ def _main(args: argparse.Namespace) -> int:
     ref_checksum = check_results(list(stats.values()), n)
 
     # -- numbers ---------------------------------------------------------------------------
-    seq_wall = stats["sequential"].wall
     compute_wall = stats["compute-only"].wall
-    summaries = {name: summarize(st, n, nbytes, seq_wall, compute_wall)
+    summaries = {name: summarize(st, n, nbytes, compute_wall)
                  for name, st in stats.items()}
+    seq_row = summaries["sequential"]
+    for srow in summaries.values():
+        if srow.get("wall_s"):
+            srow["speedup_vs_sequential"], srow["speedup_spread"] = paired_speedup(srow, seq_row)
     grid = [summaries[v.name] for v in variants if v.family == "torch-dataloader"]
     best = min(grid, key=lambda g: g["wall_s"]) if grid else None
     for g in grid:

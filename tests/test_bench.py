@@ -216,3 +216,15 @@ def test_render_and_plot_with_a_gds_row(tmp_path):
     assert "gds-compat" in text and "host→device, pinned" in text and "device→device" in text
     plot(tmp_path / "g.png", env, rows, limits, 24, {})
     assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_paired_speedup_cancels_drift():
+    from bench.compare import paired_speedup
+
+    # the machine slows down 2× over the run; the loader is 10 % faster in every pair
+    ref = {"wall_s": 2.0, "wall_s_runs": [1.0, 2.0, 4.0]}
+    row = {"wall_s": 1.8, "wall_s_runs": [0.9, 1.8, 3.6]}
+    r, spread = paired_speedup(row, ref)
+    assert r == pytest.approx(1 / 0.9) and spread == pytest.approx(0.0)
+    r, spread = paired_speedup({"wall_s": 1.0, "wall_s_runs": [1.0]}, ref)  # unpaired
+    assert r == 2.0 and spread is None
