@@ -1260,6 +1260,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.repeat = 1 if args.smoke else 3
     if args.repeat < 1:
         p.error("--repeat must be >= 1")
+    if args.retries < 0:
+        p.error("--retries must be >= 0")
     for name in ("points", "batch_points"):
         v = getattr(args, name)
         if v is not None and v < 1:
@@ -1277,6 +1279,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _main(args)
     except ChecksumMismatch as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if args.json:  # no speeds: a run whose loaders disagree has none worth keeping
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"error": str(exc), "checksums_equal": False},
+                                            indent=1) + "\n")
         return EXIT_MISMATCH
     except GDSStreamError as exc:
         print(f"error: {exc}", file=sys.stderr)

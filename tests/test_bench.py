@@ -228,3 +228,26 @@ def test_paired_speedup_cancels_drift():
     assert r == pytest.approx(1 / 0.9) and spread == pytest.approx(0.0)
     r, spread = paired_speedup({"wall_s": 1.0, "wall_s_runs": [1.0]}, ref)  # unpaired
     assert r == 2.0 and spread is None
+
+
+def test_a_loader_that_consumes_other_points_fails_the_run_before_any_speed(
+        tmp_path, monkeypatch, capsys):
+    import bench.compare as compare
+
+    real = compare.run_epoch
+
+    def corrupting(variant, dev, step, limit_batches=None):
+        r = real(variant, dev, step, limit_batches)
+        if variant.family == "queue" and r.checksum is not None:
+            r.checksum = dict(r.checksum, fields=dict(r.checksum["fields"], z=0))
+        return r
+
+    monkeypatch.setattr(compare, "run_epoch", corrupting)
+    rc = compare.main(["--smoke", "--workdir", str(tmp_path), "--json", str(tmp_path / "r.json"),
+                       "--no-gds"])
+    out, err = capsys.readouterr()
+    assert rc == compare.EXIT_MISMATCH
+    assert "queue" in err and "field z" in err
+    assert "GB/s" not in out and "Mpts/s" not in out
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["checksums_equal"] is False and "queue" in doc["error"]
