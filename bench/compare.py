@@ -1391,9 +1391,12 @@ def _main(args: argparse.Namespace) -> int:
         total_runs = args.repeat * sum(1 if v.family == "compute-only" else 1 + lo_runs
                                        for v in variants)
         k = retried = 0
-        # Round-robin over loaders within each repetition, so drift hits every loader alike.
+        # Round-robin over loaders within each repetition, so drift hits every loader alike,
+        # starting one loader later in each repetition, so no loader always runs right after
+        # the same neighbour (or first, or last).
         for rep in range(args.repeat):
-            for v in variants:
+            shift = rep % len(variants)
+            for v in variants[shift:] + variants[:shift]:
                 for mode, times in plan:
                     if mode == "loader-only" and v.family == "compute-only":
                         continue
