@@ -705,7 +705,7 @@ class RunResult:
 #: machine is disturbed and, with --retries, run again (kept: the least disturbed attempt).
 DISTURBED = 0.05
 #: /proc/stat counts in 10 ms ticks: shorter runs can't be judged.
-DISTURBED_MIN_WALL_S = 1.0
+DISTURBED_MIN_WALL_S = 0.3
 
 
 def _disturbance(r: "RunResult") -> float:
