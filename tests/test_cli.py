@@ -17,9 +17,9 @@ import pytest
 from gds_stream.convert import convert
 from gds_stream.format import DatasetWriter
 
-# The module, however the package attribute ``gds_stream.convert`` is bound (``import
-# gds_stream.convert as conv`` would give the function once __init__ imports it eagerly).
-conv = importlib.import_module("gds_stream.convert")
+# The converter's shared module (``import gds_stream.convert`` would give the function,
+# since the package binds its name once __init__ imports it eagerly).
+common = importlib.import_module("gds_stream.convert.common")
 
 
 def cli(*args, cwd=None) -> subprocess.CompletedProcess:
@@ -105,7 +105,7 @@ def test_overwrite(tmp_path, make_ply, dataset):
 
 
 def test_verify_reports_field_and_block(tmp_path, make_ply, monkeypatch):
-    monkeypatch.setattr(conv, "DatasetWriter", functools.partial(DatasetWriter, block_bytes=4096))
+    monkeypatch.setattr(common, "DatasetWriter", functools.partial(DatasetWriter, block_bytes=4096))
     make_ply(tmp_path / "a.ply", 5000)
     ds = convert(tmp_path / "a.ply", tmp_path / "ds", progress=False)
     lay = ds.layout("intensity")  # 10,000 bytes: blocks 0, 1, 2

@@ -21,9 +21,11 @@ from gds_stream import ConversionError, DatasetError, open_dataset
 from gds_stream.convert import convert
 from gds_stream.format import DatasetWriter
 
-# The module, however the package attribute ``gds_stream.convert`` is bound (``import
+# The modules, however the package attribute ``gds_stream.convert`` is bound (``import
 # gds_stream.convert as conv`` would give the function once __init__ imports it eagerly).
 conv = importlib.import_module("gds_stream.convert")
+common = importlib.import_module("gds_stream.convert.common")
+ply_mod = importlib.import_module("gds_stream.convert.ply")
 
 FORMATS = ["binary_little_endian", "binary_big_endian", "ascii"]
 
@@ -31,14 +33,14 @@ FORMATS = ["binary_little_endian", "binary_big_endian", "ascii"]
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of 333 rows, so every test file spans several chunks with a ragged last one."""
-    monkeypatch.setattr(conv, "CHUNK_ROWS", 333)
+    monkeypatch.setattr(common, "CHUNK_ROWS", 333)
     return 333
 
 
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Checksum blocks of 4 KiB, so a few thousand points make several blocks per field."""
-    monkeypatch.setattr(conv, "DatasetWriter", functools.partial(DatasetWriter, block_bytes=4096))
+    monkeypatch.setattr(common, "DatasetWriter", functools.partial(DatasetWriter, block_bytes=4096))
     return 4096
 
 
@@ -216,7 +218,7 @@ def test_truncated_binary_fails_before_anything_is_written(tmp_path, make_ply, m
     def no_writer(*a, **k):
         raise AssertionError("a writer was created before every input was validated")
 
-    monkeypatch.setattr(conv, "DatasetWriter", no_writer)
+    monkeypatch.setattr(common, "DatasetWriter", no_writer)
     with pytest.raises(DatasetError) as ei:
         convert([tmp_path / "a.ply", tmp_path / "b.ply"], tmp_path / "ds", progress=False)
     msg = str(ei.value)
@@ -420,8 +422,8 @@ def test_error_mid_stream_leaves_nothing(tmp_path, make_ply, small_chunks):
 # -- streaming and progress ----------------------------------------------------------------------------
 def test_chunks_are_bounded(tmp_path, make_ply, make_kitti, make_raw, monkeypatch):
     """No append gets more than CHUNK_ROWS rows, nor (for wide rows) more than CHUNK_BYTES."""
-    monkeypatch.setattr(conv, "CHUNK_ROWS", 256)
-    monkeypatch.setattr(conv, "CHUNK_BYTES", 2048)  # 2048 / 8 B rows = 256; / 24 B rows = 85
+    monkeypatch.setattr(common, "CHUNK_ROWS", 256)
+    monkeypatch.setattr(common, "CHUNK_BYTES", 2048)  # 2048 / 8 B rows = 256; / 24 B rows = 85
     seen = []
     real = DatasetWriter.append
 
@@ -446,7 +448,7 @@ def test_chunks_are_bounded(tmp_path, make_ply, make_kitti, make_raw, monkeypatc
 def test_memory_is_bounded(tmp_path, make_ply, monkeypatch):
     """Converting a file allocates about one chunk, not the file (numpy reports to
     tracemalloc)."""
-    monkeypatch.setattr(conv, "CHUNK_ROWS", 1 << 14)
+    monkeypatch.setattr(common, "CHUNK_ROWS", 1 << 14)
     props = [("x", "f4"), ("y", "f4"), ("z", "f4"), ("i", "f4"), ("s", "i4"), ("t", "i4")]
     make_ply(tmp_path / "big.ply", 1 << 20, properties=props, keep=False)  # 24 MiB
     size = (tmp_path / "big.ply").stat().st_size
@@ -507,7 +509,7 @@ def test_verify_finds_a_flipped_byte_in_every_field(tmp_path, make_ply, small_bl
 def test_ascii_line_length_is_bounded(tmp_path, make_ply, monkeypatch):
     """A file without line breaks (say binary data under an ASCII header) is not read as one
     huge line."""
-    monkeypatch.setattr(conv, "MAX_LINE", 64)
+    monkeypatch.setattr(ply_mod, "MAX_LINE", 64)
     make_ply(tmp_path / "a.ply", 3, "ascii", properties=[("x", "f4"), ("y", "f4"), ("z", "f4")])
     with open(tmp_path / "a.ply", "ab") as f:
         f.write(b"1" * 200)
