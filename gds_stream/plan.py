@@ -3,14 +3,23 @@
 Everything that can be wrong about ordering, sharding, epochs and resume lives here, so both
 backends execute the same plan and the contract is tested on the CPU.
 
-Units are points (``batch_points``) or whole scans (``batch_scans``). An epoch's *stream* is the
-sequence of units in epoch order:
+Units are points (``batch_points``) or whole contiguous units — scans (``batch_scans``) or
+spatial chunks (``batch_chunks``), given by their offsets. An epoch's *stream* is the sequence of
+units in epoch order:
 
 * ``shuffle=False``: file order;
 * ``shuffle=True``, points: blocks of ``block_points`` consecutive points (each field's block at
   least 1 MiB and 4 KiB-aligned) in a permutation drawn from ``(seed, epoch)``; the points of
   each batch are then permuted on the device (:meth:`BatchPlan.permutation`);
-* ``shuffle=True``, scans: the scans in a permutation drawn from ``(seed, epoch)``.
+* ``shuffle=True``, scans or chunks: the units in a permutation drawn from ``(seed, epoch)``.
+
+With ``shuffle_window`` (points mode, shuffle on) a rank's batches are cut from *windows*: the
+steps are grouped ``k = shuffle_window // batch`` at a time, each rank takes one contiguous span of
+the stream for the steps of a window (so it reads large ranges), and the points of that span are
+permuted as a whole, so what shares a batch changes from epoch to epoch even inside one block.
+With ``max_batch_points`` (unit modes) the units are packed in stream order into batches of at
+most ``batch_size`` units and ``max_batch_points`` points (a larger unit is a batch alone) and the
+packed batches are dealt round-robin; the step count then depends on the epoch.
 
 The stream is cut into batches and dealt to ranks so that every rank has the same number of
 steps and the ranks' shares are disjoint and cover the dataset:
@@ -35,6 +44,7 @@ from .format import ALIGN, align_up
 #: Every field read of a shuffled block is at least this large.
 MIN_READ_BYTES = 1 << 20
 _PERM_TAG = 0x9E3779B9  # separates the within-batch permutation streams from the epoch order
+_WINDOW_TAG = 0x85EBCA6B  # separates the window permutation streams
 
 
 def shuffle_block_points(point_bytes: list[int]) -> int:
@@ -58,13 +68,34 @@ class PlanSpec:
     rank: int
     world_size: int
     block_points: int
+    #: Points mode + shuffle: points permuted together (0: only within each batch).
+    shuffle_window: int = 0
+    #: Unit modes: pack units into batches of at most this many points (None: ``batch_size``
+    #: units a batch).
+    max_batch_points: int | None = None
 
     @property
     def num_units(self) -> int:
         return len(self.scan_offsets) - 1 if self.scan_mode else self.num_points
 
-    def num_steps(self) -> int:
-        """Batches per epoch on every rank."""
+    @property
+    def windowed(self) -> bool:
+        return (not self.scan_mode and self.shuffle and self.shuffle_window > 0
+                and self.num_points > 0)
+
+    @property
+    def packed(self) -> bool:
+        return self.scan_mode and self.max_batch_points is not None
+
+    @property
+    def window_steps(self) -> int:
+        """Steps per window (windowed plans)."""
+        return max(1, self.shuffle_window // self.batch_size)
+
+    def num_steps(self, epoch: int = 0) -> int:
+        """Batches per epoch on every rank (depends on ``epoch`` only for packed plans)."""
+        if self.packed:
+            return EpochPlan(self, epoch).num_batches
         u, wb = self.num_units, self.world_size * self.batch_size
         if self.drop_last:
             return u // wb
@@ -78,11 +109,18 @@ class BatchPlan:
     step: int
     epoch: int
     segments: np.ndarray  # (k, 2) int64 [start, stop) in file order, concatenated in row order
-    scan_sizes: np.ndarray | None  # scan mode: points of each scan in the batch, in order
+    scan_sizes: np.ndarray | None  # unit modes: points of each unit in the batch, in order
     perm_key: tuple[int, ...] | None  # points mode + shuffle: seeds the within-batch permutation
+    units: np.ndarray | None = None  # unit modes: the ids of the batch's units, in order
+    #: Windowed plans: the window this batch is cut from, and the rows of the window (in its
+    #: segment order) that make the batch, in batch order. ``segments`` are then the window's.
+    window: "WindowPlan | None" = None
+    rows: np.ndarray | None = None
 
     @cached_property
     def num_points(self) -> int:
+        if self.rows is not None:
+            return len(self.rows)
         return int((self.segments[:, 1] - self.segments[:, 0]).sum()) if len(self.segments) else 0
 
     def offsets(self) -> np.ndarray | None:
@@ -100,10 +138,37 @@ class BatchPlan:
 
     def point_indices(self) -> np.ndarray:
         """Dataset point index of every row of the batch, after the permutation (for tests)."""
-        idx = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in self.segments]) \
-            if len(self.segments) else np.zeros(0, dtype=np.int64)
+        idx = _indices(self.segments)
+        if self.rows is not None:
+            return idx[self.rows]
         perm = self.permutation()
         return idx if perm is None else idx[perm]
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """One window of a windowed plan: the point ranges read together (stream order) and the
+    steps whose batches are cut from them."""
+
+    index: int
+    epoch: int
+    segments: np.ndarray  # (k, 2) int64, in stream order
+    first_step: int
+    stop_step: int
+
+    @cached_property
+    def num_points(self) -> int:
+        return int((self.segments[:, 1] - self.segments[:, 0]).sum()) if len(self.segments) else 0
+
+    def as_batch(self) -> BatchPlan:
+        """The window as a plain batch (its points in segment order), for a backend to read."""
+        return BatchPlan(self.first_step, self.epoch, self.segments, None, None)
+
+
+def _indices(segments: np.ndarray) -> np.ndarray:
+    if len(segments) == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in segments])
 
 
 class EpochPlan:
@@ -112,15 +177,23 @@ class EpochPlan:
     def __init__(self, spec: PlanSpec, epoch: int):
         self.spec = spec
         self.epoch = epoch
-        self.num_batches = spec.num_steps()
         s = spec
+        self._bins: np.ndarray | None = None
         if s.scan_mode:
             sizes = np.diff(s.scan_offsets)
             order = (np.random.default_rng([s.seed, epoch, 1]).permutation(len(sizes))
                      if s.shuffle else np.arange(len(sizes)))
             self._order = order.astype(np.int64)
             self._unit_sizes = sizes[self._order]
+            if s.packed:
+                assert s.max_batch_points is not None
+                self._bins = _pack(self._unit_sizes, s.batch_size, s.max_batch_points)
+                nbins, w = len(self._bins) - 1, s.world_size
+                self.num_batches = nbins // w if s.drop_last else -(-nbins // w)
+            else:
+                self.num_batches = s.num_steps()
         else:
+            self.num_batches = s.num_steps()
             n, bp = s.num_points, s.block_points
             nblocks = -(-n // bp)
             order = (np.random.default_rng([s.seed, epoch]).permutation(nblocks)
@@ -129,13 +202,32 @@ class EpochPlan:
             stops = np.minimum(starts + bp, n)
             self._block_starts = starts
             self._block_cum = np.concatenate([[0], np.cumsum(stops - starts)])
+        self._windows: dict[int, tuple[WindowPlan, np.ndarray]] = {}
+
+    # -- points: sizes and stream ranges ------------------------------------------------------
+    def step_points(self, step: int, rank: int | None = None) -> int:
+        """Units of ``rank``'s (default: this rank's) batch ``step`` (points or scans mode)."""
+        s = self.spec
+        r = s.rank if rank is None else rank
+        w, b = s.world_size, s.batch_size
+        if s.drop_last or step < self.num_batches - 1:
+            return b
+        rem = s.num_units - (self.num_batches - 1) * w * b
+        q, m = divmod(rem, w)
+        return q + (1 if r < m else 0)
 
     def unit_range(self, step: int) -> tuple[int, int]:
-        """The stream units ``[a, b)`` of this rank's batch ``step``."""
+        """The stream units ``[a, b)`` of this rank's batch ``step`` (unwindowed plans)."""
         s = self.spec
         if not 0 <= step < self.num_batches:
             raise IndexError(f"step {step} outside 0..{self.num_batches - 1}")
         w, r, b = s.world_size, s.rank, s.batch_size
+        if self._bins is not None:
+            k = step * w + r
+            if k >= len(self._bins) - 1:
+                end = int(self._bins[-1])
+                return end, end
+            return int(self._bins[k]), int(self._bins[k + 1])
         if s.drop_last or step < self.num_batches - 1:
             a = (step * w + r) * b
             return a, a + b
@@ -145,16 +237,8 @@ class EpochPlan:
         a = tail + r * q + min(r, m)
         return a, a + q + (1 if r < m else 0)
 
-    def batch(self, step: int) -> BatchPlan:
-        a, b = self.unit_range(step)
-        s = self.spec
-        if s.scan_mode:
-            scans = self._order[a:b]
-            starts = s.scan_offsets[scans]
-            stops = s.scan_offsets[scans + 1]
-            return BatchPlan(step, self.epoch, _merge(starts, stops), stops - starts, None)
-        if not s.shuffle:
-            return BatchPlan(step, self.epoch, np.array([[a, b]], dtype=np.int64), None, None)
+    def _stream_segments(self, a: int, b: int) -> np.ndarray:
+        """File ranges of the shuffled points stream ``[a, b)``, in stream order."""
         cum = self._block_cum
         first = int(np.searchsorted(cum, a, side="right")) - 1
         last = int(np.searchsorted(cum, b, side="left"))  # exclusive block index
@@ -164,24 +248,98 @@ class EpochPlan:
         if len(starts):
             starts[0] += a - cum[first]
             stops[-1] -= cum[last] - b
+        return _merge(starts, stops)
+
+    # -- windows ------------------------------------------------------------------------------
+    def window_index(self, step: int) -> int:
+        return step // self.spec.window_steps
+
+    def window(self, index: int) -> tuple[WindowPlan, np.ndarray]:
+        """Window ``index`` of this rank and the permutation of its points (cached: the last
+        two windows asked for)."""
+        got = self._windows.get(index)
+        if got is not None:
+            return got
+        s = self.spec
+        k, wb = s.window_steps, s.world_size * s.batch_size
+        first, stop = index * k, min((index + 1) * k, self.num_batches)
+        if not 0 <= first < self.num_batches:
+            raise IndexError(f"window {index} outside this epoch's {self.num_batches} steps")
+        lengths = [sum(self.step_points(t, r) for t in range(first, stop))
+                   for r in range(s.world_size)]
+        a = first * wb + sum(lengths[:s.rank])  # every step before this window is full
+        b = a + lengths[s.rank]
+        seg = self._stream_segments(a, b) if b > a else np.zeros((0, 2), dtype=np.int64)
+        rng = np.random.default_rng([s.seed, self.epoch, index, s.rank, _WINDOW_TAG])
+        perm = rng.permutation(b - a)
+        perm = perm.astype(np.int32 if b - a < 2**31 else np.int64, copy=False)
+        win = WindowPlan(index, self.epoch, seg, first, stop)
+        if len(self._windows) >= 2:
+            self._windows.pop(next(iter(self._windows)))
+        self._windows[index] = (win, perm)
+        return win, perm
+
+    # -- batches ------------------------------------------------------------------------------
+    def batch(self, step: int) -> BatchPlan:
+        s = self.spec
+        if s.windowed:
+            if not 0 <= step < self.num_batches:
+                raise IndexError(f"step {step} outside 0..{self.num_batches - 1}")
+            win, perm = self.window(self.window_index(step))
+            o = (step - win.first_step) * s.batch_size  # earlier steps of a window are full
+            rows = perm[o:o + self.step_points(step)]
+            return BatchPlan(step, self.epoch, win.segments, None, None, window=win, rows=rows)
+        a, b = self.unit_range(step)
+        if s.scan_mode:
+            scans = self._order[a:b]
+            starts = s.scan_offsets[scans]
+            stops = s.scan_offsets[scans + 1]
+            return BatchPlan(step, self.epoch, _merge(starts, stops), stops - starts, None,
+                             units=scans)
+        if not s.shuffle:
+            return BatchPlan(step, self.epoch, np.array([[a, b]], dtype=np.int64), None, None)
         key = (s.seed, self.epoch, a, _PERM_TAG)
-        return BatchPlan(step, self.epoch, _merge(starts, stops), None, key)
+        return BatchPlan(step, self.epoch, self._stream_segments(a, b), None, key)
 
     def max_batch_points(self) -> int:
         """The largest batch of this epoch, in points (sizes the host ring's slots)."""
         if self.num_batches == 0:
             return 0
         if not self.spec.scan_mode:
-            return max(self.batch(i).num_points for i in {0, self.num_batches - 1})
+            return max(self.step_points(i) for i in {0, self.num_batches - 1})
         cum = np.concatenate([[0], np.cumsum(self._unit_sizes)])
         ranges = np.array([self.unit_range(i) for i in range(self.num_batches)], dtype=np.int64)
         return int((cum[ranges[:, 1]] - cum[ranges[:, 0]]).max())
+
+    def max_window_points(self) -> int:
+        """The largest window of this epoch, in points (windowed plans)."""
+        s = self.spec
+        k = s.window_steps
+        nwin = -(-self.num_batches // k)
+        return max((sum(self.step_points(t) for t in range(i * k, min((i + 1) * k,
+                                                                        self.num_batches)))
+                    for i in {0, nwin - 1}), default=0)
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self):
         return (self.batch(i) for i in range(self.num_batches))
+
+
+def _pack(sizes: np.ndarray, max_units: int, max_points: int) -> np.ndarray:
+    """Bin boundaries (indices into ``sizes``) packing units in order: at most ``max_units``
+    units and ``max_points`` points a bin; a unit larger than ``max_points`` is a bin alone."""
+    bounds, n, k = [0], 0, 0
+    for i, sz in enumerate(sizes.tolist()):
+        if k and (k == max_units or n + sz > max_points):
+            bounds.append(i)
+            n, k = 0, 0
+        n += sz
+        k += 1
+    if len(sizes):
+        bounds.append(len(sizes))
+    return np.asarray(bounds, dtype=np.int64)
 
 
 def _merge(starts: np.ndarray, stops: np.ndarray) -> np.ndarray:

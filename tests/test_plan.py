@@ -328,3 +328,167 @@ def test_shuffle_block_points_examples():
     assert shuffle_block_points([1]) == 1 << 20
     assert shuffle_block_points([4, 8, 2]) == 1 << 19
     assert shuffle_block_points([3]) == 352256      # ceil(2**20 / 3) = 349526, up to 4096
+
+
+# -- 5. shuffle windows (points mode) ---------------------------------------------------------
+@st.composite
+def window_specs(draw, drop_last=None):
+    n = draw(st.integers(0, 6000))
+    ws = draw(st.integers(1, 4))
+    lo = max(1, -(-n // 100))
+    bs = draw(st.integers(lo, max(lo, 700)))
+    return PlanSpec(
+        num_points=n, scan_offsets=np.array([0, n], dtype=np.int64), batch_size=bs,
+        scan_mode=False, shuffle=True, seed=draw(st.integers(0, 2**32 - 1)),
+        drop_last=draw(st.booleans()) if drop_last is None else drop_last, rank=0,
+        world_size=ws, block_points=draw(st.sampled_from([1, 7, 64, 512, 4096])),
+        shuffle_window=draw(st.integers(1, 3000)),
+    )
+
+
+@SETTINGS
+@given(spec=window_specs(), epoch=st.integers(0, 1000))
+def test_window_exactly_once_equal_steps(spec, epoch):
+    ps = plans(spec, epoch)
+    n = spec.num_steps()
+    got = []
+    for p in ps:
+        assert p.num_batches == n
+        for i in range(n):
+            b = p.batch(i)
+            assert b.window is not None and b.rows is not None
+            assert b.num_points == len(b.rows) == p.step_points(i)
+            if i < n - 1 or spec.drop_last:
+                assert b.num_points == spec.batch_size
+            assert b.window.first_step <= i < b.window.stop_step
+            assert b.window.stop_step - b.window.first_step <= spec.window_steps
+            got.append(b.point_indices())
+    allp = np.concatenate(got) if got else np.zeros(0, dtype=np.int64)
+    assert len(np.unique(allp)) == len(allp), "a point appears twice"
+    wb = spec.world_size * spec.batch_size
+    if spec.drop_last:
+        assert spec.num_points - len(allp) == spec.num_points % wb
+    else:
+        assert np.array_equal(np.sort(allp), np.arange(spec.num_points))
+
+
+@SETTINGS
+@given(spec=window_specs(), epoch=st.integers(0, 1000))
+def test_window_reads_are_the_rank_share_in_few_ranges(spec, epoch):
+    """A window is one contiguous span of the rank's stream: its reads are whole shuffle blocks
+    except at its two ends, and each batch's rows index into it."""
+    for p in plans(spec, epoch):
+        seen = set()
+        for i in range(p.num_batches):
+            b = p.batch(i)
+            w = b.window
+            if w.index in seen:
+                continue
+            seen.add(w.index)
+            segs = w.segments
+            nblocks = -(-w.num_points // spec.block_points) + 1
+            assert len(segs) <= nblocks + 1
+            assert w.num_points == sum(p.step_points(t) for t in range(w.first_step, w.stop_step))
+            rows = np.concatenate([p.batch(t).rows for t in range(w.first_step, w.stop_step)])
+            assert np.array_equal(np.sort(rows), np.arange(w.num_points))
+
+
+def _pairs_shared(a: list[np.ndarray], b: list[np.ndarray], n: int) -> float:
+    """Fraction of point pairs that share a batch in both epochs ``a`` and ``b``."""
+    ida, idb = np.empty(n, np.int64), np.empty(n, np.int64)
+    for k, idx in enumerate(a):
+        ida[idx] = k
+    for k, idx in enumerate(b):
+        idb[idx] = k
+    _, counts = np.unique(ida * len(b) + idb, return_counts=True)
+    return float((counts * (counts - 1) // 2).sum()) / (n * (n - 1) // 2)
+
+
+def _epoch_batches(spec: PlanSpec, epoch: int) -> list[np.ndarray]:
+    p = EpochPlan(spec, epoch)
+    return [p.batch(i).point_indices() for i in range(p.num_batches)]
+
+
+def test_window_mixes_like_a_random_permutation():
+    """Over two epochs, the fraction of point pairs that share a batch both times. For a full
+    random permutation it is about ((B-1)/(N-1))²; blocks of bp points read whole add about
+    bp·N/S² of that (S: the window), here 1/4. The bound: within 2× of the random figure,
+    where batches cut from blocks alone (no window) share ~N/B = 64× more."""
+    n, bp, b, win = 1 << 16, 4096, 1024, 1 << 15
+    base = dict(num_points=n, scan_offsets=np.array([0, n], dtype=np.int64), batch_size=b,
+                scan_mode=False, shuffle=True, seed=3, drop_last=False, rank=0, world_size=1,
+                block_points=bp)
+    random_pairs = ((b - 1) / (n - 1)) ** 2
+    windowed = PlanSpec(**base, shuffle_window=win)
+    got = np.mean([_pairs_shared(_epoch_batches(windowed, e), _epoch_batches(windowed, e + 1), n)
+                   for e in range(3)])
+    assert got < 2 * random_pairs, (got, random_pairs)
+    blocks_only = PlanSpec(**base)
+    old = _pairs_shared(_epoch_batches(blocks_only, 0), _epoch_batches(blocks_only, 1), n)
+    assert old > 20 * random_pairs
+
+
+def test_window_changes_the_order_of_a_dataset_smaller_than_a_block():
+    spec = PlanSpec(1000, np.array([0, 1000], dtype=np.int64), 1, False, True, 0, False, 0, 1,
+                    4096, shuffle_window=4096)
+    e0 = np.concatenate(_epoch_batches(spec, 0))
+    e1 = np.concatenate(_epoch_batches(spec, 1))
+    assert sorted(e0) == sorted(e1) == list(range(1000))
+    assert not np.array_equal(e0, e1)
+
+
+# -- 6. unit ids and packed unit batches ------------------------------------------------------
+@SETTINGS
+@given(spec=specs(scan_mode=True), epoch=st.integers(0, 1000))
+def test_unit_ids_match_segments(spec, epoch):
+    for p in plans(spec, epoch):
+        for i in range(p.num_batches):
+            b = p.batch(i)
+            offs = spec.scan_offsets
+            assert np.array_equal(b.scan_sizes, offs[b.units + 1] - offs[b.units])
+            want = np.concatenate([np.arange(offs[u], offs[u + 1]) for u in b.units]) \
+                if len(b.units) else np.zeros(0, dtype=np.int64)
+            assert np.array_equal(b.point_indices(), want)
+
+
+@st.composite
+def packed_specs(draw):
+    spec = draw(specs(scan_mode=True))
+    return PlanSpec(**{**spec.__dict__, "max_batch_points": draw(st.integers(1, 3000))})
+
+
+@SETTINGS
+@given(spec=packed_specs(), epoch=st.integers(0, 1000))
+def test_packed_batches(spec, epoch):
+    ps = plans(spec, epoch)
+    n = spec.num_steps(epoch)
+    seen = []
+    for p in ps:
+        assert p.num_batches == n, "ranks must have the same number of steps"
+        for i in range(n):
+            b = p.batch(i)
+            assert len(b.units) <= spec.batch_size
+            if len(b.units) > 1:
+                assert b.num_points <= spec.max_batch_points
+            seen.extend(b.units.tolist())
+    assert len(seen) == len(set(seen))
+    units = spec.num_units
+    if not spec.drop_last:
+        assert sorted(seen) == list(range(units))
+    else:
+        # only the final round of packed batches (fewer than world_size of them) is dropped
+        bins = len(_all_bins(spec, epoch))
+        assert len(seen) == sum(len(u) for u in _all_bins(spec, epoch)[:bins - bins % spec.world_size])
+
+
+def _all_bins(spec: PlanSpec, epoch: int) -> list[list[int]]:
+    p = EpochPlan(spec, epoch)
+    return [p._order[a:c].tolist() for a, c in zip(p._bins[:-1], p._bins[1:])]
+
+
+def test_packing_examples():
+    sizes = [5, 5, 20, 1, 1, 1, 3]
+    spec = PlanSpec(sum(sizes), np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64), 2,
+                    True, False, 0, False, 0, 1, 8, max_batch_points=10)
+    got = [EpochPlan(spec, 0).batch(i).units.tolist() for i in range(spec.num_steps())]
+    assert got == [[0, 1], [2], [3, 4], [5, 6]]
