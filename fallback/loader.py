@@ -22,7 +22,8 @@ import numpy as np
 
 from gds_stream.errors import DatasetError, LoaderError
 from gds_stream.format import Dataset, pread_into
-from gds_stream.loader import POLL_S, EpochIterator, Loader, SlabLayout
+from gds_stream.integrity import BlockVerifier
+from gds_stream.loader import GATHER_INT, POLL_S, EpochIterator, Loader, SlabLayout
 from gds_stream.plan import BatchPlan, EpochPlan
 
 from .ring import PinnedRing, Slot
@@ -56,6 +57,12 @@ def _read(reads: list[tuple[int, str, memoryview, int]], stop: threading.Event,
         except OSError as exc:
             raise DatasetError(f"{path}: read of {len(view)} bytes at offset {offset} failed: "
                                f"{exc}") from exc
+
+
+def _verify(verifier: BlockVerifier, segments: np.ndarray, stop: threading.Event) -> None:
+    """Worker task: recompute the checksum blocks a batch touches (``verify_reads=True``)."""
+    if not stop.is_set():
+        verifier.check(segments)
 
 
 def _fill_meta(batch: BatchPlan, layout: SlabLayout, host: np.ndarray, stop: threading.Event,
@@ -118,8 +125,11 @@ class _FallbackIterator(EpochIterator):
         self._torch = torch
         ds = loader.dataset
         self._specs = loader.specs
-        self._files = [(ds.fileno(s.name), str(ds.field_path(s.name)), ds.layout(s.name).offset)
+        files = loader.files
+        assert files is not None
+        self._files = [(files.fd(s.name), files.path(s.name), ds.layout(s.name).offset)
                        for s in self._specs]
+        self._verifier = loader.verifier
         self._scan_mode = loader.options.scan_mode
         self._device = loader._device
         self._cuda = loader._cuda
@@ -162,6 +172,9 @@ class _FallbackIterator(EpochIterator):
                 dst += length
         if task:
             p.futures.append(self._pool.submit(_read, task, self._stop, slot))
+        if self._verifier is not None:
+            p.futures.append(self._pool.submit(_verify, self._verifier, batch.segments,
+                                               self._stop))
         if batch.perm_key is not None or batch.scan_sizes is not None:
             p.futures.append(self._pool.submit(_fill_meta, batch, layout, host, self._stop, slot))
         return p
@@ -210,6 +223,9 @@ class _FallbackIterator(EpochIterator):
             slab = torch.from_dlpack(p.host)
         return unpack_slab(torch, slab, self._specs, p.layout, p.batch)
 
+    def _request_stop(self) -> None:
+        self._stop.set()
+
     def _shutdown(self) -> None:
         self._stop.set()
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -230,9 +246,6 @@ def torch_dtype(torch: Any, dt: np.dtype) -> Any:
     return _TORCH_DTYPES[key]
 
 
-_GATHER_INT = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
-
-
 def unpack_slab(torch: Any, slab: Any, specs, layout: SlabLayout, batch: BatchPlan) -> dict:
     """Views of one uint8 slab as the batch dict; with a permutation, one gather per field
     (done on integer views of the same width, so every dtype is moved bit for bit)."""
@@ -246,7 +259,7 @@ def unpack_slab(torch: Any, slab: Any, specs, layout: SlabLayout, batch: BatchPl
         if perm is None:
             t = region.view(torch_dtype(torch, spec.dtype))
         else:
-            bits = torch_dtype(torch, np.dtype(_GATHER_INT[spec.dtype.itemsize]))
+            bits = torch_dtype(torch, np.dtype(GATHER_INT[spec.dtype.itemsize]))
             t = region.view(bits).view(n, spec.components).index_select(0, perm)
             t = t.view(torch_dtype(torch, spec.dtype))
         out[spec.name] = t.view(n, spec.components) if spec.components > 1 else t.view(n)

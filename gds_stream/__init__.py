@@ -31,10 +31,10 @@ __all__ = [
 
 if TYPE_CHECKING:  # pragma: no cover
     from .gds import GDSLoader
-    from .loader import open_loader
+    from .backends import open_loader
 
 _LAZY = {
-    "open_loader": ("gds_stream.loader", "open_loader"),
+    "open_loader": ("gds_stream.backends", "open_loader"),
     "GDSLoader": ("gds_stream.gds", "GDSLoader"),
 }
 

@@ -2,9 +2,17 @@
 
 A backend subclasses :class:`Loader` and :class:`EpochIterator` and implements only three things:
 start the reads of one planned batch (``_submit``), wait for them and hand the batch out
-(``_complete``), and stop everything it started (``_shutdown``). The core keeps at most
-``prefetch`` batches submitted but not yet yielded, so in-flight memory is bounded by
-``prefetch × batch bytes`` plus a constant, whatever the dataset size.
+(``_complete``), and stop everything it started (``_shutdown``; ``_request_stop`` wakes a
+consumer blocked in ``_complete`` from another thread). The core keeps at most ``prefetch``
+batches submitted but not yet yielded, so in-flight memory is bounded by ``prefetch × batch
+bytes`` plus a constant, whatever the dataset size.
+
+This module imports no backend: :mod:`gds_stream.backends` chooses one.
+
+Misuse never looks like a finished epoch: an iterator stopped before the end of its epoch — by
+``close()`` (its own or the loader's, from any thread), by a newer ``iter(loader)``, by an error
+or by Ctrl-C — raises :class:`LoaderError` saying so at every later ``next()``; two threads
+calling ``next()`` on one iterator at once get a :class:`LoaderError` instead of sharing batches.
 """
 
 from __future__ import annotations
@@ -19,112 +27,24 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ._lifetime import Closeable, FieldFiles
 from .errors import BackendUnavailable, LoaderError
 from .format import Dataset, FieldSpec, open_dataset
+from .integrity import BlockVerifier
+from .options import (GDS_ONLY_OPTIONS, LoaderOptions, check_option_names,  # noqa: F401
+                      default_num_threads, resolve_options)
 from .plan import BatchPlan, EpochPlan, PlanSpec, shuffle_block_points
 
 log = logging.getLogger(__name__)
 
 #: How often a waiting consumer re-checks for errors and stop requests (seconds).
 POLL_S = 0.05
-#: Options only the GPU-direct backend takes (ignored when ``auto`` falls back).
-GDS_ONLY_OPTIONS = ("task_size",)
 #: Region alignment inside a batch's host/device slab (bytes).
 SLAB_ALIGN = 4096
-
-
-def default_num_threads() -> int:
-    return max(2, min(16, os.cpu_count() or 2))
-
-
-def _dist_rank_world() -> tuple[int, int]:
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    except ValueError as exc:
-        raise LoaderError(f"RANK/WORLD_SIZE environment is not an integer: {exc}") from exc
-
-
-@dataclass(frozen=True)
-class LoaderOptions:
-    """Resolved options, identical for both backends."""
-
-    batch_points: int | None
-    batch_scans: int | None
-    fields: tuple[str, ...]
-    device: str
-    shuffle: bool
-    seed: int
-    drop_last: bool
-    prefetch: int
-    num_threads: int
-    rank: int
-    world_size: int
-
-    @property
-    def scan_mode(self) -> bool:
-        return self.batch_scans is not None
-
-    @property
-    def batch_size(self) -> int:
-        return self.batch_scans if self.scan_mode else self.batch_points  # type: ignore[return-value]
-
-
-def resolve_options(ds: Dataset, *, batch_points: int | None = None,
-                    batch_scans: int | None = None, fields: Sequence[str] | None = None,
-                    device: Any = None, shuffle: bool = False, seed: int = 0,
-                    drop_last: bool = False, prefetch: int = 4, num_threads: int | None = None,
-                    rank: int | None = None, world_size: int | None = None) -> LoaderOptions:
-    """Check and complete loader options; a bad one is a :class:`LoaderError` naming it."""
-    if (batch_points is None) == (batch_scans is None):
-        raise LoaderError("give exactly one of batch_points= or batch_scans=")
-    for name, v in (("batch_points", batch_points), ("batch_scans", batch_scans)):
-        if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool)
-                              or v < 1):
-            raise LoaderError(f"{name} must be a positive integer, got {v!r}")
-    if fields is None:
-        fields = tuple(ds.schema)
-    else:
-        fields = tuple(fields)
-        if not fields:
-            raise LoaderError(f"{ds.path}: fields= is empty; choose from {', '.join(ds.schema)}")
-        missing = [f for f in fields if f not in ds.schema]
-        if missing:
-            raise LoaderError(f"{ds.path}: no field(s) {', '.join(map(repr, missing))}; "
-                              f"fields are {', '.join(ds.schema)}")
-        if len(set(fields)) != len(fields):
-            raise LoaderError(f"fields= names a field twice: {fields}")
-    if device is None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = str(device)
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-        raise LoaderError(f"seed must be an integer >= 0, got {seed!r}")
-    if not isinstance(prefetch, int) or prefetch < 1:
-        raise LoaderError(f"prefetch must be an integer >= 1, got {prefetch!r}")
-    num_threads = default_num_threads() if num_threads is None else num_threads
-    if not isinstance(num_threads, int) or num_threads < 1:
-        raise LoaderError(f"num_threads must be an integer >= 1, got {num_threads!r}")
-    if rank is None or world_size is None:
-        r, w = _dist_rank_world()
-        rank = r if rank is None else rank
-        world_size = w if world_size is None else world_size
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise LoaderError(f"rank={rank} and world_size={world_size}: need 0 <= rank < world_size")
-    return LoaderOptions(
-        batch_points=None if batch_points is None else int(batch_points),
-        batch_scans=None if batch_scans is None else int(batch_scans),
-        fields=fields, device=device, shuffle=bool(shuffle), seed=int(seed),
-        drop_last=bool(drop_last), prefetch=prefetch, num_threads=num_threads,
-        rank=int(rank), world_size=int(world_size),
-    )
+#: Item size → the integer dtype a permutation gather moves values as (bit for bit, any dtype).
+GATHER_INT: dict[int, type[np.integer]] = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
+#: state_dict config keys that do not change the batches (resume may change them).
+_RESUME_FREE = ("verify_reads",)
 
 
 @dataclass(frozen=True)
@@ -157,29 +77,72 @@ def _round(n: int) -> int:
     return -(-n // SLAB_ALIGN) * SLAB_ALIGN
 
 
-class Loader:
-    """Base of both backends: epochs, ``len``, ``set_epoch``, resume, close, context manager."""
+class Loader(Closeable):
+    """Base of both backends: epochs, ``len``, ``set_epoch``, resume, close, context manager.
+
+    Resources: a loader built from a path opens (and in ``close()`` closes) its
+    :class:`Dataset`; every loader opens its own descriptors of the selected fields'
+    files (:attr:`files`) and closes them in ``close()`` — a :class:`Dataset` passed in is
+    left as it was.
+    """
 
     #: Set by subclasses: "fallback", "gds" or "gds-compat".
     backend: str = "?"
+    #: Why this backend: set by :func:`gds_stream.backends.open_loader`.
+    backend_reason: str = "built directly, not through open_loader"
 
     def __init__(self, dataset: Dataset | str | os.PathLike, **options: Any):
+        self._closed = False
+        self._released = False
+        self._active: weakref.ref[EpochIterator] | None = None
+        self._lock = threading.Lock()
+        self.files: FieldFiles | None = None
+        self.verifier: BlockVerifier | None = None
+        check_option_names(list(options), extra=())
+        self._owns_dataset = not isinstance(dataset, Dataset)
         self.dataset = dataset if isinstance(dataset, Dataset) else open_dataset(dataset)
-        self.options = resolve_options(self.dataset, **options)
-        o = self.options
-        self.specs: tuple[FieldSpec, ...] = tuple(self.dataset.schema[f] for f in o.fields)
-        self.plan_spec = PlanSpec(
-            num_points=self.dataset.num_points, scan_offsets=self.dataset.scan_offsets,
-            batch_size=o.batch_size, scan_mode=o.scan_mode, shuffle=o.shuffle, seed=o.seed,
-            drop_last=o.drop_last, rank=o.rank, world_size=o.world_size,
-            block_points=shuffle_block_points([s.point_bytes for s in self.specs]),
-        )
+        try:
+            self.options: LoaderOptions = resolve_options(self.dataset, options)
+            o = self.options
+            self.specs: tuple[FieldSpec, ...] = tuple(self.dataset.schema[f] for f in o.fields)
+            self.plan_spec = PlanSpec(
+                num_points=self.dataset.num_points, scan_offsets=self.dataset.scan_offsets,
+                batch_size=o.batch_size, scan_mode=o.scan_mode, shuffle=o.shuffle, seed=o.seed,
+                drop_last=o.drop_last, rank=o.rank, world_size=o.world_size,
+                block_points=shuffle_block_points([s.point_bytes for s in self.specs]),
+            )
+            self._check_yields_batches()
+            self.files = FieldFiles(self.dataset, o.fields)
+            if o.verify_reads:
+                self.verifier = BlockVerifier(self.dataset, self.specs, self.files)
+        except BaseException:
+            self._release_resources()
+            raise
         self.epoch = 0
         self._resume_step = 0
         self._position = (0, 0)  # (epoch, batches yielded) of the latest iterator
-        self._active: weakref.ref[EpochIterator] | None = None
-        self._closed = False
         self.stats = LoaderStats()
+
+    def _check_yields_batches(self) -> None:
+        """A configuration whose epochs are empty is refused (an empty dataset only warns)."""
+        if self.plan_spec.num_steps() > 0:
+            return
+        o, ds = self.options, self.dataset
+        if ds.num_points == 0:
+            log.warning("%s: the dataset holds no points; every epoch yields no batch "
+                        "(len(loader) == 0)", ds.path)
+            return
+        unit = "scans" if o.scan_mode else "points"
+        opt = "batch_scans" if o.scan_mode else "batch_points"
+        units, w = self.plan_spec.num_units, o.world_size
+        per_rank = units // w
+        ranks = f" over world_size={w} ranks" if w > 1 else ""
+        fix = (f"lower {opt} to at most {per_rank} or set drop_last=False" if per_rank >= 1
+               else "set drop_last=False (every rank then gets a short batch)")
+        raise LoaderError(
+            f"{ds.path}: {opt}={o.batch_size} with drop_last=True yields no batch: the dataset "
+            f"has {units} {unit}{ranks}, fewer than one full batch per rank "
+            f"({o.batch_size * w} needed); {fix}")
 
     # -- the contract -------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -196,8 +159,8 @@ class Loader:
 
     def __iter__(self) -> "EpochIterator":
         if self._closed:
-            raise LoaderError("iter() on a closed loader")
-        self._close_active()
+            raise LoaderError(f"{self.dataset.path}: iter() on a closed loader")
+        self._close_active("superseded")
         plan = self.epoch_plan()
         start, self._resume_step = self._resume_step, 0
         it = self._make_iterator(plan, start)
@@ -225,6 +188,7 @@ class Loader:
                 "batch_points": o.batch_points, "batch_scans": o.batch_scans,
                 "fields": list(o.fields), "shuffle": o.shuffle, "seed": o.seed,
                 "drop_last": o.drop_last, "rank": o.rank, "world_size": o.world_size,
+                "verify_reads": o.verify_reads,
             },
         }
 
@@ -232,7 +196,7 @@ class Loader:
         """Make the next ``iter()`` resume at the first batch the saved loop had not seen."""
         mine = self.state_dict()["config"]
         theirs = state.get("config", {})
-        diff = [k for k in mine if theirs.get(k) != mine[k]]
+        diff = [k for k in mine if k not in _RESUME_FREE and theirs.get(k) != mine[k]]
         if diff:
             raise LoaderError(
                 "state_dict was saved with different options: "
@@ -245,34 +209,45 @@ class Loader:
         self.epoch, self._resume_step, self._position = epoch, done, (epoch, done)
 
     # -- lifetime -----------------------------------------------------------------------------
-    def _close_active(self) -> None:
+    def _close_active(self, why: str) -> "EpochIterator | None":
         it = self._active() if self._active is not None else None
-        if it is not None:
-            it.close()
         self._active = None
+        if it is not None:
+            it._request_close(why)
+        return it
 
     def close(self) -> None:
-        """Stop and join everything this loader started. Idempotent."""
-        if self._closed:
+        """Stop and join everything this loader started, close what it opened. Idempotent.
+
+        Called from another thread while an epoch runs, the consumer's next ``next()`` raises
+        :class:`LoaderError`; descriptors are closed once that iterator's threads are joined."""
+        if getattr(self, "_closed", True):
             return
         self._closed = True
-        self._close_active()
-        self._release()
+        it = self._close_active("closed by loader.close()")
+        if it is None or it._torn_down:
+            self._release_resources()
+
+    def _iterator_torn_down(self) -> None:
+        """An iterator joined its threads: release what a closed loader still holds."""
+        if self._closed:
+            self._release_resources()
+
+    def _release_resources(self) -> None:
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+        try:
+            self._release()
+        finally:
+            if self.files is not None:
+                self.files.close()
+            if self._owns_dataset and getattr(self, "dataset", None) is not None:
+                self.dataset.close()
 
     def _release(self) -> None:
         """Free backend resources kept across epochs (subclasses)."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # pragma: no cover - interpreter shutdown
-            pass
 
     def _make_iterator(self, plan: EpochPlan, start: int) -> "EpochIterator":
         raise NotImplementedError
@@ -282,7 +257,8 @@ class Loader:
         size = f"batch_scans={o.batch_scans}" if o.scan_mode else f"batch_points={o.batch_points}"
         return (f"{type(self).__name__}(backend={self.backend!r}, {self.dataset.path}, {size}, "
                 f"fields={list(o.fields)}, device={o.device!r}, shuffle={o.shuffle}, "
-                f"rank={o.rank}/{o.world_size})")
+                f"rank={o.rank}/{o.world_size}, prefetch={o.prefetch}, "
+                f"num_threads={o.num_threads})")
 
 
 class LoaderStats:
@@ -318,12 +294,14 @@ class LoaderStats:
                                                   "max_inflight_bytes", "batches", "points")}
 
 
-class EpochIterator:
+class EpochIterator(Closeable):
     """One epoch of one loader: keeps ``prefetch`` batches in flight, yields them in order.
 
     Subclasses implement ``_submit(batch) -> handle``, ``_complete(handle) -> dict`` (may raise:
-    the error is wrapped in :class:`LoaderError` with the cause chained), ``_handle_nbytes`` and
-    ``_shutdown()`` (cancel and join everything; called once).
+    the error is wrapped in :class:`LoaderError` with the cause chained), ``_handle_nbytes``,
+    ``_shutdown()`` (cancel and join everything; called once, by the thread that owns the
+    iterator at that moment) and optionally ``_request_stop()`` (thread-safe, non-blocking: make
+    a ``_complete`` waiting in another thread return soon).
     """
 
     def __init__(self, loader: Loader, plan: EpochPlan, start: int):
@@ -338,7 +316,11 @@ class EpochIterator:
         self._yielded = start
         self._inflight: deque[tuple[BatchPlan, Any, int]] = deque()
         self._closed = False
-        self._lock = threading.Lock()
+        self._finished = False
+        self._why: str | None = None  # why it stopped before the end of its epoch
+        self._torn_down = False
+        self._state = threading.Lock()
+        self._busy = threading.Lock()  # held by the one thread inside __next__ or teardown
 
     def __iter__(self) -> "EpochIterator":
         return self
@@ -357,12 +339,30 @@ class EpochIterator:
             self._next_submit += 1
 
     def __next__(self) -> dict:
+        if not self._busy.acquire(blocking=False):
+            raise LoaderError(
+                f"{self._loader_path()}: the iterator of epoch {self.plan.epoch} was used from "
+                f"two threads at once (next() while another next() or close was running); "
+                f"give each thread its own loader or serialise the calls")
+        try:
+            return self._next_locked()
+        finally:
+            self._busy.release()
+            if self._closed and not self._torn_down:
+                self._teardown_if_idle()
+
+    def _next_locked(self) -> dict:
         if self._closed:
-            raise StopIteration
+            self._teardown()
+            if self._finished:
+                raise StopIteration
+            raise LoaderError(self._stopped_message())
         try:
             self._fill()
             if not self._inflight:
-                self._finish()
+                self._finished = True
+                self._end(None)
+                self._owner._on_epoch_end(self.plan.epoch)
                 raise StopIteration
             batch, handle, nbytes = self._inflight.popleft()
             ok = False
@@ -378,44 +378,81 @@ class EpochIterator:
         except StopIteration:
             raise
         except BaseException as exc:
-            self.close()
-            if isinstance(exc, (LoaderError, BackendUnavailable, KeyboardInterrupt)):
+            closed_meanwhile = self._why is not None
+            if isinstance(exc, KeyboardInterrupt):
+                self._end("interrupted by KeyboardInterrupt")
+                raise
+            self._end(f"failed at batch {self._yielded} ({type(exc).__name__})")
+            if closed_meanwhile:
+                raise LoaderError(self._stopped_message()) from exc
+            if isinstance(exc, (LoaderError, BackendUnavailable)):
                 raise
             raise LoaderError(
                 f"{self._loader_path()}: batch {self._yielded} of epoch {self.plan.epoch} "
                 f"failed: {type(exc).__name__}: {exc}") from exc
 
+    def _stopped_message(self) -> str:
+        why = self._why or "closed"
+        where = (f"{self._loader_path()}: the iterator of epoch {self.plan.epoch} stopped after "
+                 f"{self._yielded} of {self.plan.num_batches} batches")
+        if why == "superseded":
+            return (f"{where}: it was superseded by a newer iter(loader), which restarts the "
+                    f"epoch; use one iterator per epoch")
+        if why.startswith("closed"):
+            return f"{where}: it was {why} before the epoch finished"
+        return f"{where}: it {why}; start a new iter(loader)"
+
     def _loader_path(self) -> str:
         return str(self._owner.dataset.path)
 
-    def _finish(self) -> None:
-        self.close()
-        self._owner._on_epoch_end(self.plan.epoch)
+    # -- stopping -----------------------------------------------------------------------------
+    def _end(self, why: str | None) -> None:
+        """Mark closed (first reason wins) and tear down; the caller holds ``_busy``."""
+        with self._state:
+            if not self._closed:
+                self._closed, self._why = True, why
+        self._teardown()
 
-    def close(self) -> None:
-        """Stop every read this iterator started and join its threads. Idempotent."""
-        with self._lock:
+    def _request_close(self, why: str) -> None:
+        """Close from any thread: tear down now if no ``next()`` is running, else wake it (it
+        tears down and raises :class:`LoaderError`)."""
+        with self._state:
             if self._closed:
                 return
             self._closed = True
+            if not self._finished:
+                self._why = why
         try:
+            self._request_stop()
+        finally:
+            self._teardown_if_idle()
+
+    def _teardown_if_idle(self) -> None:
+        if self._busy.acquire(blocking=False):
+            try:
+                self._teardown()
+            finally:
+                self._busy.release()
+
+    def _teardown(self) -> None:
+        if self._torn_down:
+            return
+        self._torn_down = True
+        try:
+            self._request_stop()
             self._shutdown()
         finally:
             while self._inflight:
                 _, _, nbytes = self._inflight.popleft()
                 self._stats.retired(nbytes, 0, yielded=False)
+            self._owner._iterator_torn_down()
 
-    def __enter__(self) -> "EpochIterator":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # pragma: no cover
-            pass
+    def close(self) -> None:
+        """Stop every read this iterator started and join its threads. Idempotent. After a
+        close before the end of the epoch, ``next()`` raises :class:`LoaderError`."""
+        if not hasattr(self, "_state"):  # half-built
+            return
+        self._request_close("closed by its close() or a with-block exit")
 
     # -- backend hooks ------------------------------------------------------------------------
     def _submit(self, batch: BatchPlan) -> Any:
@@ -427,33 +464,8 @@ class EpochIterator:
     def _handle_nbytes(self, handle: Any) -> int:
         raise NotImplementedError
 
+    def _request_stop(self) -> None:
+        """Wake a consumer blocked in ``_complete`` (thread-safe, must not block)."""
+
     def _shutdown(self) -> None:
         raise NotImplementedError
-
-
-def open_loader(dataset: Dataset | str | os.PathLike, backend: str = "auto",
-                **options: Any) -> Loader:
-    """Build a loader. ``backend``: ``"auto"`` (GPU-direct when CUDA, cupy and kvikio work,
-    else the CPU fallback, saying why in one log line), ``"gds"`` (raise
-    :class:`BackendUnavailable` with the reason if it can't run) or ``"fallback"``."""
-    if backend not in ("auto", "gds", "fallback"):
-        raise LoaderError(f"backend must be 'auto', 'gds' or 'fallback', got {backend!r}")
-    gds_only = {k: options.pop(k) for k in GDS_ONLY_OPTIONS if k in options}
-    if backend in ("auto", "gds"):
-        device = options.get("device")
-        if backend == "auto" and device is not None and not str(device).startswith("cuda"):
-            log.info("gds-stream backend: fallback (device %s is not CUDA)", device)
-        else:
-            from .gds import GDSLoader
-
-            try:
-                loader = GDSLoader(dataset, **options, **gds_only)
-                log.info("gds-stream backend: %s", loader.backend)
-                return loader
-            except BackendUnavailable as exc:
-                if backend == "gds":
-                    raise
-                log.info("gds-stream backend: fallback (GPU-direct unavailable: %s)", exc)
-    from fallback import FallbackLoader
-
-    return FallbackLoader(dataset, **options)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from gds_stream.loader import open_loader
+from gds_stream.backends import open_loader
 
 MODES = {
     # 1 011 points over 2 ranks with 150-point batches: an uneven final step

@@ -8,7 +8,7 @@ import threading
 import numpy as np
 
 from gds_stream.format import DatasetWriter, FieldSpec
-from gds_stream.loader import open_loader
+from gds_stream.backends import open_loader
 
 
 def _tiny(tmp_path, n=10_000):

@@ -1,0 +1,82 @@
+"""One way to stop: ``close()``, reached from ``with``-exit and from garbage collection too."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence, TypeVar
+
+from .errors import DatasetError
+
+T = TypeVar("T", bound="Closeable")
+
+
+class Closeable:
+    """Mixin for objects that own threads, descriptors or buffers.
+
+    A subclass implements an idempotent ``close()``; the mixin calls it on context-manager exit
+    and when the object is collected. At interpreter shutdown ``close()`` may find modules already
+    torn down: errors from ``__del__`` are swallowed (there is no one left to report them to).
+    """
+
+    def close(self) -> None:  # pragma: no cover - always overridden
+        raise NotImplementedError
+
+    def __enter__(self: T) -> T:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown or a half-built object
+            pass
+
+
+class FieldFiles(Closeable):
+    """Read-only descriptors of some fields' files, opened by (and closed with) one loader.
+
+    Opened when the loader is built, so a file removed, made unreadable or truncated since the
+    dataset was opened is a :class:`DatasetError` naming it there, not a raw ``OSError`` later.
+    Once open, a descriptor keeps reading the file that was validated even if the path is
+    removed or replaced. The loader closes these in ``close()``; the :class:`Dataset`'s own
+    descriptors (``Dataset.fileno``) are untouched.
+    """
+
+    def __init__(self, dataset: Any, names: Sequence[str]):
+        self._fds: dict[str, int] = {}
+        self._paths: dict[str, str] = {}
+        try:
+            for name in names:
+                self._open(dataset, name)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, dataset: Any, name: str) -> None:
+        lay = dataset.layout(name)
+        path = str(dataset.field_path(name))
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise DatasetError(f"{path}: cannot open field {name!r} for reading: "
+                               f"{exc.strerror or exc}") from exc
+        self._fds[name], self._paths[name] = fd, path
+        size = os.fstat(fd).st_size
+        need = lay.offset + lay.nbytes
+        if size < need:
+            raise DatasetError(f"{path}: file holds {size} bytes, but field {name!r} needs "
+                               f"{need} (offset {lay.offset} + {lay.nbytes} bytes); it changed "
+                               f"since the dataset was opened")
+
+    def fd(self, name: str) -> int:
+        return self._fds[name]
+
+    def path(self, name: str) -> str:
+        return self._paths[name]
+
+    def close(self) -> None:
+        fds, self._fds = getattr(self, "_fds", {}), {}
+        for fd in fds.values():
+            os.close(fd)

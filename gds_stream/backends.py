@@ -1,0 +1,97 @@
+"""``open_loader``: which backend serves a loader, and why — the only module that knows both.
+
+The rule for ``backend="auto"``: the GPU-direct backend only where KvikIO reads through
+GPUDirect Storage proper (:func:`gds_stream.capability.probe_gds` says ``"gds"``: cuFile and the
+nvidia-fs driver are there) and the device is CUDA. Everywhere else the CPU fallback: in KvikIO's
+compat mode reads are POSIX ``pread`` into pinned bounce buffers plus host→device copies, which is
+what the fallback's pinned ring does too (on a non-blocking stream of its own). The choice and
+its reason are logged once (INFO) and kept on the loader as ``loader.backend``
+("gds" | "gds-compat" | "fallback") and ``loader.backend_reason``.
+
+``backend="gds"`` forces KvikIO, compat mode included (for testing and comparison), and raises
+:class:`BackendUnavailable` with the reason where it cannot run at all; ``backend="fallback"``
+always takes the fallback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from . import capability
+from .errors import BackendUnavailable, LoaderError
+from .format import Dataset
+from .loader import Loader
+from .options import GDS_ONLY_OPTIONS, check_option_names
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "gds", "fallback")
+
+
+def _gds(dataset: Any, options: dict[str, Any], gds_only: dict[str, Any]) -> Loader:
+    from .gds import GDSLoader
+
+    return GDSLoader(dataset, **options, **gds_only)
+
+
+def _fallback(dataset: Any, options: dict[str, Any]) -> Loader:
+    from fallback import FallbackLoader
+
+    return FallbackLoader(dataset, **options)
+
+
+def _compat_words(reason: str) -> str:
+    return (f"KvikIO would run in compat mode ({reason}): POSIX reads plus bounce-buffer "
+            f"copies, which the fallback's pinned ring does as well")
+
+
+def open_loader(dataset: Dataset | str | os.PathLike, backend: str = "auto",
+                **options: Any) -> Loader:
+    """Build a loader over ``dataset`` (a path or an opened :class:`Dataset`).
+
+    ``backend``: ``"auto"`` (GPU-direct only through GPUDirect Storage proper on a CUDA device,
+    else the CPU fallback), ``"gds"`` (KvikIO, compat mode included; raises
+    :class:`BackendUnavailable` with the reason if it cannot run) or ``"fallback"``. Options:
+    see :mod:`gds_stream.options`; ``task_size`` is taken by the GPU-direct backend only.
+    """
+    if backend not in BACKENDS:
+        raise LoaderError(f"backend must be 'auto', 'gds' or 'fallback', got {backend!r}")
+    check_option_names(list(options), extra=GDS_ONLY_OPTIONS)
+    gds_only = {k: options.pop(k) for k in GDS_ONLY_OPTIONS if k in options}
+    device = options.get("device")
+    cuda = device is None or str(device).startswith("cuda")
+    if backend == "fallback":
+        loader, reason = _fallback(dataset, options), "backend='fallback' was requested"
+    elif backend == "gds":
+        if not cuda:
+            raise BackendUnavailable(f"backend='gds' needs a CUDA device, got device={device!r}")
+        cap = capability.probe_gds()
+        if not cap.available:
+            raise BackendUnavailable(f"GPU-direct backend unavailable: {cap.reason}")
+        loader = _gds(dataset, options, gds_only)
+        reason = ("backend='gds' was requested; KvikIO runs through GPUDirect Storage"
+                  if cap.mode == "gds" else
+                  f"backend='gds' was requested; KvikIO runs in compat mode: {cap.reason}")
+    else:
+        loader, reason = _auto(dataset, options, gds_only, device, cuda)
+    loader.backend_reason = reason
+    log.info("gds-stream backend: %s (%s)", loader.backend, reason)
+    return loader
+
+
+def _auto(dataset: Any, options: dict[str, Any], gds_only: dict[str, Any], device: Any,
+          cuda: bool) -> tuple[Loader, str]:
+    if not cuda:
+        return _fallback(dataset, options), f"device {str(device)!r} is not CUDA"
+    cap = capability.probe_gds()
+    if cap.mode == "gds":
+        try:
+            return _gds(dataset, options, gds_only), \
+                "KvikIO reads through GPUDirect Storage (cuFile + nvidia-fs)"
+        except BackendUnavailable as exc:
+            return _fallback(dataset, options), f"GPU-direct backend unavailable: {exc}"
+    if cap.mode == "gds-compat":
+        return _fallback(dataset, options), _compat_words(cap.reason)
+    return _fallback(dataset, options), f"GPU-direct backend unavailable: {cap.reason}"

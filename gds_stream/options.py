@@ -1,0 +1,187 @@
+"""Loader options: names, types, device-aware defaults — checked once, identical for both backends.
+
+Every integer option must be a real integer (Python or numpy; ``bool`` is refused, so is ``1.5``
+and ``"1"``) and every flag a real ``bool``; a wrong one is a :class:`LoaderError` naming the option
+and the value. An unknown keyword names ``open_loader`` and suggests the closest option.
+
+Defaults depend on the device (``None`` means "the default"; explicit values are respected):
+
+* CPU device: ``num_threads = max(1, cores - torch.get_num_threads())`` — torch's intra-op pool
+  already uses ``torch.get_num_threads()`` cores for the training step, and reader threads
+  competing with it for those cores slow both down — and ``prefetch = 2``: a deeper queue only
+  pushes batches out of the CPU caches before the consumer touches them.
+* CUDA device: ``num_threads = min(16, max(2, cores))`` (reads overlap GPU compute, the host
+  cores are the readers') and ``prefetch = 4``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .errors import LoaderError
+from .format import Dataset
+
+#: Every option the core takes (both backends), with its default.
+CORE_OPTIONS: dict[str, Any] = {
+    "batch_points": None, "batch_scans": None, "fields": None, "device": None,
+    "shuffle": False, "seed": 0, "drop_last": False, "prefetch": None, "num_threads": None,
+    "rank": None, "world_size": None, "verify_reads": False,
+}
+#: Options only the GPU-direct backend takes (ignored when ``auto`` falls back).
+GDS_ONLY_OPTIONS = ("task_size",)
+_FLAGS = ("shuffle", "drop_last", "verify_reads")
+
+CPU_PREFETCH = 2
+CUDA_PREFETCH = 4
+MAX_THREADS = 16
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def default_num_threads(device_type: str = "cuda") -> int:
+    """Reader threads when ``num_threads`` is not given (see the module docstring)."""
+    cores = _cores()
+    if device_type == "cpu":
+        import torch
+
+        return max(1, min(MAX_THREADS, cores - torch.get_num_threads()))
+    return max(2, min(MAX_THREADS, cores))
+
+
+def default_prefetch(device_type: str) -> int:
+    return CPU_PREFETCH if device_type == "cpu" else CUDA_PREFETCH
+
+
+def check_option_names(names: Sequence[str], extra: Sequence[str] = GDS_ONLY_OPTIONS) -> None:
+    """An unknown keyword is a :class:`LoaderError` naming ``open_loader`` and the closest option."""
+    known = sorted(set(CORE_OPTIONS) | set(extra))
+    for name in names:
+        if name in known:
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}?" if close else f"options are {', '.join(known)}"
+        raise LoaderError(f"open_loader() got an unknown option {name!r}; {hint}")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _int(name: str, v: object, minimum: int | None = None, words: str = "") -> int:
+    words = words or (f"an integer >= {minimum}" if minimum is not None else "an integer")
+    if not _is_int(v):
+        raise LoaderError(f"{name} must be {words}, got {v!r} ({type(v).__name__})")
+    if minimum is not None and int(v) < minimum:  # type: ignore[arg-type]
+        raise LoaderError(f"{name} must be {words}, got {v!r}")
+    return int(v)  # type: ignore[arg-type]
+
+
+def _flag(name: str, v: object) -> bool:
+    if not isinstance(v, (bool, np.bool_)):
+        raise LoaderError(f"{name} must be True or False, got {v!r} ({type(v).__name__})")
+    return bool(v)
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    except ValueError as exc:
+        raise LoaderError(f"RANK/WORLD_SIZE environment is not an integer: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class LoaderOptions:
+    """Resolved options, identical for both backends."""
+
+    batch_points: int | None
+    batch_scans: int | None
+    fields: tuple[str, ...]
+    device: str
+    shuffle: bool
+    seed: int
+    drop_last: bool
+    prefetch: int
+    num_threads: int
+    rank: int
+    world_size: int
+    verify_reads: bool = False
+
+    @property
+    def scan_mode(self) -> bool:
+        return self.batch_scans is not None
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_scans if self.scan_mode else self.batch_points  # type: ignore[return-value]
+
+
+def resolve_options(ds: Dataset, options: Mapping[str, Any]) -> LoaderOptions:
+    """Check and complete loader options; a bad one is a :class:`LoaderError` naming it."""
+    check_option_names(list(options), extra=())
+    o = {**CORE_OPTIONS, **options}
+    bp, bs = o["batch_points"], o["batch_scans"]
+    if (bp is None) == (bs is None):
+        raise LoaderError("give exactly one of batch_points= or batch_scans=")
+    for name in ("batch_points", "batch_scans"):
+        if o[name] is not None:
+            o[name] = _int(name, o[name], 1, "a positive integer")
+    fields = o["fields"]
+    if fields is None:
+        fields = tuple(ds.schema)
+    else:
+        if isinstance(fields, str):
+            raise LoaderError(f"fields= must be a list of field names, got the string {fields!r}")
+        fields = tuple(fields)
+        if not fields:
+            raise LoaderError(f"{ds.path}: fields= is empty; choose from {', '.join(ds.schema)}")
+        missing = [f for f in fields if f not in ds.schema]
+        if missing:
+            raise LoaderError(f"{ds.path}: no field(s) {', '.join(map(repr, missing))}; "
+                              f"fields are {', '.join(ds.schema)}")
+        if len(set(fields)) != len(fields):
+            raise LoaderError(f"fields= names a field twice: {fields}")
+    device = o["device"]
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(device)
+    dev_type = device.split(":", 1)[0]
+    flags = {k: _flag(k, o[k]) for k in _FLAGS}
+    seed = _int("seed", o["seed"], 0)
+    prefetch = default_prefetch(dev_type) if o["prefetch"] is None else \
+        _int("prefetch", o["prefetch"], 1)
+    num_threads = default_num_threads(dev_type) if o["num_threads"] is None else \
+        _int("num_threads", o["num_threads"], 1)
+    rank, world_size = o["rank"], o["world_size"]
+    for name, v in (("rank", rank), ("world_size", world_size)):
+        if v is not None:
+            _int(name, v)
+    if rank is None or world_size is None:
+        r, w = _dist_rank_world()
+        rank = r if rank is None else rank
+        world_size = w if world_size is None else world_size
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise LoaderError(f"rank={rank} and world_size={world_size}: need 0 <= rank < world_size")
+    return LoaderOptions(
+        batch_points=o["batch_points"], batch_scans=o["batch_scans"], fields=fields,
+        device=device, seed=seed, prefetch=prefetch, num_threads=num_threads,
+        rank=int(rank), world_size=int(world_size), **flags,
+    )
