@@ -1,0 +1,113 @@
+"""What the read side and the writer of the dataset format share: constants, field specs, dtypes.
+
+Kept apart from ``format.py`` (the read side) and ``writer.py`` so that neither imports the other.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import DatasetError
+
+FORMAT_NAME = "gds-stream"
+FORMAT_VERSION = 1
+KNOWN_VERSIONS = (1,)
+MANIFEST = "manifest.json"
+ALIGN = 4096
+DEFAULT_BLOCK_BYTES = 4 << 20
+#: Largest checksum block a manifest may declare: ``verify`` reads a block in bounded pieces, but
+#: a block is also the unit of a reported mismatch, and no writer makes blocks this large.
+MAX_BLOCK_BYTES = 1 << 30
+#: Upper bounds that keep a lying manifest from asking for absurd allocations.
+MAX_COMPONENTS = 4096
+#: Integers that become numpy int64 arrays (offsets, counts, cells) must stay below this.
+INT64_LIMIT = 1 << 63
+#: Names a batch dict already uses, so no field may take them.
+RESERVED_NAMES = frozenset({"offset", "chunk"})
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_ALLOWED_KINDS = "iuf"
+
+
+def align_up(n: int, a: int = ALIGN) -> int:
+    return -(-n // a) * a
+
+
+def align_down(n: int, a: int = ALIGN) -> int:
+    return (n // a) * a
+
+
+def check_field_name(name: str, where: str) -> None:
+    """Raise :class:`DatasetError` unless ``name`` can be a field (and a file) name."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise DatasetError(
+            f"{where}: field name {name!r} is not usable; expected letters, digits and '_' "
+            f"(at most 64, not starting with a digit)"
+        )
+    if name in RESERVED_NAMES:
+        raise DatasetError(f"{where}: field name {name!r} is reserved for batch metadata")
+
+
+def stored_dtype(dtype: np.dtype | str, where: str = "dtype") -> np.dtype:
+    """The little-endian form of a numeric dtype given by a user (or :class:`DatasetError`).
+
+    This normalises the byte order (input data may be big-endian); a manifest's dtype is checked
+    by :func:`manifest_dtype`, which refuses anything but the explicit little-endian form.
+    """
+    try:
+        dt = np.dtype(dtype)
+    except (TypeError, ValueError, SyntaxError) as exc:
+        raise DatasetError(f"{where}: {dtype!r} is not a numpy dtype") from exc
+    if dt.kind not in _ALLOWED_KINDS or dt.itemsize > 8 or dt.subdtype is not None \
+            or dt.fields is not None:
+        raise DatasetError(
+            f"{where}: dtype {dt.str!r} cannot be stored; expected an int, uint or float scalar"
+        )
+    return dt.newbyteorder("<") if dt.itemsize > 1 else dt
+
+
+#: The dtype strings a manifest may hold: exactly what the writer records (``dtype.str``).
+MANIFEST_DTYPES = frozenset(
+    np.dtype(f"<{k}{n}").str for k in "iu" for n in (1, 2, 4, 8)
+) | frozenset(np.dtype(f"<f{n}").str for n in (2, 4, 8))
+
+
+def manifest_dtype(value: object, where: str) -> np.dtype:
+    """The dtype a manifest names, which must be an explicit little-endian scalar like ``'<f4'``."""
+    if not isinstance(value, str) or value not in MANIFEST_DTYPES:
+        raise DatasetError(
+            f"{where}: dtype {value!r} is not a stored dtype; expected one of "
+            f"{', '.join(sorted(MANIFEST_DTYPES))} (little-endian, written by gds-stream)"
+        )
+    return np.dtype(value)
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One field of a schema: its name, stored dtype and number of components per point."""
+
+    name: str
+    dtype: np.dtype
+    components: int = 1
+
+    @property
+    def point_bytes(self) -> int:
+        """Bytes one point takes in this field."""
+        return self.dtype.itemsize * self.components
+
+    def describe(self) -> str:
+        comp = f"×{self.components}" if self.components != 1 else ""
+        return f"{self.name}:{self.dtype.name}{comp}"
+
+
+@dataclass(frozen=True)
+class FieldLayout:
+    """Where a field lives on disk, and the crc32 of each of its blocks."""
+
+    spec: FieldSpec
+    file: str
+    offset: int
+    nbytes: int
+    checksums: tuple[int, ...]
