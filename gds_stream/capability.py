@@ -1,9 +1,11 @@
 """What this machine can do for the GPU-direct path, probed once and reported truthfully.
 
-Three answers: ``gds`` (KvikIO reads through GPUDirect Storage: cuFile and the nvidia-fs driver
+Three global answers: ``gds`` (KvikIO reads through GPUDirect Storage: cuFile and the nvidia-fs driver
 are there), ``gds-compat`` (KvikIO runs, but in compat mode: POSIX reads into pinned bounce
 buffers, then host→device copies on KvikIO's threads), or unavailable, with the reason (no CUDA
-device, no cupy, no kvikio). Nothing here imports cupy or kvikio before it is called.
+device, no cupy, no kvikio). KvikIO also decides per file (:func:`file_route`): a file on a
+filesystem where O_DIRECT or cuFile registration fails is read in compat mode even where the
+global answer is ``gds``. Nothing here imports cupy or kvikio before it is called.
 """
 
 from __future__ import annotations
@@ -112,7 +114,9 @@ def _compat_reason(kvikio) -> str | None:
     if gds_available and not preferred:
         return None
     if not os.path.exists(NVIDIA_FS_PROC):
-        return f"the nvidia-fs kernel module is not loaded ({NVIDIA_FS_PROC} is absent)"
+        how = ("KvikIO still calls cuFile, which runs its own compat mode" if not preferred
+               else "KvikIO runs its POSIX compat mode")
+        return f"the nvidia-fs kernel module is not loaded ({NVIDIA_FS_PROC} is absent); {how}"
     if preferred and not os.access("/run/udev", os.R_OK):
         return "/run/udev is not readable, so KvikIO's AUTO mode resolves to compat"
     if not gds_available:
@@ -149,12 +153,95 @@ def environment_report() -> list[tuple[str, str]]:
         v = cap.versions.get(mod) or _version(mod)
         rows.append((mod, v if v else f"not installed ({INSTALL_HINT})"))
     if cap.mode == "gds":
-        rows.append(("GPUDirect", "available: KvikIO reads through GPUDirect Storage (cuFile + nvidia-fs)"))
+        rows.append(("GPUDirect", "available: KvikIO reads through GPUDirect Storage (cuFile + "
+                                  "nvidia-fs); decided per file when a loader opens them"))
     elif cap.mode == "gds-compat":
-        rows.append(("GPUDirect", f"not available: {cap.reason}; KvikIO runs in compat mode "
-                                  f"(POSIX reads + pinned bounce buffers)"))
+        rows.append(("GPUDirect", f"not available: {cap.reason}; backend='gds' would run KvikIO "
+                                  f"in compat mode (POSIX reads, no direct DMA)"))
     else:
         rows.append(("GPUDirect", f"not available: {cap.reason}"))
-    auto = cap.mode if cap.available else "fallback"
-    rows.append(("backend auto", auto))
+    rows.append(("backend auto", auto_choice(cap)))
     return rows
+
+
+def auto_choice(cap: GDSCapability) -> str:
+    """What ``backend="auto"`` picks for a CUDA device here, and why (one line)."""
+    if cap.mode == "gds":
+        return "gds (GPUDirect Storage is available)"
+    if cap.mode == "gds-compat":
+        return (f"fallback (GPUDirect Storage is not available: {cap.reason}; compat mode is "
+                f"POSIX reads plus bounce-buffer copies, which the fallback does itself)")
+    return f"fallback (GPU-direct unavailable: {cap.reason})"
+
+
+#: Filesystems on which cuFile cannot register a file handle (KvikIO's AUTO mode then reads
+#: the file in compat mode).
+NO_GDS_FILESYSTEMS = frozenset({"tmpfs", "ramfs", "overlay", "squashfs", "proc", "sysfs"})
+
+
+def filesystem_type(path: str) -> str | None:
+    """The type of the filesystem holding ``path`` (longest mount point in /proc/self/mounts)."""
+    try:
+        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
+            mounts = [line.split() for line in f]
+    except OSError:
+        return None
+    real = os.path.realpath(path)
+    best, kind = "", None
+    for m in mounts:
+        if len(m) < 3:
+            continue
+        point = m[1].replace("\\040", " ")
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, m[2]
+    return kind
+
+
+def cufile_config_path() -> str:
+    """Where cuFile's config lives, as KvikIO looks it up (``cpp/src/cufile/config.cpp``):
+    ``CUFILE_ENV_PATH_JSON`` if that file exists, else ``/etc/cufile.json``, else ""."""
+    env = os.environ.get("CUFILE_ENV_PATH_JSON")
+    if env and os.path.exists(env):
+        return env
+    return "/etc/cufile.json" if os.path.exists("/etc/cufile.json") else ""
+
+
+def file_route(cap: GDSCapability, cufile, path: str) -> tuple[str, str]:
+    """How the GPU-direct backend reads one opened file: ("gds", "") when KvikIO reads it
+    through GPUDirect Storage on a stream of ours, else ("host", why) — KvikIO reads it into
+    pinned host memory and the loader copies it on its own stream.
+
+    KvikIO decides compat mode per file (``CompatModeManager``, ``cpp/src/compat_mode_manager
+    .cpp``): an O_DIRECT open that fails or a cuFile handle registration that fails puts the
+    file in compat mode, and with no cuFile config its async reads run in compat mode. The
+    first and the last are visible from Python; a registration failure is not (the 26.10
+    ``CuFile`` has no per-handle compat query), so filesystems where it fails are named.
+    """
+    if cap.mode != "gds":
+        return "host", cap.reason or f"GPUDirect mode is {cap.mode}"
+    try:
+        direct = bool(cufile.is_direct_io_supported())
+    except AttributeError:  # older KvikIO: try the O_DIRECT open ourselves
+        direct = _opens_direct(path)
+    if not direct:
+        return "host", f"{path}: opening with O_DIRECT failed, so KvikIO reads it in compat mode"
+    fs = filesystem_type(path)
+    if fs is not None and (fs in NO_GDS_FILESYSTEMS or fs.startswith("fuse")):
+        return "host", f"{path} is on {fs}, where cuFile cannot register files (compat mode)"
+    if not cufile_config_path():
+        return "host", ("no cuFile config (CUFILE_ENV_PATH_JSON or /etc/cufile.json), so KvikIO "
+                        "runs stream-ordered reads in compat mode")
+    return "gds", ""
+
+
+def _opens_direct(path: str) -> bool:
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | flag)
+    except OSError:
+        return False
+    os.close(fd)
+    return True

@@ -1,26 +1,47 @@
-"""The GPU-direct backend: KvikIO reads planned file ranges into CuPy device buffers.
+"""The GPU-direct backend: KvikIO reads planned file ranges into torch device memory.
 
-Per batch and field, one ``kvikio.CuFile.pread`` per planned range, with file offset and size
-widened to 4 KiB boundaries (GDS moves only aligned pages directly; the few extra bytes are
-sliced off on the device). Through GPUDirect Storage the bytes go from storage to GPU memory by
-DMA; in KvikIO's compat mode they go through KvikIO's pinned bounce buffers on its own threads.
-Either way nothing is staged in Python, and the batch reaches torch through DLPack, zero copy
-(a single-range field is a view of the read buffer).
+Per batch and field, one read per planned range, with file offset and size widened to 4 KiB
+boundaries (GDS moves only aligned pages directly; the few extra bytes are dropped on the
+device). All reads of a batch land in one staging slab whose start is 4 KiB-aligned.
 
-Synchronisation, explicitly:
+**No read waits for training.** ``kvikio.CuFile.pread`` on device memory cannot be used:
+``FileHandle::pread`` (kvikio ``cpp/src/file_handle.cpp``) calls
+``cuStreamSynchronize(nullptr)`` — the legacy null stream, which is PyTorch's default stream —
+before its cuFile reads, and Python cannot turn that off; in compat mode its POSIX path
+(``cpp/src/detail/posix_io.cpp``) copies each bounce buffer on a per-thread stream created with
+``CU_STREAM_DEFAULT`` (``cpp/src/detail/stream.cpp``), a blocking stream, which also waits for
+every kernel queued on the null stream. Each file therefore takes one of two routes:
 
-* staging buffers come from CuPy's memory pool, allocated on the consumer's current stream; the
-  pool may hand back memory that kernels queued on that stream still use, so an event recorded
-  right after the allocation must complete before KvikIO writes into it — a submit thread waits
-  on it, never the consumer;
-* a batch is handed out only after all its reads completed (KvikIO's future resolves after its
-  device copies finished), and the device-side slicing, compaction and shuffle are queued on the
-  consumer's current stream, so the batch is complete on that stream;
-* a yielded buffer is owned by the consumer; the loader never reuses it.
+* ``gds`` (GPUDirect Storage proper: cuFile handle registered, nvidia-fs present, a cuFile
+  config so KvikIO does not downgrade async reads): ``CuFile.raw_read_async`` on a
+  non-blocking stream of ours, i.e. ``cuFileReadAsync`` ordered on that stream only;
+* ``host`` (every other case, compat mode included): ``CuFile.pread`` into pinned host memory
+  — ``FileHandle::pread`` takes its host branch (``is_host_memory``: plain POSIX reads on
+  KvikIO's thread pool, no CUDA call) — then our own non-blocking host→device copy of the slab
+  on the same non-blocking stream.
 
-KvikIO settings chosen on purpose (see README): its thread pool (one thread by default, which
-starves a fast NVMe or a warm page cache) is sized from ``num_threads``; ``task_size`` (default
-1 MiB, the smallest shuffled read) splits large reads across that pool.
+Which route each file takes is decided per file by :func:`capability.file_route`, and
+``loader.backend`` is "gds" only when every file takes the ``gds`` route ("gds-compat" with
+``backend_reason`` otherwise). Whether the ``gds`` route beats the ``host`` route, and by how
+much reads overlap training on a real GPU, is measured by the GPU tests and the shared stream
+probe; those numbers are pending a GPU run.
+
+Memory and synchronisation, explicitly:
+
+* staging (and the device copy of the shuffle permutation) comes from torch's caching
+  allocator — one device pool for the whole job — allocated *on the loader's stream*, so the
+  allocator hands out only blocks no queued consumer work still uses (blocks the consumer freed
+  are returned after the events ``record_stream`` left);
+* the loader's stream never waits on the consumer's stream; the consumer's stream waits on the
+  batch's event (``wait_event``, device side) when the batch is handed out, and the staging slab
+  is ``record_stream``-ed on the consumer's stream;
+* host waits use events created with ``blocking=True`` (the thread sleeps, no spinning);
+* slicing, compaction and the shuffle gather (one ``index_select`` of uint8 rows per field,
+  bit-exact for every dtype) are queued on the consumer's current stream;
+* a yielded batch is owned by the consumer; the loader never writes into it again.
+
+KvikIO settings: its thread pool is sized from ``num_threads``; ``task_size`` defaults to
+4 MiB (KvikIO's own default) until a GPU sweep chooses.
 """
 
 from __future__ import annotations
@@ -28,7 +49,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,17 +57,50 @@ import numpy as np
 from .errors import BackendUnavailable, DatasetError, LoaderError
 from .format import ALIGN, Dataset, align_down, align_up
 from .loader import POLL_S, EpochIterator, Loader
-from .plan import BatchPlan, EpochPlan, MIN_READ_BYTES
+from .plan import BatchPlan, EpochPlan
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TASK_SIZE = MIN_READ_BYTES
-_GATHER_INT = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
+DEFAULT_TASK_SIZE = 4 << 20
+
+
+class _CudaOps:
+    """The few CUDA operations the backend uses, in one place (tests swap in a CPU model)."""
+
+    def __init__(self, torch: Any, device: Any):
+        self.torch, self.device = torch, device
+
+    def new_stream(self) -> Any:
+        return self.torch.cuda.Stream(device=self.device)  # torch creates non-blocking streams
+
+    def current_stream(self) -> Any:
+        return self.torch.cuda.current_stream(self.device)
+
+    def use_stream(self, stream: Any) -> Any:
+        return self.torch.cuda.stream(stream)
+
+    def new_event(self) -> Any:
+        return self.torch.cuda.Event(blocking=True)
+
+    def device_empty(self, nbytes: int, dtype: Any) -> Any:
+        return self.torch.empty(nbytes, dtype=dtype, device=self.device)
+
+    def pinned_empty(self, nbytes: int, dtype: Any) -> Any:
+        return self.torch.empty(nbytes, dtype=dtype, pin_memory=True)
+
+    def copy_async(self, dst: Any, src: Any) -> None:
+        dst.copy_(src, non_blocking=True)
+
+    def record_stream(self, tensor: Any, stream: Any) -> None:
+        tensor.record_stream(stream)
+
+    def raw_stream(self, stream: Any) -> int:
+        return stream.cuda_stream
 
 
 @dataclass
 class _Read:
-    """One aligned pread: ``size`` bytes at ``file_offset`` into staging at ``dev_offset``;
+    """One aligned read: ``size`` bytes at ``file_offset`` into the slab at ``dev_offset``;
     the wanted bytes start ``skip`` bytes in and are ``nbytes`` long."""
 
     field: int
@@ -62,57 +115,70 @@ class _Read:
 class _Pending:
     batch: BatchPlan
     reads: list[_Read]
-    staging: Any  # cupy uint8
-    ready: Any  # cupy Event recorded after the allocation
+    regions: list[tuple[int, int]]  # per field: [start, end) of its reads in the slab
+    staging: Any  # torch uint8 device tensor, 4 KiB-aligned start
+    perm_dev: Any  # torch int64 device tensor or None
     nbytes: int
-    futures: list = field(default_factory=list)
-    perm: np.ndarray | None = None
+    done: Any = None  # blocking event on the loader's stream after all copies/reads
     submitted: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
-    outcomes: dict = field(default_factory=dict)  # read index -> bytes read, or the exception
 
 
 class GDSLoader(Loader):
-    """KvikIO → CuPy → DLPack loader; same options and contract as ``FallbackLoader``.
+    """KvikIO → torch loader; same options and contract as ``FallbackLoader``.
 
-    Extra keyword: ``task_size`` (bytes, default 1 MiB), KvikIO's unit of parallel work.
-    Raises :class:`BackendUnavailable` (with the reason) where the GPU-direct path can't run.
+    Extra keyword: ``task_size`` (bytes, default 4 MiB), KvikIO's unit of parallel work.
+    ``backend`` is "gds" when every file reads through GPUDirect Storage, else "gds-compat";
+    ``backend_reason`` says why. Raises :class:`BackendUnavailable` (with the reason) where the
+    GPU-direct path can't run.
     """
 
     def __init__(self, dataset: Dataset | str, *, task_size: int = DEFAULT_TASK_SIZE,
                  **options: Any):
-        from .capability import probe_gds
+        from . import capability
 
-        cap = probe_gds()
+        cap = capability.probe_gds()
         if not cap.available:
             raise BackendUnavailable(f"GPU-direct backend unavailable: {cap.reason}")
         super().__init__(dataset, **options)
-        import cupy
         import kvikio
         import kvikio.defaults
         import torch
 
-        self._cp, self._torch = cupy, torch
+        self._torch = torch
         dev = torch.device(self.options.device)
         if dev.type != "cuda":
             raise LoaderError(f"the GPU-direct backend needs a CUDA device, got "
                               f"device={self.options.device!r}")
         self._device = torch.device("cuda", torch.cuda.current_device() if dev.index is None
                                     else dev.index)
-        if not isinstance(task_size, int) or task_size < ALIGN or task_size % ALIGN:
+        if (not isinstance(task_size, int) or isinstance(task_size, bool) or task_size < ALIGN
+                or task_size % ALIGN):
             raise LoaderError(f"task_size must be a positive multiple of {ALIGN}, got {task_size!r}")
         self.task_size = task_size
-        self.backend = cap.mode
         self.capability = cap
+        self._ops = _CudaOps(torch, self._device)
         n = self.options.num_threads
         if kvikio.defaults.get("num_threads") != n:
             # Process-wide: KvikIO has one thread pool. Growing it is what a fast drive needs.
             kvikio.defaults.set("num_threads", n)
             log.info("KvikIO thread pool set to %d threads", n)
         ds = self.dataset
-        self._files = [kvikio.CuFile(ds.field_path(s.name), "r") for s in self.specs]
-        log.info("GDSLoader: %s mode%s", self.backend,
-                 f" ({cap.reason})" if cap.reason else "")
+        self._files: list = []
+        self.routes: list[str] = []
+        reasons: list[str] = []
+        for s in self.specs:
+            path = str(ds.field_path(s.name))
+            f = kvikio.CuFile(path, "r")
+            self._files.append(f)
+            route, why = capability.file_route(cap, f, path)
+            self.routes.append(route)
+            if why and why not in reasons:
+                reasons.append(why)
+        self.backend = "gds" if all(r == "gds" for r in self.routes) else "gds-compat"
+        self.backend_reason = "; ".join(reasons)
+        log.info("GDSLoader: %s%s", self.backend,
+                 f" ({self.backend_reason})" if self.backend_reason else "")
 
     def _make_iterator(self, plan: EpochPlan, start: int) -> "_GDSIterator":
         return _GDSIterator(self, plan, start)
@@ -126,168 +192,222 @@ class GDSLoader(Loader):
                 log.debug("CuFile close failed", exc_info=True)
 
 
-def _submit_loop(q: "queue.Queue[_Pending | None]", stop: threading.Event, files: list,
-                 paths: list[str], task_size: int) -> None:
-    """The submit thread: waits for each staging buffer's allocation event, then issues its
-    preads (and draws the batch's permutation). Holds no reference to the iterator."""
-    while not stop.is_set():
-        try:
-            p = q.get(timeout=POLL_S)
-        except queue.Empty:
+class _Submitter:
+    """The submit thread's work: per batch, start the ``gds`` reads on the loader's stream,
+    run the ``host`` reads into pinned memory and queue their copy, queue the permutation's
+    copy, record the batch's event, check byte counts and checksums. Holds no reference to the
+    iterator."""
+
+    def __init__(self, ops: _CudaOps, stream: Any, files: list, routes: list[str],
+                 paths: list[str], task_size: int, verifier: Any):
+        self.ops, self.stream, self.files, self.routes = ops, stream, files, routes
+        self.paths, self.task_size, self.verifier = paths, task_size, verifier
+
+    def run(self, q: "queue.Queue[_Pending | None]", stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                p = q.get(timeout=POLL_S)
+            except queue.Empty:
+                continue
+            if p is None:
+                return
+            try:
+                self.submit(p)
+            except BaseException as exc:  # travels to the consumer
+                p.error = exc
+            finally:
+                p.submitted.set()
+
+    def submit(self, p: _Pending) -> None:
+        torch = self.ops.torch
+        with self.ops.use_stream(self.stream):
+            direct = [r for r in p.reads if self.routes[r.field] == "gds"]
+            hosted = [r for r in p.reads if self.routes[r.field] != "gds"]
+            stream_futures = [
+                (r, self.files[r.field].raw_read_async(
+                    p.staging[r.dev_offset:r.dev_offset + r.size],
+                    self.ops.raw_stream(self.stream), r.size, r.file_offset, 0))
+                for r in direct]
+            if hosted:
+                pinned = self.ops.pinned_empty(p.nbytes, torch.uint8)
+                host = pinned.numpy()
+                futures = [(r, self.files[r.field].pread(
+                    host[r.dev_offset:r.dev_offset + r.size], r.size, r.file_offset,
+                    self.task_size)) for r in hosted]
+                errors = []
+                for r, fut in futures:  # collect every outcome: no read outlives its buffer
+                    try:
+                        self._check(r, fut.get())
+                    except Exception as exc:
+                        errors.append((r, exc))
+                if errors:
+                    self._raise(*errors[0])
+                for a, b in _runs([p.regions[i] for i, route in enumerate(self.routes)
+                                   if route != "gds"]):
+                    self.ops.copy_async(p.staging[a:b], pinned[a:b])
+            perm = _gather_index(p.batch)
+            if perm is not None:
+                src = self.ops.pinned_empty(len(perm), torch.int64)
+                src.numpy()[:] = perm
+                self.ops.copy_async(p.perm_dev, src)
+            p.done = self.ops.new_event()
+            p.done.record(self.stream)
+        if stream_futures:
+            p.done.synchronize()  # our own stream only; a blocking event: the thread sleeps
+            for r, fut in stream_futures:
+                try:
+                    got = fut.check_bytes_done()
+                except Exception as exc:
+                    self._raise(r, exc)
+                self._check(r, got)
+        if self.verifier is not None:
+            self.verifier.check(p.batch.segments)
+
+    def _check(self, r: _Read, got: int) -> None:
+        if got != r.size:
+            raise DatasetError(f"{self.paths[r.field]}: short read at offset {r.file_offset}: "
+                               f"{got} of {r.size} bytes (file truncated?)")
+
+    def _raise(self, r: _Read, exc: BaseException) -> None:
+        if isinstance(exc, DatasetError):
+            raise exc
+        raise DatasetError(f"{self.paths[r.field]}: KvikIO read of {r.size} bytes at offset "
+                           f"{r.file_offset} failed: {exc}") from exc
+
+
+def _runs(regions: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Merge adjacent [start, end) slab regions (sorted by start) into maximal runs."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(regions):
+        if a == b:
             continue
-        if p is None:
-            return
-        try:
-            p.ready.synchronize()
-            for r in p.reads:
-                if stop.is_set():
-                    break
-                view = p.staging[r.dev_offset:r.dev_offset + r.size]
-                p.futures.append((r, files[r.field].pread(view, r.size, r.file_offset,
-                                                          task_size)))
-            p.perm = p.batch.permutation()
-        except BaseException as exc:  # travels to the consumer
-            p.error = exc
-        finally:
-            p.submitted.set()
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
 
 
 class _GDSIterator(EpochIterator):
     def __init__(self, loader: GDSLoader, plan: EpochPlan, start: int):
         super().__init__(loader, plan, start)
-        self._cp, self._torch = loader._cp, loader._torch
-        self._device = loader._device
+        self._ops, self._torch = loader._ops, loader._torch
         self._specs = loader.specs
         self._layouts = [loader.dataset.layout(s.name) for s in self._specs]
         self._paths = [str(loader.dataset.field_path(s.name)) for s in self._specs]
+        self._stream = self._ops.new_stream()
         self._stop = threading.Event()
         self._queue: queue.Queue = queue.Queue()
-        self._issued: list[_Pending] = []
+        submitter = _Submitter(self._ops, self._stream, loader._files, loader.routes,
+                               self._paths, loader.task_size, getattr(loader, "verifier", None))
         self._thread = threading.Thread(
             # Joined by close(); daemon only so a leaked iterator cannot block interpreter exit.
-            target=_submit_loop, name="gds-stream-submit", daemon=True,
-            args=(self._queue, self._stop, loader._files, self._paths, loader.task_size))
+            target=submitter.run, name="gds-stream-submit", daemon=True,
+            args=(self._queue, self._stop))
         self._thread.start()
 
-    def _stream(self):
-        """The consumer's current torch stream, as a CuPy stream."""
-        ts = self._torch.cuda.current_stream(self._device)
-        stream_cls = self._cp.cuda.Stream
-        if hasattr(stream_cls, "from_external"):  # CuPy >= 14 (torch streams speak __cuda_stream__)
-            return stream_cls.from_external(ts)
-        return self._cp.cuda.ExternalStream(ts.cuda_stream, self._device.index)
-
     # -- reads --------------------------------------------------------------------------------
-    def _plan_reads(self, batch: BatchPlan) -> tuple[list[_Read], int]:
-        reads, pos = [], 0
+    def _plan_reads(self, batch: BatchPlan) -> tuple[list[_Read], list[tuple[int, int]], int]:
+        reads, regions, pos = [], [], 0
         for i, (spec, lay) in enumerate(zip(self._specs, self._layouts)):
-            pb = spec.point_bytes
+            pb, first = spec.point_bytes, pos
             for a, b in batch.segments:
                 lo = lay.offset + int(a) * pb
                 hi = lay.offset + int(b) * pb
                 alo, ahi = align_down(lo), align_up(hi)
                 reads.append(_Read(i, alo, ahi - alo, pos, lo - alo, hi - lo))
                 pos += ahi - alo
-        return reads, pos
+            regions.append((first, pos))
+        return reads, regions, pos
 
     def _submit(self, batch: BatchPlan) -> _Pending:
-        cp = self._cp
-        reads, total = self._plan_reads(batch)
-        with cp.cuda.Device(self._device.index), self._stream() as s:
-            staging = cp.empty(max(total, 1), dtype=cp.uint8)
-            ready = cp.cuda.Event(disable_timing=True)
-            ready.record(s)
-        p = _Pending(batch, reads, staging, ready, total)
-        self._issued.append(p)
+        torch = self._torch
+        reads, regions, total = self._plan_reads(batch)
+        with self._ops.use_stream(self._stream):  # the allocator orders it on our stream
+            raw = self._ops.device_empty(total + ALIGN, torch.uint8)
+            skip = (-raw.data_ptr()) % ALIGN
+            staging = raw[skip:skip + total]
+            perm_dev = (self._ops.device_empty(batch.num_points, torch.int64)
+                        if _has_gather(batch) else None)
+        p = _Pending(batch, reads, regions, staging, perm_dev, total)
         self._queue.put(p)
         return p
 
     def _handle_nbytes(self, handle: _Pending) -> int:
         return handle.nbytes
 
-    def _harvest(self, p: _Pending) -> None:
-        """Collect the outcome of every finished read of ``p`` (``get()`` may run only once);
-        raise the first failure."""
-        if p.error is not None:
-            raise p.error
-        if not p.submitted.is_set():
-            return
-        for k, (r, fut) in enumerate(p.futures):
-            if k in p.outcomes or not fut.done():
-                continue
-            try:
-                p.outcomes[k] = fut.get()
-            except Exception as exc:
-                p.outcomes[k] = exc
-        for k, got in sorted(p.outcomes.items()):
-            r = p.futures[k][0]
-            if isinstance(got, BaseException):
-                raise DatasetError(f"{self._paths[r.field]}: KvikIO read of {r.size} bytes at "
-                                   f"offset {r.file_offset} failed: {got}") from got
-            if got != r.size:
-                raise DatasetError(f"{self._paths[r.field]}: short read at offset "
-                                   f"{r.file_offset}: {got} of {r.size} bytes (file truncated?)")
-
     def _wait(self, p: _Pending) -> None:
-        """Wait for batch ``p``; a failure in *any* in-flight batch is raised at once."""
-        delay, last_scan = 1e-5, time.monotonic()
-        while True:
+        while not p.submitted.wait(POLL_S):
             if self._stop.is_set():
                 raise LoaderError("loader was closed while waiting for a batch")
-            self._harvest(p)
-            if p.submitted.is_set() and len(p.outcomes) == len(p.futures):
-                return
-            if time.monotonic() - last_scan > POLL_S:
-                for _, later, _ in self._inflight:
-                    self._harvest(later)
-                last_scan = time.monotonic()
-            time.sleep(delay)
-            delay = min(delay * 2, 1e-3)
+            if not self._thread.is_alive():
+                raise LoaderError("the GPU-direct submit thread stopped unexpectedly")
+        if p.error is not None:
+            raise p.error
 
     # -- hand-out -----------------------------------------------------------------------------
     def _complete(self, p: _Pending) -> dict:
         self._wait(p)
-        self._issued.remove(p)
-        cp, torch = self._cp, self._torch
+        torch, ops = self._torch, self._ops
+        consumer = ops.current_stream()
+        consumer.wait_event(p.done)  # device side: the host does not wait
+        ops.record_stream(p.staging, consumer)
+        perm = p.perm_dev
+        if perm is not None:
+            ops.record_stream(perm, consumer)
         batch, n = p.batch, p.batch.num_points
+        by_field: dict[int, list[_Read]] = {}
+        for r in p.reads:
+            by_field.setdefault(r.field, []).append(r)
         out: dict[str, Any] = {}
-        with cp.cuda.Device(self._device.index), self._stream():
-            perm = None if p.perm is None else cp.asarray(p.perm)
-            by_field: dict[int, list[_Read]] = {}
-            for r in p.reads:
-                by_field.setdefault(r.field, []).append(r)
-            for i, spec in enumerate(self._specs):
-                parts = [p.staging[r.dev_offset + r.skip:r.dev_offset + r.skip + r.nbytes]
-                         for r in by_field.get(i, [])]
-                if not parts:
-                    raw = cp.empty(0, dtype=cp.uint8)
-                elif len(parts) == 1:
-                    raw = parts[0]  # a view of the read buffer: zero copy
-                else:
-                    raw = cp.concatenate(parts)
-                if perm is None:
-                    arr = raw.view(spec.dtype)
-                else:
-                    bits = raw.view(_GATHER_INT[spec.dtype.itemsize]).reshape(n, spec.components)
-                    arr = bits[perm].view(spec.dtype)
-                arr = arr.reshape(n, spec.components) if spec.components > 1 else arr.reshape(n)
-                out[spec.name] = torch.from_dlpack(arr)
-            offs = batch.offsets()
-            if offs is not None:
-                out["offset"] = torch.from_dlpack(cp.asarray(offs))
+        for i, spec in enumerate(self._specs):
+            parts = [p.staging[r.dev_offset + r.skip:r.dev_offset + r.skip + r.nbytes]
+                     for r in by_field.get(i, [])]
+            if not parts:
+                raw = p.staging[:0]
+            elif len(parts) == 1:
+                raw = parts[0]  # a view of the staging slab: zero copy
+            else:
+                raw = torch.cat(parts)
+            if perm is not None:
+                rows = raw.view(-1, spec.point_bytes)
+                raw = rows.index_select(0, perm).reshape(-1) if n else raw[:0]
+            arr = raw.view(_torch_dtype(torch, spec.dtype))
+            out[spec.name] = arr.reshape(n, spec.components) if spec.components > 1 \
+                else arr.reshape(n)
+        offs = batch.offsets()
+        if offs is not None:
+            host = ops.pinned_empty(len(offs), torch.int64)
+            host.numpy()[:] = offs
+            dev = ops.device_empty(len(offs), torch.int64)
+            ops.copy_async(dev, host)  # on the consumer's stream, from pinned memory
+            out["offset"] = dev
         return out
 
     def _shutdown(self) -> None:
         self._stop.set()
         self._queue.put(None)
         self._thread.join()
-        # KvikIO reads cannot be cancelled: let them land before their buffers are freed.
-        for p in self._issued:
-            for k, (_, fut) in enumerate(p.futures):
-                if k in p.outcomes:
-                    continue
-                try:
-                    fut.get()
-                except Exception:
-                    pass
-        self._issued.clear()
+        # Reads already queued on our stream must land before their buffers go back to the
+        # pool; this waits for our own stream only.
+        ev = self._ops.new_event()
+        ev.record(self._stream)
+        ev.synchronize()
+
+
+def _has_gather(batch: BatchPlan) -> bool:
+    return batch.perm_key is not None or getattr(batch, "rows", None) is not None
+
+
+def _gather_index(batch: BatchPlan) -> np.ndarray | None:
+    """Rows of the read points that make the batch, in batch order: a windowed batch's
+    ``rows``, else the within-batch permutation, else None (read order is batch order)."""
+    rows = getattr(batch, "rows", None)
+    if rows is not None:
+        return np.asarray(rows)
+    return batch.permutation()
+
+
+def _torch_dtype(torch: Any, dtype: np.dtype) -> Any:
+    """The torch dtype with the same bytes as a stored numpy dtype (little-endian stored)."""
+    return torch.from_numpy(np.empty(0, dtype=dtype.newbyteorder("="))).dtype
