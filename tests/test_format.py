@@ -185,3 +185,267 @@ def test_reader_refuses_chunks_not_an_object(tmp_path):
     doc["chunks"] = [1, 2]
     save(out, doc)
     refused(out, "chunks must be an object")
+
+
+# -- B1: the manifest file itself --------------------------------------------------------------
+def test_manifest_symlinked_to_dev_zero(tmp_path):
+    out = write(tmp_path / "ds")
+    (out / MANIFEST).unlink()
+    (out / MANIFEST).symlink_to("/dev/zero")
+    refused(out, "not a regular file .a character device")
+
+
+def test_manifest_fifo_does_not_block(tmp_path):
+    out = write(tmp_path / "ds")
+    (out / MANIFEST).unlink()
+    os.mkfifo(out / MANIFEST)
+    result: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            open_dataset(out)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            result.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(30)
+    if t.is_alive():  # unblock the reader before failing
+        fd = os.open(out / MANIFEST, os.O_WRONLY | os.O_NONBLOCK)
+        os.close(fd)
+        pytest.fail("open_dataset blocked on a FIFO manifest")
+    assert isinstance(result[0], DatasetError) and "FIFO" in str(result[0])
+
+
+def test_manifest_is_a_directory(tmp_path):
+    out = write(tmp_path / "ds")
+    (out / MANIFEST).unlink()
+    (out / MANIFEST).mkdir()
+    refused(out, "directory")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_manifest_unreadable(tmp_path):
+    out = write(tmp_path / "ds")
+    (out / MANIFEST).chmod(0)
+    refused(out, "cannot open the manifest")
+
+
+def test_manifest_size_cap(tmp_path, monkeypatch):
+    from gds_stream import _manifest
+
+    out = write(tmp_path / "ds")
+    monkeypatch.setattr(_manifest, "MANIFEST_BASE_BYTES", 1000)
+    monkeypatch.setattr(_manifest, "MANIFEST_DATA_RATIO", 1 << 40)
+    doc = load(out)
+    doc["padding"] = "x" * 2000
+    save(out, doc)
+    refused(out, "larger than any valid one")
+    cap = _manifest.manifest_cap(out)
+    assert cap == 1000
+    # a sparse multi-GiB file in the directory cannot lift the cap past the absolute maximum
+    monkeypatch.setattr(_manifest, "MANIFEST_DATA_RATIO", 1)
+    with open(out / "huge.bin", "wb") as f:
+        f.truncate(4 << 30)
+    assert _manifest.manifest_cap(out) == _manifest.MANIFEST_ABS_MAX_BYTES
+
+
+# -- B2: types and ranges of every value -----------------------------------------------------
+def mutate(out: Path, fn) -> None:
+    doc = load(out)
+    fn(doc)
+    save(out, doc)
+
+
+def _set(key, value):
+    def fn(doc):
+        doc[key] = value
+    return fn
+
+
+def _field(key, value, i=0):
+    def fn(doc):
+        if value is KeyError:
+            del doc["fields"][i][key]
+        else:
+            doc["fields"][i][key] = value
+    return fn
+
+
+LIES = [
+    (_set("sources", 0), "sources must be a list of objects"),
+    (_set("sources", [1]), "sources must be a list of objects"),
+    (_set("scan_offsets", [0, 5, 5, 2**64]), "scan_offsets"),
+    (_set("scan_offsets", [0, 5, 5, -12]), "scan_offsets"),
+    (_set("scan_offsets", "0,12"), "scan_offsets"),
+    (_set("num_points", 2**63), "num_points"),
+    (_set("num_points", 2**70), "num_points"),
+    (_set("num_points", -1), "num_points"),
+    (_set("num_points", 12.0), "num_points"),
+    (_set("num_scans", 7), "num_scans"),
+    (_set("alignment", 512), "alignment"),
+    (_set("version", 2), "version"),
+    (_set("version", True), "version"),
+    (_set("checksum", "crc32"), "checksum"),
+    (_set("checksum", {"algorithm": "crc32", "block_bytes": 2**40}), "block_bytes"),
+    (_set("checksum", {"algorithm": "crc32", "block_bytes": 1024}), "block_bytes"),
+    (_set("checksum", {"algorithm": "crc32", "block_bytes": 6000}), "block_bytes"),
+    (_set("fields", {"x": 1}), "fields"),
+    (_set("fields", []), "fields"),
+    (_field("name", "a b"), "field name"),
+    (_field("name", "offset"), "reserved"),
+    (_field("dtype", {"name": "q"}), "dtype"),
+    (_field("dtype", "q"), "dtype"),
+    (_field("dtype", ">f4"), "dtype"),
+    (_field("dtype", "float32"), "dtype"),
+    (_field("dtype", "<c8"), "dtype"),
+    (_field("dtype", KeyError), "no dtype"),
+    (_field("components", 0), "components"),
+    (_field("components", 10**30), "components"),
+    (_field("file", "a\0b"), "NUL"),
+    (_field("file", "x" * 300), "x.bin|cannot stat|no such file"),
+    (_field("file", "../other.bin"), "outside"),
+    (_field("file", "/etc/passwd"), "outside"),
+    (_field("file", 7), "file must be"),
+    (_field("offset", 100), "offset"),
+    (_field("offset", 2**64), "offset"),
+    (_field("offset", 2**62), "needs"),
+    (_field("nbytes", 2**64), "nbytes"),
+    (_field("checksums", "abc"), "checksums must be a list"),
+    (_field("checksums", [1, 2, 3, 4, 5, 6, 7]), "expected 1 crc32 checksums .* found 7"),
+    (_field("checksums", [2**32]), r"checksum 0 is 4294967296, expected an integer in \[0, 2\*\*32\)"),
+    (_field("checksums", [-1]), "checksum 0 is -1"),
+]
+
+
+@pytest.mark.parametrize("fn,match", LIES, ids=[f"lie{i}" for i in range(len(LIES))])
+def test_lying_manifest(tmp_path, fn, match):
+    out = write(tmp_path / "ds")
+    mutate(out, fn)
+    refused(out, match)
+
+
+@pytest.mark.parametrize("text,match", [
+    ('{"num_points": ' + "9" * 5000 + "}", "not valid JSON"),
+    ("[" * 100000, "nested too deeply|not valid JSON"),
+    ('{"a": ' + "[" * 100000 + "]" * 100000 + "}", "nested too deeply|not valid JSON"),
+    ("\xff\xfe", "not valid JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    ("", "not valid JSON"),
+])
+def test_unparseable_manifest(tmp_path, text, match):
+    out = write(tmp_path / "ds")
+    (out / MANIFEST).write_bytes(text.encode("latin-1"))
+    refused(out, match)
+
+
+def test_symlink_loop_as_field_file(tmp_path):
+    out = write(tmp_path / "ds")
+    os.symlink("loop2", out / "loop1")
+    os.symlink("loop1", out / "loop2")
+    mutate(out, _field("file", "loop1"))
+    refused(out, "loop1")
+
+
+# -- B3: byte order and missing dtype ------------------------------------------------------------
+def test_big_endian_dtype_refused(tmp_path):
+    out = write(tmp_path / "ds")
+    mutate(out, _field("dtype", ">u2", 1))
+    refused(out, "'>u2' is not a stored dtype")
+
+
+# -- B4: block_bytes bounded, verify with a bounded buffer ---------------------------------------
+def test_verify_reads_large_blocks_in_pieces(tmp_path, monkeypatch):
+    from gds_stream import format as fmt
+
+    out = write(tmp_path / "ds", scans=(3000,), block_bytes=8192)
+    ds = open_dataset(out)
+    assert ds.verify() == []
+    monkeypatch.setattr(fmt, "VERIFY_PIECE", 4096)
+    sizes = []
+    real = fmt.pread_into
+    monkeypatch.setattr(fmt, "pread_into", lambda fd, v, off, p="": (sizes.append(len(v)),
+                                                                     real(fd, v, off, p)))
+    assert ds.verify() == []
+    assert max(sizes) == 4096
+    with open(out / "x.bin", "r+b") as f:  # flip a byte in the second block of x
+        f.seek(9000)
+        b = f.read(1)
+        f.seek(9000)
+        f.write(bytes([b[0] ^ 1]))
+    assert [(n, b) for n, b, _, _ in ds.verify()] == [("x", 1)]
+
+
+# -- B5: field files must be regular files -----------------------------------------------------
+def test_field_file_fifo_in_empty_dataset(tmp_path):
+    out = write(tmp_path / "ds", scans=(0,))
+    (out / "x.bin").unlink()
+    os.mkfifo(out / "x.bin")
+    refused(out, "must be a regular file .a FIFO")
+
+
+def test_field_file_directory(tmp_path):
+    out = write(tmp_path / "ds", scans=(0,))
+    (out / "x.bin").unlink()
+    (out / "x.bin").mkdir()
+    refused(out, "must be a regular file .a directory")
+
+
+# -- B6: files changed after opening -------------------------------------------------------------
+def test_field_file_removed_after_open(tmp_path):
+    ds = open_dataset(write(tmp_path / "ds"))
+    (ds.path / "x.bin").unlink()
+    for call in (lambda: ds.read("x"), ds.verify, lambda: ds.fileno("x")):
+        with pytest.raises(DatasetError, match="x.bin: cannot open the file of field 'x'"):
+            call()
+
+
+def test_field_file_replaced_after_open(tmp_path):
+    ds = open_dataset(write(tmp_path / "ds"))
+    (ds.path / "x.bin").unlink()
+    os.mkfifo(ds.path / "x.bin")
+    with pytest.raises(DatasetError, match="no longer a regular file"):
+        ds.fileno("x")
+    (ds.path / "label.bin").write_bytes(b"")
+    with pytest.raises(DatasetError, match="label.bin: file holds 0 bytes"):
+        ds.read("label")
+
+
+def test_field_file_truncated_after_fileno(tmp_path):
+    ds = open_dataset(write(tmp_path / "ds"))
+    ds.fileno("x")
+    os.truncate(ds.path / "x.bin", 0)
+    with pytest.raises(DatasetError, match="x.bin: file ended"):
+        ds.read("x")
+    ds.close()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_field_file_unreadable_after_open(tmp_path):
+    ds = open_dataset(write(tmp_path / "ds"))
+    (ds.path / "x.bin").chmod(0)
+    with pytest.raises(DatasetError, match="x.bin: cannot open"):
+        ds.read("x")
+
+
+def test_read_error_is_dataset_error(tmp_path, monkeypatch):
+    from gds_stream import format as fmt
+
+    ds = open_dataset(write(tmp_path / "ds"))
+
+    def eio(*a, **k):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(fmt.os, "preadv", eio)
+    with pytest.raises(DatasetError, match="x.bin: read of .* failed .Input/output error"):
+        ds.read("x")
+
+
+def test_dataset_uses_the_closeable_mixin(tmp_path):
+    from gds_stream._lifetime import Closeable
+
+    with open_dataset(write(tmp_path / "ds")) as ds:
+        fd = ds.fileno("x")
+        assert isinstance(ds, Closeable)
+    with pytest.raises(OSError):
+        os.fstat(fd)
