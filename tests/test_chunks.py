@@ -1,0 +1,136 @@
+"""Spatial chunking of a scan (``gds_stream/convert/chunks.py``): the same multiset of rows,
+every point inside its chunk's cell, cells along a Morton curve, chunks recorded in the
+manifest, bounded passes, and clear errors."""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+
+from gds_stream.errors import ConversionError
+from gds_stream.format import DatasetWriter, FieldSpec, open_dataset
+
+chunks = importlib.import_module("gds_stream.convert.chunks")
+
+SCHEMA = [FieldSpec("x", np.dtype("<f4")), FieldSpec("y", np.dtype("<f4")),
+          FieldSpec("z", np.dtype("<f8")), FieldSpec("label", np.dtype("u1")),
+          FieldSpec("rgb", np.dtype("<u2"), 3)]
+
+
+def _scan(n: int, seed: int, extent: float = 100.0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "x": (rng.random(n) * extent - extent / 3).astype(np.float32),
+        "y": (rng.random(n) * extent).astype(np.float32),
+        "z": rng.random(n) * extent / 10,
+        "label": rng.integers(0, 255, n, dtype=np.uint8),
+        "rgb": rng.integers(0, 65535, (n, 3), dtype=np.uint16),
+    }
+
+
+def _convert(tmp_path, scans, size, dims, pieces=3):
+    out = tmp_path / "ds"
+    with DatasetWriter(out, SCHEMA, chunk_size=size, chunk_dims=dims) as w:
+        for i, cols in enumerate(scans):
+            with chunks.ScanChunker(SCHEMA, size, dims, tmp_path, f"scan{i}") as ch:
+                n = len(cols["x"])
+                for part in np.array_split(np.arange(n), pieces):
+                    ch.append({k: v[part] for k, v in cols.items()})
+                ch.write_to(w)
+            w.end_scan(f"scan{i}")
+    return open_dataset(out)
+
+
+def _rows(cols: dict[str, np.ndarray]) -> np.ndarray:
+    """Rows as a sortable structured array (bit patterns of every field)."""
+    parts = [cols["x"].view(np.uint32), cols["y"].view(np.uint32), cols["z"].view(np.uint64),
+             cols["label"].astype(np.uint64), *[cols["rgb"][:, j].astype(np.uint64)
+                                                 for j in range(3)]]
+    return np.sort(np.rec.fromarrays(parts))
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_chunked_scans_keep_every_row_and_each_point_lies_in_its_cell(tmp_path, monkeypatch,
+                                                                     dims):
+    monkeypatch.setattr(chunks, "PASS_ROWS", 700)  # several scatter and emit passes
+    scans = [_scan(5000, 1), _scan(0, 2), _scan(1234, 3)]
+    size = 12.5
+    ds = _convert(tmp_path, scans, size, dims)
+    assert ds.num_points == 6234 and ds.num_scans == 3
+    assert ds.chunk_size == size and ds.chunk_dims == dims
+    offs = ds.chunk_offsets
+    assert offs[0] == 0 and offs[-1] == ds.num_points and np.all(np.diff(offs) >= 1)
+    got = {k: ds.read(k) for k in ds.schema}
+    for s, cols in enumerate(scans):
+        a, b = ds.scan_offsets[s], ds.scan_offsets[s + 1]
+        assert np.array_equal(_rows({k: v[a:b] for k, v in got.items()}), _rows(cols))
+        mine = np.flatnonzero(ds.chunk_scan == s)
+        if b > a:
+            assert offs[mine[0]] == a and offs[mine[-1] + 1] == b
+    xyz = np.stack([got["x"].astype(np.float64), got["y"].astype(np.float64), got["z"]], 1)
+    for c in range(ds.num_chunks):
+        p = xyz[offs[c]:offs[c + 1]]
+        cell = np.floor(p[:, :dims] / size).astype(np.int64)
+        assert (cell == ds.chunk_cells[c][:dims]).all(), f"chunk {c} holds a point of another cell"
+        assert np.array_equal(ds.chunk_bounds[c], np.concatenate([p.min(0), p.max(0)]))
+    # one chunk per non-empty cell of each scan
+    for s, cols in enumerate(scans):
+        if len(cols["x"]):
+            v = np.stack([cols[a].astype(np.float64) for a in "xyz"[:dims]], 1)
+            cells = np.unique(np.floor(v / size).astype(np.int64), axis=0)
+            assert (ds.chunk_scan == s).sum() == len(cells)
+
+
+def test_cells_follow_the_morton_curve(tmp_path):
+    ds = _convert(tmp_path, [_scan(3000, 5)], 10.0, 2)
+    cells = ds.chunk_cells[:, :2]
+    codes = chunks.morton(cells - cells.min(0))
+    assert np.all(np.diff(codes.astype(np.int64)) > 0)
+
+
+def test_morton_interleaves_bits():
+    assert chunks.morton(np.array([[1, 0], [0, 1], [1, 1], [2, 0]])).tolist() == [1, 2, 3, 4]
+    assert chunks.morton(np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1]])).tolist() == \
+        [1, 2, 4, 7]
+    big = (1 << 21) - 1
+    assert chunks.morton(np.array([[big, big, big]])).tolist() == [(1 << 63) - 1]
+
+
+def test_points_inside_a_chunk_are_in_curve_order(tmp_path):
+    ds = _convert(tmp_path, [_scan(4000, 7, extent=30.0)], 20.0, 2)
+    assert ds.num_chunks > 1
+    xy = np.stack([ds.read("x").astype(np.float64), ds.read("y").astype(np.float64)], 1)
+    for c in range(ds.num_chunks):
+        a, b = ds.chunk_offsets[c], ds.chunk_offsets[c + 1]
+        base = ds.chunk_cells[c][:2] * 20.0
+        fine = np.clip(((xy[a:b] - base) / 20.0 * chunks.FINE).astype(np.int64), 0,
+                       chunks.FINE - 1)
+        assert np.all(np.diff(chunks.morton(fine).astype(np.int64)) >= 0)
+
+
+@pytest.mark.parametrize("size", [0, -1.0, float("nan"), float("inf"), True])
+def test_bad_chunk_size(tmp_path, size):
+    with pytest.raises(ConversionError, match="chunk-size"):
+        chunks.ScanChunker(SCHEMA, size, 2, tmp_path, "in.ply")
+
+
+def test_schema_without_xyz_and_non_finite_points(tmp_path):
+    with pytest.raises(ConversionError, match="no z"):
+        chunks.ScanChunker(SCHEMA[:2], 1.0, 2, tmp_path, "in.ply")
+    cols = _scan(10, 0)
+    cols["y"][4] = np.nan
+    with chunks.ScanChunker(SCHEMA, 1.0, 2, tmp_path, "in.ply") as ch:
+        with pytest.raises(ConversionError, match="in.ply: point 4 has a non-finite y"):
+            ch.append(cols)
+    assert not list(tmp_path.glob(".chunking-*")), "temporary files left behind"
+
+
+def test_grid_too_fine_is_refused(tmp_path):
+    cols = _scan(10, 0)
+    cols["x"][0], cols["x"][1] = -3e9, 3e9
+    with chunks.ScanChunker(SCHEMA, 1.0, 3, tmp_path, "in.ply") as ch:
+        ch.append(cols)
+        with pytest.raises(ConversionError, match="larger --chunk-size"):
+            ch.write_to(None)
