@@ -1,13 +1,15 @@
 """The ``gds-stream`` command line: convert, info, verify, env.
 
 Errors of the gds-stream family (and OS errors on the user's files) become one line on stderr and
-exit status 2; ``--debug`` shows the traceback instead.
+exit status 2; ``--debug`` shows the traceback instead. ``--debug`` and ``-v/--verbose`` are
+accepted before or after the subcommand. Sizes are in binary units (KiB, MiB, GiB) everywhere.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from typing import Sequence
 
@@ -17,21 +19,50 @@ EXIT_ERROR = 2
 EXIT_MISMATCH = 1
 
 
+_DEBUG_HELP = "show tracebacks and debug logging (before or after the subcommand)"
+_VERBOSE_HELP = "log progress information (before or after the subcommand)"
+
+
 def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _plural(n: int, word: str) -> str:
+    """``1 scan``, ``2 scans``, ``1,500 points``."""
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gds-stream",
-                                description="Stream huge point clouds into PyTorch.")
-    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
-    p.add_argument("-v", "--verbose", action="store_true", help="log progress information")
+    p = argparse.ArgumentParser(
+        prog="gds-stream", description="Stream huge point clouds into PyTorch.",
+        epilog="--debug and -v/--verbose may also follow the subcommand.")
+    p.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
+    p.add_argument("-v", "--verbose", action="store_true", help=_VERBOSE_HELP)
+    # The same options on every subcommand; SUPPRESS keeps a subcommand that does not see them
+    # from resetting what was given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help=_DEBUG_HELP)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help=_VERBOSE_HELP)
     sub = p.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("convert", help="convert PLY / SemanticKITTI / raw .bin files to a dataset")
+    c = sub.add_parser(
+        "convert", parents=[common],
+        help="convert PLY / LAS / LAZ (COPC too) / SemanticKITTI / raw .bin files to a dataset",
+        description="Convert point-cloud files to a gds-stream dataset, streaming (each input "
+                    "file becomes one scan). Inputs: PLY (ascii and binary), LAS and LAZ 1.0-1.4 "
+                    "(point formats 0-10, COPC included; recognised by the 'LASF' signature), "
+                    "SemanticKITTI .bin (+ .label), raw N×F .bin.")
     c.add_argument("inputs", nargs="+", help="input files or directories")
     c.add_argument("-o", "--output", required=True, help="dataset directory to create")
-    c.add_argument("--format", default="auto", help="auto, ply, kitti or raw (default: auto)")
+    c.add_argument("--format", default="auto",
+                   help="auto, ply, las (LAS/LAZ/COPC), kitti or raw (default: auto: LAS by its "
+                        "signature, else by extension)")
+    c.add_argument("--xyz", default="float32", metavar="float32|float64",
+                   help="LAS/LAZ coordinates: float32 relative to the dataset origin (checked to "
+                        "hold every point within half the file's scale) or absolute float64 "
+                        "(default: float32)")
     c.add_argument("--element", default=None, help="PLY element holding the points "
                                                    "(default: the one with x, y and z)")
     c.add_argument("--fields", type=_csv, default=None,
@@ -42,14 +73,17 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    i = sub.add_parser("info", help="show a dataset's schema, points, scans and bytes")
-    i.add_argument("dataset")
+    i = sub.add_parser("info", parents=[common],
+                       help="show a dataset's schema, points, scans, bytes, origin and CRS")
+    i.add_argument("dataset", help="dataset directory (holding manifest.json)")
 
-    v = sub.add_parser("verify", help="recompute every block checksum of a dataset")
-    v.add_argument("dataset")
+    v = sub.add_parser("verify", parents=[common],
+                       help="recompute every block checksum of a dataset")
+    v.add_argument("dataset", help="dataset directory (holding manifest.json)")
     v.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    sub.add_parser("env", help="versions, CUDA device, and GPUDirect Storage vs compat mode")
+    sub.add_parser("env", parents=[common],
+                   help="versions, CUDA device, and GPUDirect Storage vs compat mode")
     return p
 
 
@@ -65,10 +99,10 @@ def _cmd_convert(a: argparse.Namespace) -> int:
     from .convert import convert
 
     ds = convert(a.inputs, a.output, format=a.format, element=a.element, fields=a.fields,
-                 raw_fields=a.raw_fields, raw_dtype=a.raw_dtype, overwrite=a.overwrite,
-                 progress=False if a.no_progress else None)
-    print(f"wrote {ds.path}: {ds.num_points:,} points in {ds.num_scans:,} scans, "
-          f"{_fmt_bytes(ds.nbytes)}")
+                 raw_fields=a.raw_fields, raw_dtype=a.raw_dtype, xyz=a.xyz,
+                 overwrite=a.overwrite, progress=False if a.no_progress else None)
+    print(f"wrote {ds.path}: {_plural(ds.num_points, 'point')} in "
+          f"{_plural(ds.num_scans, 'scan')}, {_fmt_bytes(ds.nbytes)}")
     return 0
 
 
@@ -80,6 +114,13 @@ def _cmd_info(a: argparse.Namespace) -> int:
     print(f"points   {ds.num_points:,}")
     print(f"scans    {ds.num_scans:,}")
     print(f"bytes    {ds.nbytes:,} ({_fmt_bytes(ds.nbytes)})")
+    origin = getattr(ds, "origin", None)
+    if origin is not None and any(origin):
+        print(f"origin   {', '.join(repr(float(v)) for v in origin)} "
+              f"(x, y, z are stored relative to it)")
+    crs = _crs_summary(ds.sources)
+    if crs:
+        print(f"crs      {crs}")
     print()
     rows = [("field", "dtype", "components", "bytes/point", "bytes")]
     for spec in ds.schema.values():
@@ -91,24 +132,48 @@ def _cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
+def _crs_summary(sources: list) -> str:
+    """The CRS the sources record (LAS/LAZ inputs), one line; empty when none records one."""
+    seen = []
+    for src in sources:
+        if not isinstance(src, dict):
+            continue
+        if "crs_wkt" in src:
+            text = str(src["crs_wkt"])
+            m = re.match(r'\s*\w+\["([^"]*)"', text)
+            auth = re.findall(r'(?:AUTHORITY|ID)\["EPSG",\s*"?(\d+)', text)
+            label = (m.group(1) if m else text[:60]) + (f" (EPSG:{auth[-1]})" if auth else "")
+        elif "crs_geokeys" in src:
+            keys = {k[0]: k[3] for k in src["crs_geokeys"] if isinstance(k, list) and len(k) == 4}
+            code = keys.get(3072) or keys.get(2048)
+            label = f"GeoTIFF keys (EPSG:{code})" if code else "GeoTIFF keys"
+        else:
+            continue
+        if label not in seen:
+            seen.append(label)
+    return "; ".join(seen)
+
+
 def _cmd_verify(a: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .format import open_dataset
 
     ds = open_dataset(a.dataset)
-    with tqdm(total=ds.nbytes, unit="B", unit_scale=True, desc="verify",
+    with tqdm(total=ds.nbytes, unit="B", unit_scale=True, unit_divisor=1024, desc="verify",
               disable=a.no_progress or None, file=sys.stderr) as bar:
         bad = ds.verify(progress=bar.update)
     for name, block, want, got in bad:
         lo = block * ds.block_bytes
+        hi = min(lo + ds.block_bytes, ds.layout(name).nbytes)
         print(f"{ds.field_path(name)}: field {name!r} block {block} "
-              f"(bytes {lo}..{lo + ds.block_bytes}): crc32 {got:08x}, manifest says {want:08x}",
+              f"(bytes {lo}..{hi} of the field): crc32 {got:08x}, manifest says {want:08x}",
               file=sys.stderr)
     if bad:
-        print(f"{ds.path}: {len(bad)} corrupt block(s)", file=sys.stderr)
+        print(f"{ds.path}: {_plural(len(bad), 'corrupt block')}", file=sys.stderr)
         return EXIT_MISMATCH
-    print(f"{ds.path}: all {sum(len(ds.layout(n).checksums) for n in ds.schema)} blocks ok")
+    total = sum(len(ds.layout(n).checksums) for n in ds.schema)
+    print(f"{ds.path}: {'all ' if total != 1 else ''}{_plural(total, 'block')} ok")
     return 0
 
 

@@ -1,12 +1,13 @@
-"""Shared fixtures: generators of input files (PLY, SemanticKITTI, raw) and a small dataset built
-through ``convert``.
+"""Shared fixtures: generators of input files (PLY, SemanticKITTI, raw, LAS/LAZ) and a small dataset
+built through ``convert``.
 
-The generators write the files themselves (not through plyfile), chunk by chunk, and return the
-values they wrote, so a test can compare what a dataset holds with what went in, bit for bit.
+The generators write the files themselves (not through plyfile; LAS through laspy), chunk by chunk,
+and return the values they wrote, so a test can compare what a dataset holds with what went in.
 
 * ``make_ply(path, n, fmt="binary_little_endian", *, properties=PLY_PROPERTIES, ...)``
 * ``make_kitti(root, sizes, *, labels=True, layout="flat" | "semantickitti")``
 * ``make_raw(path, n, fields, dtype="float32")``
+* ``make_las(path, n, point_format=3, version="1.2", ...)`` (with laspy; ``.laz`` compressed)
 * ``small_dataset``: three PLY scans (sizes ``SMALL_SCANS``) converted into ``tmp_path/"ds"``.
 """
 
@@ -208,3 +209,67 @@ def small_dataset(tmp_path) -> ConvertedDataset:
     ds = convert(inputs, tmp_path / "ds", progress=False)
     values = {k: np.concatenate([v[k] for v in parts]) for k in parts[0]}
     return ConvertedDataset(ds, tmp_path / "ds", inputs, values, SMALL_SCANS)
+
+
+# -- LAS / LAZ ----------------------------------------------------------------------------------
+#: (version, point format) pairs laspy writes, one per point format: the lowest version that has it.
+LAS_FORMATS = ((("1.1", 0), ("1.1", 1), ("1.2", 2), ("1.2", 3), ("1.3", 4), ("1.3", 5))
+               + tuple(("1.4", f) for f in range(6, 11)))
+
+
+def _make_las(path: str | Path, n: int, *, point_format: int = 3, version: str = "1.2",
+              scale: float = 0.01, offset: Sequence[float] = (0.0, 0.0, 0.0),
+              centre: Sequence[float] | None = None, spread: float = 100.0,
+              extra: Sequence[tuple[str, str]] = (), wkt: str | None = None,
+              epsg_geokey: int | None = None, seed: int = 0):
+    """Write a LAS (``.las``) or LAZ (``.laz``) file of ``n`` random points with laspy.
+
+    Coordinates lie within ``spread`` of ``centre`` (default: ``offset``), on the grid of
+    ``scale``. ``extra``: extra-bytes dimensions as (name, laspy type, e.g. ``"u2"`` or ``"3f8"``).
+    ``wkt`` / ``epsg_geokey``: a CRS as an OGC WKT VLR or a GeoTIFF key directory. Returns the
+    file as laspy reads it back, the reference a conversion must match (``x``/``y``/``z`` are
+    the scaled coordinates; LAZ does not keep random wave-packet sizes of formats 9 and 10)."""
+    import laspy
+
+    rng = np.random.default_rng(seed)
+    header = laspy.LasHeader(point_format=point_format, version=version)
+    header.scales = np.full(3, scale)
+    header.offsets = np.asarray(offset, dtype=np.float64)
+    if extra:
+        header.add_extra_dims([laspy.ExtraBytesParams(name, t) for name, t in extra])
+    if wkt is not None:
+        header.vlrs.append(laspy.vlrs.known.WktCoordinateSystemVlr(wkt))
+    if epsg_geokey is not None:
+        vlr = laspy.vlrs.known.GeoKeyDirectoryVlr()
+        vlr.geo_keys_header.key_directory_version = 1
+        vlr.geo_keys_header.number_of_keys = 1
+        key = vlr.geo_keys[0]
+        key.id, key.tiff_tag_location, key.count, key.value_offset = 3072, 0, 1, epsg_geokey
+        header.vlrs.append(vlr)
+    las = laspy.LasData(header)
+    c = np.asarray(offset if centre is None else centre, dtype=np.float64)
+    ints = rng.integers(-round(spread / scale), round(spread / scale), size=(n, 3))
+    base = np.round((c - header.offsets) / scale).astype(np.int64)
+    raw = (ints + base).astype(np.int32)
+    las.X, las.Y, las.Z = raw[:, 0], raw[:, 1], raw[:, 2]
+    for dim in header.point_format.dimensions:
+        if dim.name in ("X", "Y", "Z"):
+            continue
+        if dim.dtype is None:  # a bit field
+            las[dim.name] = rng.integers(0, 1 << dim.num_bits, size=n, dtype=np.uint8)
+        elif dim.num_elements > 1:
+            base_dt = dim.dtype.base
+            las[dim.name] = np.stack([random_column(base_dt, n, rng)
+                                      for _ in range(dim.num_elements)], axis=1)
+        else:
+            las[dim.name] = random_column(dim.dtype, n, rng)
+    las.update_header()
+    las.write(str(path))
+    return laspy.read(str(path))
+
+
+@pytest.fixture
+def make_las():
+    """``make_las(path, n, point_format=3, version="1.2", scale=0.01, offset=..., extra=...,
+    wkt=..., epsg_geokey=...) -> laspy.LasData`` (``.laz`` suffix: compressed with lazrs)."""
+    return _make_las

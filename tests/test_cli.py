@@ -180,8 +180,10 @@ def test_raw_size_not_a_multiple(tmp_path):
 
 def test_unknown_format(tmp_path, make_ply):
     make_ply(tmp_path / "a.ply", 5)
+    proc = cli("convert", tmp_path / "a.ply", "-o", tmp_path / "out", "--format", "xyz")
+    assert_error(proc, "unknown format 'xyz'", "auto, ply, las, kitti, raw")
     proc = cli("convert", tmp_path / "a.ply", "-o", tmp_path / "out", "--format", "las")
-    assert_error(proc, "unknown format 'las'", "auto, ply, kitti, raw")
+    assert_error(proc, "a.ply: not a LAS/LAZ file", "signature 'LASF'")
     (tmp_path / "a.xyz").write_text("1 2 3\n")
     proc = cli("convert", tmp_path / "a.xyz", "-o", tmp_path / "out")
     assert_error(proc, "a.xyz", "extension '.xyz'")

@@ -367,7 +367,7 @@ def test_directory_expansion(tmp_path, make_ply, make_kitti):
                                                str(root / "b" / "deep" / "2.ply")]
     assert_same(ds, concat([want[1], want[2], want[0]]))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DatasetError, match=r"empty: no \.ply or \.bin files"):
+    with pytest.raises(DatasetError, match=r"empty: no \.ply, \.las, \.laz or \.bin files"):
         convert(tmp_path / "empty", tmp_path / "d2", progress=False)
 
 
@@ -378,13 +378,13 @@ def test_bad_inputs_and_options(tmp_path, make_ply):
     (tmp_path / "e.ply").touch()
     with pytest.raises(DatasetError, match=r"e\.ply: empty file \(0 bytes\)"):
         convert(tmp_path / "e.ply", tmp_path / "ds", progress=False)
-    (tmp_path / "x.las").write_bytes(b"LASF")
-    with pytest.raises(ConversionError, match=r"x\.las: cannot tell the format from the "
-                                              r"extension '\.las'"):
-        convert(tmp_path / "x.las", tmp_path / "ds", progress=False)
-    with pytest.raises(ConversionError, match=r"unknown format 'las'; expected one of auto, ply, "
-                                              r"kitti, raw"):
-        convert(tmp_path / "a.ply", tmp_path / "ds", format="las", progress=False)
+    (tmp_path / "x.xyz").write_bytes(b"1 2 3\n")
+    with pytest.raises(ConversionError, match=r"x\.xyz: cannot tell the format from the "
+                                              r"extension '\.xyz'"):
+        convert(tmp_path / "x.xyz", tmp_path / "ds", progress=False)
+    with pytest.raises(ConversionError, match=r"unknown format 'xyz'; expected one of auto, ply, "
+                                              r"las, kitti, raw"):
+        convert(tmp_path / "a.ply", tmp_path / "ds", format="xyz", progress=False)
     with pytest.raises(ConversionError, match="no input files"):
         convert([], tmp_path / "ds", progress=False)
     assert no_output_left(tmp_path)

@@ -6,8 +6,9 @@ compared — so a bad input fails in seconds, before any data is written. Then e
 in chunks of rows and appended to a :class:`~gds_stream.format.DatasetWriter`, so memory stays
 bounded whatever the file size (a 2 GB PLY converts in well under 500 MB of RSS).
 
-One module per input format (:mod:`.ply`, :mod:`.kitti`, :mod:`.raw`); what they share — the
-source contract, field selection, schema checks and the streaming driver — is in :mod:`.common`.
+One module per input format (:mod:`.ply`, :mod:`.las`, :mod:`.kitti`, :mod:`.raw`); what they
+share — the source contract, field selection, schema checks and the streaming driver — is in
+:mod:`.common`.
 """
 
 from __future__ import annotations
@@ -21,44 +22,55 @@ from ..errors import ConversionError
 from ..format import Dataset, check_field_name, check_output_dir, open_dataset
 from .common import Source, check_sources, expand, write_sources
 from .kitti import KittiSource
+from .las import LasSource, choose_origin, is_las
 from .ply import PlySource
 from .raw import RawSource, raw_dtype as parse_raw_dtype
 
 log = logging.getLogger(__name__)
 
-__all__ = ["convert", "FORMATS"]
+__all__ = ["convert", "FORMATS", "XYZ_TYPES"]
 
 #: Values of ``format=`` (``--format``).
-FORMATS = ("auto", "ply", "kitti", "raw")
+FORMATS = ("auto", "ply", "las", "kitti", "raw")
+#: Values of ``xyz=`` (``--xyz``): how LAS/LAZ coordinates are stored.
+XYZ_TYPES = ("float32", "float64")
 #: Input extensions a directory expands to, per format.
-_EXTENSIONS = {"auto": (".ply", ".bin"), "ply": (".ply",), "kitti": (".bin",), "raw": (".bin",)}
+_EXTENSIONS = {"auto": (".ply", ".las", ".laz", ".bin"), "ply": (".ply",),
+               "las": (".las", ".laz"), "kitti": (".bin",), "raw": (".bin",)}
 
 
 def _format_of(path: Path, fmt: str, raw_fields) -> str:
     if fmt != "auto":
         return fmt
     ext = path.suffix.lower()
+    if is_las(path) or ext in (".las", ".laz"):
+        return "las"
     if ext == ".ply":
         return "ply"
     if ext == ".bin":
         return "raw" if raw_fields else "kitti"
     raise ConversionError(
-        f"{path}: cannot tell the format from the extension {ext or '(none)'!r}; expected .ply "
-        f"or .bin, or pass --format ply|kitti|raw"
+        f"{path}: cannot tell the format from the extension {ext or '(none)'!r} (and the file "
+        f"does not start with the LAS signature); expected .ply, .las, .laz or .bin, or pass "
+        f"--format ply|las|kitti|raw"
     )
 
 
 def convert(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str | os.PathLike,
             *, format: str = "auto", element: str | None = None,
             fields: Sequence[str] | None = None, raw_fields: Sequence[str] | None = None,
-            raw_dtype: str = "float32", overwrite: bool = False,
+            raw_dtype: str = "float32", xyz: str = "float32", overwrite: bool = False,
             progress: bool | None = None) -> Dataset:
     """Convert ``inputs`` (files or directories) into the dataset directory ``out_dir``.
 
-    ``format``: ``auto`` (``.ply`` → ply; ``.bin`` → raw when ``raw_fields`` is given, else
-    SemanticKITTI), ``ply``, ``kitti`` or ``raw``. ``element``: the PLY element to convert
+    ``format``: ``auto`` (a file starting with ``LASF``, ``.las`` or ``.laz`` → las; ``.ply`` →
+    ply; ``.bin`` → raw when ``raw_fields`` is given, else SemanticKITTI), ``ply``, ``las``
+    (LAS/LAZ/COPC), ``kitti`` or ``raw``. ``element``: the PLY element to convert
     (default: the one with x, y and z). ``fields``: the fields to keep, in this order (default:
     all). ``raw_fields`` / ``raw_dtype``: column names and dtype of raw N×F records.
+    ``xyz``: ``float32`` stores LAS/LAZ coordinates relative to the dataset origin (checked to
+    reproduce every scaled coordinate within half the file's scale), ``float64`` absolute; other
+    formats keep their stored types.
     ``progress``: a tqdm bar over input bytes on stderr; ``None`` shows it when stderr is a TTY.
 
     Each input file becomes one scan. Every input is validated before anything is written; a
@@ -66,6 +78,8 @@ def convert(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: st
     """
     if format not in FORMATS:
         raise ConversionError(f"unknown format {format!r}; expected one of {', '.join(FORMATS)}")
+    if xyz not in XYZ_TYPES:
+        raise ConversionError(f"--xyz {xyz!r}: expected one of {', '.join(XYZ_TYPES)}")
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     if fields is not None:
@@ -78,7 +92,7 @@ def convert(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: st
     dtype = None
     if raw_fields is not None:
         raw_fields = list(raw_fields)
-        if format in ("ply", "kitti"):
+        if format in ("ply", "las", "kitti"):
             raise ConversionError(f"--raw-fields applies to raw .bin input, not --format {format}")
         if not raw_fields:
             raise ConversionError("--raw-fields names no field")
@@ -102,6 +116,8 @@ def convert(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: st
         kind = _format_of(path, format, raw_fields)
         if kind == "ply":
             src: Source = PlySource(path, element, fields, warned)
+        elif kind == "las":
+            src = LasSource(path, fields, xyz)
         elif kind == "kitti":
             src = KittiSource(path, fields)
         else:
@@ -110,5 +126,17 @@ def convert(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: st
         sources.append(src)
         check_sources(sources)
 
-    write_sources(sources, out, overwrite=overwrite, progress=progress)
+    las = [s for s in sources if isinstance(s, LasSource)]
+    if xyz != "float32" and len(las) != len(sources):
+        raise ConversionError(f"--xyz {xyz} applies to LAS/LAZ input; {sources[0].path} keeps "
+                              f"its own stored types")
+    options = {}
+    if las and xyz == "float32":
+        origin = choose_origin(las)
+        for s in las:
+            s.origin = origin
+        if origin.any():
+            log.info("dataset origin %s (x, y, z are stored relative to it)", origin.tolist())
+            options["origin"] = origin
+    write_sources(sources, out, overwrite=overwrite, progress=progress, writer_options=options)
     return open_dataset(out)

@@ -115,7 +115,8 @@ def expand(inputs: Iterable[str | os.PathLike], exts: tuple[str, ...]) -> list[P
                 found += [Path(root) / name for name in files
                           if not name.startswith(".") and name.lower().endswith(exts)]
             if not found:
-                raise DatasetError(f"{p}: no {' or '.join(exts)} files in this directory")
+                listed = ", ".join(exts[:-1]) + " or " + exts[-1] if len(exts) > 1 else exts[0]
+                raise DatasetError(f"{p}: no {listed} files in this directory")
             out += sorted(found, key=lambda q: q.relative_to(p).parts)
         elif not p.exists():
             raise DatasetError(f"{p}: no such file or directory")

@@ -1,0 +1,319 @@
+"""LAS / LAZ input: every point format and version laspy writes, compressed or not, round-trips
+(integers exact, coordinates within half the scale); extra bytes, several files, chunk
+boundaries; georeferenced coordinates stored as float32 relative to the dataset origin, the
+float32-bound refusal and ``xyz="float64"``; CRS recorded and compared; bad inputs are one clear
+error with nothing left behind.
+"""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+import struct
+import tracemalloc
+
+import laspy
+import numpy as np
+import pytest
+
+from conftest import LAS_FORMATS
+from gds_stream import ConversionError, DatasetError
+from gds_stream.convert import convert
+
+common = importlib.import_module("gds_stream.convert.common")
+
+UTM = (500000.0, 5000000.0, 200.0)
+STANDARD_XYZ = ("X", "Y", "Z")
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 128 points, so every test file spans several chunks with a ragged last one."""
+    monkeypatch.setattr(common, "CHUNK_ROWS", 128)
+    return 128
+
+
+def no_output_left(parent, name="ds") -> bool:
+    return not [p for p in parent.iterdir() if p.name == name or p.name.startswith(f".{name}.")]
+
+
+def origin_of(ds) -> np.ndarray:
+    return np.asarray(getattr(ds, "origin", np.zeros(3)), dtype=np.float64)
+
+
+def assert_las_equal(ds, las, start=0, scale=None):
+    """Every dimension of ``las`` reads back from ``ds``: integers and floats exact, bit fields
+    as uint8, coordinates (origin + stored value) within half the scale."""
+    n = len(las.points)
+    origin = origin_of(ds)
+    scales = las.header.scales if scale is None else np.full(3, scale)
+    for j, c in enumerate("xyz"):
+        got = ds.read(c, start, start + n).astype(np.float64) + origin[j]
+        want = np.asarray(las[c], dtype=np.float64)
+        assert np.max(np.abs(got - want), initial=0) <= scales[j] / 2, c
+    for dim in las.point_format.dimensions:
+        if dim.name in STANDARD_XYZ:
+            continue
+        name = dim.name.lower().replace(" ", "_")
+        got = ds.read(name, start, start + n)
+        if dim.dtype is None:
+            assert got.dtype == np.uint8, name
+            want = np.asarray(las[dim.name], dtype=np.uint8)
+        else:
+            want = np.asarray(las.points.array[dim.name])
+            base = dim.dtype.base if dim.dtype.subdtype is not None else dim.dtype
+            assert got.dtype == base.newbyteorder("<") or got.dtype == base, (name, got.dtype)
+        assert got.shape == want.shape, (name, got.shape, want.shape)
+        assert np.array_equal(got, want), f"dimension {dim.name} differs"
+
+
+# -- round trips ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("suffix", [".las", ".laz"])
+@pytest.mark.parametrize("version,point_format", LAS_FORMATS)
+def test_every_point_format_round_trips(tmp_path, make_las, small_chunks, version, point_format,
+                                        suffix):
+    las = make_las(tmp_path / f"a{suffix}", 500, point_format=point_format, version=version,
+                   seed=point_format)
+    ds = convert(tmp_path / f"a{suffix}", tmp_path / "ds", progress=False)
+    assert ds.num_points == 500 and ds.num_scans == 1
+    assert ds.schema["x"].dtype == np.float32
+    assert ds.schema["intensity"].dtype == np.uint16
+    assert ds.schema["return_number"].dtype == np.uint8
+    assert ds.schema["classification"].dtype == np.uint8
+    assert_las_equal(ds, las)
+    src = ds.sources[0]
+    assert src["format"] == "las" and src["point_format"] == point_format
+    assert src["las_version"] == version and src["compressed"] == (suffix == ".laz")
+
+
+def test_dimension_types_are_kept(tmp_path, make_las):
+    make_las(tmp_path / "a.las", 10, point_format=8, version="1.4")
+    ds = convert(tmp_path / "a.las", tmp_path / "ds", progress=False)
+    types = {k: s.dtype.name for k, s in ds.schema.items()}
+    assert types["gps_time"] == "float64" and types["scan_angle"] == "int16"
+    assert types["red"] == types["nir"] == "uint16" and types["number_of_returns"] == "uint8"
+    assert list(ds.schema)[:3] == ["x", "y", "z"]
+
+
+def test_extra_bytes_scalar_and_array(tmp_path, make_las, small_chunks):
+    extra = [("my dim", "u2"), ("Range", "f4"), ("normal", "3f8"), ("pair", "2i1")]
+    las = make_las(tmp_path / "a.laz", 700, point_format=6, version="1.4", extra=extra)
+    ds = convert(tmp_path / "a.laz", tmp_path / "ds", progress=False)
+    assert ds.schema["my_dim"].dtype == np.uint16 and ds.schema["range"].dtype == np.float32
+    assert ds.schema["normal"].components == 3 and ds.schema["normal"].dtype == np.float64
+    assert ds.schema["pair"].components == 2 and ds.schema["pair"].dtype == np.int8
+    assert_las_equal(ds, las)
+
+
+def test_fields_select_dimensions(tmp_path, make_las):
+    las = make_las(tmp_path / "a.las", 100)
+    ds = convert(tmp_path / "a.las", tmp_path / "ds", fields=["x", "y", "z", "intensity"],
+                 progress=False)
+    assert list(ds.schema) == ["x", "y", "z", "intensity"]
+    assert np.array_equal(ds.read("intensity"), las.intensity)
+    with pytest.raises(ConversionError, match=r"a\.las: no LAS dimension 'nir'.*intensity"):
+        convert(tmp_path / "a.las", tmp_path / "d2", fields=["x", "nir"], progress=False)
+
+
+def test_several_files_are_scans(tmp_path, make_las, small_chunks):
+    sizes = (300, 0, 450)
+    written = [make_las(tmp_path / f"t{i}.laz", n, seed=i) for i, n in enumerate(sizes)]
+    ds = convert(tmp_path, tmp_path / "ds", progress=False)
+    assert ds.scan_offsets.tolist() == [0, 300, 300, 750]
+    assert [s["path"] for s in ds.sources] == [str(tmp_path / f"t{i}.laz") for i in range(3)]
+    for las, start in zip(written, (0, 300, 300)):
+        assert_las_equal(ds, las, start)
+
+
+def test_auto_detects_las_by_signature(tmp_path, make_las):
+    las = make_las(tmp_path / "a.las", 50)
+    shutil.copy(tmp_path / "a.las", tmp_path / "scan.bin")
+    ds = convert(tmp_path / "scan.bin", tmp_path / "ds", progress=False)
+    assert ds.sources[0]["format"] == "las"
+    assert_las_equal(ds, las)
+
+
+def test_copc_is_recognised(tmp_path, make_las):
+    """laspy cannot write COPC; a LAZ 1.4 file carrying the COPC info VLR (user "copc", record 1)
+    is read as the LAZ it is and recorded as COPC."""
+    las = make_las(tmp_path / "a.laz", 200, point_format=6, version="1.4")
+    las.header.vlrs.insert(0, laspy.VLR("copc", 1, "copc info", b"\0" * 160))
+    las.write(str(tmp_path / "a.copc.laz"))
+    las = laspy.read(str(tmp_path / "a.copc.laz"))
+    ds = convert(tmp_path / "a.copc.laz", tmp_path / "ds", progress=False)
+    assert ds.sources[0]["copc"] is True
+    assert_las_equal(ds, las)
+    plain = convert(tmp_path / "a.laz", tmp_path / "d2", progress=False)
+    assert plain.sources[0]["copc"] is False
+
+
+def test_memory_is_bounded(tmp_path, make_las, monkeypatch):
+    """Converting a LAZ allocates about one chunk of columns, not the file's points."""
+    monkeypatch.setattr(common, "CHUNK_ROWS", 1 << 12)
+    make_las(tmp_path / "big.laz", 200_000, point_format=1, version="1.2")
+    points_bytes = 200_000 * (3 * 4 + 25)
+    tracemalloc.start()
+    try:
+        convert(tmp_path / "big.laz", tmp_path / "ds", progress=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < points_bytes / 4, f"peak {peak} bytes for {points_bytes} bytes of points"
+
+
+# -- coordinates ---------------------------------------------------------------------------------
+def test_georeferenced_float32_relative_to_origin(tmp_path, make_las, small_chunks):
+    las = make_las(tmp_path / "a.laz", 2000, scale=0.001, offset=UTM, spread=2000.0)
+    ds = convert(tmp_path / "a.laz", tmp_path / "ds", progress=False)
+    origin = origin_of(ds)
+    assert ds.schema["x"].dtype == np.float32
+    assert np.all(origin % 100 == 0) and abs(origin[0] - UTM[0]) <= 2100
+    assert abs(origin[1] - UTM[1]) <= 2100
+    # What float32 could not hold absolutely (~0.03 m at 500 km) holds relative to the origin.
+    x = np.asarray(las.x)
+    assert np.max(np.abs(x.astype(np.float32).astype(np.float64) - x)) > 0.0005
+    assert_las_equal(ds, las)
+
+
+def test_local_coordinates_need_no_origin(tmp_path, make_las):
+    make_las(tmp_path / "a.las", 100, scale=0.01, spread=50.0)
+    ds = convert(tmp_path / "a.las", tmp_path / "ds", progress=False)
+    assert not origin_of(ds).any()
+
+
+def test_float32_bound_is_checked_on_every_point(tmp_path, make_las):
+    """A tile 200 km wide at scale 0.001 cannot be float32 within 0.5 mm of any one origin."""
+    make_las(tmp_path / "a.laz", 1000, scale=0.001, offset=UTM, spread=100_000.0)
+    with pytest.raises(ConversionError, match=r"a\.laz: point \d+: x = .*--xyz float64"):
+        convert(tmp_path / "a.laz", tmp_path / "ds", progress=False)
+    assert no_output_left(tmp_path)
+
+
+def test_header_bounds_that_lie_are_caught(tmp_path, make_las):
+    """Bounds claiming a small local tile do not let far points through as float32."""
+    make_las(tmp_path / "a.las", 100, scale=0.001, offset=UTM)
+    data = bytearray((tmp_path / "a.las").read_bytes())
+    data[179:227] = struct.pack("<6d", 1.0, 0.0, 1.0, 0.0, 1.0, 0.0)  # max/min x, y, z
+    (tmp_path / "a.las").write_bytes(bytes(data))
+    with pytest.raises(ConversionError, match=r"a\.las: point 0: .*--xyz float64"):
+        convert(tmp_path / "a.las", tmp_path / "ds", progress=False)
+    assert no_output_left(tmp_path)
+
+
+def test_xyz_float64_keeps_absolute_coordinates(tmp_path, make_las):
+    las = make_las(tmp_path / "a.laz", 1000, scale=0.001, offset=UTM, spread=100_000.0)
+    ds = convert(tmp_path / "a.laz", tmp_path / "ds", xyz="float64", progress=False)
+    assert ds.schema["x"].dtype == np.float64 and not origin_of(ds).any()
+    for c in "xyz":
+        assert np.array_equal(ds.read(c), np.asarray(las[c])), c
+
+
+def test_xyz_option_is_checked(tmp_path, make_las, make_ply):
+    make_las(tmp_path / "a.las", 10)
+    with pytest.raises(ConversionError, match="--xyz 'float16'"):
+        convert(tmp_path / "a.las", tmp_path / "ds", xyz="float16", progress=False)
+    make_ply(tmp_path / "b.ply", 10)
+    with pytest.raises(ConversionError, match=r"b\.ply keeps its own stored types"):
+        convert(tmp_path / "b.ply", tmp_path / "ds", xyz="float64", progress=False)
+
+
+# -- CRS and mixing ------------------------------------------------------------------------------
+WKT_A = 'PROJCS["WGS 84 / UTM zone 33N",GEOGCS["WGS 84"],AUTHORITY["EPSG","32633"]]'
+WKT_B = 'PROJCS["WGS 84 / UTM zone 32N",GEOGCS["WGS 84"],AUTHORITY["EPSG","32632"]]'
+
+
+def test_crs_is_recorded(tmp_path, make_las):
+    make_las(tmp_path / "a.las", 10, point_format=6, version="1.4", wkt=WKT_A)
+    make_las(tmp_path / "b.las", 10, epsg_geokey=32633)
+    ds = convert(tmp_path / "a.las", tmp_path / "d1", progress=False)
+    assert ds.sources[0]["crs_wkt"] == WKT_A
+    ds = convert(tmp_path / "b.las", tmp_path / "d2", progress=False)
+    assert [3072, 0, 1, 32633] in ds.sources[0]["crs_geokeys"]
+
+
+@pytest.mark.parametrize("second", [{"wkt": WKT_B}, {}])
+def test_crs_mismatch_names_both_files(tmp_path, make_las, second):
+    make_las(tmp_path / "a.las", 10, point_format=6, version="1.4", wkt=WKT_A)
+    make_las(tmp_path / "b.las", 10, point_format=6, version="1.4", **second)
+    with pytest.raises(ConversionError, match=r"b\.las: coordinate reference system differs "
+                                              r"from .*a\.las"):
+        convert([tmp_path / "a.las", tmp_path / "b.las"], tmp_path / "ds", progress=False)
+    assert no_output_left(tmp_path)
+
+
+def test_point_formats_with_other_dimensions_are_refused(tmp_path, make_las):
+    make_las(tmp_path / "a.las", 10, point_format=3)
+    make_las(tmp_path / "b.las", 10, point_format=1)
+    with pytest.raises(ConversionError, match=r"b\.las: schema differs from .*a\.las.*red"):
+        convert([tmp_path / "a.las", tmp_path / "b.las"], tmp_path / "ds", progress=False)
+    # Selecting the dimensions both have makes them compatible.
+    ds = convert([tmp_path / "a.las", tmp_path / "b.las"], tmp_path / "ds",
+                 fields=["x", "y", "z", "intensity", "gps_time"], progress=False)
+    assert ds.num_points == 20
+
+
+def test_las_and_ply_do_not_mix(tmp_path, make_las, make_ply):
+    make_ply(tmp_path / "a.ply", 10, properties=[("x", "f4"), ("y", "f4"), ("z", "f4")])
+    make_las(tmp_path / "b.las", 10)
+    with pytest.raises(ConversionError, match=r"b\.las"):
+        convert([tmp_path / "a.ply", tmp_path / "b.las"], tmp_path / "ds",
+                fields=["x", "y", "z"], progress=False)
+    assert no_output_left(tmp_path)
+
+
+# -- bad input -----------------------------------------------------------------------------------
+def test_not_a_las_file(tmp_path):
+    (tmp_path / "a.las").write_bytes(b"PLY? no, just some bytes" * 10)
+    with pytest.raises(DatasetError, match=r"a\.las: not a LAS/LAZ file: expected the "
+                                           r"signature 'LASF'"):
+        convert(tmp_path / "a.las", tmp_path / "ds", progress=False)
+    assert no_output_left(tmp_path)
+
+
+def test_garbage_after_signature(tmp_path):
+    (tmp_path / "a.las").write_bytes(b"LASF" + b"\xff" * 50)
+    with pytest.raises(DatasetError, match=r"a\.las: not a readable LAS/LAZ file"):
+        convert(tmp_path / "a.las", tmp_path / "ds", progress=False)
+
+
+def test_truncated_las_fails_before_writing(tmp_path, make_las):
+    make_las(tmp_path / "a.las", 100)
+    make_las(tmp_path / "b.las", 100, seed=1)
+    data = (tmp_path / "b.las").read_bytes()
+    (tmp_path / "b.las").write_bytes(data[:-50])
+    with pytest.raises(DatasetError, match=r"b\.las: truncated: the header promises 100 points"):
+        convert([tmp_path / "a.las", tmp_path / "b.las"], tmp_path / "ds", progress=False)
+    assert no_output_left(tmp_path)
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.9])
+def test_truncated_laz(tmp_path, make_las, cut):
+    make_las(tmp_path / "a.laz", 5000)
+    data = (tmp_path / "a.laz").read_bytes()
+    (tmp_path / "a.laz").write_bytes(data[:int(len(data) * cut)])
+    with pytest.raises(DatasetError, match=r"a\.laz: "):
+        convert(tmp_path / "a.laz", tmp_path / "ds", progress=False)
+    assert no_output_left(tmp_path)
+
+
+def test_damaged_chunk_table(tmp_path, make_las):
+    """The LAZ chunk table's offset (the first 8 bytes of the point data) points elsewhere."""
+    las = make_las(tmp_path / "a.laz", 5000)
+    start = las.header.offset_to_point_data
+    data = bytearray((tmp_path / "a.laz").read_bytes())
+    data[start:start + 8] = struct.pack("<q", len(data) - 3)
+    (tmp_path / "a.laz").write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match=r"a\.laz: "):
+        convert(tmp_path / "a.laz", tmp_path / "ds", progress=False)
+    assert no_output_left(tmp_path)
+
+
+@pytest.mark.parametrize("suffix", [".las", ".laz"])
+def test_header_point_count_that_lies(tmp_path, make_las, suffix):
+    make_las(tmp_path / f"a{suffix}", 1000)
+    data = bytearray((tmp_path / f"a{suffix}").read_bytes())
+    data[107:111] = struct.pack("<I", 1500)  # legacy point count of a LAS 1.2 header
+    (tmp_path / f"a{suffix}").write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match=rf"a\{suffix}: .*"):
+        convert(tmp_path / f"a{suffix}", tmp_path / "ds", progress=False)
+    assert no_output_left(tmp_path)
