@@ -1,9 +1,8 @@
 """What this machine can do for the GPU-direct path, probed once and reported truthfully.
 
 Three global answers: ``gds`` (KvikIO reads through GPUDirect Storage: cuFile and the nvidia-fs driver
-are there), ``gds-compat`` (KvikIO runs, but in compat mode: POSIX reads into pinned bounce
-buffers, then host→device copies on KvikIO's threads), or unavailable, with the reason (no CUDA
-device, no cupy, no kvikio). KvikIO also decides per file (:func:`file_route`): a file on a
+are there), ``gds-compat`` (KvikIO runs, but in compat mode: POSIX reads, no direct DMA), or
+unavailable, with the reason (no CUDA device, no kvikio). KvikIO also decides per file (:func:`file_route`): a file on a
 filesystem where O_DIRECT or cuFile registration fails is read in compat mode even where the
 global answer is ``gds``. Nothing here imports cupy or kvikio before it is called.
 """
@@ -64,20 +63,6 @@ def probe_gds() -> GDSCapability:
     reason = _cuda_device_reason()
     if reason is not None:
         return GDSCapability("unavailable", reason, versions)
-    try:
-        import cupy
-    except ImportError as exc:
-        return GDSCapability("unavailable", f"cupy is not installed ({exc}); {INSTALL_HINT}",
-                             versions)
-    except Exception as exc:  # a broken CUDA install raises odd things at import
-        return GDSCapability("unavailable", f"cupy failed to import: {exc}", versions)
-    versions["cupy"] = cupy.__version__
-    try:
-        n = cupy.cuda.runtime.getDeviceCount()
-    except Exception as exc:
-        return GDSCapability("unavailable", f"cupy cannot reach a CUDA device: {exc}", versions)
-    if n < 1:
-        return GDSCapability("unavailable", "cupy sees no CUDA device", versions)
     try:
         import kvikio
         import kvikio.defaults
