@@ -449,3 +449,221 @@ def test_dataset_uses_the_closeable_mixin(tmp_path):
         assert isinstance(ds, Closeable)
     with pytest.raises(OSError):
         os.fstat(fd)
+
+
+def test_manifest_permission_error_is_dataset_error(tmp_path, monkeypatch):
+    from gds_stream import _manifest
+
+    out = write(tmp_path / "ds")
+    real = os.open
+
+    def deny(path, *a, **k):
+        if str(path).endswith(MANIFEST):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(_manifest.os, "open", deny)
+    refused(out, "cannot open the manifest .Permission denied")
+
+
+# -- B14: the final step never replaces a dataset that appeared meanwhile ------------------------
+def fill(w: DatasetWriter, n: int, value: int) -> None:
+    w.append({"x": np.full((n, 3), value, "<f4"), "label": np.full(n, value, "<u2")})
+    w.end_scan(f"v{value}")
+
+
+def leftovers(parent: Path, name: str = "ds") -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}."))
+
+
+@pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "fallback"])
+@pytest.mark.parametrize("empty_target", [False, True], ids=["absent", "empty-dir"])
+def test_concurrent_writers_one_wins(tmp_path, monkeypatch, renameat2, empty_target):
+    if not renameat2:
+        monkeypatch.setattr(_publish, "_renameat2", lambda *a: False)
+    out = tmp_path / "ds"
+    if empty_target:
+        out.mkdir()
+    a = DatasetWriter(out, FIELDS)
+    b = DatasetWriter(out, FIELDS)
+    fill(a, 3, 1)
+    fill(b, 4, 2)
+    a.finish()
+    with pytest.raises(ConversionError, match="ds: appeared while converting|not empty"):
+        with b:
+            pass
+    ds = open_dataset(out)
+    assert ds.num_points == 3 and ds.read("label").tolist() == [1, 1, 1]
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("renameat2", [True, False], ids=["exchange", "two-renames"])
+def test_overwrite_replaces(tmp_path, monkeypatch, renameat2):
+    if not renameat2:
+        monkeypatch.setattr(_publish, "_renameat2", lambda *a: False)
+    out = tmp_path / "ds"
+    with DatasetWriter(out, FIELDS) as w:
+        fill(w, 3, 1)
+    with DatasetWriter(out, FIELDS, overwrite=True) as w:
+        fill(w, 2, 7)
+    assert open_dataset(out).read("label").tolist() == [7, 7]
+    assert leftovers(tmp_path) == [] and sorted(p.name for p in out.iterdir()) == [
+        "label.bin", MANIFEST, "x.bin"]
+
+
+_CONVERT_ONE = """
+import sys, numpy as np
+from gds_stream.errors import ConversionError
+from gds_stream.format import DatasetWriter, FieldSpec
+v = int(sys.argv[2])
+try:
+    with DatasetWriter(sys.argv[1], [FieldSpec("label", np.dtype("<u2"))]) as w:
+        w.append({"label": np.full(1000, v, "<u2")}); w.end_scan(str(v))
+except ConversionError as exc:
+    print("refused", exc); sys.exit(2)
+print("won")
+"""
+
+
+def test_concurrent_processes_one_wins(tmp_path):
+    out = tmp_path / "ds"
+    procs = [subprocess.Popen([sys.executable, "-c", _CONVERT_ONE, str(out), str(v)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for v in range(4)]
+    results = [(p.wait(120), p.communicate()) for p in procs]
+    codes = [rc for rc, _ in results]
+    assert sorted(codes) == [0, 2, 2, 2], results
+    winner = codes.index(0)
+    assert open_dataset(out).read("label")[0] == winner
+    assert all("ds:" in o for rc, (o, _) in results if rc == 2)
+    assert leftovers(tmp_path) == []
+
+
+# -- B15: cleanup after killed writers -------------------------------------------------------------
+_KILLED = """
+import sys, time, numpy as np
+from gds_stream.format import DatasetWriter, FieldSpec
+w = DatasetWriter(sys.argv[1], [FieldSpec("label", np.dtype("<u2"))])
+w.append({"label": np.zeros(1000, "<u2")})
+w._writers[0].f.flush()
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+def test_temp_dir_of_killed_writer_removed(tmp_path):
+    out = tmp_path / "ds"
+    p = subprocess.Popen([sys.executable, "-c", _KILLED, str(out)], stdout=subprocess.PIPE,
+                         text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        [tmp] = leftovers(tmp_path)
+        assert tmp.startswith(".ds.tmp-")
+        # while its writer lives, another writer leaves it alone
+        DatasetWriter(tmp_path / "ds", FIELDS).abort()
+        assert leftovers(tmp_path) == [tmp]
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait(30)
+        p.stdout.close()
+    with DatasetWriter(out, FIELDS) as w:
+        fill(w, 2, 5)
+    assert leftovers(tmp_path) == []
+    assert open_dataset(out).num_points == 2
+
+
+def test_stale_markers(tmp_path):
+    out = tmp_path / "ds"
+    me = _publish.owner_record()
+    cases = {
+        ".ds.tmp-reused": dict(me, start="1"),       # our pid, other start time: pid reused
+        ".ds.tmp-reboot": dict(me, boot="another"),  # written before a reboot
+        ".ds.tmp-live": me,                          # a live writer (this process)
+        ".ds.tmp-fresh": None,                       # no marker yet, just created
+        ".ds.tmp-old": None,                         # no marker, untouched for long
+    }
+    for name, rec in cases.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x.bin").write_bytes(b"1")
+        if rec is not None:
+            (tmp_path / name / _publish.MARKER).write_text(json.dumps(rec))
+    old = time.time() - 2 * _publish.UNMARKED_STALE_S
+    os.utime(tmp_path / ".ds.tmp-old", (old, old))
+    (tmp_path / ".other.tmp-x").mkdir()  # another dataset's: not ours to judge
+    DatasetWriter(out, FIELDS).abort()
+    assert leftovers(tmp_path) == [".ds.tmp-fresh", ".ds.tmp-live"]
+    assert (tmp_path / ".other.tmp-x").is_dir()
+
+
+def test_interrupted_overwrite_recovered(tmp_path, caplog):
+    out = write(tmp_path / "ds")
+    want = open_dataset(out).read("x")
+    os.rename(out, tmp_path / ".ds.old-1234abcd")  # killed between the two renames
+    with caplog.at_level("WARNING", logger="gds_stream._publish"):
+        with pytest.raises(ConversionError, match="not empty"):
+            DatasetWriter(out, FIELDS)
+    assert "restoring the previous dataset" in caplog.text
+    np.testing.assert_array_equal(open_dataset(out).read("x"), want)
+    assert leftovers(tmp_path) == []
+    # an .old-* beside an existing target is the rest of a finished replacement
+    shutil.copytree(out, tmp_path / ".ds.old-5678")
+    with DatasetWriter(out, FIELDS, overwrite=True) as w:
+        fill(w, 1, 3)
+    assert leftovers(tmp_path) == [] and open_dataset(out).num_points == 1
+
+
+# -- B16: write failures name the output file ----------------------------------------------------
+class _FullDisk:
+    def __init__(self, f):
+        self.f = f
+        self.closed = False
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def close(self):
+        self.closed = True
+        self.f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def test_disk_full_while_appending(tmp_path):
+    out = tmp_path / "ds"
+    with pytest.raises(ConversionError, match=r"ds/label.bin: writing 6 bytes failed "
+                                              r"\(No space left on device\)"):
+        with DatasetWriter(out, FIELDS) as w:
+            w._writers[1].f = _FullDisk(w._writers[1].f)
+            fill(w, 3, 1)
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_disk_full_while_finishing(tmp_path, monkeypatch):
+    from gds_stream import writer as writer_mod
+
+    out = tmp_path / "ds"
+    real = open
+
+    def full(path, mode="r", *a, **k):
+        f = real(path, mode, *a, **k)
+        return _FullDisk(f) if str(path).endswith(MANIFEST) and "w" in mode else f
+
+    monkeypatch.setattr(writer_mod, "open", full, raising=False)
+    with pytest.raises(ConversionError, match=r"ds/manifest.json: writing the manifest failed "
+                                              r"\(No space left on device\)"):
+        with DatasetWriter(out, FIELDS) as w:
+            fill(w, 3, 1)
+    monkeypatch.undo()
+
+    def enospc(*a):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_publish, "publish", enospc)
+    with pytest.raises(ConversionError, match=r"ds: moving the finished dataset into place failed"):
+        with DatasetWriter(out, FIELDS) as w:
+            fill(w, 3, 1)
+    assert not out.exists() and leftovers(tmp_path) == []
