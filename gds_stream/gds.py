@@ -176,9 +176,20 @@ class GDSLoader(Loader):
             if why and why not in reasons:
                 reasons.append(why)
         self.backend = "gds" if all(r == "gds" for r in self.routes) else "gds-compat"
-        self.backend_reason = "; ".join(reasons)
-        log.info("GDSLoader: %s%s", self.backend,
-                 f" ({self.backend_reason})" if self.backend_reason else "")
+        #: Why some files are not read through GPUDirect Storage ("" when all are).
+        self.route_reason = "; ".join(reasons)
+        log.debug("GDSLoader: %s (routes %s)%s", self.backend, self.routes,
+                  f": {self.route_reason}" if self.route_reason else "")
+
+    @property
+    def backend_reason(self) -> str:
+        """Why this backend (as ``open_loader`` chose it), and why files read in compat mode."""
+        return "; ".join(r for r in (self.__dict__.get("_choice_reason", ""),
+                                     self.__dict__.get("route_reason", "")) if r)
+
+    @backend_reason.setter
+    def backend_reason(self, reason: str) -> None:
+        self._choice_reason = reason
 
     def _make_iterator(self, plan: EpochPlan, start: int) -> "_GDSIterator":
         return _GDSIterator(self, plan, start)
@@ -383,6 +394,9 @@ class _GDSIterator(EpochIterator):
             ops.copy_async(dev, host)  # on the consumer's stream, from pinned memory
             out["offset"] = dev
         return out
+
+    def _request_stop(self) -> None:
+        self._stop.set()
 
     def _shutdown(self) -> None:
         self._stop.set()

@@ -419,6 +419,9 @@ def test_simulated_gds_matches_fallback_bit_for_bit(ds, simulated_gpu, cfg, rout
             else "gds-compat"
         assert g.backend == want_backend and len(g) == len(f)
         assert (g.backend_reason == "") == (want_backend == "gds")
+        g.backend_reason = "chosen by open_loader"  # what open_loader sets is kept in front
+        assert g.backend_reason.startswith("chosen by open_loader")
+        assert ("simulated compat" in g.backend_reason) == (want_backend == "gds-compat")
         n = 0
         for a, b in zip(g, f):  # batches dropped as they go
             assert a.keys() == b.keys()
@@ -533,6 +536,26 @@ def test_simulated_gds_verifier_failure_surfaces(ds, simulated_gpu):
     g.close()
 
 
+@pytest.mark.parametrize("route", ["gds", "host"])
+def test_simulated_gds_verify_reads_finds_a_changed_file(tmp_path, simulated_gpu, route):
+    from gds_stream.gds import GDSLoader
+
+    simulated_gpu.routes.update(ROUTES[route])
+    d = _write(tmp_path / "v", [30_000])
+    path = d.field_path("label")
+    with open(path, "r+b") as f:  # flip one byte of the 20 000th label
+        f.seek(d.layout("label").offset + 2 * 20_000)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+    with GDSLoader(d, device="cuda", batch_points=10_000, verify_reads=True) as g:
+        with pytest.raises(LoaderError) as ei:
+            for _ in g:
+                pass
+    text = str(ei.value) + str(ei.value.__cause__)
+    assert "crc32" in text and "label" in text
+
+
 def test_simulated_gds_break_joins_submit_thread(ds, simulated_gpu):
     from gds_stream.gds import GDSLoader
 
@@ -641,7 +664,8 @@ def test_gpu_mode_is_truthful(ds):
         if cap.mode != "gds":
             assert g.backend == "gds-compat" and g.backend_reason
         assert (g.backend == "gds") == all(r == "gds" for r in g.routes)
-        assert (g.backend_reason == "") == (g.backend == "gds")
+        assert (g.route_reason == "") == (g.backend == "gds")
+        assert g.route_reason in g.backend_reason and g.backend_reason
         for b in g:
             for t in b.values():
                 assert t.is_cuda
