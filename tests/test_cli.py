@@ -231,3 +231,87 @@ def test_debug_shows_traceback(tmp_path):
     assert "Traceback" in proc.stderr and "DatasetError" in proc.stderr
     assert "nope.ply: no such file" in proc.stderr
     assert nothing_left(tmp_path)
+
+
+# -- options anywhere, help, wording -----------------------------------------------------------------
+def test_debug_and_verbose_after_the_subcommand(tmp_path, make_ply):
+    proc = cli("convert", tmp_path / "nope.ply", "-o", tmp_path / "out", "--debug")
+    assert "Traceback" in proc.stderr and "nope.ply: no such file" in proc.stderr
+    make_ply(tmp_path / "a.ply", 10)
+    proc = cli("convert", tmp_path / "a.ply", "-o", tmp_path / "out", "-v", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "INFO gds_stream.convert" in proc.stderr
+    proc = cli("info", tmp_path / "out", "--verbose")
+    assert proc.returncode == 0 and "points   10" in proc.stdout
+
+
+def test_help_lists_options_and_formats():
+    top = cli("--help").stdout
+    assert "--debug" in top and "--verbose" in top and "may also follow the subcommand" in top
+    conv_help = cli("convert", "--help").stdout
+    for word in ("LAS", "LAZ", "COPC", "--xyz", "--debug", "--verbose", "float64"):
+        assert word in conv_help, word
+    for cmd in ("info", "verify"):
+        text = cli(cmd, "--help").stdout
+        assert "dataset directory (holding manifest.json)" in text and "--debug" in text, cmd
+
+
+def test_one_scan_is_singular(tmp_path, make_ply):
+    make_ply(tmp_path / "a.ply", 1)
+    proc = cli("convert", tmp_path / "a.ply", "-o", tmp_path / "out", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "1 point in 1 scan," in proc.stdout
+
+
+def test_verify_clips_the_range_to_the_field(tmp_path, make_ply, monkeypatch):
+    monkeypatch.setattr(common, "DatasetWriter", functools.partial(DatasetWriter, block_bytes=4096))
+    make_ply(tmp_path / "a.ply", 5000)
+    ds = convert(tmp_path / "a.ply", tmp_path / "ds", progress=False)
+    lay = ds.layout("intensity")  # 10,000 bytes: the last block is bytes 8192..10000
+    with open(ds.field_path("intensity"), "r+b") as f:
+        f.seek(lay.offset + 9000)
+        b = f.read(1)
+        f.seek(lay.offset + 9000)
+        f.write(bytes([b[0] ^ 1]))
+    proc = cli("verify", tmp_path / "ds", "--no-progress")
+    assert proc.returncode == 1
+    assert "block 2 (bytes 8192..10000 of the field)" in proc.stderr
+    assert "1 corrupt block\n" in proc.stderr
+
+
+# -- LAS / LAZ ---------------------------------------------------------------------------------------
+WKT = 'PROJCS["WGS 84 / UTM zone 33N",GEOGCS["WGS 84"],AUTHORITY["EPSG","32633"]]'
+
+
+def test_las_convert_and_info_show_origin_and_crs(tmp_path, make_las):
+    make_las(tmp_path / "a.laz", 500, point_format=6, version="1.4", scale=0.001,
+             offset=(500000.0, 5000000.0, 100.0), wkt=WKT)
+    proc = cli("convert", tmp_path / "a.laz", "-o", tmp_path / "out", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "500 points in 1 scan" in proc.stdout
+    info = cli("info", tmp_path / "out").stdout
+    assert "origin   500000.0, 5000000.0, 100.0" in info
+    assert "crs      WGS 84 / UTM zone 33N (EPSG:32633)" in info
+    rows = {line.split()[0]: line.split()[1:] for line in info.splitlines() if line.strip()}
+    assert rows["x"][0] == "float32" and rows["classification"][0] == "uint8"
+
+
+def test_las_xyz_float64_and_refusal(tmp_path, make_las):
+    make_las(tmp_path / "a.laz", 500, scale=0.001, offset=(500000.0, 5000000.0, 0.0),
+             spread=100_000.0, epsg_geokey=32633)
+    proc = cli("convert", tmp_path / "a.laz", "-o", tmp_path / "out", "--no-progress")
+    assert_error(proc, "a.laz: point", "--xyz float64")
+    assert nothing_left(tmp_path)
+    proc = cli("convert", tmp_path / "a.laz", "-o", tmp_path / "out", "--xyz", "float64",
+               "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    info = cli("info", tmp_path / "out").stdout
+    assert "origin" not in info and "crs      GeoTIFF keys (EPSG:32633)" in info
+    rows = {line.split()[0]: line.split()[1:] for line in info.splitlines() if line.strip()}
+    assert rows["x"][0] == rows["z"][0] == "float64"
+
+
+def test_las_bad_input_is_one_line(tmp_path):
+    (tmp_path / "a.laz").write_bytes(b"LASF" + b"\0" * 400)
+    assert_error(cli("convert", tmp_path / "a.laz", "-o", tmp_path / "out"), "a.laz")
+    assert nothing_left(tmp_path)
