@@ -667,3 +667,107 @@ def test_disk_full_while_finishing(tmp_path, monkeypatch):
         with DatasetWriter(out, FIELDS) as w:
             fill(w, 3, 1)
     assert not out.exists() and leftovers(tmp_path) == []
+
+
+# -- C: manifest fuzzing ---------------------------------------------------------------------------
+_ODD_VALUES = [
+    None, True, False, 0, 1, -1, 7, 4096, 2**31, 2**32, 2**63 - 1, 2**63, 2**64, -(2**63), 10**30,
+    -(10**30), 0.5, -0.0, 1e308, float("nan"), float("inf"), float("-inf"), "", "x", "<f4", ">f4",
+    "|u1", "<i8", "crc32", "gds-stream", "../x.bin", "/dev/zero", "x.bin", "label.bin",
+    "manifest.json", ".", "a\0b", "é" * 3, "\ud7ff", "x" * 300, [], [0], [0, 0], [1, 2, 3],
+    [0, 5, 5, 12], [[0, 0, 0]], {}, {"name": "q"}, {"algorithm": "crc32", "block_bytes": 4096},
+]
+
+
+def _paths(node, prefix=()):
+    yield prefix
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(node, list):
+        for i, v in enumerate(node[:4]):  # keep long checksum lists from dominating
+            yield from _paths(v, prefix + (i,))
+
+
+def _nested(rng, depth):
+    v: object = int(rng.integers(0, 5))
+    for _ in range(depth):
+        v = [v] if rng.random() < 0.5 else {"k": v}
+    return v
+
+
+def _mutate_once(doc, rng) -> object:
+    paths = list(_paths(doc))
+    path = paths[int(rng.integers(len(paths)))]
+    if not path:
+        return _ODD_VALUES[int(rng.integers(len(_ODD_VALUES)))] if rng.random() < 0.1 else doc
+    parent = doc
+    for k in path[:-1]:
+        parent = parent[k]
+    key = path[-1]
+    op = rng.integers(6)
+    if op == 0:
+        parent[key] = _ODD_VALUES[int(rng.integers(len(_ODD_VALUES)))]
+    elif op == 1 and isinstance(parent, dict):
+        del parent[key]
+    elif op == 2:
+        parent[key] = _nested(rng, int(rng.choice([3, 50, 200])))
+    elif op == 3 and isinstance(parent[key], list):
+        lst = parent[key]
+        if lst and rng.random() < 0.5:
+            lst.pop(int(rng.integers(len(lst))))
+        else:
+            lst.append(lst[-1] if lst else 0)
+    elif op == 4 and isinstance(parent[key], (int, float)) and not isinstance(parent[key], bool):
+        parent[key] = parent[key] * int(rng.choice([-1, 2, 4096, 2**40])) + int(rng.integers(-2, 3))
+    else:
+        parent[key] = str(parent[key])[:50]
+    return doc
+
+
+def _fuzz_text(doc, rng) -> bytes:
+    text = json.dumps(doc).encode()
+    r = rng.random()
+    if r < 0.05 and text:
+        return text[:int(rng.integers(len(text)))]
+    if r < 0.1 and text:
+        i = int(rng.integers(len(text)))
+        return text[:i] + bytes([int(rng.integers(256))]) + text[i + 1:]
+    if r < 0.13:  # nesting deeper than the JSON encoder (or a recursive parser) can take
+        depth = 100_000
+        return text.replace(b": ", b": " + b"[" * depth + b"0" + b"]" * depth + b", \"pad\": ", 1)
+    return text
+
+
+@pytest.fixture(scope="module")
+def fuzz_base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fuzz")
+    out = write_chunked(root / "ds")
+    doc = load(out)
+    doc["origin"] = [1.0, 2.0, 3.0]
+    save(out, doc)
+    open_dataset(out)  # the base opens
+    return out, doc
+
+
+@pytest.mark.parametrize("block", range(4))
+def test_manifest_fuzz(fuzz_base, block):
+    out, base = fuzz_base
+    rng = np.random.default_rng(1234 + block)
+    opened = refusals = 0
+    for case in range(150):
+        doc: object = copy.deepcopy(base)
+        for _ in range(int(rng.integers(1, 4))):
+            doc = _mutate_once(doc, rng)
+        (out / MANIFEST).write_bytes(_fuzz_text(doc, rng))
+        t0 = time.monotonic()
+        try:
+            with open_dataset(out) as ds:
+                for name in ds.schema:
+                    assert len(ds.read(name)) == ds.num_points
+                ds.verify()
+                opened += 1
+        except DatasetError:
+            refusals += 1
+        assert time.monotonic() - t0 < 20, f"case {case} of block {block} took too long"
+    assert refusals > 100 and opened + refusals == 150
