@@ -37,7 +37,6 @@ import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Sequence
 

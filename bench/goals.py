@@ -18,8 +18,10 @@ from bench.measure import paired_speedup
 #: Other processes (plus the hypervisor's steal) taking more than this share of the machine
 #: over the timed runs make every timing verdict inconclusive.
 LOAD_THRESHOLD = 0.10
-#: "Beyond noise" needs at least this relative difference even when the spread is smaller.
-NOISE_FLOOR = 0.03
+#: "Beyond noise" needs at least this relative difference even when the spread is smaller;
+#: with a single repetition (no spread measured) at least NOISE_UNKNOWN.
+NOISE_FLOOR = 0.05
+NOISE_UNKNOWN = 0.10
 
 STATUSES = ("met", "missed", "inconclusive", "not evaluated")
 
@@ -41,7 +43,8 @@ def assess(rows: dict[str, dict], load: dict | None, schedule: dict | None = Non
         for fam, r in rows.items():
             if fam == "compute-only" or not r.get("wall_s"):
                 continue
-            tol = max(noise(c, r) or 0.0, NOISE_FLOOR)
+            n = noise(c, r)
+            tol = NOISE_UNKNOWN if n is None else max(n, NOISE_FLOOR)
             if c["wall_s"] > r["wall_s"] * (1 + tol):
                 reasons.append(
                     f"compute-only (batches already resident) took {c['wall_s']:.3f} s an epoch, "

@@ -39,7 +39,7 @@ def build_figure(env: dict, rows: list[dict], limits: dict, quality: dict | None
     import matplotlib.pyplot as plt
 
     rows = [r for r in rows if r.get("wall_s")]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(14, 0.55 * len(rows) + 3.8),
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(14, 0.6 * len(rows) + 4.2),
                                  gridspec_kw={"width_ratios": [3, 2]})
     y = list(range(len(rows)))[::-1]  # first row on top
     names = [_label(r) for r in rows]
@@ -58,7 +58,7 @@ def build_figure(env: dict, rows: list[dict], limits: dict, quality: dict | None
         a1.errorbar(med, yi, xerr=[[max(0.0, med - lo)], [max(0.0, hi - med)]], fmt="none",
                     ecolor="black",
                     capsize=4, lw=1, gid=f"whisker:{r['name']}")
-        text = f"  {med:.2f} s"
+        text = f"  {med:.3g} s"
         if r.get("stall_fraction") is not None and not compute:
             text += f" · stall {100 * r['stall_fraction']:.0f} %"
         if bad:
@@ -68,15 +68,19 @@ def build_figure(env: dict, rows: list[dict], limits: dict, quality: dict | None
                     color=RED if bad else "black")
         del bar
     c = next((r for r in rows if r["family"] == "compute-only"), None)
+    ylim = (-0.6, len(rows) - 0.1)
     if c is not None:
-        a1.axvline(c["wall_s"], color=GREY, ls="--", lw=1.2, gid="floor",
-                   label=f"compute-only floor: {c['wall_s']:.2f} s (batches already resident)")
+        a1.axvline(c["wall_s"], color="#555555", ls="--", lw=1.2, gid="floor",
+                   label=f"compute-only floor: {c['wall_s']:.3g} s")
+        a1.annotate(f"compute-only floor {c['wall_s']:.3g} s\n(batches already resident)",
+                    (c["wall_s"], ylim[1]), ha="center", va="top", fontsize=8, color="#333333",
+                    bbox={"boxstyle": "round", "fc": "white", "ec": "#999999"})
+    a1.set_ylim(*ylim)
     a1.set_xlim(0, top * 1.55 if top > 0 else 1)
     a1.set_yticks(y, names, fontsize=9)
     a1.set_xlabel("seconds per epoch (shorter is better)")
     a1.set_title("End-to-end epoch time: median, whiskers min–max", fontsize=10)
     a1.grid(axis="x", alpha=0.3)
-    a1.legend(loc="lower right", fontsize=8)
 
     # -- loader-only: % of the measured read limit ------------------------------------------
     bw, what = _read_limit(limits, env.get("page_cache") == "cold")
@@ -96,17 +100,23 @@ def build_figure(env: dict, rows: list[dict], limits: dict, quality: dict | None
                             fmt="none",
                             ecolor="black", capsize=3, lw=1)
             note = " (reads nothing: zero-copy views)" if zero else ""
-            a2.annotate(f" {pct:.0f} %{note}", (min(pct, LO_CAP_PCT), yi), va="center",
+            at = min(LO_CAP_PCT, pct if zero else max(pct, p_hi))
+            a2.annotate(f" {pct:.0f} %{note}", (at, yi), va="center",
                         ha="left", fontsize=8)
+        for yi, r in zip(y, rows):
+            if not r.get("loader_only"):
+                a2.annotate(" n/a (no loader)", (0, yi), va="center", fontsize=8, color=GREY)
         a2.axvline(100, color=GREEN, ls="--", lw=1.2, gid="read-limit",
                    label=f"100 % = measured read limit, {bw / 1e9:.2f} GB/s ({what})")
+        a2.annotate(f"100 % = measured read limit\n{bw / 1e9:.2f} GB/s ({what})",
+                    (100, ylim[1]), ha="center", va="top", fontsize=8, color=GREEN,
+                    bbox={"boxstyle": "round", "fc": "white", "ec": GREEN})
         a2.set_xlim(0, LO_CAP_PCT + 45)
-        a2.legend(loc="lower right", fontsize=8)
     else:
         a2.text(0.5, 0.5, "no read limit measured", ha="center", transform=a2.transAxes)
     a2.set_yticks(y, names, fontsize=9)
-    a2.set_ylim(a1.get_ylim())
-    a2.set_xlabel("loader-only throughput, % of the read limit (longer is better; GB/s = 10^9 B/s)")
+    a2.set_ylim(*ylim)
+    a2.set_xlabel("loader-only throughput, % of the read limit (longer is better)")
     a2.set_title("Loader alone (no model): share of the read limit", fontsize=10)
     a2.grid(axis="x", alpha=0.3)
 
@@ -123,7 +133,7 @@ def build_figure(env: dict, rows: list[dict], limits: dict, quality: dict | None
              color=color, weight="bold", gid="verdict", wrap=True)
     foot = [f"command: {env.get('command', '?')}"]
     foot += [f"{name}: skipped — {why}" for name, why in skipped.items()]
-    fig.text(0.01, 0.005, textwrap.shorten("   ".join(foot), 260), fontsize=7.5, color="#444444",
+    fig.text(0.01, 0.005, textwrap.shorten(" · ".join(foot), 260), fontsize=7.5, color="#444444",
              gid="command")
     fig.tight_layout(rect=(0, 0.03, 1, 0.93))
     return fig

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.backbone import FIELDS
 from bench.measure import DISTURBED, Device
 from gds_stream.format import Dataset
 
@@ -182,9 +183,15 @@ def render(env: dict, limits: dict, rows: list[dict], grid: list[dict], skipped:
             f"{_fmt(r.get('overlap_efficiency'), '7.2f'):>7} "
             f"{_fmt(sp, '6.2f') + ('×' if sp else ''):>7} "
             f"{_other(r):>7} | "
-            f"{_fmt(lo.get('wall_s'), '9.3f'):>9} {_fmt(lo.get('gb_per_s'), '7.3f'):>7}")
+            f"{_fmt(lo.get('wall_s'), '9.4f'):>9} {_fmt(lo.get('gb_per_s'), '7.3f'):>7}")
     for name, why in skipped.items():
         L.append(f"{name:<18} skipped: {why}")
+    for r in rows:
+        if r["family"] == "gds":
+            c = r["config"]
+            L.append(f"  gds ran as KvikIO mode {c.get('backend')}"
+                     + (f": {c['backend_reason']}" if c.get("backend_reason") else "")
+                     + (f" (task_size {c['task_size'] >> 20} MiB)" if c.get("task_size") else ""))
     L.append("")
     L.append("  ±% = (max − min) / median of the end-to-end epochs: differences smaller than "
              "this are noise.")
@@ -215,7 +222,7 @@ def render(env: dict, limits: dict, rows: list[dict], grid: list[dict], skipped:
             L.append(f"  {g['name']:<34} {_fmt(g.get('wall_s'), '8.3f'):>8} "
                      f"{_fmt(g.get('gb_per_s'), '7.3f'):>7} "
                      f"{_fmt(_pct(g.get('stall_fraction')), '6.1f'):>7} | "
-                     f"{_fmt(lo.get('wall_s'), '9.3f'):>9} {_fmt(lo.get('gb_per_s'), '7.3f'):>7}"
+                     f"{_fmt(lo.get('wall_s'), '9.4f'):>9} {_fmt(lo.get('gb_per_s'), '7.3f'):>7}"
                      f"{best}")
     L.extend(_task_size_lines(task_sizes))
     L.append("")

@@ -298,7 +298,8 @@ class LibraryVariant(Variant):
             cfg["backend_reason"] = str(reason)
         if task_size is not None:
             cfg["task_size"] = task_size
-        label = backend + (f" ({reason})" if reason else "") + (", shuffled" if shuffle else "")
+        label = (f"{backend}, {cfg['num_threads']} thr, prefetch {cfg['prefetch']}"
+                 + (", shuffled" if shuffle else ""))
         super().__init__(name or family, label, cfg)
 
     def epoch(self):
