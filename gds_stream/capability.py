@@ -134,9 +134,8 @@ def environment_report() -> list[tuple[str, str]]:
     except ImportError:  # pragma: no cover
         rows.append(("torch", "not installed"))
     cap = probe_gds()
-    for mod in ("cupy", "kvikio"):
-        v = cap.versions.get(mod) or _version(mod)
-        rows.append((mod, v if v else f"not installed ({INSTALL_HINT})"))
+    v = cap.versions.get("kvikio") or _version("kvikio")
+    rows.append(("kvikio", v if v else f"not installed ({INSTALL_HINT})"))
     if cap.mode == "gds":
         rows.append(("GPUDirect", "available: KvikIO reads through GPUDirect Storage (cuFile + "
                                   "nvidia-fs); decided per file when a loader opens them"))

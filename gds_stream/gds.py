@@ -117,7 +117,7 @@ class _Pending:
     reads: list[_Read]
     regions: list[tuple[int, int]]  # per field: [start, end) of its reads in the slab
     staging: Any  # torch uint8 device tensor, 4 KiB-aligned start
-    perm_dev: Any  # torch int64 device tensor or None
+    perm_dev: Any  # torch int32 device tensor (rows to gather) or None
     nbytes: int
     done: Any = None  # blocking event on the loader's stream after all copies/reads
     submitted: threading.Event = field(default_factory=threading.Event)
@@ -258,7 +258,7 @@ class _Submitter:
                     self.ops.copy_async(p.staging[a:b], pinned[a:b])
             perm = _gather_index(p.batch)
             if perm is not None:
-                src = self.ops.pinned_empty(len(perm), torch.int64)
+                src = self.ops.pinned_empty(len(perm), torch.int32)
                 src.numpy()[:] = perm
                 self.ops.copy_async(p.perm_dev, src)
             p.done = self.ops.new_event()
@@ -338,7 +338,7 @@ class _GDSIterator(EpochIterator):
             raw = self._ops.device_empty(total + ALIGN, torch.uint8)
             skip = (-raw.data_ptr()) % ALIGN
             staging = raw[skip:skip + total]
-            perm_dev = (self._ops.device_empty(batch.num_points, torch.int64)
+            perm_dev = (self._ops.device_empty(batch.num_points, torch.int32)
                         if _has_gather(batch) else None)
         p = _Pending(batch, reads, regions, staging, perm_dev, total)
         self._queue.put(p)
