@@ -90,7 +90,7 @@ class Dataset(Closeable):
         except FileNotFoundError:
             raise DatasetError(f"{self.path}: no such directory") from None
         except (OSError, ValueError) as exc:
-            raise DatasetError(f"{self.path}: cannot open the dataset ({exc})") from exc
+            raise DatasetError(f"{self.path}: cannot open the dataset ({os_reason(exc)})") from exc
         if not stat.S_ISDIR(st.st_mode):
             raise DatasetError(f"{self.path}: not a directory; expected a gds-stream dataset")
         mpath = self.path / MANIFEST
@@ -170,7 +170,7 @@ class Dataset(Closeable):
             full = os.path.realpath(os.path.join(root, fname))
         except (OSError, ValueError) as exc:
             raise DatasetError(f"{mpath}: field {name!r}: file {short(fname)} cannot be "
-                               f"resolved ({exc})") from exc
+                               f"resolved ({os_reason(exc)})") from exc
         want(not os.path.isabs(fname) and os.path.commonpath([root, full]) == root
              and full != root, mpath,
              f"field {name!r}: file {short(fname)} lies outside the dataset directory")
@@ -188,7 +188,7 @@ class Dataset(Closeable):
             raise DatasetError(f"{full}: no such file (named by {mpath}, field {name!r})") from None
         except (OSError, ValueError) as exc:
             raise DatasetError(f"{full}: cannot stat the file of field {name!r} named by "
-                               f"{mpath} ({exc})") from exc
+                               f"{mpath} ({os_reason(exc)})") from exc
         want(stat.S_ISREG(st.st_mode), full,
              f"the file of field {name!r} must be a regular file ({file_kind(st.st_mode)})")
         need = off + align_up(expect)  # type: ignore[operator]
