@@ -230,39 +230,16 @@ class _Submitter:
                 p.submitted.set()
 
     def submit(self, p: _Pending) -> None:
-        torch = self.ops.torch
-        with self.ops.use_stream(self.stream):
-            direct = [r for r in p.reads if self.routes[r.field] == "gds"]
-            hosted = [r for r in p.reads if self.routes[r.field] != "gds"]
-            stream_futures = [
-                (r, self.files[r.field].raw_read_async(
-                    p.staging[r.dev_offset:r.dev_offset + r.size],
-                    self.ops.raw_stream(self.stream), r.size, r.file_offset, 0))
-                for r in direct]
-            if hosted:
-                pinned = self.ops.pinned_empty(p.nbytes, torch.uint8)
-                host = pinned.numpy()
-                futures = [(r, self.files[r.field].pread(
-                    host[r.dev_offset:r.dev_offset + r.size], r.size, r.file_offset,
-                    self.task_size)) for r in hosted]
-                errors = []
-                for r, fut in futures:  # collect every outcome: no read outlives its buffer
-                    try:
-                        self._check(r, fut.get())
-                    except Exception as exc:
-                        errors.append((r, exc))
-                if errors:
-                    self._raise(*errors[0])
-                for a, b in _runs([p.regions[i] for i, route in enumerate(self.routes)
-                                   if route != "gds"]):
-                    self.ops.copy_async(p.staging[a:b], pinned[a:b])
-            perm = _gather_index(p.batch)
-            if perm is not None:
-                src = self.ops.pinned_empty(len(perm), torch.int32)
-                src.numpy()[:] = perm
-                self.ops.copy_async(p.perm_dev, src)
-            p.done = self.ops.new_event()
-            p.done.record(self.stream)
+        stream_futures: list = []
+        try:
+            with self.ops.use_stream(self.stream):
+                self._start(p, stream_futures)
+        except BaseException:
+            if stream_futures:  # cuFile still uses each future's arguments: let them land
+                ev = self.ops.new_event()
+                ev.record(self.stream)
+                ev.synchronize()
+            raise
         if stream_futures:
             p.done.synchronize()  # our own stream only; a blocking event: the thread sleeps
             for r, fut in stream_futures:
@@ -273,6 +250,45 @@ class _Submitter:
                 self._check(r, got)
         if self.verifier is not None:
             self.verifier.check(p.batch.segments)
+
+    def _start(self, p: _Pending, stream_futures: list) -> None:
+        """Queue everything of batch ``p`` on the loader's stream (the current stream here)."""
+        torch = self.ops.torch
+        for r in p.reads:
+            if self.routes[r.field] != "gds":
+                continue
+            try:
+                fut = self.files[r.field].raw_read_async(
+                    p.staging[r.dev_offset:r.dev_offset + r.size],
+                    self.ops.raw_stream(self.stream), r.size, r.file_offset, 0)
+            except Exception as exc:
+                self._raise(r, exc)
+            stream_futures.append((r, fut))
+        hosted = [r for r in p.reads if self.routes[r.field] != "gds"]
+        if hosted:
+            pinned = self.ops.pinned_empty(p.nbytes, torch.uint8)
+            host = pinned.numpy()
+            futures = [(r, self.files[r.field].pread(
+                host[r.dev_offset:r.dev_offset + r.size], r.size, r.file_offset,
+                self.task_size)) for r in hosted]
+            errors = []
+            for r, fut in futures:  # collect every outcome: no read outlives its buffer
+                try:
+                    self._check(r, fut.get())
+                except Exception as exc:
+                    errors.append((r, exc))
+            if errors:
+                self._raise(*errors[0])
+            for a, b in _runs([p.regions[i] for i, route in enumerate(self.routes)
+                               if route != "gds"]):
+                self.ops.copy_async(p.staging[a:b], pinned[a:b])
+        perm = _gather_index(p.batch)
+        if perm is not None:
+            src = self.ops.pinned_empty(len(perm), torch.int32)
+            src.numpy()[:] = perm
+            self.ops.copy_async(p.perm_dev, src)
+        p.done = self.ops.new_event()
+        p.done.record(self.stream)
 
     def _check(self, r: _Read, got: int) -> None:
         if got != r.size:
