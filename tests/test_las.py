@@ -86,6 +86,17 @@ def test_every_point_format_round_trips(tmp_path, make_las, small_chunks, versio
     assert src["las_version"] == version and src["compressed"] == (suffix == ".laz")
 
 
+def test_las_1_0_is_read(tmp_path, make_las):
+    """laspy does not write LAS 1.0; a 1.1 file of point format 1 differs only in its version."""
+    las = make_las(tmp_path / "a.las", 100, point_format=1, version="1.1")
+    data = bytearray((tmp_path / "a.las").read_bytes())
+    data[25] = 0  # version minor
+    (tmp_path / "a.las").write_bytes(bytes(data))
+    ds = convert(tmp_path / "a.las", tmp_path / "ds", progress=False)
+    assert ds.sources[0]["las_version"] == "1.0"
+    assert_las_equal(ds, las)
+
+
 def test_dimension_types_are_kept(tmp_path, make_las):
     make_las(tmp_path / "a.las", 10, point_format=8, version="1.4")
     ds = convert(tmp_path / "a.las", tmp_path / "ds", progress=False)
@@ -255,10 +266,12 @@ def test_point_formats_with_other_dimensions_are_refused(tmp_path, make_las):
 def test_las_and_ply_do_not_mix(tmp_path, make_las, make_ply):
     make_ply(tmp_path / "a.ply", 10, properties=[("x", "f4"), ("y", "f4"), ("z", "f4")])
     make_las(tmp_path / "b.las", 10)
-    with pytest.raises(ConversionError, match=r"b\.las"):
-        convert([tmp_path / "a.ply", tmp_path / "b.las"], tmp_path / "ds",
-                fields=["x", "y", "z"], progress=False)
-    assert no_output_left(tmp_path)
+    a, b = tmp_path / "a.ply", tmp_path / "b.las"
+    for order in ([a, b], [b, a]):
+        with pytest.raises(ConversionError, match=r"b\.las: LAS/LAZ input cannot share a dataset "
+                                                  r"with .*a\.ply \(ply input\)"):
+            convert(order, tmp_path / "ds", fields=["x", "y", "z"], progress=False)
+        assert no_output_left(tmp_path)
 
 
 # -- bad input -----------------------------------------------------------------------------------

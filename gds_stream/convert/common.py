@@ -44,9 +44,9 @@ class Source:
         consumer must copy or write them before asking for the next chunk."""
         raise NotImplementedError
 
-    def check_compatible(self, first: "Source") -> None:
-        """Raise a :class:`ConversionError` naming both files where this source cannot join a
-        dataset that starts with ``first`` (beyond the schema, which the driver compares)."""
+    def check_compatible(self, other: "Source") -> None:
+        """Raise a :class:`ConversionError` naming both files where this source and ``other``
+        cannot share a dataset (beyond the schema, which the driver compares). Called both ways."""
 
 
 def chunk_rows(row_bytes: int) -> int:
@@ -158,6 +158,7 @@ def check_sources(sources: Sequence[Source]) -> None:
         if src.schema != sources[0].schema:
             raise schema_mismatch(sources[0], src)
         src.check_compatible(sources[0])
+        sources[0].check_compatible(src)
 
 
 def write_sources(sources: Sequence[Source], out: Path, *, overwrite: bool,

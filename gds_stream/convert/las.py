@@ -138,15 +138,15 @@ class LasSource(Source):
                 "scale": self.scales.tolist(), "offset": self.offsets.tolist(), **_crs(header)}
         super().__init__(path, "las", schema, n, size, info)
 
-    def check_compatible(self, first: Source) -> None:
-        if not isinstance(first, LasSource):
-            raise ConversionError(f"{self.path}: LAS/LAZ input cannot join {first.path} "
-                                  f"({first.format}) in one dataset")
+    def check_compatible(self, other: Source) -> None:
+        if not isinstance(other, LasSource):
+            raise ConversionError(f"{self.path}: LAS/LAZ input cannot share a dataset with "
+                                  f"{other.path} ({other.format} input)")
         mine = {k: v for k, v in self.info.items() if k.startswith("crs_")}
-        theirs = {k: v for k, v in first.info.items() if k.startswith("crs_")}
+        theirs = {k: v for k, v in other.info.items() if k.startswith("crs_")}
         if mine != theirs:
             raise ConversionError(
-                f"{self.path}: coordinate reference system differs from {first.path} "
+                f"{self.path}: coordinate reference system differs from {other.path} "
                 f"({_crs_text(mine)} vs {_crs_text(theirs)}); convert them separately or "
                 f"reproject first"
             )
