@@ -120,7 +120,13 @@ def _marker_owner(tmp: Path) -> object:
 @contextlib.contextmanager
 def parent_lock(parent: Path, target: Path) -> Iterator[None]:
     """Exclusive flock on ``parent`` (released by the kernel if this process dies)."""
-    fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:  # e.g. a write-only directory: renameat2 alone still refuses
+        log.debug("%s: cannot open %s to lock it (%s); going on without the lock", target,
+                  parent, exc)
+        yield
+        return
     try:
         deadline = time.monotonic() + LOCK_TIMEOUT_S
         while True:
@@ -133,6 +139,10 @@ def parent_lock(parent: Path, target: Path) -> Iterator[None]:
                         f"{target}: another writer has held {parent} for {LOCK_TIMEOUT_S:.0f} s"
                     ) from None
                 time.sleep(0.01)
+            except OSError as exc:  # a filesystem without flock (ENOLCK, EOPNOTSUPP)
+                log.debug("%s: cannot lock %s (%s); going on without the lock", target, parent,
+                          exc)
+                break
         yield
     finally:
         os.close(fd)  # releases the lock

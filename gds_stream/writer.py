@@ -280,6 +280,9 @@ class DatasetWriter:
             raise ConversionError(f"{self.out_dir}: finish() on a finished or aborted writer")
         if self._scan_points:
             raise ConversionError(f"{self.out_dir}: finish() with an unfinished scan")
+        if len(self.scan_offsets) < 2:
+            raise ConversionError(f"{self.out_dir}: finish() before any end_scan(); a dataset "
+                                  f"holds at least one (possibly empty) scan")
         fields = [w.finish() for w in self._writers]
         try:
             text = json.dumps(self._manifest(fields), indent=1, allow_nan=False)

@@ -131,6 +131,9 @@ def test_no_chunks(tmp_path):
 
 
 def test_writer_chunk_errors(tmp_path):
+    with pytest.raises(ConversionError, match="before any end_scan"):
+        with DatasetWriter(tmp_path / "z", FIELDS):
+            pass
     with pytest.raises(ConversionError, match="without chunk_size"):
         with DatasetWriter(tmp_path / "a", FIELDS) as w:
             w.add_chunk(1, (0, 0, 0), (0,) * 6)
@@ -144,6 +147,7 @@ def test_writer_chunk_errors(tmp_path):
             w.add_chunk(1, (0, 0, 0), (1, 0, 0, 0, 0, 0))
         with pytest.raises(ConversionError, match=">= 1"):
             w.add_chunk(0, (0, 0, 0), (0,) * 6)
+        w.end_scan("empty")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
 
 
