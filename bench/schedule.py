@@ -103,7 +103,7 @@ def run_schedule(variants: Sequence[Variant], stats: dict[str, Stats], dev: Devi
             st.runs.append(e2e)
             line = (f"[rep {rep + 1}/{repeat}] {v.name:<34} end-to-end {e2e.wall:7.3f} s "
                     f"(other load {disturbance(e2e):4.0%})")
-            if v.family != "compute-only":
+            if v.family != "compute-only" and lo_runs > 0:
                 los = [_timed(v, dev, lambda: None, retries, budget, prepare, say,
                               "loader-only", res) for _ in range(lo_runs)]
                 st.loader_only.extend(los)

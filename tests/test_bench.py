@@ -23,7 +23,9 @@ LOADERS = ("sequential", "queue", "torch-dataloader", "fallback", "compute-only"
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
-    cmd = [sys.executable, "-m", "bench.compare", "--smoke", "--json", str(tmp / "r.json"),
+    # --retries 0: on a busy CI machine retries only cost time (the retry path is unit-tested)
+    cmd = [sys.executable, "-m", "bench.compare", "--smoke", "--retries", "0",
+           "--json", str(tmp / "r.json"),
            "--plot", str(tmp / "r.png"), "--workdir", str(tmp)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     doc = json.loads((tmp / "r.json").read_text()) if proc.returncode == 0 else None
@@ -250,8 +252,8 @@ def test_a_loader_that_consumes_other_points_fails_the_run_before_any_speed(
         return r
 
     monkeypatch.setattr(schedule, "run_epoch", corrupting)
-    rc = compare.main(["--smoke", "--workdir", str(tmp_path), "--json", str(tmp_path / "r.json"),
-                       "--no-gds"])
+    rc = compare.main(["--smoke", "--retries", "0", "--workdir", str(tmp_path),
+                       "--json", str(tmp_path / "r.json"), "--no-gds"])
     out, err = capsys.readouterr()
     assert rc == compare.EXIT_MISMATCH
     assert "queue" in err and "field z" in err
@@ -449,3 +451,33 @@ def test_a_tiny_budget_stops_repeating_and_says_so():
                         lambda: Step(build_backbone("linear", 2), False), 3, 1, 0,
                         Budget(600.0), said.append)
     assert full.done == 3 and full.stopped is None
+
+
+def test_a_disturbed_run_is_retried_saying_why_unless_the_budget_is_spent(monkeypatch):
+    import bench.schedule as schedule
+    from bench.backbone import Step, build_backbone
+    from bench.measure import Device, Stats
+
+    real = schedule.run_epoch
+
+    def busy(variant, dev, step, limit_batches=None):
+        r = real(variant, dev, step, limit_batches)
+        r.other = {"other_fraction": 0.4, "steal_fraction": 0.0}
+        return r
+
+    monkeypatch.setattr(schedule, "run_epoch", busy)
+    monkeypatch.setattr(schedule, "disturbed", lambda r: True)
+    for budget, retried, refused in ((600.0, 2, 0), (0.0, 0, 1)):
+        said: list[str] = []
+        v = _Tiny("a")
+        stats = {"a": Stats("a", v.family, v.backend, {})}
+        res = schedule.run_schedule([v], stats, Device("cpu"),
+                                    lambda: Step(build_backbone("linear", 2), False), 1, 0, 2,
+                                    schedule.Budget(budget), said.append)
+        assert (res.retried, res.retries_refused) == (retried, refused)
+        assert stats["a"].runs[0].attempts == 1 + retried
+        if retried:
+            assert sum("disturbed (other processes took 40% of the machine); running it again"
+                       in s for s in said) == 2
+        else:
+            assert any("no budget left to run it again" in s for s in said)
