@@ -57,7 +57,9 @@ def _timed(v: Variant, dev: Device, step: Callable[[], Step | None], retries: in
     """One timed run of ``v``, repeated while it was disturbed and retries and budget allow;
     the least disturbed attempt is kept."""
     best: RunResult | None = None
+    tries = 0
     for attempt in range(1 + retries):
+        tries += 1
         resident = prepare()
         got = run_epoch(v, dev, step())
         got.resident, got.attempts = resident, attempt + 1
@@ -74,7 +76,7 @@ def _timed(v: Variant, dev: Device, step: Callable[[], Step | None], retries: in
         say(f"    {v.name} {label}: disturbed ({why}); running it again "
             f"(retry {attempt + 1} of {retries})")
     assert best is not None
-    res.retried += best.attempts - 1
+    res.retried += tries - 1
     return best
 
 

@@ -475,7 +475,7 @@ def test_a_disturbed_run_is_retried_saying_why_unless_the_budget_is_spent(monkey
                                     lambda: Step(build_backbone("linear", 2), False), 1, 0, 2,
                                     schedule.Budget(budget), said.append)
         assert (res.retried, res.retries_refused) == (retried, refused)
-        assert stats["a"].runs[0].attempts == 1 + retried
+        assert len(stats["a"].runs) == 1  # the least disturbed attempt is the one kept
         if retried:
             assert sum("disturbed (other processes took 40% of the machine); running it again"
                        in s for s in said) == 2
