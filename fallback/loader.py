@@ -23,9 +23,10 @@ import numpy as np
 from gds_stream.errors import DatasetError, LoaderError
 from gds_stream.format import Dataset, pread_into
 from gds_stream.integrity import BlockVerifier
-from gds_stream.loader import GATHER_INT, POLL_S, EpochIterator, Loader, SlabLayout
+from gds_stream.loader import GATHER_INT, POLL_S, SLAB_ALIGN, EpochIterator, Loader, SlabLayout
 from gds_stream.plan import BatchPlan, EpochPlan
 
+from .hostmem import anon_buffer, permutation_into
 from .ring import PinnedRing, Slot
 
 log = logging.getLogger(__name__)
@@ -72,9 +73,8 @@ def _fill_meta(batch: BatchPlan, layout: SlabLayout, host: np.ndarray, stop: thr
         return
     if slot is not None:
         slot.wait_free()
-    perm = batch.permutation()
-    if perm is not None:
-        host[layout.perm_offset:layout.perm_offset + perm.nbytes] = perm.view(np.uint8)
+    n = batch.num_points
+    permutation_into(batch, host[layout.perm_offset:layout.perm_offset + 4 * n].view(np.int32))
     offs = batch.offsets()
     if offs is not None:
         host[layout.offsets_offset:layout.offsets_offset + offs.nbytes] = offs.view(np.uint8)
@@ -150,7 +150,7 @@ class _FallbackIterator(EpochIterator):
             host = slot.array[:layout.nbytes]
         else:
             slot = None
-            host = np.empty(layout.nbytes, dtype=np.uint8)
+            host = anon_buffer(layout.nbytes)
         p = _Pending(batch, layout, host, slot)
         mv = memoryview(host)
         # Reads are grouped into tasks of about TASK_BYTES: few enough that the pool's per-task
@@ -221,6 +221,10 @@ class _FallbackIterator(EpochIterator):
             slab.record_stream(consumer)
         else:
             slab = torch.from_dlpack(p.host)
+            if p.batch.perm_key is not None:
+                # The gathered batch goes to a buffer of its own; the slab dies on return.
+                out = torch.from_numpy(anon_buffer(gathered_bytes(self._specs, p.batch)))
+                return unpack_slab(torch, slab, self._specs, p.layout, p.batch, out)
         return unpack_slab(torch, slab, self._specs, p.layout, p.batch)
 
     def _request_stop(self) -> None:
@@ -246,21 +250,36 @@ def torch_dtype(torch: Any, dt: np.dtype) -> Any:
     return _TORCH_DTYPES[key]
 
 
-def unpack_slab(torch: Any, slab: Any, specs, layout: SlabLayout, batch: BatchPlan) -> dict:
+def gathered_bytes(specs, batch: BatchPlan) -> int:
+    """Bytes of a shuffled batch's gathered fields, each region 4 KiB-aligned."""
+    return sum(-(-batch.num_points * s.point_bytes // SLAB_ALIGN) * SLAB_ALIGN for s in specs)
+
+
+def unpack_slab(torch: Any, slab: Any, specs, layout: SlabLayout, batch: BatchPlan,
+                gathered: Any = None) -> dict:
     """Views of one uint8 slab as the batch dict; with a permutation, one gather per field
-    (done on integer views of the same width, so every dtype is moved bit for bit)."""
+    (done on integer views of the same width, so every dtype is moved bit for bit), into
+    ``gathered`` (a uint8 tensor of :func:`gathered_bytes`) when given, else new tensors."""
     n = batch.num_points
     perm = None
     if batch.perm_key is not None:
         perm = slab[layout.perm_offset:layout.perm_offset + 4 * n].view(torch.int32)
     out = {}
+    pos = 0
     for spec, off in zip(specs, layout.field_offsets):
         region = slab[off:off + n * spec.point_bytes]
         if perm is None:
             t = region.view(torch_dtype(torch, spec.dtype))
         else:
             bits = torch_dtype(torch, np.dtype(GATHER_INT[spec.dtype.itemsize]))
-            t = region.view(bits).view(n, spec.components).index_select(0, perm)
+            src = region.view(bits).view(n, spec.components)
+            if gathered is None:
+                t = src.index_select(0, perm)
+            else:
+                nb = n * spec.point_bytes
+                t = gathered[pos:pos + nb].view(bits).view(n, spec.components)
+                torch.index_select(src, 0, perm, out=t)
+                pos += -(-nb // SLAB_ALIGN) * SLAB_ALIGN
             t = t.view(torch_dtype(torch, spec.dtype))
         out[spec.name] = t.view(n, spec.components) if spec.components > 1 else t.view(n)
     if batch.scan_sizes is not None:

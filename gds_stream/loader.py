@@ -371,6 +371,8 @@ class EpochIterator(Closeable):
                 ok = True
             finally:
                 self._stats.retired(nbytes, batch.num_points, yielded=ok)
+            # The handle's buffers die here, not after the next batch's buffers are allocated.
+            del handle
             self._yielded += 1
             self._owner._on_yield(self.plan.epoch, self._yielded)
             self._fill()  # start the next reads before the consumer computes on this batch
