@@ -13,6 +13,8 @@ import re
 import sys
 from typing import Sequence
 
+import numpy as np
+
 from .errors import GDSStreamError
 
 EXIT_ERROR = 2
@@ -70,6 +72,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--raw-fields", type=_csv, default=None,
                    help="names of the columns of a raw N×F .bin, e.g. x,y,z,intensity")
     c.add_argument("--raw-dtype", default="float32", help="dtype of a raw .bin (default float32)")
+    c.add_argument("--chunk-size", type=float, default=None, metavar="S",
+                   help="group each scan's points into spatial chunks: grid cells of edge S "
+                        "(in the coordinates' unit) along a Morton curve, each chunk one "
+                        "contiguous range, for batch_chunks= loaders (default: no chunks)")
+    c.add_argument("--chunk-dims", type=int, default=2, choices=(2, 3),
+                   help="cells on x, y (2, default) or x, y, z (3)")
+    c.add_argument("--point-ids", action="store_true",
+                   help="add a point_id field (uint64, each point's index in its input file)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -100,9 +110,11 @@ def _cmd_convert(a: argparse.Namespace) -> int:
 
     ds = convert(a.inputs, a.output, format=a.format, element=a.element, fields=a.fields,
                  raw_fields=a.raw_fields, raw_dtype=a.raw_dtype, xyz=a.xyz,
-                 overwrite=a.overwrite, progress=False if a.no_progress else None)
+                 overwrite=a.overwrite, progress=False if a.no_progress else None,
+                 chunk_size=a.chunk_size, chunk_dims=a.chunk_dims, point_ids=a.point_ids)
+    chunks = f" ({_plural(ds.num_chunks, 'spatial chunk')})" if ds.num_chunks else ""
     print(f"wrote {ds.path}: {_plural(ds.num_points, 'point')} in "
-          f"{_plural(ds.num_scans, 'scan')}, {_fmt_bytes(ds.nbytes)}")
+          f"{_plural(ds.num_scans, 'scan')}{chunks}, {_fmt_bytes(ds.nbytes)}")
     return 0
 
 
@@ -121,6 +133,11 @@ def _cmd_info(a: argparse.Namespace) -> int:
     crs = _crs_summary(ds.sources)
     if crs:
         print(f"crs      {crs}")
+    if ds.num_chunks:
+        sizes = np.diff(ds.chunk_offsets)
+        print(f"chunks   {ds.num_chunks:,} ({ds.chunk_dims}-D cells of {ds.chunk_size:g}); "
+              f"points per chunk min {int(sizes.min()):,}, median {int(np.median(sizes)):,}, "
+              f"max {int(sizes.max()):,}")
     print()
     rows = [("field", "dtype", "components", "bytes/point", "bytes")]
     for spec in ds.schema.values():

@@ -134,3 +134,82 @@ def test_grid_too_fine_is_refused(tmp_path):
         ch.append(cols)
         with pytest.raises(ConversionError, match="larger --chunk-size"):
             ch.write_to(None)
+
+
+# -- through convert() and the CLI ------------------------------------------------------------
+def test_convert_with_chunks_and_point_ids_recovers_the_input(tmp_path, make_ply):
+    from gds_stream import convert
+
+    props = (("x", "f4"), ("y", "f4"), ("z", "f4"), ("intensity", "u2"))
+    cols = [make_ply(tmp_path / f"t{i}.ply", n, properties=props, seed=i)
+            for i, n in enumerate((3000, 1700))]
+    ds = convert([tmp_path / "t0.ply", tmp_path / "t1.ply"], tmp_path / "ds", progress=False,
+                 chunk_size=0.5, chunk_dims=3, point_ids=True)
+    assert ds.num_chunks > 2 and ds.chunk_dims == 3 and "point_id" in ds.schema
+    assert ds.schema["point_id"].dtype == np.dtype("<u8")
+    for s, want in enumerate(cols):
+        a, b = ds.scan_offsets[s], ds.scan_offsets[s + 1]
+        pid = ds.read("point_id", a, b).astype(np.int64)
+        assert sorted(pid) == list(range(b - a))
+        for k in ("x", "y", "z", "intensity"):
+            got = np.empty_like(want[k])
+            got[pid] = ds.read(k, a, b)
+            assert np.array_equal(got.view(np.uint8), want[k].view(np.uint8))
+
+
+def test_point_ids_without_chunks_are_file_order(tmp_path, make_ply):
+    from gds_stream import convert
+
+    make_ply(tmp_path / "a.ply", 500)
+    ds = convert(tmp_path / "a.ply", tmp_path / "ds", progress=False, point_ids=True)
+    assert ds.num_chunks == 0
+    assert np.array_equal(ds.read("point_id"), np.arange(500, dtype=np.uint64))
+
+
+def _cli(*args, cwd):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "gds_stream", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_chunked_convert_and_info(tmp_path, make_ply):
+    make_ply(tmp_path / "a.ply", 4000)
+    r = _cli("convert", "a.ply", "-o", "ds", "--chunk-size", "0.75", "--no-progress",
+             cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "spatial chunks" in r.stdout
+    r = _cli("info", "ds", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("chunks"))
+    assert "2-D cells of 0.75" in line and "median" in line
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--chunk-size", "0"], "--chunk-size must be a finite number > 0"),
+    (["--chunk-size", "-2"], "--chunk-size must be a finite number > 0"),
+    (["--chunk-size", "nan"], "--chunk-size must be a finite number > 0"),
+    (["--chunk-size", "1", "--fields", "x,y,intensity"], "needs fields x, y and z"),
+])
+def test_cli_bad_chunk_options(tmp_path, make_ply, args, message):
+    make_ply(tmp_path / "a.ply", 100)
+    r = _cli("convert", "a.ply", "-o", "ds", "--no-progress", *args, cwd=tmp_path)
+    assert r.returncode == 2
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "ds").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_cli_non_finite_coordinates(tmp_path):
+    from conftest import _make_raw
+
+    cols = _make_raw(tmp_path / "a.bin", 50, ["x", "y", "z"])
+    arr = np.stack([cols[k] for k in "xyz"], 1)
+    arr[7, 2] = np.inf
+    arr.astype(np.float32).tofile(tmp_path / "a.bin")
+    r = _cli("convert", "a.bin", "-o", "ds", "--raw-fields", "x,y,z", "--chunk-size", "1",
+             "--chunk-dims", "3", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 2
+    assert "point 7 has a non-finite z" in r.stderr
+    assert not (tmp_path / "ds").exists()

@@ -14,6 +14,7 @@ share — the source contract, field selection, schema checks and the streaming 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Sequence
@@ -60,7 +61,8 @@ def convert(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: st
             *, format: str = "auto", element: str | None = None,
             fields: Sequence[str] | None = None, raw_fields: Sequence[str] | None = None,
             raw_dtype: str = "float32", xyz: str = "float32", overwrite: bool = False,
-            progress: bool | None = None) -> Dataset:
+            progress: bool | None = None, chunk_size: float | None = None,
+            chunk_dims: int = 2, point_ids: bool = False) -> Dataset:
     """Convert ``inputs`` (files or directories) into the dataset directory ``out_dir``.
 
     ``format``: ``auto`` (a file starting with ``LASF``, ``.las`` or ``.laz`` → las; ``.ply`` →
@@ -72,6 +74,12 @@ def convert(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: st
     reproduce every scaled coordinate within half the file's scale), ``float64`` absolute; other
     formats keep their stored types.
     ``progress``: a tqdm bar over input bytes on stderr; ``None`` shows it when stderr is a TTY.
+    ``chunk_size`` (``--chunk-size``): group the points of each scan into spatial chunks, the
+    grid cells of this edge on x, y (``chunk_dims=2``) or x, y, z (``chunk_dims=3``), ordered
+    along a Morton curve, each chunk a contiguous range (out-of-core: bounded memory, twice the
+    scan's bytes of temporary disk beside ``out_dir``). ``point_ids`` (``--point-ids``): add a
+    ``point_id`` field (uint64, each point's index in its input file), so the original order
+    stays recoverable.
 
     Each input file becomes one scan. Every input is validated before anything is written; a
     failure leaves no output directory behind. Returns the opened dataset.
@@ -107,6 +115,14 @@ def convert(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: st
             "--format raw needs --raw-fields: the names of the columns of the N×F records, "
             "e.g. --raw-fields x,y,z,intensity (and --raw-dtype, default float32)"
         )
+    if chunk_size is not None:
+        if (isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, float))
+                or not math.isfinite(chunk_size) or chunk_size <= 0):
+            raise ConversionError(f"--chunk-size must be a finite number > 0, found {chunk_size!r}")
+        if chunk_dims not in (2, 3):
+            raise ConversionError(f"--chunk-dims must be 2 or 3, found {chunk_dims!r}")
+    if not isinstance(point_ids, bool):
+        raise ConversionError(f"point_ids must be True or False, found {point_ids!r}")
     out = Path(out_dir)
     check_output_dir(out, overwrite)
 
@@ -138,5 +154,12 @@ def convert(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: st
         if origin.any():
             log.info("dataset origin %s (x, y, z are stored relative to it)", origin.tolist())
             options["origin"] = origin
-    write_sources(sources, out, overwrite=overwrite, progress=progress, writer_options=options)
+    if chunk_size is not None:
+        names = [f.name for f in sources[0].schema]
+        missing = [a for a in ("x", "y", "z") if a not in names]
+        if missing:
+            raise ConversionError(f"{sources[0].path}: --chunk-size needs fields x, y and z; "
+                                  f"the schema has no {', '.join(missing)}")
+    write_sources(sources, out, overwrite=overwrite, progress=progress, writer_options=options,
+                  chunk_size=chunk_size, chunk_dims=chunk_dims, point_ids=point_ids)
     return open_dataset(out)

@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 #: Rows read per chunk (fewer when rows are wide: a chunk stays within ``CHUNK_BYTES``).
 CHUNK_ROWS = 1 << 20
 CHUNK_BYTES = 32 << 20
+#: The field ``--point-ids`` adds.
+POINT_ID = "point_id"
 
 
 @dataclass
@@ -162,23 +164,52 @@ def check_sources(sources: Sequence[Source]) -> None:
 
 
 def write_sources(sources: Sequence[Source], out: Path, *, overwrite: bool,
-                  progress: bool | None, writer_options: dict | None = None) -> None:
+                  progress: bool | None, writer_options: dict | None = None,
+                  chunk_size: float | None = None, chunk_dims: int = 2,
+                  point_ids: bool = False) -> None:
     """Stream every source, one scan each, into a new dataset at ``out``, with a tqdm bar over
-    input bytes (binary units) on stderr. Any error aborts the writer: nothing is left behind."""
+    input bytes (binary units) on stderr. Any error aborts the writer: nothing is left behind.
+
+    ``chunk_size``: group each scan's points into spatial chunks (see :mod:`.chunks`).
+    ``point_ids``: add a ``point_id`` field (uint64, the point's index in its input file)."""
     from tqdm import tqdm
 
+    from .chunks import ScanChunker
+
+    schema = list(sources[0].schema)
+    if point_ids:
+        if any(s.name == POINT_ID for s in schema):
+            raise ConversionError(f"{sources[0].path}: already has a field {POINT_ID!r}; "
+                                  f"--point-ids would add a second one")
+        schema.append(FieldSpec(POINT_ID, np.dtype("<u8")))
+    options = dict(writer_options or {})
+    if chunk_size is not None:
+        options.update(chunk_size=chunk_size, chunk_dims=chunk_dims)
     total = sum(s.nbytes for s in sources)
     log.info("converting %d file(s), %d points, %d bytes into %s", len(sources),
              sum(s.num_points for s in sources), total, out)
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert",
               disable=None if progress is None else not progress, file=sys.stderr) as bar, \
-            DatasetWriter(out, sources[0].schema, overwrite=overwrite,
-                          **(writer_options or {})) as writer:
+            DatasetWriter(out, schema, overwrite=overwrite, **options) as writer:
         for src in sources:
-            consumed = 0
-            for columns, nbytes in src.chunks():
-                writer.append(columns)
-                consumed += nbytes
-                bar.update(nbytes)
+            consumed, row = 0, 0
+            chunker = (ScanChunker(schema, chunk_size, chunk_dims, out.parent, str(src.path))
+                       if chunk_size is not None else None)
+            try:
+                sink = chunker.append if chunker is not None else writer.append
+                for columns, nbytes in src.chunks():
+                    if point_ids:
+                        n = len(next(iter(columns.values())))
+                        columns = {**columns,
+                                   POINT_ID: np.arange(row, row + n, dtype=np.uint64)}
+                        row += n
+                    sink(columns)
+                    consumed += nbytes
+                    bar.update(nbytes)
+                if chunker is not None:
+                    chunker.write_to(writer)
+            finally:
+                if chunker is not None:
+                    chunker.close()
             bar.update(src.nbytes - consumed)
             writer.end_scan(str(src.path), format=src.format, **src.info)
