@@ -193,19 +193,21 @@ def publish(tmp: Path, target: Path, overwrite: bool) -> None:
     """Move the finished ``tmp`` onto ``target`` (call with :func:`parent_lock` held)."""
     from .writer import check_output_dir  # the one rule for what may be replaced
 
-    check_output_dir(target, overwrite)
-    os.unlink(tmp / MARKER)
-    if os.path.lexists(target) and not overwrite:
+    if overwrite:
+        check_output_dir(target, overwrite)
+    elif os.path.lexists(target):
         try:
-            os.rmdir(target)  # empty (check_output_dir said so); anything else is refused
+            os.rmdir(target)  # an empty directory may be taken over; anything else is refused
         except OSError as exc:
-            raise ConversionError(f"{target}: appeared while converting; not replacing it "
-                                  f"({exc.strerror})") from exc
+            raise ConversionError(f"{target}: appeared while converting (another convert?); not "
+                                  f"replacing it without --overwrite ({exc.strerror})") from exc
+    os.unlink(tmp / MARKER)
     if not os.path.lexists(target):
         try:
             done = _renameat2(tmp, target, _RENAME_NOREPLACE)
         except FileExistsError:
-            raise ConversionError(f"{target}: appeared while converting; not replacing it") from None
+            raise ConversionError(f"{target}: appeared while converting (another convert?); not "
+                                  f"replacing it without --overwrite") from None
         if not done:
             os.rename(tmp, target)  # under the parent lock: nothing else renames onto it
         return

@@ -88,7 +88,7 @@ class Dataset(Closeable):
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
-            raise DatasetError(f"{self.path}: no such directory") from None
+            raise DatasetError(f"{self.path}: no such directory{_old_hint(self.path)}") from None
         except (OSError, ValueError) as exc:
             raise DatasetError(f"{self.path}: cannot open the dataset ({os_reason(exc)})") from exc
         if not stat.S_ISDIR(st.st_mode):
@@ -370,6 +370,19 @@ class Dataset(Closeable):
 def open_dataset(path: str | os.PathLike) -> Dataset:
     """Open and validate a dataset directory (raises :class:`DatasetError` on any inconsistency)."""
     return Dataset(path)
+
+
+def _old_hint(path: Path) -> str:
+    """Where the previous data of an interrupted replacement of ``path`` lies, if anywhere."""
+    try:
+        olds = sorted(p.name for p in path.parent.iterdir()
+                      if p.name.startswith(f".{path.name}.old-"))
+    except (OSError, ValueError):
+        return ""
+    if not olds:
+        return ""
+    return (f"; a replacement was interrupted and the previous dataset is in {olds[0]} "
+            f"(the next convert to this directory restores it)")
 
 
 def pread_into(fd: int, view: memoryview, offset: int, path: object = "") -> None:
