@@ -330,3 +330,31 @@ def test_header_point_count_that_lies(tmp_path, make_las, suffix):
     with pytest.raises(DatasetError, match=rf"a\{suffix}: .*"):
         convert(tmp_path / f"a{suffix}", tmp_path / "ds", progress=False)
     assert no_output_left(tmp_path)
+
+
+def test_lying_header_bounds_fall_back_to_the_offsets(tmp_path):
+    """Some writers leave the header bounds at zero: the origin then comes from the offsets,
+    and every point still round-trips within half the scale."""
+    import laspy
+
+    from gds_stream import convert
+
+    hdr = laspy.LasHeader(point_format=1, version="1.2")
+    hdr.scales = np.array([0.001, 0.001, 0.001])
+    hdr.offsets = np.array([500000.0, 5000000.0, 0.0])
+    las = laspy.LasData(hdr)
+    rng = np.random.default_rng(0)
+    las.x = 500000.0 + rng.random(1000) * 300
+    las.y = 5000000.0 + rng.random(1000) * 300
+    las.z = rng.random(1000) * 50
+    path = tmp_path / "zero-bounds.las"
+    las.write(path)
+    with open(path, "r+b") as f:  # zero the six bound doubles (max x, min x, ...) at byte 179
+        f.seek(179)
+        f.write(b"\0" * 48)
+    ds = convert(path, tmp_path / "ds", progress=False)
+    assert ds.origin[0] != 0 and ds.origin[1] != 0
+    back = laspy.read(path)
+    for j, k in enumerate("xyz"):
+        got = ds.read(k).astype(np.float64) + ds.origin[j]
+        assert np.abs(got - np.asarray(back[k])).max() <= 0.0005

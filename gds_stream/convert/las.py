@@ -223,9 +223,24 @@ def _check_chunk_table(path: Path, start: int, size: int) -> None:
 
 def choose_origin(sources: Sequence[LasSource]) -> np.ndarray:
     """Zero where float32 resolves every input's absolute bounds within half its scale, else
-    the centre of all inputs' bounds snapped to a multiple of ``ORIGIN_STEP``."""
-    lo = np.min([s.mins for s in sources], axis=0)
-    hi = np.max([s.maxs for s in sources], axis=0)
+    the centre of all inputs' bounds snapped to a multiple of ``ORIGIN_STEP``.
+
+    Header bounds are written by the producer and sometimes wrong (zeros, or min > max); a file
+    whose bounds do not contain its own offsets' neighbourhood contributes its offsets instead —
+    LAS writers put the offset near the data. Every point is still checked against the origin."""
+    los, his = [], []
+    for s in sources:
+        lo, hi = s.mins, s.maxs
+        plausible = (np.isfinite(lo).all() and np.isfinite(hi).all() and (lo <= hi).all()
+                     and not ((lo == 0).all() and (hi == 0).all() and s.offsets.any()))
+        if not plausible:
+            log.warning("%s: header bounds %s..%s are implausible; using the header offsets "
+                        "%s to place the dataset origin", s.path, lo.tolist(), hi.tolist(),
+                        s.offsets.tolist())
+            lo = hi = s.offsets
+        los.append(lo)
+        his.append(hi)
+    lo, hi = np.min(los, axis=0), np.max(his, axis=0)
     half = np.min([s.scales for s in sources], axis=0) / 2
     extent = np.maximum(np.abs(lo), np.abs(hi))
     if all(_f32_ulp(e) / 2 <= h for e, h in zip(extent, half)):
