@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import operator
 import os
 import shutil
 import uuid
@@ -227,8 +228,12 @@ class DatasetWriter:
             raise ConversionError(f"{self.out_dir}: add_chunk() on a writer without chunk_size")
         if not (isinstance(num_points, (int, np.integer)) and num_points >= 1):
             raise ConversionError(f"{self.out_dir}: a chunk holds >= 1 points, found {num_points!r}")
-        c = [int(v) for v in cell]
-        b = [float(v) for v in bounds]
+        try:
+            c = [operator.index(v) for v in cell]
+            b = [float(v) for v in bounds]
+        except (TypeError, ValueError) as exc:
+            raise ConversionError(f"{self.out_dir}: chunk cell must be 3 integers and bounds 6 "
+                                  f"numbers, found {cell!r}, {bounds!r}") from exc
         if len(c) != 3 or not all(-(1 << 63) <= v < (1 << 63) for v in c):
             raise ConversionError(f"{self.out_dir}: chunk cell must be 3 int64 values, found {cell!r}")
         if len(b) != 6 or not all(math.isfinite(v) for v in b) \
