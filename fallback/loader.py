@@ -8,6 +8,17 @@
 
 The within-batch shuffle is one gather on the consumer's device, by the plan's permutation,
 which travels inside the same slab (one host→device copy per batch).
+
+GPU hygiene: the copy stream comes from torch's stream pool, whose streams are created
+``cudaStreamNonBlocking``, so a host→device copy never waits for work the training loop queued on
+the legacy default stream; copy events are created ``blocking=True``, so a worker waiting for a
+slot to be free sleeps instead of spinning a core; nothing here synchronises the device or a
+stream — the only waits are on this loader's own copy events.
+
+Host memory (CPU device): ``prefetch`` slabs in flight (a slab is the batch's fields, each
+rounded to 4 KiB, plus 4 bytes a point of permutation when shuffling), plus, when shuffling, the
+gathered batch being handed out; slabs and gathered batches live in anonymous mappings returned
+to the OS as soon as their last view is collected (:mod:`fallback.hostmem`).
 """
 
 from __future__ import annotations
@@ -80,6 +91,17 @@ def _fill_meta(batch: BatchPlan, layout: SlabLayout, host: np.ndarray, stop: thr
         host[layout.offsets_offset:layout.offsets_offset + offs.nbytes] = offs.view(np.uint8)
 
 
+def copy_stream(torch: Any, device: Any) -> Any:
+    """The side stream of host→device copies: a pool stream (non-blocking with respect to the
+    legacy default stream, so a copy never waits for the consumer's queued kernels)."""
+    return torch.cuda.Stream(device)
+
+
+def copy_event(torch: Any) -> Any:
+    """The event of one copy: ``blocking=True`` so a worker waiting on it sleeps, not spins."""
+    return torch.cuda.Event(blocking=True)
+
+
 class FallbackLoader(Loader):
     """numpy/preadv + threaded prefetch ring; same options and contract as every loader."""
 
@@ -97,7 +119,7 @@ class FallbackLoader(Loader):
                                   f"(torch {torch.__version__}); use device='cpu'")
             if self._device.index is None:
                 self._device = torch.device("cuda", torch.cuda.current_device())
-            self._copy_stream = torch.cuda.Stream(self._device)
+            self._copy_stream = copy_stream(torch, self._device)
         elif self._device.type != "cpu":
             raise LoaderError(f"device={self.options.device!r}: the fallback supports cpu and cuda")
         self._ring: PinnedRing | None = None
@@ -213,7 +235,7 @@ class _FallbackIterator(EpochIterator):
             with torch.cuda.stream(self._copy_stream):
                 slab = torch.empty(p.layout.nbytes, dtype=torch.uint8, device=self._device)
                 slab.copy_(p.slot.tensor[:p.layout.nbytes], non_blocking=True)
-                event = torch.cuda.Event()
+                event = copy_event(torch)
                 event.record(self._copy_stream)
             self._ring.release(p.slot, event)
             consumer = torch.cuda.current_stream(self._device)

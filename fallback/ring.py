@@ -34,7 +34,9 @@ class Slot:
         return self.tensor.numel()
 
     def wait_free(self) -> None:
-        """Block (in a worker) until the last copy out of this slot has finished."""
+        """Block (in a worker) until the last copy out of this slot has finished. The event is
+        a blocking-sync one (``copy_event``), so the thread sleeps in the driver; this waits on
+        this slot's own copy only, never on a stream or the device."""
         ev = self.event
         if ev is not None:
             ev.synchronize()
