@@ -802,3 +802,72 @@ def test_len_is_what_every_rank_yields(ds):
                             drop_last=drop_last, fields=["label"]) as ld:
                     counts.append((len(ld), sum(1 for _ in ld)))
             assert len({c for pair in counts for c in pair}) == 1, counts
+
+
+# -- GPU hygiene (CUDA device) ----------------------------------------------------------------
+def _cuda_works() -> bool:
+    try:
+        return torch.cuda.is_available() and torch.zeros(1, device="cuda").item() == 0
+    except Exception:  # noqa: BLE001 - a broken driver is "no CUDA" here
+        return False
+
+
+needs_cuda = pytest.mark.skipif(not _cuda_works(), reason="needs a working CUDA device")
+
+
+def test_copy_events_block_and_copy_stream_is_a_pool_stream(monkeypatch):
+    made = []
+
+    class _Event:
+        def __init__(self, **kw):
+            made.append(kw)
+
+    class _Stream:
+        def __init__(self, device):
+            made.append(("stream", device))
+
+    monkeypatch.setattr(torch.cuda, "Event", _Event)
+    monkeypatch.setattr(torch.cuda, "Stream", _Stream)
+    fb_loader.copy_event(torch)
+    fb_loader.copy_stream(torch, "cuda:0")
+    # blocking=True: a worker waiting for a slot sleeps in the driver instead of spinning;
+    # torch.cuda.Stream(device) is a pool stream (created cudaStreamNonBlocking).
+    assert made == [{"blocking": True}, ("stream", "cuda:0")]
+
+
+@pytest.mark.parametrize("opts", [dict(batch_points=30_000, shuffle=True, seed=2),
+                                  dict(batch_scans=3, shuffle=True, seed=4)],
+                         ids=["points", "scans"])
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_batches_equal_cpu_batches(ds, opts):
+    with loader(ds, device="cuda", **opts) as g, loader(ds, **opts) as c:
+        got = [{k: v.cpu() for k, v in b.items()} for b in g]
+        want = list(c)
+    assert len(got) == len(want) == len(c)
+    assert all(batch_bytes_equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_reads_never_wait_for_the_consumers_queued_work(ds):
+    """Long GPU work queued on the consumer's (legacy default) stream: the loader still hands
+    out more batches than its ring has slots — each slot's reuse needs its copy's event, so a
+    copy that waited for the consumer's stream would stall the loader until the work ends."""
+    prefetch, n = 2, 6
+    with loader(ds, device="cuda", batch_points=20_000, prefetch=prefetch,
+                num_threads=2) as ld:
+        next(iter(ld))  # warm up: CUDA context, ring, allocator
+        cons = torch.cuda.current_stream()
+        torch.cuda._sleep(int(4e9))  # seconds of GPU time on the consumer's stream
+        done = torch.cuda.Event()
+        done.record(cons)
+        it = iter(ld)
+        got = [next(it) for _ in range(n)]
+        assert not done.query(), "the loader waited for the consumer's queued work"
+        torch.cuda.synchronize()  # the test's own wait, before checking the bytes
+        plan, ref = ld.epoch_plan(), Reference(ds)
+        for i, b in enumerate(got):
+            assert_batch_equal({k: v.cpu() for k, v in b.items()},
+                               ref.batch(ld.options.fields, plan.batch(i)), ds.schema,
+                               f"batch {i}")
