@@ -161,7 +161,9 @@ def _crs_summary(sources: list) -> str:
             auth = re.findall(r'(?:AUTHORITY|ID)\["EPSG",\s*"?(\d+)', text)
             label = (m.group(1) if m else text[:60]) + (f" (EPSG:{auth[-1]})" if auth else "")
         elif "crs_geokeys" in src:
-            keys = {k[0]: k[3] for k in src["crs_geokeys"] if isinstance(k, list) and len(k) == 4}
+            raw = src["crs_geokeys"] if isinstance(src["crs_geokeys"], list) else []
+            keys = {k[0]: k[3] for k in raw
+                    if isinstance(k, list) and len(k) == 4 and isinstance(k[0], int)}
             code = keys.get(3072) or keys.get(2048)
             label = f"GeoTIFF keys (EPSG:{code})" if code else "GeoTIFF keys"
         else:

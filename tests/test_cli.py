@@ -315,3 +315,23 @@ def test_las_bad_input_is_one_line(tmp_path):
     (tmp_path / "a.laz").write_bytes(b"LASF" + b"\0" * 400)
     assert_error(cli("convert", tmp_path / "a.laz", "-o", tmp_path / "out"), "a.laz")
     assert nothing_left(tmp_path)
+
+
+def test_info_survives_odd_crs_records_in_sources(tmp_path, make_ply):
+    """sources are free-form in a manifest: odd CRS records are shown or skipped, never a crash."""
+    import json
+    import subprocess
+    import sys
+
+    from gds_stream import convert
+
+    make_ply(tmp_path / "a.ply", 10)
+    convert(tmp_path / "a.ply", tmp_path / "ds", progress=False)
+    m = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    m["sources"][0]["crs_geokeys"] = [[[1], 2, 3, 4], "x", 5]
+    m["sources"].append({"path": "b", "points": 0, "crs_geokeys": 7})
+    (tmp_path / "ds" / "manifest.json").write_text(json.dumps(m))
+    r = subprocess.run([sys.executable, "-m", "gds_stream", "info", str(tmp_path / "ds")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode in (0, 2), r.stderr
+    assert "Traceback" not in r.stderr
