@@ -340,10 +340,13 @@ class EpochIterator(Closeable):
 
     def __next__(self) -> dict:
         if not self._busy.acquire(blocking=False):
-            raise LoaderError(
-                f"{self._loader_path()}: the iterator of epoch {self.plan.epoch} was used from "
-                f"two threads at once (next() while another next() or close was running); "
-                f"give each thread its own loader or serialise the calls")
+            if self._closed:  # a close() from another thread is joining the workers: wait
+                self._busy.acquire()  # for it, then report the close below
+            else:
+                raise LoaderError(
+                    f"{self._loader_path()}: the iterator of epoch {self.plan.epoch} was used "
+                    f"from two threads at once (next() while another next() was running); "
+                    f"give each thread its own loader or serialise the calls")
         try:
             return self._next_locked()
         finally:

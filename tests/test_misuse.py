@@ -200,3 +200,26 @@ def test_empty_dataset_warns_and_yields_nothing(tmp_path, caplog):
     with loader(d, batch_points=100) as ld:
         assert len(ld) == 0 and run_with_timeout(lambda: list(ld)) == []
     assert any("holds no points" in r.getMessage() for r in caplog.records)
+
+
+def test_next_during_another_threads_close_reports_the_close(ds, monkeypatch):
+    """close() in thread B is joining the workers when thread A calls next(): A waits for
+    the close and gets "closed", not "used from two threads"."""
+    real = fb_loader._FallbackIterator._shutdown
+    joining = threading.Event()
+
+    def slow_shutdown(self):
+        joining.set()
+        time.sleep(0.3)
+        real(self)
+
+    monkeypatch.setattr(fb_loader._FallbackIterator, "_shutdown", slow_shutdown)
+    with loader(ds) as ld:
+        it = iter(ld)
+        next(it)
+        t = threading.Thread(target=it.close, name="test-closer")
+        t.start()
+        assert joining.wait(10)
+        with pytest.raises(LoaderError, match="closed by its close"):
+            next(it)
+        t.join(10)
