@@ -37,30 +37,35 @@ def assess(rows: dict[str, dict], load: dict | None, schedule: dict | None = Non
     as a whole. ``rows``: one summary per loader family; ``load``: the other load over the timed
     runs (:func:`bench.measure.other_load`); ``schedule``: requested/done repetitions."""
     reasons: list[str] = []
+    short: list[str] = []
     notes: list[str] = []
     c = rows.get("compute-only")
     if c and c.get("wall_s"):
+        beaten = []
         for fam, r in rows.items():
             if fam == "compute-only" or not r.get("wall_s"):
                 continue
             n = noise(c, r)
             tol = NOISE_UNKNOWN if n is None else max(n, NOISE_FLOOR)
             if c["wall_s"] > r["wall_s"] * (1 + tol):
-                reasons.append(
-                    f"compute-only (batches already resident) took {c['wall_s']:.3f} s an epoch, "
-                    f"{c['wall_s'] / r['wall_s'] - 1:.0%} slower than {fam} end-to-end "
-                    f"({r['wall_s']:.3f} s), beyond the noise of {tol:.0%} — impossible in a "
-                    f"clean run")
+                beaten.append((fam, f"{fam} {r['wall_s']:.3f} s (−{1 - r['wall_s'] / c['wall_s']:.0%}"
+                                    f", noise {tol:.0%})"))
+        if beaten:
+            reasons.append(f"compute-only (batches already resident) took {c['wall_s']:.3f} s "
+                           f"an epoch, slower than end-to-end runs beyond the noise: "
+                           + ", ".join(b for _, b in beaten) + " — impossible in a clean run")
+            short.append("compute-only slower than " + ", ".join(f for f, _ in beaten))
     if load is not None:
         share = load["other_fraction"] + load["steal_fraction"]
         if share > LOAD_THRESHOLD:
             reasons.append(f"other processes took {share:.0%} of the machine during the timed "
                            f"runs (threshold {LOAD_THRESHOLD:.0%})")
+            short.append(f"other load {share:.0%} of the machine")
     if schedule and schedule.get("done", 0) < schedule.get("requested", 0):
         notes.append(f"{schedule['done']} of {schedule['requested']} repetitions ran "
                      f"({schedule.get('stopped') or 'stopped early'})")
     return {"verdict": "inconclusive" if reasons else "clean", "reasons": reasons,
-            "notes": notes}
+            "summary": "; ".join(short), "notes": notes}
 
 
 def judge(text: str, met: bool | None, detail: str, quality: dict,
@@ -72,7 +77,8 @@ def judge(text: str, met: bool | None, detail: str, quality: dict,
     if met is None:
         return {"goal": text, "status": "not evaluated", "detail": detail, "reasons": []}
     raw = "met" if met else "missed"
-    reasons = list(quality.get("reasons", []))
+    reasons = (["the measurement is inconclusive: " + quality["summary"]]
+               if quality.get("reasons") else [])
     if judged_spread and margin is not None:
         if spread is None:
             reasons.append("a single repetition: no run-to-run spread to judge the margin by")

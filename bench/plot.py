@@ -76,10 +76,16 @@ def build_figure(env: dict, rows: list[dict], limits: dict, quality: dict | None
                     (c["wall_s"], ylim[1]), ha="center", va="top", fontsize=8, color="#333333",
                     bbox={"boxstyle": "round", "fc": "white", "ec": "#999999"})
     a1.set_ylim(*ylim)
-    a1.set_xlim(0, top * 1.55 if top > 0 else 1)
+    wide = 2.0 if any(r.get("disturbed_runs") for r in rows) else 1.55  # room for the labels
+    a1.set_xlim(0, top * wide if top > 0 else 1)
     a1.set_yticks(y, names, fontsize=9)
     a1.set_xlabel("seconds per epoch (shorter is better)")
-    a1.set_title("End-to-end epoch time: median, whiskers min–max", fontsize=10)
+    reps = max((len(r.get("wall_s_runs") or [1]) for r in rows), default=1)
+    sched = env.get("schedule") or {}
+    cut = (f", stopped by the budget after {sched['done']} of {sched['requested']}"
+           if sched.get("done") is not None and sched["done"] < sched.get("requested", 0) else "")
+    a1.set_title(f"End-to-end epoch time: median of {reps} run(s), whiskers min–max{cut}",
+                 fontsize=10)
     a1.grid(axis="x", alpha=0.3)
 
     # -- loader-only: % of the measured read limit ------------------------------------------
@@ -101,6 +107,7 @@ def build_figure(env: dict, rows: list[dict], limits: dict, quality: dict | None
                             ecolor="black", capsize=3, lw=1)
             note = " (reads nothing: zero-copy views)" if zero else ""
             at = min(LO_CAP_PCT, pct if zero else max(pct, p_hi))
+            note += " ▸ (off the axis)" if pct > LO_CAP_PCT else ""
             a2.annotate(f" {pct:.0f} %{note}", (at, yi), va="center",
                         ha="left", fontsize=8)
         for yi, r in zip(y, rows):
@@ -124,7 +131,8 @@ def build_figure(env: dict, rows: list[dict], limits: dict, quality: dict | None
     head = (f"{env['device']} — {env['dataset']['points']:,} points, batch "
             f"{env['batch_points']:,}, {env['backbone']} {env['mode']}, {env['page_cache']} cache")
     if quality and quality["verdict"] != "clean":
-        verdict = "INCONCLUSIVE measurement: " + "; ".join(quality["reasons"])
+        verdict = ("INCONCLUSIVE measurement: " + (quality.get("summary")
+                                                    or "; ".join(quality["reasons"])))
         color = RED
     else:
         verdict, color = "clean measurement", GREEN

@@ -90,8 +90,8 @@ def run_schedule(variants: Sequence[Variant], stats: dict[str, Stats], dev: Devi
     durations: list[float] = []
     for rep in range(repeat):
         if durations and not budget.fits(max(durations)):
-            res.stopped = (f"budget of {budget.seconds:.0f} s: {budget.elapsed():.0f} s used, a "
-                           f"repetition takes ~{max(durations):.0f} s — stopped after "
+            res.stopped = (f"the {budget.seconds:.0f} s budget: {budget.elapsed():.0f} s used, "
+                           f"a repetition takes ~{max(durations):.0f} s — stopped after "
                            f"{rep} of {repeat} repetitions")
             say(f"budget: {res.stopped}")
             break

@@ -24,7 +24,7 @@ LOADERS = ("sequential", "queue", "torch-dataloader", "fallback", "compute-only"
 def smoke(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     # --retries 0: on a busy CI machine retries only cost time (the retry path is unit-tested)
-    cmd = [sys.executable, "-m", "bench.compare", "--smoke", "--retries", "0",
+    cmd = [sys.executable, "-m", "bench.compare", "--smoke", "--retries", "0", "--task-sizes", "1,4",
            "--json", str(tmp / "r.json"),
            "--plot", str(tmp / "r.png"), "--workdir", str(tmp)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -85,6 +85,51 @@ def test_plot_is_a_png(smoke):
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = (tmp / "r.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_task_size_sweep_runs_on_a_gpu_or_says_why_not(smoke):
+    _, proc, doc = smoke
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ts = doc["task_sizes"]
+    if "gds" in doc["skipped"]:
+        assert doc["skipped"]["gds"]["reason"] in ts["skipped"]
+        assert "KvikIO task_size sweep" in proc.stdout and "skipped" in proc.stdout
+    else:
+        assert [r["task_size_mib"] for r in ts["rows"]] == [1, 4]
+        assert all(r.get("gb_per_s", 0) > 0 for r in ts["rows"]), ts
+
+
+def test_the_run_says_its_plan_and_a_progress_line_per_loader(smoke):
+    _, proc, doc = smoke
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    err = proc.stderr
+    assert "plan: " in err and "budget" in err and "1 repetition(s)" in err
+    for name in LOADERS:
+        assert any(line.startswith("[rep 1/1] " + name) for line in err.splitlines()), name
+
+
+def test_gds_shuffles_exactly_like_fallback(monkeypatch):
+    from types import SimpleNamespace
+
+    import bench.compare as compare
+
+    made = []
+
+    def fake(family, path, batch, device, **kw):
+        made.append((family, kw))
+        return compare.Variant(family)
+
+    monkeypatch.setattr(compare, "LibraryVariant", fake)
+    for name in ("SequentialVariant", "QueueVariant", "ComputeOnlyVariant"):
+        monkeypatch.setattr(compare, name, lambda *a, **k: compare.Variant("x"))
+    cuda = SimpleNamespace(cuda=True, device="cuda:0")
+    ds = SimpleNamespace(num_points=10, path="p")
+    for argv, want in ((["--shuffle", "--seed", "7"], {"shuffle": True, "seed": 7}),
+                       ([], {"shuffle": False, "seed": 0})):
+        made.clear()
+        compare._build_variants(compare.parse_args(argv), ds, [], 5, cuda,
+                                SimpleNamespace(available=True, reason=""), [], {})
+        assert made == [("fallback", want), ("gds", want)]
 
 
 def test_limits_and_goals_are_reported(smoke):
@@ -278,7 +323,7 @@ def test_a_clean_run_gives_firm_verdicts():
 
     rows = _cpu_rows()
     q = assess(rows, QUIET)
-    assert q == {"verdict": "clean", "reasons": [], "notes": []}
+    assert q == {"verdict": "clean", "reasons": [], "summary": "", "notes": []}
     goals = evaluate_goals(rows, CPU_LIMITS, False, "mlp", False, None, q)
     assert [g["status"] for g in goals] == ["met", "met"]  # 1.33×; 3.54 GB/s ≥ 80 % of 3.0
 
@@ -292,7 +337,9 @@ def test_compute_only_slower_than_a_loader_makes_every_verdict_inconclusive():
     assert any("compute-only" in r and "fallback" in r for r in q["reasons"])
     goals = evaluate_goals(rows, CPU_LIMITS, False, "mlp", False, None, q)
     assert goals and all(g["status"] == "inconclusive" for g in goals)
-    assert goals[0]["leaning"] == "met" and "impossible in a clean run" in goals[0]["reasons"][0]
+    assert goals[0]["leaning"] == "met"
+    assert "compute-only slower than sequential, fallback" in goals[0]["reasons"][0]
+    assert "impossible in a clean run" in q["reasons"][0]
 
 
 def test_compute_only_a_little_slower_within_noise_is_not_flagged():
