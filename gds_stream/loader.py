@@ -31,8 +31,7 @@ from ._lifetime import Closeable, FieldFiles
 from .errors import BackendUnavailable, LoaderError
 from .format import Dataset, FieldSpec, open_dataset
 from .integrity import BlockVerifier
-from .options import (GDS_ONLY_OPTIONS, LoaderOptions, check_option_names,  # noqa: F401
-                      default_num_threads, resolve_options)
+from .options import LoaderOptions, check_option_names, resolve_options
 from .plan import BatchPlan, EpochPlan, PlanSpec, shuffle_block_points
 
 log = logging.getLogger(__name__)
@@ -243,7 +242,7 @@ class Loader(Closeable):
         finally:
             if self.files is not None:
                 self.files.close()
-            if self._owns_dataset and getattr(self, "dataset", None) is not None:
+            if getattr(self, "_owns_dataset", False) and getattr(self, "dataset", None) is not None:
                 self.dataset.close()
 
     def _release(self) -> None:

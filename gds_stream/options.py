@@ -1,4 +1,4 @@
-"""Loader options: names, types, device-aware defaults — checked once, identical for both backends.
+"""Loader options: names, types, device-aware defaults; checked once, the same for both backends.
 
 Every integer option must be a real integer (Python or numpy; ``bool`` is refused, so is ``1.5``
 and ``"1"``) and every flag a real ``bool``; a wrong one is a :class:`LoaderError` naming the option
@@ -63,7 +63,8 @@ def default_prefetch(device_type: str) -> int:
 
 
 def check_option_names(names: Sequence[str], extra: Sequence[str] = GDS_ONLY_OPTIONS) -> None:
-    """An unknown keyword is a :class:`LoaderError` naming ``open_loader`` and the closest option."""
+    """An unknown keyword is a :class:`LoaderError` naming ``open_loader`` and the closest
+    option."""
     known = sorted(set(CORE_OPTIONS) | set(extra))
     for name in names:
         if name in known:
@@ -129,7 +130,9 @@ class LoaderOptions:
 
     @property
     def batch_size(self) -> int:
-        return self.batch_scans if self.scan_mode else self.batch_points  # type: ignore[return-value]
+        size = self.batch_scans if self.scan_mode else self.batch_points
+        assert size is not None
+        return size
 
 
 def resolve_options(ds: Dataset, options: Mapping[str, Any]) -> LoaderOptions:

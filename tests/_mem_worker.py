@@ -26,6 +26,8 @@ def main() -> int:
     epochs = int(sys.argv[5]) if len(sys.argv) > 5 else 1
     import torch  # noqa: F401 - imported before the baseline, as in a training job
 
+    del torch
+
     from gds_stream.backends import open_loader
     from gds_stream.format import open_dataset
 

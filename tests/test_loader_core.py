@@ -54,7 +54,8 @@ def test_cpu_defaults_leave_torchs_cores_to_torch(tmp_path, monkeypatch):
         monkeypatch.setattr(options, "_cores", lambda c=cores: c)
         monkeypatch.setattr(torch, "get_num_threads", lambda t=torch_threads: t)
         with open_loader(path, backend="fallback", device="cpu", batch_points=999) as ld:
-            assert (ld.options.num_threads, ld.options.prefetch) == (want, 2), (cores, torch_threads)
+            got = (ld.options.num_threads, ld.options.prefetch)
+            assert got == (want, 2), (cores, torch_threads)
     with open_loader(path, backend="fallback", device="cpu", batch_points=999, num_threads=5,
                      prefetch=7) as ld:  # explicit values are respected
         assert (ld.options.num_threads, ld.options.prefetch) == (5, 7)
@@ -88,6 +89,12 @@ def test_loaders_release_the_descriptors_they_opened(tmp_path):
     assert _fds() == mid
     assert np.array_equal(ds.read("pid", 0, 10), np.arange(10))  # the Dataset still works
     ds.close()
+    assert _fds() == base
+    for bad in ({"batch_points": 0}, {"bach_points": 9}, {"batch_scans": 9, "drop_last": True}):
+        for _ in range(10):  # a refused configuration leaves nothing open
+            with pytest.raises(LoaderError):
+                open_loader(path, backend="fallback", device="cpu", **bad)
+    gc.collect()
     assert _fds() == base
     for _ in range(20):  # dropped without close(): collected at once (no cycle), fds released
         it = iter(open_loader(path, backend="fallback", device="cpu", batch_points=999))
