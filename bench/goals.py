@@ -58,9 +58,9 @@ def assess(rows: dict[str, dict], load: dict | None, schedule: dict | None = Non
     if load is not None:
         share = load["other_fraction"] + load["steal_fraction"]
         if share > LOAD_THRESHOLD:
-            reasons.append(f"other processes took {share:.0%} of the machine during the timed "
+            reasons.append(f"other processes took {share:.1%} of the machine during the timed "
                            f"runs (threshold {LOAD_THRESHOLD:.0%})")
-            short.append(f"other load {share:.0%} of the machine")
+            short.append(f"other load {share:.1%} of the machine")
     if schedule and schedule.get("done", 0) < schedule.get("requested", 0):
         notes.append(f"{schedule['done']} of {schedule['requested']} repetitions ran "
                      f"({schedule.get('stopped') or 'stopped early'})")

@@ -356,7 +356,7 @@ def test_other_load_above_the_threshold_makes_the_run_inconclusive():
 
     busy = {"other_fraction": 0.40, "steal_fraction": 0.03}
     q = assess(_cpu_rows(), busy)
-    assert q["verdict"] == "inconclusive" and "43%" in q["reasons"][0]
+    assert q["verdict"] == "inconclusive" and "43.0%" in q["reasons"][0]
     goals = evaluate_goals(_cpu_rows(), CPU_LIMITS, False, "mlp", False, None, q)
     assert all(g["status"] == "inconclusive" for g in goals)
     edge = {"other_fraction": LOAD_THRESHOLD - 0.01, "steal_fraction": 0.0}
@@ -398,7 +398,7 @@ def test_the_report_prints_the_inconclusive_verdict_and_why():
     goals = evaluate_goals(rows, CPU_LIMITS, False, "mlp", False, None, q)
     text = render(_env(), CPU_LIMITS, list(rows.values()), [], {}, goals, 24,
                   {"points": 1, "rows": 1}, q)
-    assert "measurement: INCONCLUSIVE" in text and "43%" in text
+    assert "measurement: INCONCLUSIVE" in text and "43.0%" in text
     assert "[inconclusive ]" in text and "leaning met" in text
     assert text.index("checksums: all equal") < text.index("measurement: INCONCLUSIVE")
 
