@@ -11,20 +11,17 @@ torch view is collected. Page faults are the same as for any fresh large ``mallo
 
 from __future__ import annotations
 
-import mmap
-
 import numpy as np
 
+from gds_stream._hostmem import anon_buffer
 from gds_stream.plan import BatchPlan
+
+__all__ = ["anon_buffer", "permutation_into"]
 
 #: Points written per step when the permutation is built in place (bounds the temporary).
 _ARANGE_STEP = 1 << 20
 
 
-def anon_buffer(nbytes: int) -> np.ndarray:
-    """A writable uint8 array of ``nbytes`` over its own anonymous mapping (zero-filled lazily)."""
-    mm = mmap.mmap(-1, max(int(nbytes), 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    return np.frombuffer(mm, dtype=np.uint8, count=int(nbytes))
 
 
 def permutation_into(batch: BatchPlan, out: np.ndarray) -> bool:

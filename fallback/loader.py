@@ -89,6 +89,9 @@ def _fill_meta(batch: BatchPlan, layout: SlabLayout, host: np.ndarray, stop: thr
     offs = batch.offsets()
     if offs is not None:
         host[layout.offsets_offset:layout.offsets_offset + offs.nbytes] = offs.view(np.uint8)
+        ids = np.asarray(batch.units, dtype=np.int64)
+        at = layout.offsets_offset + offs.nbytes
+        host[at:at + ids.nbytes] = ids.view(np.uint8)
 
 
 def copy_stream(torch: Any, device: Any) -> Any:
@@ -127,11 +130,17 @@ class FallbackLoader(Loader):
 
     def _make_iterator(self, plan: EpochPlan, start: int) -> "_FallbackIterator":
         if self._cuda:
-            scans = self.options.batch_scans
-            cap = SlabLayout.build(self.specs, plan.max_batch_points(), self.options.shuffle
-                                   and not self.options.scan_mode, scans).nbytes
-            if self._ring is None:
-                self._ring = PinnedRing(self.options.prefetch, cap)
+            o = self.options
+            units = o.batch_size if o.scan_mode else None
+            if plan.spec.windowed:  # the reads are windows (unshuffled), one ahead
+                cap = SlabLayout.build(self.specs, plan.max_window_points(), False, None).nbytes
+                depth = 2
+            else:
+                cap = SlabLayout.build(self.specs, plan.max_batch_points(),
+                                       o.shuffle and not o.scan_mode, units).nbytes
+                depth = o.prefetch
+            if self._ring is None or self._ring.depth != depth:
+                self._ring = PinnedRing(depth, cap)
             self._ring.reserve(cap)
         return _FallbackIterator(self, plan, start)
 
@@ -153,6 +162,7 @@ class _FallbackIterator(EpochIterator):
                        for s in self._specs]
         self._verifier = loader.verifier
         self._scan_mode = loader.options.scan_mode
+        self._unit_key = loader.unit_key
         self._device = loader._device
         self._cuda = loader._cuda
         self._ring = loader._ring
@@ -246,8 +256,10 @@ class _FallbackIterator(EpochIterator):
             if p.batch.perm_key is not None:
                 # The gathered batch goes to a buffer of its own; the slab dies on return.
                 out = torch.from_numpy(anon_buffer(gathered_bytes(self._specs, p.batch)))
-                return unpack_slab(torch, slab, self._specs, p.layout, p.batch, out)
-        return unpack_slab(torch, slab, self._specs, p.layout, p.batch)
+                return unpack_slab(torch, slab, self._specs, p.layout, p.batch, out,
+                                   self._unit_key)
+        return unpack_slab(torch, slab, self._specs, p.layout, p.batch,
+                           unit_key=self._unit_key)
 
     def _request_stop(self) -> None:
         self._stop.set()
@@ -278,7 +290,7 @@ def gathered_bytes(specs, batch: BatchPlan) -> int:
 
 
 def unpack_slab(torch: Any, slab: Any, specs, layout: SlabLayout, batch: BatchPlan,
-                gathered: Any = None) -> dict:
+                gathered: Any = None, unit_key: str | None = None) -> dict:
     """Views of one uint8 slab as the batch dict; with a permutation, one gather per field
     (done on integer views of the same width, so every dtype is moved bit for bit), into
     ``gathered`` (a uint8 tensor of :func:`gathered_bytes`) when given, else new tensors."""
@@ -305,6 +317,8 @@ def unpack_slab(torch: Any, slab: Any, specs, layout: SlabLayout, batch: BatchPl
             t = t.view(torch_dtype(torch, spec.dtype))
         out[spec.name] = t.view(n, spec.components) if spec.components > 1 else t.view(n)
     if batch.scan_sizes is not None:
-        k = len(batch.scan_sizes)
-        out["offset"] = slab[layout.offsets_offset:layout.offsets_offset + 8 * k].view(torch.int64)
+        k, oo = len(batch.scan_sizes), layout.offsets_offset
+        out["offset"] = slab[oo:oo + 8 * k].view(torch.int64)
+        if unit_key is not None:
+            out[unit_key] = slab[oo + 8 * k:oo + 16 * k].view(torch.int64)
     return out

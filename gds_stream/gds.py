@@ -320,6 +320,7 @@ class _GDSIterator(EpochIterator):
         super().__init__(loader, plan, start)
         self._ops, self._torch = loader._ops, loader._torch
         self._specs = loader.specs
+        self._unit_key = loader.unit_key
         self._layouts = [loader.dataset.layout(s.name) for s in self._specs]
         self._paths = [str(loader.dataset.field_path(s.name)) for s in self._specs]
         self._stream = self._ops.new_stream()
@@ -404,11 +405,15 @@ class _GDSIterator(EpochIterator):
                 else arr.reshape(n)
         offs = batch.offsets()
         if offs is not None:
-            host = ops.pinned_empty(len(offs), torch.int64)
-            host.numpy()[:] = offs
-            dev = ops.device_empty(len(offs), torch.int64)
+            k = len(offs)
+            host = ops.pinned_empty(2 * k, torch.int64)
+            host.numpy()[:k] = offs
+            host.numpy()[k:] = np.asarray(batch.units, dtype=np.int64)
+            dev = ops.device_empty(2 * k, torch.int64)
             ops.copy_async(dev, host)  # on the consumer's stream, from pinned memory
-            out["offset"] = dev
+            out["offset"] = dev[:k]
+            if self._unit_key is not None:
+                out[self._unit_key] = dev[k:]
         return out
 
     def _request_stop(self) -> None:
@@ -426,15 +431,13 @@ class _GDSIterator(EpochIterator):
 
 
 def _has_gather(batch: BatchPlan) -> bool:
-    return batch.perm_key is not None or getattr(batch, "rows", None) is not None
+    return batch.perm_key is not None
 
 
 def _gather_index(batch: BatchPlan) -> np.ndarray | None:
-    """Rows of the read points that make the batch, in batch order: a windowed batch's
-    ``rows``, else the within-batch permutation, else None (read order is batch order)."""
-    rows = getattr(batch, "rows", None)
-    if rows is not None:
-        return np.asarray(rows)
+    """The within-batch permutation of the read points, or None (read order is batch order).
+    (Shuffle windows never reach a backend: the core reads a window as a plain batch and cuts
+    batches out of it, see :mod:`gds_stream.window`.)"""
     return batch.permutation()
 
 

@@ -49,7 +49,8 @@ _RESUME_FREE = ("verify_reads",)
 @dataclass(frozen=True)
 class SlabLayout:
     """Where each region of one batch lives inside its contiguous slab (host and device alike):
-    one region per field, then the int32 permutation (if any), then the int64 offsets (if any)."""
+    one region per field, then the int32 permutation (if any), then the int64 offsets and unit
+    ids (unit modes)."""
 
     field_offsets: tuple[int, ...]
     perm_offset: int
@@ -67,8 +68,8 @@ class SlabLayout:
         if has_perm:
             pos += _round(num_points * 4)
         oo = pos
-        if num_scans is not None:
-            pos += _round(num_scans * 8)
+        if num_scans is not None:  # the units' cumulative ends, then their ids
+            pos += _round(num_scans * 16)
         return SlabLayout(tuple(offs), perm, oo, max(pos, SLAB_ALIGN))
 
 
@@ -104,12 +105,17 @@ class Loader(Closeable):
             self.options: LoaderOptions = resolve_options(self.dataset, options)
             o = self.options
             self.specs: tuple[FieldSpec, ...] = tuple(self.dataset.schema[f] for f in o.fields)
+            units = (self.dataset.chunk_offsets if o.unit == "chunks"
+                     else self.dataset.scan_offsets)
             self.plan_spec = PlanSpec(
-                num_points=self.dataset.num_points, scan_offsets=self.dataset.scan_offsets,
+                num_points=self.dataset.num_points, scan_offsets=units,
                 batch_size=o.batch_size, scan_mode=o.scan_mode, shuffle=o.shuffle, seed=o.seed,
                 drop_last=o.drop_last, rank=o.rank, world_size=o.world_size,
                 block_points=shuffle_block_points([s.point_bytes for s in self.specs]),
+                shuffle_window=o.shuffle_window, max_batch_points=o.max_batch_points,
             )
+            #: The batch key of the unit ids ("chunk" in chunk mode), or None.
+            self.unit_key: str | None = "chunk" if o.unit == "chunks" else None
             self._check_yields_batches()
             self.files = FieldFiles(self.dataset, o.fields)
             if o.verify_reads:
@@ -131,8 +137,7 @@ class Loader(Closeable):
             log.warning("%s: the dataset holds no points; every epoch yields no batch "
                         "(len(loader) == 0)", ds.path)
             return
-        unit = "scans" if o.scan_mode else "points"
-        opt = "batch_scans" if o.scan_mode else "batch_points"
+        unit, opt = o.unit, o.batch_option
         units, w = self.plan_spec.num_units, o.world_size
         per_rank = units // w
         ranks = f" over world_size={w} ranks" if w > 1 else ""
@@ -145,8 +150,9 @@ class Loader(Closeable):
 
     # -- the contract -------------------------------------------------------------------------
     def __len__(self) -> int:
-        """Batches per epoch, the same on every rank."""
-        return self.plan_spec.num_steps()
+        """Batches per epoch, the same on every rank (with ``max_batch_points`` it depends on
+        the epoch's order: this is the count of the epoch the next ``iter()`` runs)."""
+        return self.plan_spec.num_steps(self.epoch)
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch the next ``iter()`` runs (shuffle order depends on it)."""
@@ -185,6 +191,8 @@ class Loader(Closeable):
             "config": {
                 "num_points": self.dataset.num_points, "num_scans": self.dataset.num_scans,
                 "batch_points": o.batch_points, "batch_scans": o.batch_scans,
+                "batch_chunks": o.batch_chunks, "max_batch_points": o.max_batch_points,
+                "shuffle_window": o.shuffle_window, "num_chunks": self.dataset.num_chunks,
                 "fields": list(o.fields), "shuffle": o.shuffle, "seed": o.seed,
                 "drop_last": o.drop_last, "rank": o.rank, "world_size": o.world_size,
                 "verify_reads": o.verify_reads,
@@ -201,9 +209,10 @@ class Loader(Closeable):
                 "state_dict was saved with different options: "
                 + ", ".join(f"{k}={theirs.get(k)!r} (now {mine[k]!r})" for k in diff))
         epoch, done = int(state["epoch"]), int(state["batches_done"])
-        if not 0 <= done <= len(self):
-            raise LoaderError(f"state_dict batches_done={done} outside 0..{len(self)}")
-        if done == len(self):
+        steps = self.plan_spec.num_steps(epoch)
+        if not 0 <= done <= steps:
+            raise LoaderError(f"state_dict batches_done={done} outside 0..{steps}")
+        if done == steps:
             epoch, done = epoch + 1, 0
         self.epoch, self._resume_step, self._position = epoch, done, (epoch, done)
 
@@ -253,7 +262,7 @@ class Loader(Closeable):
 
     def __repr__(self) -> str:
         o = self.options
-        size = f"batch_scans={o.batch_scans}" if o.scan_mode else f"batch_points={o.batch_points}"
+        size = f"{o.batch_option}={o.batch_size}"
         return (f"{type(self).__name__}(backend={self.backend!r}, {self.dataset.path}, {size}, "
                 f"fields={list(o.fields)}, device={o.device!r}, shuffle={o.shuffle}, "
                 f"rank={o.rank}/{o.world_size}, prefetch={o.prefetch}, "
@@ -286,6 +295,12 @@ class LoaderStats:
             if yielded:
                 self.batches += 1
                 self.points += points
+
+    def counted(self, points: int) -> None:
+        """A batch cut from a resident read (a shuffle window) was yielded."""
+        with self.lock:
+            self.batches += 1
+            self.points += points
 
     def as_dict(self) -> dict[str, int]:
         with self.lock:
@@ -320,6 +335,13 @@ class EpochIterator(Closeable):
         self._torn_down = False
         self._state = threading.Lock()
         self._busy = threading.Lock()  # held by the one thread inside __next__ or teardown
+        # Shuffle windows (gds_stream.window): the backend reads windows, the core cuts batches.
+        self._windowed = plan.spec.windowed
+        self._window: tuple[int, dict, int] | None = None  # (index, tensors, bytes) resident
+        if self._windowed:
+            self._num_windows = -(-plan.num_batches // plan.spec.window_steps)
+            self._next_submit = (plan.window_index(start) if start < plan.num_batches
+                                 else self._num_windows)
 
     def __iter__(self) -> "EpochIterator":
         return self
@@ -328,14 +350,21 @@ class EpochIterator(Closeable):
         return self.plan.num_batches - self._yielded
 
     def _fill(self) -> None:
+        if self._windowed:  # one window read ahead of the one being consumed
+            while not self._inflight and self._next_submit < self._num_windows:
+                window, _ = self.plan.window(self._next_submit)
+                self._submit_read(window.as_batch())
+            return
         while (len(self._inflight) < self.prefetch
                and self._next_submit < self.plan.num_batches):
-            batch = self.plan.batch(self._next_submit)
-            handle = self._submit(batch)
-            nbytes = self._handle_nbytes(handle)
-            self._stats.submitted(nbytes)
-            self._inflight.append((batch, handle, nbytes))
-            self._next_submit += 1
+            self._submit_read(self.plan.batch(self._next_submit))
+
+    def _submit_read(self, batch: BatchPlan) -> None:
+        handle = self._submit(batch)
+        nbytes = self._handle_nbytes(handle)
+        self._stats.submitted(nbytes)
+        self._inflight.append((batch, handle, nbytes))
+        self._next_submit += 1
 
     def __next__(self) -> dict:
         if not self._busy.acquire(blocking=False):
@@ -361,6 +390,8 @@ class EpochIterator(Closeable):
             raise LoaderError(self._stopped_message())
         try:
             self._fill()
+            if self._windowed:
+                return self._next_windowed()
             if not self._inflight:
                 self._finished = True
                 self._end(None)
@@ -394,6 +425,43 @@ class EpochIterator(Closeable):
             raise LoaderError(
                 f"{self._loader_path()}: batch {self._yielded} of epoch {self.plan.epoch} "
                 f"failed: {type(exc).__name__}: {exc}") from exc
+
+    def _next_windowed(self) -> dict:
+        """The next batch of a windowed epoch: gathered from the resident window, whose
+        successor is being read meanwhile."""
+        from .window import gather_rows
+
+        step = self._yielded
+        if step >= self.plan.num_batches:
+            self._finished = True
+            self._end(None)
+            self._owner._on_epoch_end(self.plan.epoch)
+            raise StopIteration
+        batch = self.plan.batch(step)
+        assert batch.window is not None and batch.rows is not None
+        if self._window is None or self._window[0] != batch.window.index:
+            self._drop_window()
+            _, handle, nbytes = self._inflight.popleft()
+            try:
+                tensors = self._complete(handle)
+            except BaseException:
+                self._stats.retired(nbytes, 0, yielded=False)
+                raise
+            self._window = (batch.window.index, tensors, nbytes)
+            self._fill()  # read the next window while this one is consumed
+        out = gather_rows(self._window[1], batch.rows)
+        self._stats.counted(batch.num_points)
+        if step + 1 >= batch.window.stop_step:
+            self._drop_window()
+        self._yielded += 1
+        self._owner._on_yield(self.plan.epoch, self._yielded)
+        return out
+
+    def _drop_window(self) -> None:
+        if self._window is not None:
+            _, _, nbytes = self._window
+            self._window = None
+            self._stats.retired(nbytes, 0, yielded=False)
 
     def _stopped_message(self) -> str:
         why = self._why or "closed"
@@ -449,6 +517,7 @@ class EpochIterator(Closeable):
             while self._inflight:
                 _, _, nbytes = self._inflight.popleft()
                 self._stats.retired(nbytes, 0, yielded=False)
+            self._drop_window()
             self._owner._iterator_torn_down()
 
     def close(self) -> None:

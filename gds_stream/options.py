@@ -31,10 +31,15 @@ CORE_OPTIONS: dict[str, Any] = {
     "batch_points": None, "batch_scans": None, "fields": None, "device": None,
     "shuffle": False, "seed": 0, "drop_last": False, "prefetch": None, "num_threads": None,
     "rank": None, "world_size": None, "verify_reads": False,
+    "batch_chunks": None, "max_batch_points": None, "shuffle_window": None,
 }
 #: Options only the GPU-direct backend takes (ignored when ``auto`` falls back).
 GDS_ONLY_OPTIONS = ("task_size",)
 _FLAGS = ("shuffle", "drop_last", "verify_reads")
+
+#: Points permuted together in a shuffled points-mode epoch (see :mod:`gds_stream.plan`).
+DEFAULT_SHUFFLE_WINDOW = 1 << 22
+_BATCH = ("batch_points", "batch_scans", "batch_chunks")
 
 CPU_PREFETCH = 2
 CUDA_PREFETCH = 4
@@ -123,14 +128,30 @@ class LoaderOptions:
     rank: int
     world_size: int
     verify_reads: bool = False
+    batch_chunks: int | None = None
+    max_batch_points: int | None = None
+    shuffle_window: int = 0
+
+    @property
+    def unit(self) -> str:
+        """What a batch is made of: "points", "scans" or "chunks"."""
+        if self.batch_chunks is not None:
+            return "chunks"
+        return "scans" if self.batch_scans is not None else "points"
 
     @property
     def scan_mode(self) -> bool:
-        return self.batch_scans is not None
+        """Batches of whole units (scans or chunks), with ``offset``."""
+        return self.unit != "points"
+
+    @property
+    def batch_option(self) -> str:
+        return {"points": "batch_points", "scans": "batch_scans", "chunks": "batch_chunks"}[
+            self.unit]
 
     @property
     def batch_size(self) -> int:
-        size = self.batch_scans if self.scan_mode else self.batch_points
+        size = getattr(self, self.batch_option)
         assert size is not None
         return size
 
@@ -139,12 +160,32 @@ def resolve_options(ds: Dataset, options: Mapping[str, Any]) -> LoaderOptions:
     """Check and complete loader options; a bad one is a :class:`LoaderError` naming it."""
     check_option_names(list(options), extra=())
     o = {**CORE_OPTIONS, **options}
-    bp, bs = o["batch_points"], o["batch_scans"]
-    if (bp is None) == (bs is None):
-        raise LoaderError("give exactly one of batch_points= or batch_scans=")
-    for name in ("batch_points", "batch_scans"):
+    given = [k for k in _BATCH if o[k] is not None]
+    if len(given) != 1:
+        raise LoaderError("give exactly one of batch_points=, batch_scans= or batch_chunks="
+                          + (f" (got {', '.join(given)})" if given else ""))
+    for name in _BATCH:
         if o[name] is not None:
             o[name] = _int(name, o[name], 1, "a positive integer")
+    if o["batch_chunks"] is not None and ds.num_chunks == 0:
+        raise LoaderError(
+            f"{ds.path}: batch_chunks= needs a spatially chunked dataset, and this one has no "
+            f"chunks; convert the inputs with `gds-stream convert ... --chunk-size S` "
+            f"(gds_stream.convert(..., chunk_size=S)), S the chunk edge in coordinate units")
+    mbp = o["max_batch_points"]
+    if mbp is not None:
+        if o["batch_points"] is not None:
+            raise LoaderError("max_batch_points= packs whole scans or chunks; it goes with "
+                              "batch_scans= or batch_chunks=, not batch_points=")
+        mbp = _int("max_batch_points", mbp, 1, "a positive integer")
+    window = o["shuffle_window"]
+    if window is not None:
+        if o["batch_points"] is None:
+            raise LoaderError("shuffle_window= mixes points across batches; it goes with "
+                              "batch_points=, not with batches of whole scans or chunks")
+        window = _int("shuffle_window", window, 0, "an integer >= 0 (points; 0: off)")
+    else:
+        window = DEFAULT_SHUFFLE_WINDOW if o["batch_points"] is not None else 0
     fields = o["fields"]
     if fields is None:
         fields = tuple(ds.schema)
@@ -184,7 +225,9 @@ def resolve_options(ds: Dataset, options: Mapping[str, Any]) -> LoaderOptions:
     if world_size < 1 or not 0 <= rank < world_size:
         raise LoaderError(f"rank={rank} and world_size={world_size}: need 0 <= rank < world_size")
     return LoaderOptions(
-        batch_points=o["batch_points"], batch_scans=o["batch_scans"], fields=fields,
+        batch_points=o["batch_points"], batch_scans=o["batch_scans"],
+        batch_chunks=o["batch_chunks"], max_batch_points=mbp, shuffle_window=window,
+        fields=fields,
         device=device, seed=seed, prefetch=prefetch, num_threads=num_threads,
         rank=int(rank), world_size=int(world_size), **flags,
     )

@@ -271,8 +271,8 @@ class EpochPlan:
         b = a + lengths[s.rank]
         seg = self._stream_segments(a, b) if b > a else np.zeros((0, 2), dtype=np.int64)
         rng = np.random.default_rng([s.seed, self.epoch, index, s.rank, _WINDOW_TAG])
-        perm = rng.permutation(b - a)
-        perm = perm.astype(np.int32 if b - a < 2**31 else np.int64, copy=False)
+        perm = np.arange(b - a, dtype=np.int32 if b - a < 2**31 else np.int64)
+        rng.shuffle(perm)  # permutation(n) without its int64 temporary
         win = WindowPlan(index, self.epoch, seg, first, stop)
         if len(self._windows) >= 2:
             self._windows.pop(next(iter(self._windows)))

@@ -422,14 +422,15 @@ def _chain(exc):
 @pytest.mark.parametrize("k", [1, 4, 17])
 @pytest.mark.parametrize("kind", ["oserror", "runtime"])
 @pytest.mark.parametrize("consumer_sleep", [0.0, 0.05])
-def test_worker_error_reaches_consumer(ds, monkeypatch, k, kind, consumer_sleep):
+@pytest.mark.parametrize("window", [0, 30_000])
+def test_worker_error_reaches_consumer(ds, monkeypatch, k, kind, consumer_sleep, window):
     exc = OSError(errno.EIO, "injected I/O error") if kind == "oserror" \
         else RuntimeError("injected failure")
     inj = _Injected(k, exc, fb_loader.pread_into)
     monkeypatch.setattr(fb_loader, "pread_into", inj)
     baseline = set(threading.enumerate())
     ld = loader(ds, batch_points=10_000, prefetch=3, num_threads=2, fields=["pid", "x"],
-                shuffle=True, seed=9)
+                shuffle=True, seed=9, shuffle_window=window)
     it = iter(ld)
 
     def consume():
@@ -591,7 +592,8 @@ def _slab_bytes(specs, n, perm, scans):
 def test_inflight_bounded_with_slow_consumer(ds, scan_mode):
     size = {"batch_scans": 1} if scan_mode else {"batch_points": 25_000}
     prefetch = 3
-    ld = loader(ds, prefetch=prefetch, num_threads=2, shuffle=True, seed=3, **size)
+    ld = loader(ds, prefetch=prefetch, num_threads=2, shuffle=True, seed=3,
+                **size, **({} if scan_mode else {"shuffle_window": 0}))
     plan = ld.epoch_plan()
     largest = max(_slab_bytes(ld.specs, plan.batch(i).num_points, not scan_mode,
                               len(plan.batch(i).scan_sizes) if scan_mode else None)
@@ -733,8 +735,9 @@ def test_epoch_advances_and_set_epoch_overrides(ds, ref):
 
 # -- options and backend choice ---------------------------------------------------------------
 @pytest.mark.parametrize("kw,words", [
-    (dict(batch_points=10, batch_scans=1), "exactly one of batch_points= or batch_scans="),
-    (dict(), "exactly one of batch_points= or batch_scans="),
+    (dict(batch_points=10, batch_scans=1), "exactly one of batch_points=, batch_scans= or "
+                                           "batch_chunks= (got batch_points, batch_scans)"),
+    (dict(), "exactly one of batch_points=, batch_scans= or batch_chunks="),
     (dict(batch_points=0), "batch_points must be a positive integer"),
     (dict(batch_points=True), "batch_points must be a positive integer"),
     (dict(batch_scans=-1), "batch_scans must be a positive integer"),

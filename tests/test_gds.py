@@ -394,6 +394,9 @@ CONFIGS = [
     dict(batch_scans=2),
     dict(batch_scans=2, shuffle=True, seed=9, rank=1, world_size=2),
     dict(batch_scans=4, shuffle=True, fields=["inst", "y"]),
+    dict(batch_points=9_999, shuffle=True, seed=2, shuffle_window=0),
+    dict(batch_points=7_000, shuffle=True, seed=4, shuffle_window=30_000, rank=1, world_size=2),
+    dict(batch_points=5_000, shuffle=True, seed=6, shuffle_window=1, drop_last=True),
 ]
 ROUTES = {"gds": {}, "host": {f: "host" for f in ("x", "y", "label", "inst", "rgb")},
           "mixed": {"y": "host", "rgb": "host"}}
@@ -406,6 +409,54 @@ def _cfg_id(c):
 @pytest.mark.parametrize("route", list(ROUTES))
 @pytest.mark.parametrize("cfg", CONFIGS, ids=_cfg_id)
 def test_simulated_gds_matches_fallback_bit_for_bit(ds, simulated_gpu, cfg, route):
+    _match_fallback(ds, simulated_gpu, cfg, route)
+
+
+CHUNK_CONFIGS = [
+    dict(batch_chunks=3),
+    dict(batch_chunks=2, shuffle=True, seed=5, rank=1, world_size=2, fields=["x", "rgb"]),
+    dict(batch_chunks=50, max_batch_points=40_000, shuffle=True, seed=1),
+    dict(batch_chunks=4, drop_last=True, world_size=3, rank=2),
+]
+
+
+@pytest.fixture(scope="module")
+def chunked_ds(tmp_path_factory):
+    """Fields like ``ds``'s (and z) in spatial chunks: x, y uniform in [0, 1), cells of 1/6, so
+    a 6 × 6 grid of chunks per non-empty scan."""
+    import importlib
+
+    chunks = importlib.import_module("gds_stream.convert.chunks")
+    root = tmp_path_factory.mktemp("gds-chunks")
+    rng = np.random.default_rng(7)
+    specs = [FieldSpec("x", np.dtype("<f4")), FieldSpec("y", np.dtype("<f8")),
+             FieldSpec("z", np.dtype("<f4")), FieldSpec("label", np.dtype("<u2")),
+             FieldSpec("inst", np.dtype("<i4")), FieldSpec("rgb", np.dtype("u1"), 3)]
+    start = 0
+    with DatasetWriter(root / "ds", specs, chunk_size=1 / 6) as w:
+        for s, n in enumerate([50_000, 0, 70_000]):
+            cols = {"x": rng.random(n).astype(np.float32), "y": rng.random(n),
+                    "z": rng.standard_normal(n).astype(np.float32),
+                    "label": rng.integers(0, 65535, n).astype(np.uint16),
+                    "inst": np.arange(start, start + n, dtype=np.int32),
+                    "rgb": rng.integers(0, 255, (n, 3)).astype(np.uint8)}
+            with chunks.ScanChunker(specs, 1 / 6, 2, root, f"s{s}") as ch:
+                ch.append(cols)
+                ch.write_to(w)
+            w.end_scan(f"s{s}")
+            start += n
+    d = open_dataset(root / "ds")
+    assert d.num_chunks == 72
+    return d
+
+
+@pytest.mark.parametrize("route", ["gds", "mixed"])
+@pytest.mark.parametrize("cfg", CHUNK_CONFIGS, ids=_cfg_id)
+def test_simulated_gds_chunk_batches_match_fallback(chunked_ds, simulated_gpu, cfg, route):
+    _match_fallback(chunked_ds, simulated_gpu, cfg, route)
+
+
+def _match_fallback(ds, simulated_gpu, cfg, route):
     from gds_stream.gds import GDSLoader
     from fallback import FallbackLoader
 
@@ -440,7 +491,7 @@ def test_simulated_gds_stream_discipline(ds, simulated_gpu):
     from gds_stream.gds import GDSLoader
 
     simulated_gpu.routes.update({"y": "host"})
-    with GDSLoader(ds, device="cuda", batch_points=20_000, shuffle=True) as g:
+    with GDSLoader(ds, device="cuda", batch_points=20_000, shuffle=True, shuffle_window=0) as g:
         batches = 0
         for _ in g:
             batches += 1

@@ -1,0 +1,64 @@
+"""Shuffle windows, on the loader's side: one backend read per window, batches gathered from it.
+
+With ``shuffle_window`` (points mode, shuffle on) the planner groups a rank's steps into windows,
+each one contiguous span of the epoch's block-shuffled stream whose points are permuted as a
+whole (:meth:`gds_stream.plan.EpochPlan.window`). A backend reads a window exactly like an
+unshuffled batch — the same few large, aligned reads, into its own buffers (a pinned slot and a
+device slab, or a GPU-direct staging slab) — and the core cuts each batch out of it with one
+gather per field on the batch's device, by the plan's rows. The gathered tensors are new: the
+consumer owns them, and the window is dropped after its last batch. Both backends read the same
+bytes and gather by the same rows, so their batches are bit-identical.
+
+Memory: the window being consumed and the next one, read ahead, each with its int32 row
+permutation: ``2 × shuffle_window × (bytes per point + 4)``, plus the batch being gathered and
+the batches the consumer holds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ._hostmem import anon_buffer
+
+_ALIGN = 4096
+#: Element size → the torch integer dtype a gather moves values as (bit for bit, any dtype).
+_BITS = {1: "int8", 2: "int16", 4: "int32", 8: "int64"}
+
+
+def gather_rows(window: dict[str, Any], rows: np.ndarray) -> dict[str, Any]:
+    """The batch made of ``rows`` of every tensor of ``window`` (torch tensors of one device).
+
+    On CUDA the index goes to the device from pinned memory asynchronously, and the gathers
+    run on the current stream, so nothing here waits for the device. On the CPU the batch is
+    gathered into one anonymous mapping of its own (freed as soon as the consumer drops it)."""
+    import torch
+
+    first = next(iter(window.values()))
+    idx = torch.from_numpy(np.ascontiguousarray(rows))
+    cuda = first.device.type == "cuda"
+    if cuda:
+        idx = idx.pin_memory().to(first.device, non_blocking=True)
+        buf = None
+    else:
+        sizes = [_aligned(len(rows) * t[:1].numel() * t.element_size()) for t in window.values()]
+        buf = torch.from_numpy(anon_buffer(sum(sizes)))
+    out, pos = {}, 0
+    for name, t in window.items():
+        bits = getattr(torch, _BITS[t.element_size()])
+        src = t.view(bits)
+        if buf is None:
+            g = src.index_select(0, idx)
+        else:
+            shape = (len(rows), *src.shape[1:])
+            nbytes = len(rows) * src[:1].numel() * t.element_size()
+            g = buf[pos:pos + nbytes].view(bits).view(shape)
+            torch.index_select(src, 0, idx, out=g)
+            pos += _aligned(nbytes)
+        out[name] = g.view(t.dtype)
+    return out
+
+
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
