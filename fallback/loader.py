@@ -34,7 +34,8 @@ import numpy as np
 from gds_stream.errors import DatasetError, LoaderError
 from gds_stream.format import Dataset, pread_into
 from gds_stream.integrity import BlockVerifier
-from gds_stream.loader import GATHER_INT, POLL_S, SLAB_ALIGN, EpochIterator, Loader, SlabLayout
+from gds_stream.loader import POLL_S, EpochIterator, Loader
+from gds_stream.slab import GATHER_INT, SLAB_ALIGN, SlabLayout
 from gds_stream.plan import BatchPlan, EpochPlan
 
 from .hostmem import anon_buffer, permutation_into

@@ -22,10 +22,7 @@ import os
 import threading
 import weakref
 from collections import deque
-from dataclasses import dataclass
-from typing import Any, Sequence
-
-import numpy as np
+from typing import Any
 
 from ._lifetime import Closeable, FieldFiles
 from .errors import BackendUnavailable, LoaderError
@@ -33,48 +30,14 @@ from .format import Dataset, FieldSpec, open_dataset
 from .integrity import BlockVerifier
 from .options import LoaderOptions, check_option_names, resolve_options
 from .plan import BatchPlan, EpochPlan, PlanSpec, shuffle_block_points
+from .stats import LoaderStats
 
 log = logging.getLogger(__name__)
 
 #: How often a waiting consumer re-checks for errors and stop requests (seconds).
 POLL_S = 0.05
-#: Region alignment inside a batch's host/device slab (bytes).
-SLAB_ALIGN = 4096
-#: Item size → the integer dtype a permutation gather moves values as (bit for bit, any dtype).
-GATHER_INT: dict[int, type[np.integer]] = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
 #: state_dict config keys that do not change the batches (resume may change them).
 _RESUME_FREE = ("verify_reads",)
-
-
-@dataclass(frozen=True)
-class SlabLayout:
-    """Where each region of one batch lives inside its contiguous slab (host and device alike):
-    one region per field, then the int32 permutation (if any), then the int64 offsets and unit
-    ids (unit modes)."""
-
-    field_offsets: tuple[int, ...]
-    perm_offset: int
-    offsets_offset: int
-    nbytes: int
-
-    @staticmethod
-    def build(specs: Sequence[FieldSpec], num_points: int, has_perm: bool,
-              num_scans: int | None) -> "SlabLayout":
-        pos, offs = 0, []
-        for s in specs:
-            offs.append(pos)
-            pos += _round(num_points * s.point_bytes)
-        perm = pos
-        if has_perm:
-            pos += _round(num_points * 4)
-        oo = pos
-        if num_scans is not None:  # the units' cumulative ends, then their ids
-            pos += _round(num_scans * 16)
-        return SlabLayout(tuple(offs), perm, oo, max(pos, SLAB_ALIGN))
-
-
-def _round(n: int) -> int:
-    return -(-n // SLAB_ALIGN) * SLAB_ALIGN
 
 
 class Loader(Closeable):
@@ -267,45 +230,6 @@ class Loader(Closeable):
                 f"fields={list(o.fields)}, device={o.device!r}, shuffle={o.shuffle}, "
                 f"rank={o.rank}/{o.world_size}, prefetch={o.prefetch}, "
                 f"num_threads={o.num_threads})")
-
-
-class LoaderStats:
-    """Counters a test or benchmark can read: peak batches and bytes submitted but not yielded."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.inflight = 0
-        self.inflight_bytes = 0
-        self.max_inflight = 0
-        self.max_inflight_bytes = 0
-        self.batches = 0
-        self.points = 0
-
-    def submitted(self, nbytes: int) -> None:
-        with self.lock:
-            self.inflight += 1
-            self.inflight_bytes += nbytes
-            self.max_inflight = max(self.max_inflight, self.inflight)
-            self.max_inflight_bytes = max(self.max_inflight_bytes, self.inflight_bytes)
-
-    def retired(self, nbytes: int, points: int, yielded: bool) -> None:
-        with self.lock:
-            self.inflight -= 1
-            self.inflight_bytes -= nbytes
-            if yielded:
-                self.batches += 1
-                self.points += points
-
-    def counted(self, points: int) -> None:
-        """A batch cut from a resident read (a shuffle window) was yielded."""
-        with self.lock:
-            self.batches += 1
-            self.points += points
-
-    def as_dict(self) -> dict[str, int]:
-        with self.lock:
-            return {k: getattr(self, k) for k in ("inflight", "inflight_bytes", "max_inflight",
-                                                  "max_inflight_bytes", "batches", "points")}
 
 
 class EpochIterator(Closeable):
