@@ -277,3 +277,24 @@ def test_peak_rss_with_a_shuffle_window(tmp_path):
     bound = 2 * (m["window_bytes"] + 4 * window) + 3 * m["batch_bytes"]
     assert m["growth"] <= bound, \
         f"peak RSS grew {m['growth'] / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB"
+
+
+def test_host_buffers_are_reused_only_after_every_view_died():
+    import torch
+
+    from gds_stream import _hostmem
+
+    a = _hostmem.anon_buffer(3 << 20)
+    a[:] = 7
+    t = torch.from_numpy(a)[10:20]  # a view keeps the buffer
+    addr_a = a.ctypes.data
+    del a
+    gc.collect()
+    b = _hostmem.anon_buffer(3 << 20)
+    addr_b = b.ctypes.data
+    assert addr_b != addr_a and int(t[0]) == 7  # not recycled while the view lives
+    del t, b
+    gc.collect()
+    c = _hostmem.anon_buffer(3 << 20)  # recycled: one of the two, now free
+    assert c.ctypes.data in (addr_a, addr_b)
+    assert _hostmem.pooled_bytes() <= _hostmem.POOL_BUFFERS * (3 << 20)
