@@ -3,6 +3,7 @@
     python -m bench.compare [--dataset DIR | --points N] [--backbone mlp|linear] [--train]
                             [--cold] [--shuffle] [--repeat 3] [--budget S] [--json PATH]
                             [--plot PATH] [--task-sizes 1,4,8,16] [--smoke]
+                            [--chunk-size S --batch-chunks K]
 
 Loaders (one rank, the same ``batch_points``, ``drop_last=False``; baselines in file order):
 
@@ -17,6 +18,12 @@ Loaders (one rank, the same ``batch_points``, ``drop_last=False``; baselines in 
 * ``gds``: ``open_loader(backend="gds")`` (the report states its KvikIO mode and why), or listed
   as skipped with the reason; with ``--shuffle`` it shuffles exactly as ``fallback`` does;
 * ``compute-only``: the same batches already resident on the device (the compute floor).
+
+Spatial-chunk mode (``--batch-chunks K``, on a dataset chunked by ``--chunk-size S`` or a chunked
+``--dataset``): every batch is K whole chunks. ``fallback`` and ``gds`` run with
+``batch_chunks=K``; the baselines and compute-only read the library's own plan (the same chunks
+in the same order, shuffled too with ``--shuffle``), each batch the concatenation of its chunks'
+point ranges for every field. The table adds chunks/s.
 
 Each loader also runs loader-only (iterate, touch nothing, synchronise on CUDA at the end: the
 I/O floor). Every end-to-end run checksums every point it consumed (exact integer sums of the raw
@@ -54,6 +61,7 @@ if THP_SET_BY_BENCH:
 import numpy as np  # noqa: E402
 
 from bench import datagen  # noqa: E402
+from bench.chunked import ChunkPlanner, add_chunk_rates, check_chunk_args  # noqa: E402
 from bench.backbone import FIELDS, LABEL, ChecksumMismatch, Step, build_backbone  # noqa: E402
 from bench.goals import assess, evaluate_goals  # noqa: E402
 from bench.limits import CacheState, drop_pages, measure_limits, residency  # noqa: E402
@@ -154,6 +162,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--retries", type=int, default=2, help="run a timed epoch again, up to this "
                    "many times, when other processes took > 5 %% of the machine during it "
                    "(default %(default)s; 0: never)")
+    p.add_argument("--chunk-size", type=float, metavar="S", help="generate the DALES-like "
+                   "dataset spatially chunked on x, y cells of edge S metres (needs "
+                   "--batch-chunks)")
+    p.add_argument("--batch-chunks", type=int, metavar="K", help="spatial-chunk mode: batches of "
+                   "K whole chunks, every loader in the library's chunk order")
     p.add_argument("--no-gds", action="store_true", help="skip the gds loader")
     p.add_argument("-v", "--verbose", action="store_true", help="library logs to stderr")
     args = p.parse_args(argv)
@@ -173,6 +186,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.dataset is not None and args.points is not None:
         p.error("--points sizes a generated dataset; it can't be combined with --dataset")
+    check_chunk_args(p, args)
     return args
 
 
@@ -195,14 +209,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _build_variants(args, ds, files, batch: int, dev: Device, cap, grid_cfgs: list[dict],
-                    skipped: dict[str, str]) -> list[Variant]:
+                    skipped: dict[str, str], planner: ChunkPlanner | None) -> list[Variant]:
     n = ds.num_points
-    variants: list[Variant] = [SequentialVariant(files, n, batch, dev.device),
-                               QueueVariant(files, n, batch, dev.device, keep_maps=not args.cold)]
+
+    def order():  # chunk mode: each loader walks the library's plan epoch by epoch
+        return None if planner is None else planner.order()
+
+    variants: list[Variant] = [SequentialVariant(files, n, batch, dev.device, order=order()),
+                               QueueVariant(files, n, batch, dev.device, keep_maps=not args.cold,
+                                            order=order())]
     for cfg in grid_cfgs:
         variants.append(TorchDataLoaderVariant(files, n, batch, dev.device,
-                                               persistent=not args.cold, **cfg))
-    lib = {"shuffle": args.shuffle, "seed": args.seed}
+                                               persistent=not args.cold, order=order(), **cfg))
+    lib = {"shuffle": args.shuffle, "seed": args.seed, "batch_chunks": args.batch_chunks}
     variants.append(LibraryVariant("fallback", ds.path, batch, dev.device, **lib))
     if args.no_gds:
         skipped["gds"] = "--no-gds"
@@ -215,7 +234,7 @@ def _build_variants(args, ds, files, batch: int, dev: Device, cap, grid_cfgs: li
             variants.append(LibraryVariant("gds", ds.path, batch, dev.device, **lib))
         except GDSStreamError as exc:
             skipped["gds"] = str(exc)
-    variants.append(ComputeOnlyVariant(ds, files, batch, dev.device))
+    variants.append(ComputeOnlyVariant(ds, files, batch, dev.device, order=order()))
     return variants
 
 
@@ -229,8 +248,15 @@ def _main(args: argparse.Namespace) -> int:
         path = args.dataset
     else:
         points = args.points or (SMOKE_POINTS if args.smoke else GPU_POINTS if cuda else CPU_POINTS)
-        path = datagen.ensure(args.workdir, points)
+        path = datagen.ensure(args.workdir, points, chunk_size=args.chunk_size)
     ds = open_dataset(path)
+    planner = None
+    if args.batch_chunks is not None:
+        if ds.num_chunks == 0:
+            raise GDSStreamError(f"{ds.path}: --batch-chunks needs a spatially chunked dataset "
+                                 f"(gds-stream convert --chunk-size); this one has no chunks")
+        planner = ChunkPlanner(ds.path, args.batch_chunks, args.shuffle, args.seed)
+        batch = -(-ds.num_points // max(1, len(planner.segments(0))))  # mean points per batch
     missing = [f for f in FIELDS if f not in ds.schema]
     if missing:
         raise GDSStreamError(f"{ds.path}: the benchmark needs fields {', '.join(FIELDS)}; "
@@ -253,7 +279,7 @@ def _main(args: argparse.Namespace) -> int:
     progress("building loaders …")
     grid_cfgs = tdl_grid(cuda, args.smoke)
     skipped: dict[str, str] = {}
-    variants = _build_variants(args, ds, files, batch, dev, cap, grid_cfgs, skipped)
+    variants = _build_variants(args, ds, files, batch, dev, cap, grid_cfgs, skipped, planner)
     stats = {v.name: Stats(v.name, v.family, v.backend, v.config) for v in variants}
     lo_runs = lo_factor(args, cuda)
     progress(f"plan: {len(variants)} loaders ({', '.join(v.name for v in variants)}); "
@@ -286,6 +312,8 @@ def _main(args: argparse.Namespace) -> int:
     finally:
         for v in variants:
             v.close()
+        if planner is not None:
+            planner.close()
         gc.collect()
     load = other_load(snap0, CpuSnapshot.take())
     if load is not None:
@@ -303,11 +331,13 @@ def _main(args: argparse.Namespace) -> int:
             progress(f"KvikIO task_size sweep: {args.task_sizes} MiB …")
             task_sizes = {"rows": sweep_task_sizes(ds.path, batch, dev, args.task_sizes,
                                                    TASK_SIZE_RUNS, nbytes, args.shuffle,
-                                                   args.seed, progress)}
+                                                   args.seed, progress, args.batch_chunks)}
 
     # -- numbers ---------------------------------------------------------------------------
     compute_wall = stats["compute-only"].wall
     summaries = {name: summarize(st, n, nbytes, compute_wall) for name, st in stats.items()}
+    if planner is not None:
+        add_chunk_rates(summaries.values(), planner.num_chunks)
     seq_row = summaries["sequential"]
     for srow in summaries.values():
         if srow.get("wall_s"):
@@ -332,6 +362,10 @@ def _main(args: argparse.Namespace) -> int:
     env = environment(dev, cap, args, ds, nbytes, batch, model_desc, cache, grid_cfgs, load,
                       lo_runs, thp_state(), gds_mode)
     env["schedule"] = {"requested": sched.requested, "done": sched.done, "stopped": sched.stopped}
+    if planner is not None:
+        env["batch_chunks"] = args.batch_chunks
+        env["dataset"].update(chunks=planner.num_chunks, chunk_size=ds.chunk_size,
+                              chunk_points_min_median_max=list(planner.chunk_points))
     quality = assess(by_family, load, env["schedule"])
     goals = evaluate_goals(by_family, limits, cuda, args.backbone, args.cold, skipped.get("gds"),
                            quality)

@@ -5,6 +5,10 @@ power lines, fences and poles; fields x, y, z, intensity (float32) and sem_class
 (int32). The generator reproduces that schema and rough class mix, not the geometry: the
 benchmark measures bytes moved, and the bytes only need to be deterministic and not trivially
 compressible. Points are generated and written in chunks, so memory stays bounded.
+
+With ``chunk_size`` the same points are written spatially chunked (x, y cells of that edge,
+Morton order, through the converter's own :class:`ScanChunker`), as
+``gds-stream convert --chunk-size`` would store them; cached in a directory of its own.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gds_stream.convert.chunks import ScanChunker
 from gds_stream.errors import DatasetError
 from gds_stream.format import DatasetWriter, FieldSpec, open_dataset
 
@@ -48,8 +53,9 @@ def default_num_scans(points: int) -> int:
     return int(min(8, max(2, round(points / 10e6))))
 
 
-def dataset_dir(workdir: str | Path, points: int) -> Path:
-    return Path(workdir) / f"dales-like-{points}"
+def dataset_dir(workdir: str | Path, points: int, chunk_size: float | None = None) -> Path:
+    tail = "" if chunk_size is None else f"-chunks{chunk_size:g}"
+    return Path(workdir) / f"dales-like-{points}{tail}"
 
 
 def _chunk(rng: np.random.Generator, n: int, tile: int, first_instance: int) -> dict:
@@ -69,43 +75,62 @@ def _chunk(rng: np.random.Generator, n: int, tile: int, first_instance: int) -> 
 
 
 def generate(out_dir: str | Path, points: int, num_scans: int | None = None,
-             seed: int = SEED, progress: bool = True) -> Path:
-    """Write ``points`` DALES-like points in ``num_scans`` scans to ``out_dir`` (atomic)."""
+             seed: int = SEED, progress: bool = True, chunk_size: float | None = None) -> Path:
+    """Write ``points`` DALES-like points in ``num_scans`` scans to ``out_dir`` (atomic);
+    spatially chunked on x, y cells of edge ``chunk_size`` when given."""
     if points < 1:
         raise ValueError(f"points must be >= 1, got {points}")
     num_scans = default_num_scans(points) if num_scans is None else num_scans
     rng = np.random.default_rng(seed)
     base, extra = divmod(points, num_scans)
     done = 0
-    with DatasetWriter(out_dir, SCHEMA, overwrite=True) as w:
+    Path(out_dir).parent.mkdir(parents=True, exist_ok=True)
+    chunked = {} if chunk_size is None else {"chunk_size": float(chunk_size), "chunk_dims": 2}
+    with DatasetWriter(out_dir, SCHEMA, overwrite=True, **chunked) as w:
         for s in range(num_scans):
-            n_scan = base + (1 if s < extra else 0)
-            left = n_scan
-            while left:
-                n = min(CHUNK, left)
-                w.append(_chunk(rng, n, s, first_instance=s * 1000))
-                left -= n
-                done += n
-                if progress:
-                    print(f"\rgenerating {out_dir}: {done / points:6.1%}", end="", file=sys.stderr)
-            w.end_scan(f"dales-like-tile-{s}", generator="bench.datagen", seed=seed)
+            name = f"dales-like-tile-{s}"
+            ch = (None if chunk_size is None
+                  else ScanChunker(SCHEMA, float(chunk_size), 2, Path(out_dir).parent, name))
+            sink = w if ch is None else ch
+            try:
+                left = base + (1 if s < extra else 0)
+                while left:
+                    n = min(CHUNK, left)
+                    sink.append(_chunk(rng, n, s, first_instance=s * 1000))
+                    left -= n
+                    done += n
+                    if progress:
+                        print(f"\rgenerating {out_dir}: {done / points:6.1%}", end="",
+                              file=sys.stderr)
+                if ch is not None:
+                    ch.write_to(w)
+            finally:
+                if ch is not None:
+                    ch.close()
+            w.end_scan(name, generator="bench.datagen", seed=seed)
     if progress:
         print(file=sys.stderr)
     return Path(out_dir)
 
 
-def ensure(workdir: str | Path, points: int, progress: bool = True) -> Path:
-    """The cached dataset for ``points`` under ``workdir``: reused when it opens and matches,
-    regenerated otherwise."""
-    path = dataset_dir(workdir, points)
+def ensure(workdir: str | Path, points: int, progress: bool = True,
+           chunk_size: float | None = None) -> Path:
+    """The cached dataset for ``points`` (chunked on ``chunk_size`` when given) under
+    ``workdir``: reused when it opens and matches, regenerated otherwise."""
+    path = dataset_dir(workdir, points, chunk_size)
     if path.exists():
         try:
             ds = open_dataset(path)
             ok = ds.num_points == points and [s for s in ds.schema.values()] == list(SCHEMA)
+            if chunk_size is None:
+                ok = ok and ds.num_chunks == 0
+            else:
+                ok = ok and ds.num_chunks > 0 and ds.chunk_size == float(chunk_size) \
+                    and ds.chunk_dims == 2
             ds.close()
             if ok:
                 return path
         except DatasetError as exc:
             log.warning("regenerating %s: %s", path, exc)
         shutil.rmtree(path)
-    return generate(path, points, progress=progress)
+    return generate(path, points, progress=progress, chunk_size=chunk_size)

@@ -128,8 +128,10 @@ def build_figure(env: dict, rows: list[dict], limits: dict, quality: dict | None
     a2.grid(axis="x", alpha=0.3)
 
     # -- title: device, verdict, command -----------------------------------------------------
+    batch = (f"{env['batch_chunks']} chunks (~{env['batch_points']:,} points)"
+             if env.get("batch_chunks") else f"{env['batch_points']:,}")
     head = (f"{env['device']} — {env['dataset']['points']:,} points, batch "
-            f"{env['batch_points']:,}, {env['backbone']} {env['mode']}, {env['page_cache']} cache")
+            f"{batch}, {env['backbone']} {env['mode']}, {env['page_cache']} cache")
     if quality and quality["verdict"] != "clean":
         verdict = ("INCONCLUSIVE measurement: " + (quality.get("summary")
                                                     or "; ".join(quality["reasons"])))

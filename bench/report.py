@@ -118,9 +118,7 @@ def render(env: dict, limits: dict, rows: list[dict], grid: list[dict], skipped:
                         f"{env['dataset']['scans']} scans, "
                         f"{env['dataset']['bytes_selected'] / MIB:,.1f} MiB in "
                         f"{len(env['dataset']['fields'])} fields ({bytes_per_point} B/point)"),
-            ("batch", f"{env['batch_points']:,} points, drop_last=False, 1 rank; "
-                      + ("gds and fallback shuffled (same seed), the baselines in file order"
-                         if env.get("shuffle") else "shuffle=False")),
+            ("batch", _batch_line(env)),
             ("backbone", f"{env['backbone']}, {env['mode']}"),
             ("page cache", env["page_cache_check"]),
             ("repeat", _repeat_line(env)),
@@ -163,8 +161,9 @@ def render(env: dict, limits: dict, rows: list[dict], grid: list[dict], skipped:
                  f"one {cached >> 20} MiB buffer per thread that stays "
                  f"in the CPU caches (reference only).")
     L.append("")
+    chunked = bool(env.get("batch_chunks"))
     head = (f"{'loader':<18} {'backend / config':<30} {'wall s':>8} {'±%':>5} {'Mpts/s':>8} "
-            f"{'GB/s':>6} "
+            + (f"{'chunk/s':>8} " if chunked else "") + f"{'GB/s':>6} "
             f"{'stall s':>8} {'stall%':>6} {'overlap':>7} {'speedup':>7} {'other%':>7} | "
             f"{'ld-only s':>9} {'ld GB/s':>7}")
     L.append("end-to-end (median epoch) | loader-only")
@@ -178,7 +177,9 @@ def render(env: dict, limits: dict, rows: list[dict], grid: list[dict], skipped:
         L.append(
             f"{r['family']:<18} {r['backend'][:30]:<30} {_fmt(r.get('wall_s'), '8.3f'):>8} "
             f"{_fmt(_pct(r.get('wall_spread')), '5.0f'):>5} "
-            f"{_fmt(pps and pps / 1e6, '8.2f'):>8} {_fmt(r.get('gb_per_s'), '6.3f'):>6} "
+            f"{_fmt(pps and pps / 1e6, '8.2f'):>8} "
+            + (f"{_fmt(r.get('chunks_per_s'), '8.1f'):>8} " if chunked else "")
+            + f"{_fmt(r.get('gb_per_s'), '6.3f'):>6} "
             f"{_fmt(r.get('stall_s'), '8.3f'):>8} {_fmt(_pct(sf), '5.1f'):>6} "
             f"{_fmt(r.get('overlap_efficiency'), '7.2f'):>7} "
             f"{_fmt(sp, '6.2f') + ('×' if sp else ''):>7} "
@@ -236,6 +237,22 @@ def render(env: dict, limits: dict, rows: list[dict], grid: list[dict], skipped:
         L.append("  (none apply)")
     return "\n".join(L)
 
+
+
+def _batch_line(env: dict) -> str:
+    k = env.get("batch_chunks")
+    if not k:
+        return (f"{env['batch_points']:,} points, drop_last=False, 1 rank; "
+                + ("gds and fallback shuffled (same seed), the baselines in file order"
+                   if env.get("shuffle") else "shuffle=False"))
+    d = env["dataset"]
+    lo, med, hi = d.get("chunk_points_min_median_max") or (0, 0, 0)
+    return (f"{k} whole chunks (~{env['batch_points']:,} points), drop_last=False, 1 rank; "
+            f"{d.get('chunks', 0):,} chunks of {d.get('chunk_size', 0):g} m × "
+            f"{d.get('chunk_size', 0):g} m, {lo:,}/{med:,}/{hi:,} points (min/median/max); "
+            f"every loader reads the library's chunk plan (same chunks, same order"
+            + (", shuffled with one seed, a new order each epoch)" if env.get("shuffle")
+               else ", file order)"))
 
 
 def _other(r: dict) -> str:

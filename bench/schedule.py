@@ -118,7 +118,8 @@ def run_schedule(variants: Sequence[Variant], stats: dict[str, Stats], dev: Devi
 
 
 def sweep_task_sizes(path: Path, batch: int, dev: Device, sizes_mib: Sequence[int], runs: int,
-                     nbytes: int, shuffle: bool, seed: int, say: Say) -> list[dict]:
+                     nbytes: int, shuffle: bool, seed: int, say: Say,
+                     batch_chunks: int | None = None) -> list[dict]:
     """The gds loader, loader-only, at each KvikIO ``task_size`` (MiB): median of ``runs``
     epochs after one warm-up epoch. Returns one row per size (``error`` when it could not run)."""
     rows = []
@@ -126,6 +127,7 @@ def sweep_task_sizes(path: Path, batch: int, dev: Device, sizes_mib: Sequence[in
         row: dict = {"task_size_mib": mib}
         try:
             v = LibraryVariant("gds", path, batch, dev.device, shuffle=shuffle, seed=seed,
+                               batch_chunks=batch_chunks,
                                task_size=mib << 20, name=f"gds[task_size={mib} MiB]")
         except Exception as exc:  # reported in the table, the sweep goes on
             row["error"] = f"{type(exc).__name__}: {exc}"

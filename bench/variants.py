@@ -5,6 +5,10 @@ Owns: the dataset's field files as (path, offset, size), and every baseline load
 ``DataLoader`` configurations), gds-stream's own ``fallback`` and ``gds`` through the public
 ``open_loader``, and ``compute-only`` (batches already resident). ``Variant.epoch()`` returns a
 fresh iterator of device batches; nothing here times anything.
+
+Which points make each batch is the ``order``'s (``bench.chunked``): file-order ranges of
+``batch`` points by default, or — in spatial-chunk mode — the library's chunk plan, each batch the
+concatenation of its chunks' ranges for every field.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import numpy as np
 import torch
 
 from bench.backbone import FIELDS
+from bench.chunked import PointOrder
 from gds_stream.format import Dataset
 
 POLL_S = 0.05
@@ -66,6 +71,15 @@ def _shape(ff: FieldFile, n: int) -> tuple[int, ...]:
     return (n,) if ff.components == 1 else (n, ff.components)
 
 
+def _gather(m: np.ndarray, segs: np.ndarray, copy: bool = True) -> np.ndarray:
+    """Rows ``segs`` (k × [start, stop)) of ``m``, concatenated in order; one range is a copy
+    of a slice (or, with ``copy=False``, the slice itself)."""
+    if len(segs) == 1:
+        a, b = int(segs[0, 0]), int(segs[0, 1])
+        return np.copy(m[a:b]) if copy else m[a:b]
+    return np.concatenate([m[int(a):int(b)] for a, b in segs])
+
+
 def _memmaps(files: Sequence[FieldFile], num_points: int) -> dict[str, np.memmap]:
     """Whole-field memmaps (mode 'c': readable without torch's non-writable warning)."""
     return {ff.name: np.memmap(ff.path, dtype=ff.dtype, mode="c", offset=ff.offset,
@@ -93,21 +107,26 @@ class Variant:
 class SequentialVariant(Variant):
     family = "sequential"
 
-    def __init__(self, files, num_points, batch, device):
+    def __init__(self, files, num_points, batch, device, order=None):
         super().__init__("sequential", "os.preadv, blocking", {"reads": "os.preadv"})
         self.files, self.num_points, self.batch, self.device = files, num_points, batch, device
+        self.order = order or PointOrder(num_points, batch)
         self.fds = {ff.name: os.open(ff.path, os.O_RDONLY) for ff in files}
 
     def epoch(self):
         return self._gen()
 
     def _gen(self):
-        for a, b in batch_ranges(self.num_points, self.batch):
+        for segs in self.order.epoch_segments():
+            n = int((segs[:, 1] - segs[:, 0]).sum())
             out = {}
             for ff in self.files:
-                arr = np.empty(_shape(ff, b - a), dtype=ff.dtype)
-                pread_full(self.fds[ff.name], memoryview(arr).cast("B"),
-                           ff.offset + a * ff.point_bytes)
+                arr = np.empty(_shape(ff, n), dtype=ff.dtype)
+                pos = 0
+                for a, b in segs.tolist():
+                    pread_full(self.fds[ff.name], memoryview(arr[pos:pos + b - a]).cast("B"),
+                               ff.offset + a * ff.point_bytes)
+                    pos += b - a
                 out[ff.name] = torch.from_numpy(arr).to(self.device)
             yield out
 
@@ -133,10 +152,11 @@ class QueueVariant(Variant):
 
     family = "queue"
 
-    def __init__(self, files, num_points, batch, device, keep_maps=True):
+    def __init__(self, files, num_points, batch, device, keep_maps=True, order=None):
         super().__init__("queue", "thread + Queue(2), memmap copy",
                          {"threads": 1, "maxsize": 2, "memmaps_kept_across_epochs": keep_maps})
         self.files, self.num_points, self.batch, self.device = files, num_points, batch, device
+        self.order = order or PointOrder(num_points, batch)
         self.keep_maps = keep_maps
         self._maps: dict[str, np.memmap] | None = None
 
@@ -157,6 +177,7 @@ class QueueVariant(Variant):
     def _gen(self):
         q: queue.Queue = queue.Queue(maxsize=2)
         stop = threading.Event()
+        batches = self.order.epoch_segments()
 
         def put(item) -> bool:
             while not stop.is_set():
@@ -170,8 +191,8 @@ class QueueVariant(Variant):
         def produce() -> None:
             try:
                 maps = self._open_maps()
-                for a, b in batch_ranges(self.num_points, self.batch):
-                    item = {k: np.copy(m[a:b]) for k, m in maps.items()}
+                for segs in batches:
+                    item = {k: _gather(m, segs) for k, m in maps.items()}
                     if not put(item):
                         return
                 del maps
@@ -200,8 +221,10 @@ class QueueVariant(Variant):
 
 
 class MemmapBatches(torch.utils.data.Dataset):
-    """Map-style dataset: item i is batch i as a dict of ``numpy.memmap`` slices. Memmaps are
-    opened lazily in whichever process indexes it (workers included) and never pickled."""
+    """Map-style dataset: item i is batch i as a dict of ``numpy.memmap`` slices; an item keyed
+    by a (k, 2) array of point ranges (chunk mode's sampler) is those ranges concatenated.
+    Memmaps are opened lazily in whichever process indexes it (workers included) and never
+    pickled."""
 
     def __init__(self, files: Sequence[FieldFile], num_points: int, batch: int):
         self.files, self.num_points, self.batch = list(files), num_points, batch
@@ -212,9 +235,11 @@ class MemmapBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.ranges)
 
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    def __getitem__(self, i) -> dict[str, np.ndarray]:
         if self._maps is None or self._pid != os.getpid():
             self._maps, self._pid = _memmaps(self.files, self.num_points), os.getpid()
+        if isinstance(i, np.ndarray):
+            return {k: _gather(m, i, copy=False) for k, m in self._maps.items()}
         a, b = self.ranges[i]
         return {k: m[a:b] for k, m in self._maps.items()}
 
@@ -227,13 +252,24 @@ class MemmapBatches(torch.utils.data.Dataset):
         return state
 
 
+class SegmentSampler(torch.utils.data.Sampler):
+    """Chunk mode: each epoch (in the main process) yields the plan's point ranges per batch."""
+
+    def __init__(self, order):
+        self.order = order
+
+    def __iter__(self):
+        return iter(self.order.epoch_segments())
+
+
 class TorchDataLoaderVariant(Variant):
     family = "torch-dataloader"
 
     def __init__(self, files, num_points, batch, device, num_workers, pin_memory,
-                 prefetch_factor, persistent):
+                 prefetch_factor, persistent, order=None):
         """``persistent=False`` (``--cold``) also closes the main process's memmaps after each
-        epoch: pages mapped by a process can't be dropped from the page cache."""
+        epoch: pages mapped by a process can't be dropped from the page cache. ``order``
+        (chunk mode): batches keyed by the plan's point ranges through a sampler."""
         cfg = {"num_workers": num_workers, "pin_memory": pin_memory,
                "prefetch_factor": prefetch_factor if num_workers else None,
                "persistent_workers": bool(persistent and num_workers),
@@ -247,6 +283,7 @@ class TorchDataLoaderVariant(Variant):
         self.dataset = MemmapBatches(files, num_points, batch)
         self.loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=None, shuffle=False, num_workers=num_workers,
+            sampler=None if order is None else SegmentSampler(order),
             pin_memory=pin_memory, prefetch_factor=prefetch_factor if num_workers else None,
             persistent_workers=cfg["persistent_workers"])
         self.non_blocking = pin_memory
@@ -276,16 +313,21 @@ class LibraryVariant(Variant):
     """gds-stream's own loaders through the public ``open_loader``, with the loader's own
     defaults (prefetch depth, reader threads: they depend on the device). ``shuffle``/``seed``
     are passed to every library loader alike, so ``gds`` and ``fallback`` read the same order.
-    ``task_size`` (bytes) is KvikIO's unit of parallel work, gds only."""
+    ``task_size`` (bytes) is KvikIO's unit of parallel work, gds only. With ``batch_chunks``
+    (chunk mode) ``batch`` is unused and the i-th epoch this variant runs is the loader's epoch i,
+    as for the baselines' :class:`bench.chunked.ChunkOrder`."""
 
     def __init__(self, family: str, path: Path, batch: int, device: torch.device,
                  shuffle: bool = False, seed: int = 0, task_size: int | None = None,
-                 name: str | None = None):
+                 name: str | None = None, batch_chunks: int | None = None):
         from gds_stream import open_loader
 
         self.family = family
         extra = {} if task_size is None else {"task_size": task_size}
-        self.loader = open_loader(path, backend=family, batch_points=batch, fields=list(FIELDS),
+        extra.update({"batch_points": batch} if batch_chunks is None
+                     else {"batch_chunks": batch_chunks})
+        self._epochs = None if batch_chunks is None else 0
+        self.loader = open_loader(path, backend=family, fields=list(FIELDS),
                                   device=str(device), shuffle=shuffle, seed=seed,
                                   drop_last=False, rank=0, world_size=1, **extra)
         o = self.loader.options
@@ -298,11 +340,16 @@ class LibraryVariant(Variant):
             cfg["backend_reason"] = str(reason)
         if task_size is not None:
             cfg["task_size"] = task_size
+        if batch_chunks is not None:
+            cfg["batch_chunks"] = batch_chunks
         label = (f"{backend}, {cfg['num_threads']} thr, prefetch {cfg['prefetch']}"
                  + (", shuffled" if shuffle else ""))
         super().__init__(name or family, label, cfg)
 
     def epoch(self):
+        if self._epochs is not None:
+            self.loader.set_epoch(self._epochs)
+            self._epochs += 1
         return iter(self.loader)
 
     def close(self):
@@ -312,12 +359,14 @@ class LibraryVariant(Variant):
 class ComputeOnlyVariant(Variant):
     family = "compute-only"
 
-    def __init__(self, ds: Dataset, files, batch, device):
+    def __init__(self, ds: Dataset, files, batch, device, order=None):
+        """``order`` (chunk mode): the batches of its first epoch."""
         super().__init__("compute-only", "batches resident on the device", {})
         self.batches = []
-        for a, b in batch_ranges(ds.num_points, batch):
-            self.batches.append({ff.name: torch.from_numpy(ds.read(ff.name, a, b)).to(device)
-                                 for ff in files})
+        for segs in (order or PointOrder(ds.num_points, batch)).epoch_segments():
+            self.batches.append({ff.name: torch.from_numpy(np.concatenate(
+                [ds.read(ff.name, int(a), int(b)) for a, b in segs])).to(device)
+                for ff in files})
 
     def epoch(self):
         return iter(self.batches)
