@@ -76,8 +76,8 @@ def convert(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: st
     ``progress``: a tqdm bar over input bytes on stderr; ``None`` shows it when stderr is a TTY.
     ``chunk_size`` (``--chunk-size``): group the points of each scan into spatial chunks, the
     grid cells of this edge on x, y (``chunk_dims=2``) or x, y, z (``chunk_dims=3``), ordered
-    along a Morton curve, each chunk a contiguous range (out-of-core: bounded memory, twice the
-    scan's bytes of temporary disk beside ``out_dir``). ``point_ids`` (``--point-ids``): add a
+    along a Morton curve, each chunk a contiguous range (out-of-core: bounded memory; temporary
+    disk beside ``out_dir``: the scan's rows twice plus 8 bytes per point and axis). ``point_ids`` (``--point-ids``): add a
     ``point_id`` field (uint64, each point's index in its input file), so the original order
     stays recoverable.
 
