@@ -1,6 +1,6 @@
 """The on-disk dataset format: a directory with ``manifest.json`` and one data file per field.
 
-Layout rules (see ``DESIGN.md``):
+Layout rules (README, "On-disk format"):
 
 * each field's values are one contiguous little-endian run starting at a 4 KiB-aligned offset of
   its file, and the file is padded with zeros to a 4 KiB multiple, so an aligned over-read of any

@@ -157,3 +157,17 @@ def run_with_timeout(fn, timeout: float = 30.0):
     if "error" in box:
         raise box["error"]
     return box.get("value")
+
+
+def cuda_reason() -> str | None:
+    """None where a CUDA device really works (an allocation succeeds), else why not: the guard
+    of every GPU test (a missing device, not a missing package)."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return "no working CUDA device"
+        torch.zeros(1, device="cuda")
+    except Exception as exc:  # noqa: BLE001 - any failure means no usable device
+        return f"no working CUDA device ({exc})"
+    return None

@@ -1,4 +1,4 @@
-"""The CPU fallback backend against the iterator contract (DESIGN.md, nine points), device="cpu".
+"""The CPU fallback backend against the iterator contract (README, "The contract": nine points), device="cpu".
 
 Every value a loader yields is compared with :meth:`Dataset.read` of the points its plan names
 (``loader.epoch_plan(e).batch(i).point_indices()``), so the planner's properties

@@ -30,6 +30,7 @@ from gds_stream import capability
 from gds_stream.errors import BackendUnavailable, LoaderError
 from gds_stream.format import DatasetWriter, FieldSpec, open_dataset
 from gds_stream import open_loader
+from helpers import cuda_reason
 
 
 # -- a small dataset with several dtypes and scans --------------------------------------------
@@ -638,14 +639,9 @@ def test_simulated_gds_options(ds, simulated_gpu):
 
 # -- the real thing (GPU) ----------------------------------------------------------------------
 def _gpu_reason() -> str | None:
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            return "no working CUDA device"
-        torch.zeros(1, device="cuda")
-    except Exception as exc:  # noqa: BLE001 - any failure means no usable device
-        return f"no working CUDA device ({exc})"
+    reason = cuda_reason()
+    if reason is not None:
+        return reason
     cap = capability.probe_gds()
     return None if cap.available else cap.reason
 

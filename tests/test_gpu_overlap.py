@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from gds_stream import capability, open_loader
+from helpers import cuda_reason
 from gds_stream.format import DatasetWriter, FieldSpec, open_dataset
 
 SLEEP_MS = 400.0
@@ -25,15 +26,7 @@ PREFETCH = 4
 
 
 def _cuda_reason() -> str | None:
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            return "no working CUDA device"
-        torch.zeros(1, device="cuda")
-    except Exception as exc:  # noqa: BLE001 - any failure means no usable device
-        return f"no working CUDA device ({exc})"
-    return None
+    return cuda_reason()
 
 
 def _gds_reason() -> str | None:
