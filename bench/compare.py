@@ -209,7 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _build_variants(args, ds, files, batch: int, dev: Device, cap, grid_cfgs: list[dict],
-                    skipped: dict[str, str], planner: ChunkPlanner | None) -> list[Variant]:
+                    skipped: dict[str, str],
+                    planner: ChunkPlanner | None = None) -> list[Variant]:
     n = ds.num_points
 
     def order():  # chunk mode: each loader walks the library's plan epoch by epoch

@@ -124,8 +124,11 @@ def test_gds_shuffles_exactly_like_fallback(monkeypatch):
         monkeypatch.setattr(compare, name, lambda *a, **k: compare.Variant("x"))
     cuda = SimpleNamespace(cuda=True, device="cuda:0")
     ds = SimpleNamespace(num_points=10, path="p")
-    for argv, want in ((["--shuffle", "--seed", "7"], {"shuffle": True, "seed": 7}),
-                       ([], {"shuffle": False, "seed": 0})):
+    for argv, want in ((["--shuffle", "--seed", "7"],
+                        {"shuffle": True, "seed": 7, "batch_chunks": None}),
+                       ([], {"shuffle": False, "seed": 0, "batch_chunks": None}),
+                       (["--shuffle", "--chunk-size", "50", "--batch-chunks", "3"],
+                        {"shuffle": True, "seed": 0, "batch_chunks": 3})):
         made.clear()
         compare._build_variants(compare.parse_args(argv), ds, [], 5, cuda,
                                 SimpleNamespace(available=True, reason=""), [], {})
@@ -528,3 +531,136 @@ def test_a_disturbed_run_is_retried_saying_why_unless_the_budget_is_spent(monkey
                        in s for s in said) == 2
         else:
             assert any("no budget left to run it again" in s for s in said)
+
+
+# -- spatial-chunk mode ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def chunk_smoke(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench-chunks")
+    cmd = [sys.executable, "-m", "bench.compare", "--smoke", "--retries", "0", "--points", "60000",
+           "--chunk-size", "100", "--batch-chunks", "4", "--shuffle", "--seed", "5",
+           "--json", str(tmp / "c.json"), "--workdir", str(tmp)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    doc = json.loads((tmp / "c.json").read_text()) if proc.returncode == 0 else None
+    return proc, doc
+
+
+def test_chunk_smoke_runs_every_loader_on_whole_chunks(chunk_smoke):
+    proc, doc = chunk_smoke
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "checksums: all equal" in out and "chunk/s" in out
+    assert out.index("checksums: all equal") < out.index("limits (measured")
+    assert "4 whole chunks" in out and "same chunks, same order" in out
+    env = doc["environment"]
+    assert env["batch_chunks"] == 4 and env["shuffle"] is True
+    ds = env["dataset"]
+    assert ds["points"] == 60_000 and ds["chunk_size"] == 100.0
+    assert ds["chunks"] == 50  # 2 tiles of 500 m × 500 m in 100 m cells
+    rows = {r["family"]: r for r in doc["loaders"]}
+    for name in LOADERS:
+        r = rows[name]
+        assert r["chunks_per_s"] == pytest.approx(ds["chunks"] / r["wall_s"]), name
+        if name != "compute-only":
+            lo = r["loader_only"]
+            assert lo["chunks_per_s"] == pytest.approx(ds["chunks"] / lo["wall_s"]), name
+    assert rows["fallback"]["config"]["batch_chunks"] == 4
+    for v in doc["all_variants"]:
+        for cs in v["checksums"]:
+            assert cs == doc["checksum"] and cs["points"] == 60_000, v["name"]
+
+
+@pytest.fixture(scope="module")
+def chunked_ds(tmp_path_factory):
+    from bench import datagen
+
+    tmp = tmp_path_factory.mktemp("chunked-data")
+    return (datagen.ensure(tmp, 20_000, progress=False, chunk_size=125.0),
+            datagen.ensure(tmp, 20_000, progress=False))
+
+
+def test_baselines_read_the_library_plan_batch_for_batch(chunked_ds):
+    """Every baseline, epoch after epoch, yields exactly the fallback loader's batches."""
+    from bench.chunked import ChunkPlanner
+    from bench.variants import (ComputeOnlyVariant, LibraryVariant, QueueVariant,
+                                SequentialVariant, TorchDataLoaderVariant, field_files)
+    from gds_stream.format import open_dataset
+
+    ds = open_dataset(chunked_ds[0])
+    files = field_files(ds, FIELDS)
+    n, cpu = ds.num_points, torch.device("cpu")
+    planner = ChunkPlanner(ds.path, 3, shuffle=True, seed=9)
+    b = 1_000  # the point mode's batch: unused where an order is given
+    lib = LibraryVariant("fallback", ds.path, b, cpu, shuffle=True, seed=9, batch_chunks=3)
+    base = [SequentialVariant(files, n, b, cpu, order=planner.order()),
+            QueueVariant(files, n, b, cpu, order=planner.order()),
+            TorchDataLoaderVariant(files, n, b, cpu, 0, False, None, True,
+                                   order=planner.order())]
+    compute = ComputeOnlyVariant(ds, files, b, cpu, order=planner.order())
+    offs = ds.chunk_offsets
+    try:
+        orders = []
+        for epoch in (0, 1):
+            want = list(lib.epoch())
+            units = planner.units(epoch)
+            assert [b["chunk"].tolist() for b in want] == [u.tolist() for u in units]
+            assert sum(len(b["x"]) for b in want) == n
+            for b, u in zip(want, units):
+                assert len(b["x"]) == int((offs[u + 1] - offs[u]).sum())
+            orders.append([c for u in units for c in u.tolist()])
+            others = [list(v.epoch()) for v in base]
+            if epoch == 0:
+                others.append(list(compute.epoch()))
+            for got in others:
+                assert len(got) == len(want)
+                for g, w in zip(got, want):
+                    for f in FIELDS:
+                        assert torch.equal(g[f], w[f]), f
+        assert orders[0] != orders[1] and sorted(orders[0]) == list(range(ds.num_chunks))
+    finally:
+        for v in (lib, *base, compute):
+            v.close()
+        planner.close()
+        ds.close()
+
+
+def test_the_chunked_set_holds_the_same_points_as_the_plain_one(chunked_ds):
+    from bench.datagen import SCHEMA
+    from gds_stream.format import open_dataset
+
+    sums = []
+    for path in chunked_ds:
+        ds = open_dataset(path)
+        cs = Checksum(FIELDS, torch.device("cpu"))
+        cs.update({f: torch.from_numpy(ds.read(f)) for f in FIELDS})
+        sums.append((cs.result(), ds.num_chunks))
+        ds.close()
+    assert sums[0][0] == sums[1][0] and sums[0][1] > 1 and sums[1][1] == 0
+    assert list(open_dataset(chunked_ds[0]).schema.values()) == list(SCHEMA)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--chunk-size", "50"], "give both"),
+    (["--batch-chunks", "4"], "needs a chunked dataset"),
+    (["--batch-chunks", "0", "--chunk-size", "50"], "--batch-chunks must be >= 1"),
+    (["--batch-chunks", "2", "--chunk-size", "-1"], "finite number > 0"),
+    (["--batch-chunks", "2", "--chunk-size", "nan"], "finite number > 0"),
+    (["--batch-chunks", "2", "--chunk-size", "50", "--dataset", "d"], "with --dataset"),
+    (["--batch-chunks", "2", "--chunk-size", "50", "--batch-points", "9"], "give one"),
+])
+def test_chunk_options_that_do_not_fit_are_usage_errors(argv, message, capsys):
+    import bench.compare as compare
+
+    with pytest.raises(SystemExit) as exc:
+        compare.parse_args(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_batch_chunks_on_an_unchunked_dataset_is_one_clear_error(chunked_ds):
+    proc = subprocess.run([sys.executable, "-m", "bench.compare", "--dataset",
+                           str(chunked_ds[1]), "--batch-chunks", "2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "needs a spatially chunked dataset" in proc.stderr
+    assert str(chunked_ds[1]) in proc.stderr and "Traceback" not in proc.stderr
