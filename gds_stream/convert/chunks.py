@@ -5,19 +5,21 @@ y, z), cells are ordered along a Morton (Z-order) curve so that neighbouring chu
 each other on disk, and the points of a cell are ordered along a finer Morton curve inside it
 (1/1024 of the cell), so a chunk is spatially coherent too. A chunk is one non-empty cell.
 
-The scan is sorted out of core, a counting sort in three streaming passes over temporary files
-beside the output (same file system), so memory holds one row chunk and a table of cells,
-whatever the scan's size:
+The scan is sorted out of core, in three streaming passes over temporary files beside the output
+(same file system), with positioned reads and appends only — no memory maps, whose touched pages
+would count in the process's RSS — so memory holds a slice of rows and a table of cells, whatever
+the scan's size:
 
-1. :meth:`ScanChunker.append`: rows (in input order) go to one temporary file per field, each
-   row's cell to a cell file; the points of every cell are counted.
-2. :meth:`ScanChunker.write_to`: rows are read back a slice at a time and scattered, grouped by
-   cell, to their final positions in a second set of temporary files (the cell order is known
-   from the counts);
-3. the cells are read back in order, a run of cells at a time, sorted inside each cell and
-   appended to the dataset writer with one :meth:`DatasetWriter.add_chunk` per cell.
+1. :meth:`ScanChunker.append`: each row (every field, and its cell) goes, in input order, to one
+   temporary file of fixed-size records; the points of every cell are counted.
+2. :meth:`ScanChunker.write_to`: the cells are put in curve order and grouped into *buckets* of
+   consecutive cells holding at most ``BUCKET_BYTES`` of records; the records are read back a
+   slice at a time and appended to their bucket's file.
+3. each bucket is read whole, sorted by cell and finer curve, and appended to the dataset writer
+   with one :meth:`DatasetWriter.add_chunk` per cell. (A single cell larger than a bucket is
+   written a slice at a time in input order.)
 
-Disk, temporarily: the scan's rows twice plus 8 bytes per point and axis for the cells.
+Disk, temporarily: the scan's records twice (each field, plus 8 bytes per axis).
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ from ..format import FieldSpec
 
 log = logging.getLogger(__name__)
 
-#: Rows a pass handles at a time (bounded memory: this many rows of every field).
+#: Rows a pass reads or converts at a time.
 PASS_ROWS = 1 << 20
+#: Records a bucket holds at most (bytes): what pass 3 sorts in memory at once.
+BUCKET_BYTES = 64 << 20
 #: Bits of the Morton code per axis: 3 × 21 = 63 bits (2-D: 2 × 31).
 _BITS = {2: 31, 3: 21}
 #: Subdivisions of a cell per axis for the order of points inside it.
@@ -96,9 +100,11 @@ class ScanChunker:
         self.size = float(size)
         self.dims = dims
         self.where = where
+        fields = [(s.name, s.dtype, (s.components,)) if s.components > 1 else (s.name, s.dtype)
+                  for s in self.schema]
+        self.record = np.dtype(fields + [("\0cell", "<i8", (dims,))])
         self.tmp = Path(tempfile.mkdtemp(prefix=".chunking-", dir=tmp_parent))
-        self._files = {s.name: open(self.tmp / f"{s.name}.in", "wb") for s in self.schema}
-        self._cells = open(self.tmp / "cells.in", "wb")
+        self._rows = open(self.tmp / "rows", "wb")
         self._counts: dict[tuple[int, ...], int] = {}
         self.num_points = 0
 
@@ -118,27 +124,27 @@ class ScanChunker:
         if np.abs(cells).max(initial=0) >= 2**62:
             raise ConversionError(f"{self.where}: coordinates too large for --chunk-size "
                                   f"{self.size:g}")
-        cells = cells.astype(np.int64)
+        rec = np.empty(n, dtype=self.record)
+        rec["\0cell"] = cells
+        cells = rec["\0cell"]
         uniq, counts = np.unique(cells, axis=0, return_counts=True)
         for c, k in zip(map(tuple, uniq.tolist()), counts.tolist()):
             self._counts[c] = self._counts.get(c, 0) + k
         for s in self.schema:
-            a = np.ascontiguousarray(columns[s.name], dtype=s.dtype)
-            self._files[s.name].write(memoryview(a.reshape(-1).view(np.uint8)))
-        self._cells.write(memoryview(cells.reshape(-1).view(np.uint8)))
+            rec[s.name] = columns[s.name]
+        self._rows.write(memoryview(rec.view(np.uint8)))
         self.num_points += n
 
     # -- passes 2 and 3 -----------------------------------------------------------------------
     def write_to(self, writer) -> int:
         """Sort the scan by cell into ``writer`` (declaring its chunks); returns the number of
         chunks. The caller then ends the scan."""
-        for f in [*self._files.values(), self._cells]:
-            f.close()
-        n = self.num_points
-        if n == 0:
+        self._rows.close()
+        if self.num_points == 0:
             return 0
         keys = np.array(sorted(self._counts), dtype=np.int64).reshape(-1, self.dims)
         counts = np.array([self._counts[tuple(k)] for k in keys.tolist()], dtype=np.int64)
+        self._counts = {}
         lo = keys.min(axis=0)
         span = keys.max(axis=0) - lo
         if int(span.max()) >= 2 ** _BITS[self.dims]:
@@ -148,15 +154,23 @@ class ScanChunker:
                 f"--chunk-size")
         order = np.argsort(morton(keys - lo), kind="stable")
         keys, counts = keys[order], counts[order]
-        starts = np.concatenate([[0], np.cumsum(counts)])
-        # packed cell key -> rank along the curve, for the scatter pass
-        dims_span = (span + 1).astype(np.int64)
-        packed = self._pack(keys, lo, dims_span)
-        by_packed = np.argsort(packed)
-        packed_sorted = packed[by_packed]
-        self._scatter(n, lo, dims_span, packed_sorted, by_packed, starts)
-        self._emit(writer, keys, counts, starts)
+        buckets = self._buckets(counts)
+        self._distribute(keys, lo, span + 1, buckets)
+        self._emit(writer, keys, counts, buckets, lo, span + 1)
         return len(keys)
+
+    def _buckets(self, counts: np.ndarray) -> np.ndarray:
+        """Cell index where each bucket starts (and the end): consecutive cells of at most
+        ``BUCKET_BYTES`` of records, a larger cell alone."""
+        per = max(1, BUCKET_BYTES // self.record.itemsize)
+        bounds, n = [0], 0
+        for i, c in enumerate(counts.tolist()):
+            if n and n + c > per:
+                bounds.append(i)
+                n = 0
+            n += c
+        bounds.append(len(counts))
+        return np.asarray(bounds, dtype=np.int64)
 
     def _pack(self, cells: np.ndarray, lo: np.ndarray, span: np.ndarray) -> np.ndarray:
         rel = cells - lo
@@ -165,72 +179,83 @@ class ScanChunker:
             key = key * span[d] + rel[:, d]
         return key
 
-    def _scatter(self, n: int, lo, span, packed_sorted, by_packed, starts) -> None:
-        cells_in = np.memmap(self.tmp / "cells.in", dtype=np.int64, mode="r",
-                             shape=(n, self.dims))
-        outs, ins = {}, {}
-        for s in self.schema:
-            shape = (n, s.components) if s.components > 1 else (n,)
-            ins[s.name] = np.memmap(self.tmp / f"{s.name}.in", dtype=s.dtype, mode="r",
-                                    shape=shape)
-            outs[s.name] = np.memmap(self.tmp / f"{s.name}.out", dtype=s.dtype, mode="w+",
-                                     shape=shape)
-        cursor = starts[:-1].copy()
-        for a in range(0, n, PASS_ROWS):
-            b = min(n, a + PASS_ROWS)
-            rank = by_packed[np.searchsorted(packed_sorted,
-                                             self._pack(np.asarray(cells_in[a:b]), lo, span))]
-            order = np.argsort(rank, kind="stable")
-            r = rank[order]
-            first = np.concatenate([[True], r[1:] != r[:-1]])
-            group_start = np.flatnonzero(first)
-            group_len = np.diff(np.concatenate([group_start, [len(r)]]))
-            within = np.arange(len(r)) - np.repeat(group_start, group_len)
-            pos = cursor[r] + within
-            cursor[r[group_start]] += group_len
-            for s in self.schema:
-                outs[s.name][pos] = ins[s.name][a:b][order]
-        for m in outs.values():
-            m.flush()
-        del outs, ins, cells_in
-        for s in self.schema:
-            os.remove(self.tmp / f"{s.name}.in")
+    def _read(self, path: Path, first: int, count: int) -> np.ndarray:
+        return np.fromfile(path, dtype=self.record, count=count,
+                           offset=first * self.record.itemsize)
 
-    def _emit(self, writer, keys: np.ndarray, counts: np.ndarray, starts: np.ndarray) -> None:
-        n = int(starts[-1])
-        sorted_ = {}
-        for s in self.schema:
-            shape = (n, s.components) if s.components > 1 else (n,)
-            sorted_[s.name] = np.memmap(self.tmp / f"{s.name}.out", dtype=s.dtype, mode="r",
-                                        shape=shape)
-        c = 0
-        while c < len(keys):
-            # a run of whole cells of about PASS_ROWS points (at least one cell)
-            e = int(np.searchsorted(starts, starts[c] + PASS_ROWS, side="right")) - 1
-            e = max(e, c + 1)
-            a, b = int(starts[c]), int(starts[e])
-            xyz = np.stack([np.asarray(sorted_[ax][a:b], dtype=np.float64) for ax in XYZ], 1)
-            cell_of_row = np.repeat(np.arange(c, e), counts[c:e])
-            base = keys[cell_of_row][:, :self.dims] * self.size
+    def _distribute(self, keys, lo, span, buckets) -> None:
+        """Pass 2: every record to the file of its bucket (appends, a slice at a time)."""
+        packed = self._pack(keys, lo, span)
+        by_packed = np.argsort(packed)
+        packed_sorted = packed[by_packed]
+        bucket_of_cell = np.repeat(np.arange(len(buckets) - 1), np.diff(buckets))
+        rows = self.tmp / "rows"
+        for a in range(0, self.num_points, PASS_ROWS):
+            rec = self._read(rows, a, min(PASS_ROWS, self.num_points - a))
+            rank = by_packed[np.searchsorted(packed_sorted,
+                                             self._pack(rec["\0cell"], lo, span))]
+            bucket = bucket_of_cell[rank]
+            order = np.argsort(bucket, kind="stable")
+            rec, bucket = rec[order], bucket[order]
+            cut = np.flatnonzero(np.diff(bucket)) + 1
+            for part in np.split(np.arange(len(rec)), cut):
+                with open(self.tmp / f"bucket-{int(bucket[part[0]])}", "ab") as f:
+                    f.write(memoryview(rec[part[0]:part[-1] + 1].view(np.uint8)))
+        os.remove(rows)
+
+    def _emit(self, writer, keys: np.ndarray, counts: np.ndarray, buckets: np.ndarray,
+              lo: np.ndarray, span: np.ndarray) -> None:
+        """Pass 3: each bucket sorted by cell, then by the finer curve, into the writer."""
+        per = max(1, BUCKET_BYTES // self.record.itemsize)
+        for b in range(len(buckets) - 1):
+            c, e = int(buckets[b]), int(buckets[b + 1])
+            path = self.tmp / f"bucket-{b}"
+            total = int(counts[c:e].sum())
+            if e - c == 1 and total > per:  # one huge cell: in slices, input order
+                log.info("%s: chunk %s holds %d points, more than a sort bucket; its points "
+                         "keep their input order", self.where, keys[c].tolist(), total)
+                for a in range(0, total, per):
+                    rec = self._read(path, a, min(per, total - a))
+                    writer.append({s.name: rec[s.name] for s in self.schema})
+                self._declare(writer, keys[c:e], counts[c:e], self._bounds_of(path, total))
+                os.remove(path)
+                continue
+            rec = self._read(path, 0, total)
+            os.remove(path)
+            # each record's cell, as its index among the bucket's cells (curve order)
+            packed = self._pack(keys[c:e], lo, span)
+            srt = np.argsort(packed)
+            local = srt[np.searchsorted(packed[srt], self._pack(rec["\0cell"], lo, span))]
+            xyz = np.stack([rec[ax].astype(np.float64) for ax in XYZ], 1)
+            base = keys[c + local][:, :self.dims] * self.size
             fine = np.clip(((xyz[:, :self.dims] - base) / self.size * FINE).astype(np.int64),
                            0, FINE - 1)
-            order = np.lexsort((morton(fine), cell_of_row))
-            writer.append({s.name: np.asarray(sorted_[s.name][a:b])[order] for s in self.schema})
-            seg = starts[c:e] - a
-            mins = np.minimum.reduceat(xyz[order], seg, axis=0)
-            maxs = np.maximum.reduceat(xyz[order], seg, axis=0)
-            for k in range(e - c):
-                cell = keys[c + k].tolist() + [0] * (3 - self.dims)
-                writer.add_chunk(int(counts[c + k]), cell=cell,
-                                 bounds=(*mins[k].tolist(), *maxs[k].tolist()))
-            c = e
-        del sorted_
+            order = np.lexsort((morton(fine), local))
+            rec, xyz = rec[order], xyz[order]
+            writer.append({s.name: rec[s.name] for s in self.schema})
+            seg = np.concatenate([[0], np.cumsum(counts[c:e])[:-1]])
+            bounds = np.concatenate([np.minimum.reduceat(xyz, seg, axis=0),
+                                     np.maximum.reduceat(xyz, seg, axis=0)], axis=1)
+            self._declare(writer, keys[c:e], counts[c:e], bounds)
+
+    def _bounds_of(self, path: Path, total: int) -> np.ndarray:
+        per = max(1, BUCKET_BYTES // self.record.itemsize)
+        lo, hi = np.full(3, np.inf), np.full(3, -np.inf)
+        for a in range(0, total, per):
+            rec = self._read(path, a, min(per, total - a))
+            xyz = np.stack([rec[ax].astype(np.float64) for ax in XYZ], 1)
+            lo, hi = np.minimum(lo, xyz.min(0)), np.maximum(hi, xyz.max(0))
+        return np.concatenate([lo, hi])[None, :]
+
+    def _declare(self, writer, keys: np.ndarray, counts: np.ndarray, bounds: np.ndarray) -> None:
+        for k in range(len(keys)):
+            cell = keys[k].tolist() + [0] * (3 - self.dims)
+            writer.add_chunk(int(counts[k]), cell=cell, bounds=bounds[k].tolist())
 
     def close(self) -> None:
         """Remove the temporary files (idempotent)."""
-        for f in [*self._files.values(), self._cells]:
-            if not f.closed:
-                f.close()
+        if not self._rows.closed:
+            self._rows.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def __enter__(self) -> "ScanChunker":
