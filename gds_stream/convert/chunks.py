@@ -75,6 +75,32 @@ def morton(cells: np.ndarray) -> np.ndarray:
     return code
 
 
+def _take(rec: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """``rec[order]`` for records, moved as rows of bytes (much faster than a structured take)."""
+    rows = rec.view(np.uint8).reshape(len(rec), rec.dtype.itemsize)
+    return rows[order].view(rec.dtype).reshape(len(order))
+
+
+def _count_cells(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct rows of ``cells`` (int64, (n, dims)) and how often each occurs — through one
+    int64 key per row where the slice's extent allows (a 1-D sort, several times faster than
+    ``np.unique(axis=0)``)."""
+    lo = cells.min(axis=0)
+    span = cells.max(axis=0) - lo + 1
+    if float(np.prod(span.astype(np.float64))) >= 2.0**62:
+        return np.unique(cells, axis=0, return_counts=True)
+    rel = cells - lo
+    key = rel[:, 0].copy()
+    for d in range(1, cells.shape[1]):
+        key = key * span[d] + rel[:, d]
+    uniq, counts = np.unique(key, return_counts=True)
+    out = np.empty((len(uniq), cells.shape[1]), dtype=np.int64)
+    for d in range(cells.shape[1] - 1, -1, -1):
+        out[:, d] = uniq % span[d] + lo[d]
+        uniq = uniq // span[d]
+    return out, counts
+
+
 class ScanChunker:
     """Collects one scan's rows, then writes them to a :class:`DatasetWriter` chunk by chunk."""
 
@@ -127,7 +153,7 @@ class ScanChunker:
         rec = np.empty(n, dtype=self.record)
         rec["\0cell"] = cells
         cells = rec["\0cell"]
-        uniq, counts = np.unique(cells, axis=0, return_counts=True)
+        uniq, counts = _count_cells(cells)
         for c, k in zip(map(tuple, uniq.tolist()), counts.tolist()):
             self._counts[c] = self._counts.get(c, 0) + k
         for s in self.schema:
@@ -196,7 +222,7 @@ class ScanChunker:
                                              self._pack(rec["\0cell"], lo, span))]
             bucket = bucket_of_cell[rank]
             order = np.argsort(bucket, kind="stable")
-            rec, bucket = rec[order], bucket[order]
+            rec, bucket = _take(rec, order), bucket[order]
             cut = np.flatnonzero(np.diff(bucket)) + 1
             for part in np.split(np.arange(len(rec)), cut):
                 with open(self.tmp / f"bucket-{int(bucket[part[0]])}", "ab") as f:
@@ -230,8 +256,10 @@ class ScanChunker:
             base = keys[c + local][:, :self.dims] * self.size
             fine = np.clip(((xyz[:, :self.dims] - base) / self.size * FINE).astype(np.int64),
                            0, FINE - 1)
-            order = np.lexsort((morton(fine), local))
-            rec, xyz = rec[order], xyz[order]
+            # one int64 key: the cell's place in the bucket, then the finer curve (<= 30 bits)
+            order = np.argsort((local.astype(np.int64) << 30) | morton(fine).astype(np.int64),
+                               kind="stable")
+            rec, xyz = _take(rec, order), xyz[order]
             writer.append({s.name: rec[s.name] for s in self.schema})
             seg = np.concatenate([[0], np.cumsum(counts[c:e])[:-1]])
             bounds = np.concatenate([np.minimum.reduceat(xyz, seg, axis=0),
