@@ -57,6 +57,7 @@ import numpy as np
 from .errors import BackendUnavailable, DatasetError, LoaderError
 from .format import ALIGN, Dataset, align_down, align_up
 from .loader import POLL_S, EpochIterator, Loader
+from .slab import gather_field_rows
 from .plan import BatchPlan, EpochPlan
 
 log = logging.getLogger(__name__)
@@ -388,18 +389,22 @@ class _GDSIterator(EpochIterator):
         for r in p.reads:
             by_field.setdefault(r.field, []).append(r)
         out: dict[str, Any] = {}
+        raws = []
         for i, spec in enumerate(self._specs):
             parts = [p.staging[r.dev_offset + r.skip:r.dev_offset + r.skip + r.nbytes]
                      for r in by_field.get(i, [])]
             if not parts:
-                raw = p.staging[:0]
+                raws.append(p.staging[:0])
             elif len(parts) == 1:
-                raw = parts[0]  # a view of the staging slab: zero copy
+                raws.append(parts[0])  # a view of the staging slab: zero copy
             else:
-                raw = torch.cat(parts)
-            if perm is not None:
-                rows = raw.view(-1, spec.point_bytes)
-                raw = rows.index_select(0, perm).reshape(-1) if n else raw[:0]
+                raws.append(torch.cat(parts))
+        if perm is not None and n:
+            # one gather per group of equally sized, equally spaced fields (the slab's layout)
+            rows = gather_field_rows([r.view(n, s.point_bytes)
+                                      for r, s in zip(raws, self._specs)], perm)
+            raws = [r.reshape(-1) for r in rows]
+        for spec, raw in zip(self._specs, raws):
             arr = raw.view(_torch_dtype(torch, spec.dtype))
             out[spec.name] = arr.reshape(n, spec.components) if spec.components > 1 \
                 else arr.reshape(n)

@@ -8,7 +8,7 @@ moves it and views of it are the batch's tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -49,3 +49,51 @@ class SlabLayout:
 
 def _round(n: int) -> int:
     return -(-n // SLAB_ALIGN) * SLAB_ALIGN
+
+
+def gather_field_rows(rows: Sequence[Any], idx: Any) -> list[Any]:
+    """``[r.index_select(0, idx) for r in rows]`` in as few kernel launches as the layout allows.
+
+    ``rows`` are uint8 tensors of shape ``(n, width)``, the fields of one batch as rows of bytes.
+    Fields of equal width that lie equally spaced in one buffer — the fields of a single-range
+    batch in its slab — are gathered together, one ``index_select`` over a strided
+    ``(fields, n, width)`` view; the rest one by one. Bit for bit either way (bytes move)."""
+    out: list[Any] = [None] * len(rows)
+    groups: dict[int, list[int]] = {}
+    for k, r in enumerate(rows):
+        groups.setdefault(int(r.shape[1]), []).append(k)
+    for width, ks in groups.items():
+        for run in _even_runs(rows, ks):
+            first = rows[run[0]]
+            if len(run) == 1:
+                out[run[0]] = first.index_select(0, idx)
+                continue
+            stride = rows[run[1]].data_ptr() - first.data_ptr()
+            both = first.as_strided((len(run), int(first.shape[0]), width), (stride, width, 1))
+            gathered = both.index_select(1, idx)
+            for j, k in enumerate(run):
+                out[k] = gathered[j]
+    return out
+
+
+def _even_runs(rows: Sequence[Any], ks: list[int]) -> list[list[int]]:
+    """``ks`` split into runs that can be gathered together: contiguous tensors of one storage,
+    in address order, equally spaced without overlap (a run of one otherwise)."""
+    solo = [[k] for k in ks if not rows[k].is_contiguous()]
+    rest = sorted((k for k in ks if rows[k].is_contiguous()),
+                  key=lambda k: (rows[k].untyped_storage().data_ptr(), rows[k].data_ptr()))
+    runs: list[list[int]] = []
+    for k in rest:
+        r = rows[k]
+        if runs:
+            run = runs[-1]
+            last = rows[run[-1]]
+            same = last.untyped_storage().data_ptr() == r.untyped_storage().data_ptr()
+            step = r.data_ptr() - last.data_ptr()
+            size = int(last.shape[0]) * int(last.shape[1])
+            want = step if len(run) == 1 else rows[run[1]].data_ptr() - rows[run[0]].data_ptr()
+            if same and step >= size and step > 0 and step == want:
+                run.append(k)
+                continue
+        runs.append([k])
+    return solo + runs

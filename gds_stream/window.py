@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ._hostmem import anon_buffer
+from .slab import gather_field_rows
 
 _ALIGN = 4096
 #: Element size → the torch integer dtype a gather moves values as (bit for bit, any dtype).
@@ -40,7 +41,12 @@ def gather_rows(window: dict[str, Any], rows: np.ndarray) -> dict[str, Any]:
     cuda = first.device.type == "cuda"
     if cuda:
         idx = idx.pin_memory().to(first.device, non_blocking=True)
-        buf = None
+        # fields of equal width that sit equally spaced in the window's slab: one launch each
+        n, m = int(first.shape[0]), len(rows)
+        gathered = gather_field_rows(
+            [t.reshape(n, -1).view(torch.uint8) for t in window.values()], idx)
+        return {name: g.view(t.dtype).view((m, *t.shape[1:]))
+                for (name, t), g in zip(window.items(), gathered)}
     else:
         sizes = [_aligned(len(rows) * t[:1].numel() * t.element_size()) for t in window.values()]
         buf = torch.from_numpy(anon_buffer(sum(sizes)))

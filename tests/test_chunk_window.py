@@ -215,3 +215,41 @@ def test_window_early_stop_joins_threads(wds):
     ld.close()
     assert not wait_threads(base)
     assert ld.stats.inflight == 0 and ld.stats.inflight_bytes == 0
+
+
+# -- grouped gathers --------------------------------------------------------------------------
+def test_gather_field_rows_groups_equally_spaced_fields_bit_for_bit():
+    import torch
+
+    from gds_stream.slab import gather_field_rows
+
+    n, rng = 1000, np.random.default_rng(0)
+    slab = torch.from_numpy(rng.integers(0, 256, 64 * 1024, dtype=np.uint8))
+    # three 4-byte fields 8 KiB apart (one group), a 2-byte and a 3-byte field, and a 4-byte
+    # field elsewhere at another spacing (gathered alone)
+    views = [slab[0:4000].view(n, 4), slab[8192:12192].view(n, 4), slab[16384:20384].view(n, 4),
+             slab[24576:26576].view(n, 2), slab[28672:31672].view(n, 3),
+             slab[40000:44000].view(n, 4)]
+    idx = torch.from_numpy(rng.permutation(n)[:700].astype(np.int32))
+    got = gather_field_rows(views, idx)
+    for v, g in zip(views, got):
+        assert torch.equal(g, v.index_select(0, idx))
+    assert got[0].untyped_storage().data_ptr() == got[1].untyped_storage().data_ptr()
+
+
+def test_gather_field_rows_leaves_uneven_or_separate_fields_alone():
+    import torch
+
+    from gds_stream.slab import _even_runs
+
+    def runs(*views):
+        return _even_runs(list(views), list(range(len(views))))
+
+    a = torch.zeros(100, dtype=torch.uint8)
+    b = torch.zeros(100, dtype=torch.uint8)
+    assert runs(a.view(25, 4), b.view(25, 4)) in ([[0], [1]], [[1], [0]])  # two buffers
+    s = torch.zeros(1000, dtype=torch.uint8)
+    assert runs(s[0:100].view(25, 4), s[100:200].view(25, 4)) == [[0, 1]]
+    assert runs(s[0:100].view(25, 4), s[50:150].view(25, 4)) == [[0], [1]]  # overlap
+    assert runs(s[0:100].view(25, 4), s[200:300].view(25, 4),
+                s[300:400].view(25, 4)) == [[0, 1], [2]]  # uneven: the first two together
