@@ -358,3 +358,62 @@ def test_lying_header_bounds_fall_back_to_the_offsets(tmp_path):
     for j, k in enumerate("xyz"):
         got = ds.read(k).astype(np.float64) + ds.origin[j]
         assert np.abs(got - np.asarray(back[k])).max() <= 0.0005
+
+
+def _small_las(path, version="1.2", point_format=3, extra=()):
+    import laspy
+
+    hdr = laspy.LasHeader(point_format=point_format, version=version)
+    for e in extra:
+        hdr.add_extra_dim(e)
+    las = laspy.LasData(hdr)
+    rng = np.random.default_rng(1)
+    las.x, las.y, las.z = rng.random(500) * 10, rng.random(500) * 10, rng.random(500)
+    return las, hdr
+
+
+@pytest.mark.parametrize("where, value, message", [
+    (100, (2**31).to_bytes(4, "little"), "counts 2147483648 VLRs"),
+    (131, np.float64(0).tobytes(), "scale"),
+    (131, np.float64(np.nan).tobytes(), "scale"),
+    (96, (10**9).to_bytes(4, "little"), "points start at byte 1000000000"),
+])
+def test_lying_header_fields_are_refused_before_reading(tmp_path, where, value, message):
+    """A VLR count the file cannot hold (laspy would build records without bound), an unusable
+    scale, points beyond the end: one line naming the file, fast, nothing written."""
+    import subprocess
+    import sys
+
+    las, _ = _small_las(tmp_path / "a.las")
+    las.write(tmp_path / "a.las")
+    raw = bytearray((tmp_path / "a.las").read_bytes())
+    raw[where:where + len(value)] = value
+    (tmp_path / "a.las").write_bytes(bytes(raw))
+    r = subprocess.run([sys.executable, "-m", "gds_stream", "convert", "a.las", "-o", "out",
+                        "--no-progress"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and message in r.stderr and "a.las" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_scaled_extra_bytes_are_stored_as_their_scaled_values(tmp_path):
+    import laspy
+
+    from gds_stream import convert
+
+    las, _ = _small_las(tmp_path / "a.las", "1.4", 6, [
+        laspy.ExtraBytesParams("Amplitude", "u2", scales=np.array([0.01]),
+                               offsets=np.array([1.0])),
+        laspy.ExtraBytesParams("plain", "i2")])
+    las.Amplitude = np.linspace(1.0, 600.0, 500)
+    las.plain = np.arange(500, dtype=np.int16)
+    las.write(tmp_path / "a.las")
+    back = laspy.read(tmp_path / "a.las")
+    ds = convert(tmp_path / "a.las", tmp_path / "ds", progress=False)
+    assert ds.schema["amplitude"].dtype == np.float64
+    assert np.array_equal(ds.read("amplitude"), np.asarray(back["Amplitude"], dtype=np.float64))
+    assert ds.schema["plain"].dtype == np.dtype("<i2")
+    assert np.array_equal(ds.read("plain"), np.asarray(back["plain"]))
+    rec = ds.sources[0]["scaled_extra_bytes"]["amplitude"]
+    assert rec == {"stored_dtype": "<u2", "scale": [0.01], "offset": [1.0]}

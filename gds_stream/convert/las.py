@@ -86,6 +86,7 @@ class LasSource(Source):
                 head = f.read(4)
             raise DatasetError(f"{path}: not a LAS/LAZ file: expected the signature 'LASF' at "
                                f"byte 0, found {head!r}")
+        _check_header_counts(path, size)
         try:
             with laspy.open(path, laz_backend=laspy.LazBackend.LazrsParallel) as reader:
                 header = reader.header
@@ -107,7 +108,8 @@ class LasSource(Source):
                 )
         self.xyz_dtype = np.dtype("<f4" if xyz == "float32" else "<f8")
         available = [FieldSpec(c, self.xyz_dtype) for c in _COORDS]
-        self.dims: list[tuple[str, str, bool]] = []  # (field, laspy name, bit field)
+        self.dims: list[tuple[str, str, str]] = []  # (field, laspy name, how: raw|bits|scaled)
+        scaled: dict[str, dict] = {}
         seen = set(_COORDS)
         for d in pf.dimensions:
             if d.name in ("X", "Y", "Z"):
@@ -118,17 +120,29 @@ class LasSource(Source):
                                       f"which another dimension already has; rename it")
             seen.add(name)
             where = f"{path}: dimension {d.name!r}"
-            bit = d.dtype is None
-            if bit:
-                spec = FieldSpec(name, np.dtype("u1"))
+            base = d.dtype.base if d.dtype is not None and d.dtype.subdtype is not None \
+                else d.dtype
+            if d.dtype is None:
+                spec, how = FieldSpec(name, np.dtype("u1")), "bits"
+            elif getattr(d, "scales", None) is not None or getattr(d, "offsets", None) is not None:
+                # an extra-bytes dimension with a scale/offset: its values are the scaled ones
+                # (as laspy presents them); the stored type and the scale are recorded
+                spec, how = FieldSpec(name, np.dtype("<f8"), d.num_elements), "scaled"
+                scaled[name] = {"stored_dtype": np.dtype(base).str,
+                                "scale": _floats(path, d.name, d.scales, 1.0),
+                                "offset": _floats(path, d.name, d.offsets, 0.0)}
             else:
-                base = d.dtype.base if d.dtype.subdtype is not None else d.dtype
-                spec = FieldSpec(name, stored_dtype(base, where), d.num_elements)
+                spec, how = FieldSpec(name, stored_dtype(base, where), d.num_elements), "raw"
             available.append(spec)
-            self.dims.append((name, d.name, bit))
+            self.dims.append((name, d.name, how))
         schema = select(path, available, fields, "LAS dimension")
         self.scales = np.asarray(header.scales, dtype=np.float64)
         self.offsets = np.asarray(header.offsets, dtype=np.float64)
+        if not (np.isfinite(self.scales).all() and (self.scales != 0).all()
+                and np.isfinite(self.offsets).all()):
+            raise DatasetError(f"{path}: the header's coordinate scale {self.scales.tolist()} "
+                               f"or offset {self.offsets.tolist()} is not usable (scales must "
+                               f"be finite and non-zero, offsets finite)")
         self.mins = np.asarray(header.mins, dtype=np.float64)
         self.maxs = np.asarray(header.maxs, dtype=np.float64)
         self.origin = np.zeros(3)
@@ -136,6 +150,9 @@ class LasSource(Source):
         info = {"las_version": str(header.version), "point_format": pf.id,
                 "compressed": bool(self.compressed), "copc": copc,
                 "scale": self.scales.tolist(), "offset": self.offsets.tolist(), **_crs(header)}
+        if scaled:
+            info["scaled_extra_bytes"] = {k: v for k, v in scaled.items()
+                                          if any(sp.name == k for sp in schema)}
         super().__init__(path, "las", schema, n, size, info)
 
     def check_compatible(self, other: Source) -> None:
@@ -166,10 +183,12 @@ class LasSource(Source):
                     cols = {}
                     for j in want_xyz:
                         cols[_COORDS[j]] = self._coord(points.array["XYZ"[j]], j, done)
-                    for name, dim, bit in self.dims:
+                    for name, dim, how in self.dims:
                         if name in names:
-                            cols[name] = (np.asarray(points[dim], dtype=np.uint8) if bit
-                                          else points.array[dim])
+                            cols[name] = (np.asarray(points[dim], dtype=np.uint8)
+                                          if how == "bits" else
+                                          np.asarray(points[dim], dtype=np.float64)
+                                          if how == "scaled" else points.array[dim])
                     before = self._progress(done)
                     done += k
                     yield ({s.name: cols[s.name] for s in self.schema},
@@ -203,6 +222,44 @@ class LasSource(Source):
                 f"({self.scales[j] / 2:g}); pass --xyz float64 (xyz='float64')"
             )
         return rel
+
+
+def _floats(path: Path, dim: str, values, default: float) -> list[float]:
+    out = [default] if values is None else [float(v) for v in np.atleast_1d(values)]
+    if not all(math.isfinite(v) for v in out):
+        raise DatasetError(f"{path}: extra-bytes dimension {dim!r} has a non-finite scale or "
+                           f"offset {out}")
+    return out
+
+
+#: Sizes of a VLR and an EVLR header (bytes).
+_VLR_HEADER, _EVLR_HEADER = 54, 60
+
+
+def _check_header_counts(path: Path, size: int) -> None:
+    """Refuse header counts the file cannot hold before laspy reads them (a lying VLR count
+    makes it build records past the end of the file without bound)."""
+    with open(path, "rb") as f:
+        head = f.read(375)
+    if len(head) < 227:
+        raise DatasetError(f"{path}: not a readable LAS/LAZ file (truncated: {len(head)} bytes, "
+                           f"shorter than a LAS header)")
+    minor = head[25]
+    header_size, = struct.unpack_from("<H", head, 94)
+    offset_to_points, n_vlrs = struct.unpack_from("<II", head, 96)
+    if header_size < 227 or offset_to_points < header_size or offset_to_points > size:
+        raise DatasetError(f"{path}: the header says the points start at byte "
+                           f"{offset_to_points} after a {header_size}-byte header, in a file of "
+                           f"{size} bytes")
+    if n_vlrs * _VLR_HEADER > offset_to_points - header_size:
+        raise DatasetError(f"{path}: the header counts {n_vlrs} VLRs, more than fit between "
+                           f"its end (byte {header_size}) and the points (byte "
+                           f"{offset_to_points})")
+    if minor >= 4 and len(head) >= 247:
+        first_evlr, n_evlrs = struct.unpack_from("<QI", head, 235)
+        if n_evlrs and (first_evlr > size or n_evlrs * _EVLR_HEADER > size - first_evlr):
+            raise DatasetError(f"{path}: the header counts {n_evlrs} extended VLRs from byte "
+                               f"{first_evlr}, more than the {size}-byte file holds")
 
 
 def _check_chunk_table(path: Path, start: int, size: int) -> None:
