@@ -21,19 +21,26 @@ fresh buffers rare anyway.
 
 from __future__ import annotations
 
+import collections
 import mmap
 import threading
 import weakref
 
 import numpy as np
 
-#: Free buffers kept for reuse (the rest are unmapped): enough for a prefetch ring's turnover.
+#: Free buffers kept for reuse (the rest are unmapped): enough for a prefetch ring's turnover,
+#: and at most this many bytes, so a closed loader's large windows do not stay mapped.
 POOL_BUFFERS = 6
+POOL_BYTES = 256 << 20
 #: A free buffer serves a request of at least this fraction of its size (else a new one).
 _FIT = 0.5
 
 _lock = threading.Lock()
 _free: list[mmap.mmap] = []
+#: Buffers whose last view died, handed over without a lock: the finalizer may run inside a
+#: garbage collection triggered while ``_lock`` is held by the same thread (deque appends are
+#: atomic), and is drained under the lock.
+_returned: collections.deque = collections.deque()
 
 
 def anon_buffer(nbytes: int) -> np.ndarray:
@@ -44,26 +51,36 @@ def anon_buffer(nbytes: int) -> np.ndarray:
     if mm is None:
         mm = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     arr = np.frombuffer(mm, dtype=np.uint8, count=nbytes)
-    weakref.finalize(arr, _give_back, mm)
+    weakref.finalize(arr, _returned.append, mm)
     return arr
 
 
 def _take(nbytes: int) -> mmap.mmap | None:
     with _lock:
+        extra = _drain()
         best = None
         for i, mm in enumerate(_free):
             if nbytes <= len(mm) and nbytes >= _FIT * len(mm) and \
                     (best is None or len(mm) < len(_free[best])):
                 best = i
-        return _free.pop(best) if best is not None else None
+        got = _free.pop(best) if best is not None else None
+    _unmap(extra)
+    return got
 
 
-def _give_back(mm: mmap.mmap) -> None:
-    with _lock:
-        _free.append(mm)
-        extra = _free[:-POOL_BUFFERS] if len(_free) > POOL_BUFFERS else []
-        del _free[:len(extra)]
-    for old in extra:
+def _drain() -> list[mmap.mmap]:
+    """Move returned buffers to the pool (caller holds ``_lock``); return those beyond its
+    bounds, newest kept, to unmap outside the lock."""
+    while _returned:
+        _free.append(_returned.popleft())
+    extra = []
+    while len(_free) > POOL_BUFFERS or sum(len(m) for m in _free) > POOL_BYTES:
+        extra.append(_free.pop(0))
+    return extra
+
+
+def _unmap(buffers: list[mmap.mmap]) -> None:
+    for old in buffers:
         try:
             old.close()
         except BufferError:  # pragma: no cover - a view outlived its finalizer
@@ -73,4 +90,7 @@ def _give_back(mm: mmap.mmap) -> None:
 def pooled_bytes() -> int:
     """Bytes held by free buffers waiting for reuse."""
     with _lock:
-        return sum(len(m) for m in _free)
+        extra = _drain()
+        total = sum(len(m) for m in _free)
+    _unmap(extra)
+    return total

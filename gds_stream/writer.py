@@ -19,6 +19,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from . import _publish
+from ._manifest import manifest_cap
 from ._schema import (
     ALIGN,
     DEFAULT_BLOCK_BYTES,
@@ -294,6 +295,14 @@ class DatasetWriter:
         except (TypeError, ValueError) as exc:
             raise ConversionError(f"{self.out_dir / MANIFEST}: cannot record the manifest "
                                   f"({exc})") from exc
+        cap = manifest_cap(self.tmp)
+        if len(text) + 1 > cap:
+            chunks = len(self._chunk_offsets) - 1
+            hint = (f"{chunks:,} spatial chunks for {self.num_points:,} points are too fine: use "
+                    f"a larger chunk size" if chunks else "too many records for its data")
+            raise ConversionError(f"{self.out_dir / MANIFEST}: the manifest would take "
+                                  f"{len(text) + 1:,} bytes, more than a reader accepts for "
+                                  f"this dataset ({cap:,}); {hint}")
         try:
             with open(self.tmp / MANIFEST, "w") as f:
                 f.write(text + "\n")

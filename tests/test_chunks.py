@@ -263,3 +263,17 @@ print(json.dumps({{"growth": (kib("VmHWM") - base) * 1024, "chunks": ds.num_chun
     m = json.loads(r.stdout.strip().splitlines()[-1])
     assert m["chunks"] == 2500
     assert m["growth"] < n * 16, f"peak RSS grew {m['growth'] / 2**20:.0f} MiB"
+
+
+def test_chunks_too_fine_for_a_readable_manifest_are_refused_before_publishing(tmp_path,
+                                                                            monkeypatch):
+    """The writer checks the manifest against the reader's bound before publishing, so a
+    conversion never leaves a dataset that cannot be opened."""
+    _manifest = importlib.import_module("gds_stream._manifest")
+    writer = importlib.import_module("gds_stream.writer")
+    monkeypatch.setattr(writer, "manifest_cap", lambda d: 4096)  # as if the bound were tiny
+    with pytest.raises(ConversionError, match=r"spatial chunks for 2,000 points are too fine"):
+        _convert(tmp_path, [_scan(2000, 1)], 5.0, 2)
+    assert not (tmp_path / "ds").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ds")]
+    assert _manifest.manifest_cap(tmp_path) >= _manifest.MANIFEST_BASE_BYTES

@@ -298,3 +298,21 @@ def test_host_buffers_are_reused_only_after_every_view_died():
     c = _hostmem.anon_buffer(3 << 20)  # recycled: one of the two, now free
     assert c.ctypes.data in (addr_a, addr_b)
     assert _hostmem.pooled_bytes() <= _hostmem.POOL_BUFFERS * (3 << 20)
+
+
+def test_host_buffer_pool_is_bounded_in_bytes_and_safe_inside_a_collection():
+    from gds_stream import _hostmem
+
+    bufs = [_hostmem.anon_buffer(100 << 20) for _ in range(4)]  # untouched: no RSS
+    del bufs
+    gc.collect()
+    assert _hostmem.pooled_bytes() <= _hostmem.POOL_BYTES
+    # a buffer whose last reference is a cycle, collected while the pool's lock is held (the
+    # finalizer then runs inside the lock): it must not deadlock
+    a = _hostmem.anon_buffer(1 << 20)
+    holder = [a]
+    holder.append(holder)
+    del a, holder
+    with _hostmem._lock:
+        gc.collect()
+    assert _hostmem.pooled_bytes() >= 1 << 20

@@ -193,7 +193,9 @@ def write_sources(sources: Sequence[Source], out: Path, *, overwrite: bool,
             DatasetWriter(out, schema, overwrite=overwrite, **options) as writer:
         for src in sources:
             consumed, row = 0, 0
-            chunker = (ScanChunker(schema, chunk_size, chunk_dims, out.parent, str(src.path))
+            # inside the writer's temporary directory: removed with it on any failure, and by
+            # the next convert when this one is killed
+            chunker = (ScanChunker(schema, chunk_size, chunk_dims, writer.tmp, str(src.path))
                        if chunk_size is not None else None)
             try:
                 sink = chunker.append if chunker is not None else writer.append
