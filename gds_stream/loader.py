@@ -24,6 +24,8 @@ import weakref
 from collections import deque
 from typing import Any
 
+import numpy as np
+
 from ._lifetime import Closeable, FieldFiles
 from .errors import BackendUnavailable, LoaderError
 from .format import Dataset, FieldSpec, open_dataset
@@ -38,6 +40,12 @@ log = logging.getLogger(__name__)
 POLL_S = 0.05
 #: state_dict config keys that do not change the batches (resume may change them).
 _RESUME_FREE = ("verify_reads",)
+
+
+def _epoch_value(epoch: object, where: str) -> int:
+    if not isinstance(epoch, (int, np.integer)) or isinstance(epoch, bool) or epoch < 0:
+        raise LoaderError(f"{where}: the epoch must be an integer >= 0, got {epoch!r}")
+    return int(epoch)
 
 
 class Loader(Closeable):
@@ -119,7 +127,7 @@ class Loader(Closeable):
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch the next ``iter()`` runs (shuffle order depends on it)."""
-        self.epoch = int(epoch)
+        self.epoch = _epoch_value(epoch, "set_epoch()")
         self._resume_step = 0
 
     def epoch_plan(self, epoch: int | None = None) -> EpochPlan:
@@ -164,14 +172,21 @@ class Loader(Closeable):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Make the next ``iter()`` resume at the first batch the saved loop had not seen."""
+        if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+            raise LoaderError(f"load_state_dict() takes the dict state_dict() returned, got "
+                              f"{type(state).__name__}")
         mine = self.state_dict()["config"]
-        theirs = state.get("config", {})
+        theirs = state["config"]
         diff = [k for k in mine if k not in _RESUME_FREE and theirs.get(k) != mine[k]]
         if diff:
             raise LoaderError(
                 "state_dict was saved with different options: "
                 + ", ".join(f"{k}={theirs.get(k)!r} (now {mine[k]!r})" for k in diff))
-        epoch, done = int(state["epoch"]), int(state["batches_done"])
+        epoch = _epoch_value(state.get("epoch"), "state_dict['epoch']")
+        done = state.get("batches_done")
+        if not isinstance(done, (int, np.integer)) or isinstance(done, bool):
+            raise LoaderError(f"state_dict['batches_done'] must be an integer, got {done!r}")
+        done = int(done)
         steps = self.plan_spec.num_steps(epoch)
         if not 0 <= done <= steps:
             raise LoaderError(f"state_dict batches_done={done} outside 0..{steps}")

@@ -193,6 +193,9 @@ def resolve_options(ds: Dataset, options: Mapping[str, Any]) -> LoaderOptions:
         if isinstance(fields, str):
             raise LoaderError(f"fields= must be a list of field names, got the string {fields!r}")
         fields = tuple(fields)
+        bad = [f for f in fields if not isinstance(f, str)]
+        if bad:
+            raise LoaderError(f"fields= must name fields by their names (strings), got {bad[0]!r}")
         if not fields:
             raise LoaderError(f"{ds.path}: fields= is empty; choose from {', '.join(ds.schema)}")
         missing = [f for f in fields if f not in ds.schema]
@@ -206,8 +209,14 @@ def resolve_options(ds: Dataset, options: Mapping[str, Any]) -> LoaderOptions:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        import torch
+
+        dev_type = torch.device(device).type
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise LoaderError(f"device={device!r} is not a torch device ({exc}); use 'cpu', 'cuda' "
+                          f"or 'cuda:N'") from None
     device = str(device)
-    dev_type = device.split(":", 1)[0]
     flags = {k: _flag(k, o[k]) for k in _FLAGS}
     seed = _int("seed", o["seed"], 0)
     prefetch = default_prefetch(dev_type) if o["prefetch"] is None else \

@@ -223,3 +223,26 @@ def test_next_during_another_threads_close_reports_the_close(ds, monkeypatch):
         with pytest.raises(LoaderError, match="closed by its close"):
             next(it)
         t.join(10)
+
+
+def test_epochs_state_dicts_devices_and_field_names_are_checked(tmp_path):
+    from gds_stream import open_loader
+    from helpers import make_dataset
+
+    ds = make_dataset(tmp_path, [500, 300])
+    ld = open_loader(ds, backend="fallback", device="cpu", batch_points=100, shuffle=True)
+    for bad in (-1, 1.7, "2", True, None):
+        with pytest.raises(LoaderError, match="epoch must be an integer >= 0"):
+            ld.set_epoch(bad)
+    good = ld.state_dict()
+    for bad in (None, [], {"epoch": 0}, {**good, "epoch": -1}, {**good, "epoch": "x"},
+                {**good, "batches_done": None}):
+        with pytest.raises(LoaderError):
+            ld.load_state_dict(bad)
+    ld.load_state_dict(good)
+    ld.close()
+    with pytest.raises(LoaderError, match="not a torch device"):
+        open_loader(ds, backend="fallback", device="foo", batch_points=10)
+    for bad in ([["x"]], [1]):
+        with pytest.raises(LoaderError, match="names"):
+            open_loader(ds, backend="fallback", device="cpu", batch_points=10, fields=bad)
