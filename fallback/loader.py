@@ -227,10 +227,13 @@ class _FallbackIterator(EpochIterator):
             if self._stop.is_set():
                 raise LoaderError("loader was closed while waiting for a batch")
             if pending:
-                for _, later, _ in self._inflight:
-                    for f in later.futures:
-                        if f.done() and f.exception() is not None:
-                            raise f.exception()
+                self._raise_later_failures()
+
+    def _failure(self, handle: _Pending) -> BaseException | None:
+        for f in handle.futures:
+            if f.done() and not f.cancelled() and f.exception() is not None:
+                return f.exception()
+        return None
 
     # -- hand-out -----------------------------------------------------------------------------
     def _complete(self, p: _Pending) -> dict:

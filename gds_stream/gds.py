@@ -421,6 +421,9 @@ class _GDSIterator(EpochIterator):
                 out[self._unit_key] = dev[k:]
         return out
 
+    def _failure(self, handle: _Pending) -> BaseException | None:
+        return handle.error if handle.submitted.is_set() else None
+
     def _request_stop(self) -> None:
         self._stop.set()
 

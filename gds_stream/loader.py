@@ -345,6 +345,7 @@ class EpochIterator(Closeable):
                 self._stats.retired(nbytes, batch.num_points, yielded=ok)
             # The handle's buffers die here, not after the next batch's buffers are allocated.
             del handle
+            self._raise_later_failures()
             self._yielded += 1
             self._owner._on_yield(self.plan.epoch, self._yielded)
             self._fill()  # start the next reads before the consumer computes on this batch
@@ -388,6 +389,7 @@ class EpochIterator(Closeable):
                 raise
             self._window = (batch.window.index, tensors, nbytes)
             self._fill()  # read the next window while this one is consumed
+        self._raise_later_failures()  # the window being read ahead
         out = gather_rows(self._window[1], batch.rows)
         self._stats.counted(batch.num_points)
         if step + 1 >= batch.window.stop_step:
@@ -466,7 +468,20 @@ class EpochIterator(Closeable):
             return
         self._request_close("closed by its close() or a with-block exit")
 
+    def _raise_later_failures(self) -> None:
+        """Raise the failure of any batch (or window) still in flight, so it surfaces at this
+        ``next()`` rather than when its turn comes."""
+        for _, handle, _ in self._inflight:
+            exc = self._failure(handle)
+            if exc is not None:
+                raise exc
+
     # -- backend hooks ------------------------------------------------------------------------
+    def _failure(self, handle: Any) -> BaseException | None:
+        """The error of an in-flight handle whose work already failed, else None (cheap, must
+        not block)."""
+        return None
+
     def _submit(self, batch: BatchPlan) -> Any:
         raise NotImplementedError
 

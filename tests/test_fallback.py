@@ -874,3 +874,37 @@ def test_cuda_reads_never_wait_for_the_consumers_queued_work(ds):
             assert_batch_equal({k: v.cpu() for k, v in b.items()},
                                ref.batch(ld.options.fields, plan.batch(i)), ds.schema,
                                f"batch {i}")
+
+
+@pytest.mark.parametrize("window", [0, 20_000])
+def test_a_failure_in_a_later_batch_surfaces_at_the_next_next(ds, monkeypatch, window):
+    """The read of a batch (or window) still in flight fails while the consumer holds the first
+    one: the very next next() raises, although the batch it would return was read fine."""
+    gate = threading.Event()
+    real = fb_loader.pread_into
+    ld = loader(ds, batch_points=5_000, prefetch=3, num_threads=2, fields=["pid"],
+                shuffle=True, shuffle_window=window, seed=1)
+    plan = ld.epoch_plan(0)
+    first = plan.window(0)[0].segments if window else plan.batch(0).segments
+    if not window:  # the second batch is read fine too: only later reads fail
+        first = np.concatenate([first, plan.batch(1).segments])
+    ok = [(int(a) * 8, int(b) * 8) for a, b in first]  # pid: 8 bytes a point, offset 0
+
+    def pread(fd, view, offset, path):
+        if any(a <= offset < b for a, b in ok):
+            return real(fd, view, offset, path)
+        gate.wait(5)
+        raise OSError(errno.EIO, "injected")
+
+    monkeypatch.setattr(fb_loader, "pread_into", pread)
+    it = iter(ld)
+    next(it)
+    gate.set()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not any(
+            f.done() for _, p, _ in it._inflight for f in p.futures):
+        time.sleep(0.01)
+    time.sleep(0.1)
+    with pytest.raises(LoaderError, match="injected"):
+        next(it)
+    ld.close()

@@ -584,7 +584,9 @@ def test_simulated_gds_verifier_failure_surfaces(ds, simulated_gpu):
     with pytest.raises(LoaderError, match="crc mismatch"):
         for _ in g:
             got += 1
-    assert got == 2
+    # batch 2's check failed: raised at the next() after the submit thread got to it, never
+    # after batch 2 was yielded
+    assert got in (1, 2)
     g.close()
 
 
