@@ -14,13 +14,13 @@ share — the source contract, field selection, schema checks and the streaming 
 from __future__ import annotations
 
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Sequence
 
 from ..errors import ConversionError
 from ..format import Dataset, check_field_name, check_output_dir, open_dataset
+from . import chunks
 from .common import Source, check_sources, expand, write_sources
 from .kitti import KittiSource
 from .las import LasSource, choose_origin, is_las
@@ -116,11 +116,7 @@ def convert(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: st
             "e.g. --raw-fields x,y,z,intensity (and --raw-dtype, default float32)"
         )
     if chunk_size is not None:
-        if (isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, float))
-                or not math.isfinite(chunk_size) or chunk_size <= 0):
-            raise ConversionError(f"--chunk-size must be a finite number > 0, found {chunk_size!r}")
-        if chunk_dims not in (2, 3):
-            raise ConversionError(f"--chunk-dims must be 2 or 3, found {chunk_dims!r}")
+        chunks.check_options(chunk_size, chunk_dims)
     if not isinstance(point_ids, bool):
         raise ConversionError(f"point_ids must be True or False, found {point_ids!r}")
     out = Path(out_dir)
@@ -154,12 +150,8 @@ def convert(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: st
         if origin.any():
             log.info("dataset origin %s (x, y, z are stored relative to it)", origin.tolist())
             options["origin"] = origin
-    if chunk_size is not None:
-        names = [f.name for f in sources[0].schema]
-        missing = [a for a in ("x", "y", "z") if a not in names]
-        if missing:
-            raise ConversionError(f"{sources[0].path}: --chunk-size needs fields x, y and z; "
-                                  f"the schema has no {', '.join(missing)}")
+    if chunk_size is not None:  # before anything is written
+        chunks.check_schema(sources[0].schema, sources[0].path)
     write_sources(sources, out, overwrite=overwrite, progress=progress, writer_options=options,
                   chunk_size=chunk_size, chunk_dims=chunk_dims, point_ids=point_ids)
     return open_dataset(out)

@@ -89,11 +89,7 @@ def _count_cells(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     span = cells.max(axis=0) - lo + 1
     if float(np.prod(span.astype(np.float64))) >= 2.0**62:
         return np.unique(cells, axis=0, return_counts=True)
-    rel = cells - lo
-    key = rel[:, 0].copy()
-    for d in range(1, cells.shape[1]):
-        key = key * span[d] + rel[:, d]
-    uniq, counts = np.unique(key, return_counts=True)
+    uniq, counts = np.unique(_pack(cells, lo, span), return_counts=True)
     out = np.empty((len(uniq), cells.shape[1]), dtype=np.int64)
     for d in range(cells.shape[1] - 1, -1, -1):
         out[:, d] = uniq % span[d] + lo[d]
@@ -101,27 +97,45 @@ def _count_cells(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return out, counts
 
 
+def _pack(cells: np.ndarray, lo: np.ndarray, span: np.ndarray) -> np.ndarray:
+    """One int64 key per cell row, row-major over the box ``lo`` .. ``lo + span``."""
+    rel = cells - lo
+    key = rel[:, 0].copy()
+    for d in range(1, cells.shape[1]):
+        key = key * span[d] + rel[:, d]
+    return key
+
+
+def check_options(size: object, dims: object, where: str = "") -> None:
+    """``--chunk-size`` / ``--chunk-dims`` usable, else a :class:`ConversionError`."""
+    at = f"{where}: " if where else ""
+    if not (isinstance(size, (int, float)) and not isinstance(size, bool)
+            and math.isfinite(size) and size > 0):
+        raise ConversionError(f"{at}--chunk-size must be a finite number > 0, found {size!r}")
+    if dims not in (2, 3):
+        raise ConversionError(f"{at}--chunk-dims must be 2 or 3, found {dims!r}")
+
+
+def check_schema(schema: Sequence[FieldSpec], where: object) -> None:
+    """Scalar x, y and z in ``schema``, else a :class:`ConversionError` naming ``where``."""
+    by_name = {s.name: s for s in schema}
+    missing = [a for a in XYZ if a not in by_name]
+    if missing:
+        raise ConversionError(f"{where}: --chunk-size needs fields x, y and z; the schema has "
+                              f"no {', '.join(missing)}")
+    for a in XYZ:
+        if by_name[a].components != 1:
+            raise ConversionError(f"{where}: field {a!r} has {by_name[a].components} "
+                                  f"components; spatial chunks need scalar x, y and z")
+
+
 class ScanChunker:
     """Collects one scan's rows, then writes them to a :class:`DatasetWriter` chunk by chunk."""
 
     def __init__(self, schema: Sequence[FieldSpec], size: float, dims: int, tmp_parent: Path,
                  where: str):
-        if not (isinstance(size, (int, float)) and not isinstance(size, bool)
-                and math.isfinite(size) and size > 0):
-            raise ConversionError(f"{where}: --chunk-size must be a finite number > 0, "
-                                  f"found {size!r}")
-        if dims not in (2, 3):
-            raise ConversionError(f"{where}: --chunk-dims must be 2 or 3, found {dims!r}")
-        names = [s.name for s in schema]
-        missing = [a for a in XYZ if a not in names]
-        if missing:
-            raise ConversionError(f"{where}: spatial chunks need fields x, y and z; the schema "
-                                  f"has no {', '.join(missing)}")
-        for a in XYZ:
-            spec = next(s for s in schema if s.name == a)
-            if spec.components != 1:
-                raise ConversionError(f"{where}: field {a!r} has {spec.components} components; "
-                                      f"spatial chunks need scalar x, y and z")
+        check_options(size, dims, where)
+        check_schema(schema, where)
         self.schema = list(schema)
         self.size = float(size)
         self.dims = dims
@@ -198,20 +212,13 @@ class ScanChunker:
         bounds.append(len(counts))
         return np.asarray(bounds, dtype=np.int64)
 
-    def _pack(self, cells: np.ndarray, lo: np.ndarray, span: np.ndarray) -> np.ndarray:
-        rel = cells - lo
-        key = rel[:, 0].copy()
-        for d in range(1, self.dims):
-            key = key * span[d] + rel[:, d]
-        return key
-
     def _read(self, path: Path, first: int, count: int) -> np.ndarray:
         return np.fromfile(path, dtype=self.record, count=count,
                            offset=first * self.record.itemsize)
 
     def _distribute(self, keys, lo, span, buckets) -> None:
         """Pass 2: every record to the file of its bucket (appends, a slice at a time)."""
-        packed = self._pack(keys, lo, span)
+        packed = _pack(keys, lo, span)
         by_packed = np.argsort(packed)
         packed_sorted = packed[by_packed]
         bucket_of_cell = np.repeat(np.arange(len(buckets) - 1), np.diff(buckets))
@@ -219,7 +226,7 @@ class ScanChunker:
         for a in range(0, self.num_points, PASS_ROWS):
             rec = self._read(rows, a, min(PASS_ROWS, self.num_points - a))
             rank = by_packed[np.searchsorted(packed_sorted,
-                                             self._pack(rec["\0cell"], lo, span))]
+                                             _pack(rec["\0cell"], lo, span))]
             bucket = bucket_of_cell[rank]
             order = np.argsort(bucket, kind="stable")
             rec, bucket = _take(rec, order), bucket[order]
@@ -249,9 +256,9 @@ class ScanChunker:
             rec = self._read(path, 0, total)
             os.remove(path)
             # each record's cell, as its index among the bucket's cells (curve order)
-            packed = self._pack(keys[c:e], lo, span)
+            packed = _pack(keys[c:e], lo, span)
             srt = np.argsort(packed)
-            local = srt[np.searchsorted(packed[srt], self._pack(rec["\0cell"], lo, span))]
+            local = srt[np.searchsorted(packed[srt], _pack(rec["\0cell"], lo, span))]
             xyz = np.stack([rec[ax].astype(np.float64) for ax in XYZ], 1)
             base = keys[c + local][:, :self.dims] * self.size
             fine = np.clip(((xyz[:, :self.dims] - base) / self.size * FINE).astype(np.int64),
