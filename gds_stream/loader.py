@@ -332,10 +332,7 @@ class EpochIterator(Closeable):
             if self._windowed:
                 return self._next_windowed()
             if not self._inflight:
-                self._finished = True
-                self._end(None)
-                self._owner._on_epoch_end(self.plan.epoch)
-                raise StopIteration
+                self._finish_epoch()
             batch, handle, nbytes = self._inflight.popleft()
             ok = False
             try:
@@ -366,6 +363,13 @@ class EpochIterator(Closeable):
                 f"{self._loader_path()}: batch {self._yielded} of epoch {self.plan.epoch} "
                 f"failed: {type(exc).__name__}: {exc}") from exc
 
+    def _finish_epoch(self) -> None:
+        """The epoch ran to its end: stop, tell the loader, and end the iteration."""
+        self._finished = True
+        self._end(None)
+        self._owner._on_epoch_end(self.plan.epoch)
+        raise StopIteration
+
     def _next_windowed(self) -> dict:
         """The next batch of a windowed epoch: gathered from the resident window, whose
         successor is being read meanwhile."""
@@ -373,10 +377,7 @@ class EpochIterator(Closeable):
 
         step = self._yielded
         if step >= self.plan.num_batches:
-            self._finished = True
-            self._end(None)
-            self._owner._on_epoch_end(self.plan.epoch)
-            raise StopIteration
+            self._finish_epoch()
         batch = self.plan.batch(step)
         assert batch.window is not None and batch.rows is not None
         if self._window is None or self._window[0] != batch.window.index:
