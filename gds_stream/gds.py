@@ -283,7 +283,7 @@ class _Submitter:
             for a, b in _runs([p.regions[i] for i, route in enumerate(self.routes)
                                if route != "gds"]):
                 self.ops.copy_async(p.staging[a:b], pinned[a:b])
-        perm = _gather_index(p.batch)
+        perm = p.batch.permutation()  # within-batch shuffle; windows come here unshuffled
         if perm is not None:
             src = self.ops.pinned_empty(len(perm), torch.int32)
             src.numpy()[:] = perm
@@ -357,7 +357,7 @@ class _GDSIterator(EpochIterator):
             skip = (-raw.data_ptr()) % ALIGN
             staging = raw[skip:skip + total]
             perm_dev = (self._ops.device_empty(batch.num_points, torch.int32)
-                        if _has_gather(batch) else None)
+                        if batch.perm_key is not None else None)
         p = _Pending(batch, reads, regions, staging, perm_dev, total)
         self._queue.put(p)
         return p
@@ -436,17 +436,6 @@ class _GDSIterator(EpochIterator):
         ev = self._ops.new_event()
         ev.record(self._stream)
         ev.synchronize()
-
-
-def _has_gather(batch: BatchPlan) -> bool:
-    return batch.perm_key is not None
-
-
-def _gather_index(batch: BatchPlan) -> np.ndarray | None:
-    """The within-batch permutation of the read points, or None (read order is batch order).
-    (Shuffle windows never reach a backend: the core reads a window as a plain batch and cuts
-    batches out of it, see :mod:`gds_stream.window`.)"""
-    return batch.permutation()
 
 
 def _torch_dtype(torch: Any, dtype: np.dtype) -> Any:
