@@ -50,6 +50,43 @@ def check_field_name(name: str, where: str) -> None:
         raise DatasetError(f"{where}: field name {name!r} is reserved for batch metadata")
 
 
+def field_name_from(text: str) -> str:
+    """``text`` (a name from an input file) as a usable field name: lowercased, every run of
+    characters other than letters, digits and '_' replaced by one '_', '_' put before a leading
+    digit, at most 64 characters (``"my dim"`` -> ``my_dim``). Lowercase because each field is a
+    file named after it, and some filesystems do not tell ``Intensity`` from ``intensity``."""
+    out = re.sub(r"[^a-z0-9_]+", "_", str(text).lower()) or "_"
+    if out[0].isdigit():
+        out = "_" + out
+    return out[:64]
+
+
+def unique_field_names(names: list[str], taken=()) -> list[str]:
+    """Collision-free field names for ``names`` (from one input, unique there): each becomes
+    :func:`field_name_from`'s form. A name already in that form keeps it; the others, and any
+    that would take a name in ``taken``, a reserved batch key (``offset``, ``chunk``) or an
+    earlier one, get the first free suffix ``_2``, ``_3``, … (``Intensity`` beside
+    ``intensity`` -> ``intensity_2``; ``my dim`` beside ``my_dim`` -> ``my_dim_2``)."""
+    used = set(taken) | set(RESERVED_NAMES)
+    base = [field_name_from(n) for n in names]
+    out: list[str | None] = [None] * len(names)
+    for i, (n, b) in enumerate(zip(names, base)):  # exact names first: they keep themselves
+        if n == b and b not in used:
+            out[i] = b
+            used.add(b)
+    for i, b in enumerate(base):
+        if out[i] is not None:
+            continue
+        k, cand = 1, b
+        while cand in used:
+            k += 1
+            suffix = f"_{k}"
+            cand = b[:64 - len(suffix)] + suffix
+        out[i] = cand
+        used.add(cand)
+    return [str(n) for n in out]
+
+
 def stored_dtype(dtype: np.dtype | str, where: str = "dtype") -> np.dtype:
     """The little-endian form of a numeric dtype given by a user (or :class:`DatasetError`).
 

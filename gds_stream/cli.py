@@ -3,18 +3,28 @@
 Errors of the gds-stream family (and OS errors on the user's files) become one line on stderr and
 exit status 2; ``--debug`` shows the traceback instead. ``--debug`` and ``-v/--verbose`` are
 accepted before or after the subcommand. Sizes are in binary units (KiB, MiB, GiB) everywhere.
+
+The one-line rule (:mod:`._quiet`): without ``-v``/``--debug`` a refusal prints exactly one line
+— gds-stream's own warnings are held until the command ends and shown only when it succeeds;
+other libraries' log lines and Python warnings (numpy's RuntimeWarnings, laspy's ``ERROR
+laspy.lasreader``) and native libraries' own writes to stderr (a lazrs panic) are shown only with
+``-v``/``--debug``. A misspelt option gets the subcommand's usage and a "did you mean".
+
+A subcommand is a ``sub.add_parser(...)`` in :func:`_parser` and a function in ``_COMMANDS``.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
-import re
 import sys
 from typing import Sequence
 
 import numpy as np
 
+from . import __version__
+from ._quiet import quiet_stderr
 from .errors import GDSStreamError
 
 EXIT_ERROR = 2
@@ -38,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gds-stream", description="Stream huge point clouds into PyTorch.",
         epilog="--debug and -v/--verbose may also follow the subcommand.")
+    p.add_argument("--version", action="version", version=f"gds-stream {__version__}")
     p.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     p.add_argument("-v", "--verbose", action="store_true", help=_VERBOSE_HELP)
     # The same options on every subcommand; SUPPRESS keeps a subcommand that does not see them
@@ -61,14 +72,17 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--format", default="auto",
                    help="auto, ply, las (LAS/LAZ/COPC), kitti or raw (default: auto: LAS by its "
                         "signature, else by extension)")
-    c.add_argument("--xyz", default="float32", metavar="float32|float64",
-                   help="LAS/LAZ coordinates: float32 relative to the dataset origin (checked to "
-                        "hold every point within half the file's scale) or absolute float64 "
-                        "(default: float32)")
+    c.add_argument("--xyz", default="auto", choices=("auto", "float32", "float64"),
+                   metavar="auto|float32|float64",
+                   help="LAS/LAZ coordinates: float32 relative to the dataset origin, refusing a "
+                        "point it cannot hold within half the file's scale; absolute float64; or "
+                        "auto: float32 where every input holds so, else float64 with a warning "
+                        "(default: auto)")
     c.add_argument("--element", default=None, help="PLY element holding the points "
                                                    "(default: the one with x, y and z)")
     c.add_argument("--fields", type=_csv, default=None,
-                   help="comma-separated fields to keep (default: all)")
+                   help="comma-separated fields to keep (default: all); LAS/LAZ dimensions by "
+                        "field name or by laspy's name")
     c.add_argument("--raw-fields", type=_csv, default=None,
                    help="names of the columns of a raw N×F .bin, e.g. x,y,z,intensity")
     c.add_argument("--raw-dtype", default="float32", help="dtype of a raw .bin (default float32)")
@@ -151,25 +165,13 @@ def _cmd_info(a: argparse.Namespace) -> int:
 
 def _crs_summary(sources: list) -> str:
     """The CRS the sources record (LAS/LAZ inputs), one line; empty when none records one."""
+    from .convert.las_crs import label
+
     seen = []
     for src in sources:
-        if not isinstance(src, dict):
-            continue
-        if "crs_wkt" in src:
-            text = str(src["crs_wkt"])
-            m = re.match(r'\s*\w+\["([^"]*)"', text)
-            auth = re.findall(r'(?:AUTHORITY|ID)\["EPSG",\s*"?(\d+)', text)
-            label = (m.group(1) if m else text[:60]) + (f" (EPSG:{auth[-1]})" if auth else "")
-        elif "crs_geokeys" in src:
-            raw = src["crs_geokeys"] if isinstance(src["crs_geokeys"], list) else []
-            keys = {k[0]: k[3] for k in raw
-                    if isinstance(k, list) and len(k) == 4 and isinstance(k[0], int)}
-            code = keys.get(3072) or keys.get(2048)
-            label = f"GeoTIFF keys (EPSG:{code})" if code else "GeoTIFF keys"
-        else:
-            continue
-        if label not in seen:
-            seen.append(label)
+        text = label(src) if isinstance(src, dict) else ""
+        if text and text not in seen:
+            seen.append(text)
     return "; ".join(seen)
 
 
@@ -207,19 +209,38 @@ def _cmd_env(a: argparse.Namespace) -> int:
 _COMMANDS = {"convert": _cmd_convert, "info": _cmd_info, "verify": _cmd_verify, "env": _cmd_env}
 
 
+def _misspelt(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> None:
+    """Unknown options: the subcommand's usage and a "did you mean" (exit status 2)."""
+    args, extras = parser.parse_known_args(argv)
+    if not extras:
+        return
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    target = sub.choices.get(args.command, parser)
+    options = [o for a in target._actions for o in a.option_strings]
+    hints = []
+    for word in extras:
+        name = word.split("=", 1)[0]
+        close = difflib.get_close_matches(name, options, n=1) if name.startswith("-") else []
+        hints.append(f"{word} (did you mean {close[0]}?)" if close else word)
+    target.error(f"unrecognized arguments: {' '.join(hints)}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    try:
-        return _COMMANDS[args.command](args)
-    except (GDSStreamError, OSError) as exc:
-        if args.debug:
-            raise
-        print(f"gds-stream: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("gds-stream: interrupted", file=sys.stderr)
-        return 130
+    parser = _parser()
+    _misspelt(parser, argv)
+    args = parser.parse_args(argv)
+    with quiet_stderr(debug=args.debug, verbose=args.verbose) as held:
+        try:
+            return _COMMANDS[args.command](args)
+        except (GDSStreamError, OSError) as exc:
+            if args.debug:
+                raise
+            if held is not None:
+                held.drop()
+            print(f"gds-stream: error: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+        except KeyboardInterrupt:
+            if held is not None:
+                held.drop()
+            print("gds-stream: interrupted", file=sys.stderr)
+            return 130

@@ -193,21 +193,96 @@ def test_local_coordinates_need_no_origin(tmp_path, make_las):
 
 
 def test_float32_bound_is_checked_on_every_point(tmp_path, make_las):
-    """A tile 200 km wide at scale 0.001 cannot be float32 within 0.5 mm of any one origin."""
+    """A tile 200 km wide at scale 0.001 cannot be float32 within 0.5 mm of any one origin:
+    --xyz float32 refuses."""
     make_las(tmp_path / "a.laz", 1000, scale=0.001, offset=UTM, spread=100_000.0)
     with pytest.raises(ConversionError, match=r"a\.laz: point \d+: x = .*--xyz float64"):
-        convert(tmp_path / "a.laz", tmp_path / "ds", progress=False)
+        convert(tmp_path / "a.laz", tmp_path / "ds", xyz="float32", progress=False)
     assert no_output_left(tmp_path)
 
 
-def test_header_bounds_that_lie_are_caught(tmp_path, make_las):
-    """Bounds claiming a small local tile do not let far points through as float32."""
+def test_auto_falls_back_to_float64_with_one_warning(tmp_path, make_las, caplog):
+    """The same tile converts by default: float64, absolute, and one warning saying why."""
+    las = make_las(tmp_path / "a.laz", 1000, scale=0.001, offset=UTM, spread=100_000.0)
+    with caplog.at_level("WARNING", logger="gds_stream"):
+        ds = convert(tmp_path / "a.laz", tmp_path / "ds", progress=False)
+    assert ds.schema["x"].dtype == np.float64 and not origin_of(ds).any()
+    warned = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1, [r.getMessage() for r in warned]
+    assert "a.laz: x reaches" in warned[0].getMessage()
+    assert "float32 cannot hold it within half the scale (0.0005)" in warned[0].getMessage()
+    for c in "xyz":
+        assert np.array_equal(ds.read(c), np.asarray(las[c])), c
+
+
+def test_auto_float64_for_a_tiny_scale(tmp_path, make_las):
+    """A scale of 1.16e-6 (as in some real files) cannot be float32 over a 100 m tile."""
+    las = make_las(tmp_path / "a.las", 500, scale=1.16e-6, spread=100.0)
+    ds = convert(tmp_path / "a.las", tmp_path / "ds", progress=False)
+    assert ds.schema["x"].dtype == np.float64
+    assert np.array_equal(ds.read("x"), np.asarray(las.x))
+    with pytest.raises(ConversionError, match=r"a\.las: point \d+: "):
+        convert(tmp_path / "a.las", tmp_path / "d2", xyz="float32", progress=False)
+
+
+@pytest.mark.parametrize("xyz", ["auto", "float32"])
+def test_negative_scale_uses_its_magnitude(tmp_path, xyz):
+    """A negative scale is valid LAS: float32 holds x within half its magnitude."""
+    hdr = laspy.LasHeader(point_format=3, version="1.2")
+    hdr.scales = np.array([-0.01, 0.01, -0.001])
+    hdr.offsets = np.array([1000.0, 0.0, 0.0])
+    las = laspy.LasData(hdr)
+    rng = np.random.default_rng(0)
+    las.X, las.Y, las.Z = (rng.integers(0, 10_000, 300) for _ in range(3))
+    las.update_header()
+    las.write(tmp_path / "a.las")
+    back = laspy.read(tmp_path / "a.las")
+    ds = convert(tmp_path / "a.las", tmp_path / "ds", xyz=xyz, progress=False)
+    assert ds.schema["x"].dtype == np.float32
+    for j, c in enumerate("xyz"):
+        got = ds.read(c).astype(np.float64) + origin_of(ds)[j]
+        assert np.abs(got - np.asarray(back[c])).max() <= abs(hdr.scales[j]) / 2, c
+
+
+@pytest.mark.parametrize("xyz", ["auto", "float32"])
+def test_header_bounds_that_lie_place_the_origin_from_the_points(tmp_path, make_las, caplog,
+                                                                 xyz):
+    """Bounds claiming a small local tile far from the points: the origin comes from the points
+    read (one warning with the count), and every point round-trips as float32."""
     make_las(tmp_path / "a.las", 100, scale=0.001, offset=UTM)
     data = bytearray((tmp_path / "a.las").read_bytes())
     data[179:227] = struct.pack("<6d", 1.0, 0.0, 1.0, 0.0, 1.0, 0.0)  # max/min x, y, z
     (tmp_path / "a.las").write_bytes(bytes(data))
-    with pytest.raises(ConversionError, match=r"a\.las: point 0: .*--xyz float64"):
-        convert(tmp_path / "a.las", tmp_path / "ds", progress=False)
+    las = laspy.read(tmp_path / "a.las")
+    with caplog.at_level("WARNING", logger="gds_stream"):
+        ds = convert(tmp_path / "a.las", tmp_path / "ds", xyz=xyz, progress=False)
+    assert ds.schema["x"].dtype == np.float32
+    assert abs(origin_of(ds)[0] - UTM[0]) < 200 and abs(origin_of(ds)[1] - UTM[1]) < 200
+    assert_las_equal(ds, las)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "a.las: 100 of 100 points lie outside the header's bounds" \
+        in warned[0], warned
+
+
+def test_float32_still_checks_points_beyond_the_sample(tmp_path, make_las, monkeypatch):
+    """Header bounds that hold the first points but not a far one later: --xyz float32 refuses
+    naming that point."""
+    from gds_stream.convert import las_xyz
+
+    monkeypatch.setattr(las_xyz, "SAMPLE_POINTS", 10)
+    hdr = laspy.LasHeader(point_format=3, version="1.2")
+    hdr.scales, hdr.offsets = np.full(3, 0.001), np.array(UTM)
+    las = laspy.LasData(hdr)
+    x = np.full(100, UTM[0] + 5.0)
+    x[50] = UTM[0] + 90_000.123
+    las.x, las.y, las.z = x, np.full(100, UTM[1]), np.full(100, UTM[2])
+    las.write(tmp_path / "a.las")
+    data = bytearray((tmp_path / "a.las").read_bytes())
+    data[179:195] = struct.pack("<2d", UTM[0] + 10.0, UTM[0])  # max x, min x: the first points
+    (tmp_path / "a.las").write_bytes(bytes(data))
+    with pytest.raises(ConversionError, match=r"a\.las: point 50: x = .*outside the header's "
+                                              r"bounds.*--xyz float64"):
+        convert(tmp_path / "a.las", tmp_path / "ds", xyz="float32", progress=False)
     assert no_output_left(tmp_path)
 
 
@@ -224,8 +299,10 @@ def test_xyz_option_is_checked(tmp_path, make_las, make_ply):
     with pytest.raises(ConversionError, match="--xyz 'float16'"):
         convert(tmp_path / "a.las", tmp_path / "ds", xyz="float16", progress=False)
     make_ply(tmp_path / "b.ply", 10)
-    with pytest.raises(ConversionError, match=r"b\.ply keeps its own stored types"):
-        convert(tmp_path / "b.ply", tmp_path / "ds", xyz="float64", progress=False)
+    for xyz in ("float32", "float64"):
+        with pytest.raises(ConversionError, match=r"b\.ply keeps its own stored types"):
+            convert(tmp_path / "b.ply", tmp_path / "ds", xyz=xyz, progress=False)
+    assert convert(tmp_path / "b.ply", tmp_path / "ds", progress=False).num_points == 10
 
 
 # -- CRS and mixing ------------------------------------------------------------------------------

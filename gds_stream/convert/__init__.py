@@ -33,8 +33,8 @@ __all__ = ["convert", "FORMATS", "XYZ_TYPES"]
 
 #: Values of ``format=`` (``--format``).
 FORMATS = ("auto", "ply", "las", "kitti", "raw")
-#: Values of ``xyz=`` (``--xyz``): how LAS/LAZ coordinates are stored.
-XYZ_TYPES = ("float32", "float64")
+#: Values of ``xyz=`` (``--xyz``): how LAS/LAZ coordinates are stored (see :mod:`.las_xyz`).
+XYZ_TYPES = ("auto", "float32", "float64")
 #: Input extensions a directory expands to, per format.
 _EXTENSIONS = {"auto": (".ply", ".las", ".laz", ".bin"), "ply": (".ply",),
                "las": (".las", ".laz"), "kitti": (".bin",), "raw": (".bin",)}
@@ -60,7 +60,7 @@ def _format_of(path: Path, fmt: str, raw_fields) -> str:
 def convert(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str | os.PathLike,
             *, format: str = "auto", element: str | None = None,
             fields: Sequence[str] | None = None, raw_fields: Sequence[str] | None = None,
-            raw_dtype: str = "float32", xyz: str = "float32", overwrite: bool = False,
+            raw_dtype: str = "float32", xyz: str = "auto", overwrite: bool = False,
             progress: bool | None = None, chunk_size: float | None = None,
             chunk_dims: int = 2, point_ids: bool = False) -> Dataset:
     """Convert ``inputs`` (files or directories) into the dataset directory ``out_dir``.
@@ -71,7 +71,8 @@ def convert(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: st
     (default: the one with x, y and z). ``fields``: the fields to keep, in this order (default:
     all). ``raw_fields`` / ``raw_dtype``: column names and dtype of raw N×F records.
     ``xyz``: ``float32`` stores LAS/LAZ coordinates relative to the dataset origin (checked to
-    reproduce every scaled coordinate within half the file's scale), ``float64`` absolute; other
+    reproduce every scaled coordinate within half the file's scale), ``float64`` absolute,
+    ``auto`` (default) float32 where every input holds so, else float64 with a warning; other
     formats keep their stored types.
     ``progress``: a tqdm bar over input bytes on stderr; ``None`` shows it when stderr is a TTY.
     ``chunk_size`` (``--chunk-size``): group the points of each scan into spatial chunks, the
@@ -139,14 +140,12 @@ def convert(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: st
         check_sources(sources)
 
     las = [s for s in sources if isinstance(s, LasSource)]
-    if xyz != "float32" and len(las) != len(sources):
+    if xyz != "auto" and len(las) != len(sources):
         raise ConversionError(f"--xyz {xyz} applies to LAS/LAZ input; {sources[0].path} keeps "
                               f"its own stored types")
     options = {}
-    if las and xyz == "float32":
-        origin = choose_origin(las)
-        for s in las:
-            s.origin = origin
+    if las:
+        origin = choose_origin(las, xyz)
         if origin.any():
             log.info("dataset origin %s (x, y, z are stored relative to it)", origin.tolist())
             options["origin"] = origin

@@ -1,0 +1,213 @@
+"""What a LAS/LAZ file's header claims, checked against the file before laspy or lazrs act on
+it, and the one place they are called.
+
+A lying count makes laspy build records past the end of the file, and a LAZ chunk table that
+claims 2³¹ chunks makes lazrs allocate tens of GB and abort the process; both are refused here
+from the file's size. lazrs reports some damage with a Rust panic (``PanicException``, a
+``BaseException`` that ``except Exception`` misses): :func:`guard` turns every failure of
+laspy/lazrs into one error of the gds-stream family naming the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import ConversionError, DatasetError, GDSStreamError
+
+log = logging.getLogger(__name__)
+
+#: Sizes of a VLR and an EVLR header (bytes).
+VLR_HEADER, EVLR_HEADER = 54, 60
+#: The LASzip VLR: its user id and record id, and where its chunk size sits in its payload.
+_LASZIP = (b"laszip encoded", 22204)
+_LASZIP_CHUNK_SIZE_AT = 12
+_VARIABLE_CHUNKS = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a file's parts lie, from its raw header (checked against its size)."""
+
+    header_size: int
+    point_start: int
+    #: Where the point data must end: the first EVLR or an internal waveform block, else EOF.
+    point_end: int
+    #: What ends the point data (said in messages).
+    point_end_what: str
+    #: The LASzip VLR's chunk size (``None``: no LASzip VLR).
+    laz_chunk_size: int | None
+
+
+def check_layout(path: Path, size: int) -> Layout:
+    """Refuse header counts the file cannot hold before laspy reads them."""
+    with open(path, "rb") as f:
+        head = f.read(375)
+    if len(head) < 227:
+        raise DatasetError(f"{path}: not a readable LAS/LAZ file (truncated: {len(head)} bytes, "
+                           f"shorter than a LAS header)")
+    minor = head[25]
+    global_encoding, = struct.unpack_from("<H", head, 6)
+    header_size, = struct.unpack_from("<H", head, 94)
+    offset_to_points, n_vlrs = struct.unpack_from("<II", head, 96)
+    if header_size < 227 or offset_to_points < header_size or offset_to_points > size:
+        raise DatasetError(f"{path}: the header says the points start at byte "
+                           f"{offset_to_points} after a {header_size}-byte header, in a file of "
+                           f"{size} bytes")
+    if n_vlrs * VLR_HEADER > offset_to_points - header_size:
+        raise DatasetError(f"{path}: the header counts {n_vlrs} VLRs, more than fit between "
+                           f"its end (byte {header_size}) and the points (byte "
+                           f"{offset_to_points})")
+    end, what = size, "the end of the file"
+    if minor >= 3 and len(head) >= 235 and global_encoding & 2:  # waveform packets inside
+        wave, = struct.unpack_from("<Q", head, 227)
+        if offset_to_points <= wave < end:
+            end, what = wave, "the waveform data"
+    if minor >= 4 and len(head) >= 247:
+        first_evlr, n_evlrs = struct.unpack_from("<QI", head, 235)
+        if n_evlrs and (first_evlr > size or n_evlrs * EVLR_HEADER > size - first_evlr):
+            raise DatasetError(f"{path}: the header counts {n_evlrs} extended VLRs from byte "
+                               f"{first_evlr}, more than the {size}-byte file holds")
+        if n_evlrs and offset_to_points <= first_evlr < end:
+            end, what = first_evlr, "the extended VLRs"
+    return Layout(header_size, offset_to_points, end, what,
+                  _laszip_chunk_size(path, header_size, n_vlrs, offset_to_points))
+
+
+def _laszip_chunk_size(path: Path, at: int, n_vlrs: int, stop: int) -> int | None:
+    """The chunk size the LASzip VLR records (its count was checked to fit before ``stop``)."""
+    with open(path, "rb") as f:
+        for _ in range(n_vlrs):
+            f.seek(at)
+            raw = f.read(VLR_HEADER)
+            if len(raw) < VLR_HEADER:
+                return None
+            user, record, length = struct.unpack_from("<16sHH", raw, 2)
+            if (user.rstrip(b"\0"), record) == _LASZIP:
+                f.seek(at + VLR_HEADER + _LASZIP_CHUNK_SIZE_AT)
+                val = f.read(4)
+                return struct.unpack("<I", val)[0] if len(val) == 4 else None
+            at += VLR_HEADER + length
+            if at > stop:
+                return None
+    return None
+
+
+def check_points_fit(path: Path, lay: Layout, n: int, record: int) -> None:
+    """Uncompressed points: ``n`` records of ``record`` bytes end before :attr:`Layout.point_end`
+    (a LAS 1.4 count that runs into the EVLRs would read them as points)."""
+    need = lay.point_start + n * record
+    if need > lay.point_end:
+        where = (f"the file holds {lay.point_end} bytes" if lay.point_end_what.startswith(
+            "the end") else f"{lay.point_end_what} start at byte {lay.point_end}")
+        raise DatasetError(
+            f"{path}: {'truncated: ' if lay.point_end_what.startswith('the end') else ''}the "
+            f"header promises {n} points of {record} bytes from byte {lay.point_start} "
+            f"({need} bytes), but {where}"
+        )
+
+
+#: Largest uncompressed chunk (chunk size × record size) accepted whatever the file's size.
+MAX_CHUNK_BYTES = 256 << 20
+#: A chunk's points are accepted up to this many times the compressed bytes in bytes.
+MAX_RATIO = 1000
+
+
+def check_chunk_table(path: Path, lay: Layout, n: int, record: int) -> None:
+    """A LAZ file's first 8 bytes of point data give the offset of its chunk table (-1 when the
+    writer could not seek back); the table must lie after the compressed points and before
+    the end of the point data, and its chunk count must fit both the bytes before it (each chunk
+    takes at least one) and the point count (``ceil(n / chunk size)`` chunks at least)."""
+    start, end = lay.point_start, lay.point_end
+    with open(path, "rb") as f:
+        f.seek(start)
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise DatasetError(f"{path}: truncated: the file ends at byte {end}, before the "
+                               f"point data the header places at byte {start}")
+        (table,) = struct.unpack("<q", raw)
+        if table == -1:
+            return
+        if not start + 8 <= table <= end - 8:
+            raise DatasetError(f"{path}: the LAZ chunk table offset {table} lies outside the "
+                               f"compressed points (bytes {start + 8}..{end}); the file is "
+                               f"truncated or damaged")
+        f.seek(table)
+        version, count = struct.unpack("<II", f.read(8))
+    room = table - (start + 8)
+    cs = lay.laz_chunk_size
+    if cs and cs != _VARIABLE_CHUNKS and cs * record > max(MAX_CHUNK_BYTES, MAX_RATIO * room):
+        raise DatasetError(
+            f"{path}: the LASzip VLR's chunk size {cs} points ({cs * record} bytes "
+            f"uncompressed) cannot come from {room} bytes of compressed data; the file is "
+            f"damaged")
+    least = -(-n // cs) if cs and cs != _VARIABLE_CHUNKS else (1 if n else 0)
+    if version != 0 or count > room or count < least:
+        raise DatasetError(
+            f"{path}: the LAZ chunk table at byte {table} (version {version}) counts {count} "
+            f"chunks; {n} points{f' in chunks of {cs}' if cs and cs != _VARIABLE_CHUNKS else ''} "
+            f"in {room} bytes of compressed data need {least}..{room}; the file is damaged"
+        )
+
+
+@contextlib.contextmanager
+def guard(path: Path, what: str, done: list[int] | None = None):
+    """Every failure of laspy/lazrs inside the block becomes one error naming ``path``:
+    a lazrs panic a :class:`ConversionError`, anything else a :class:`DatasetError`.
+    ``done``: a one-item list holding the points read so far (said in the message)."""
+    try:
+        yield
+    except (GDSStreamError, GeneratorExit, KeyboardInterrupt, SystemExit, MemoryError):
+        raise
+    except BaseException as exc:  # lazrs' PanicException derives from BaseException
+        after = f" after the first {done[0]} points" if done else ""
+        if not isinstance(exc, Exception):
+            raise ConversionError(f"{path}: lazrs failed {what}{after} ({why(exc)}); the file "
+                                  f"is damaged") from exc
+        raise DatasetError(f"{path}: {what}{after} failed ({why(exc)}); the file is damaged or "
+                           f"truncated") from exc
+
+
+def read_header(path: Path):
+    """laspy's header of ``path`` (guarded)."""
+    laspy = laspy_module()
+    with guard(path, "reading the header"):
+        with laspy.open(path, laz_backend=laspy.LazBackend.LazrsParallel) as reader:
+            return reader.header
+
+
+def read_points(path: Path, per: int, limit: int | None = None) -> Iterator:
+    """laspy's point records of ``path``, ``per`` at a time (at most ``limit`` in all), read
+    with lazrs on every core; any failure is one error naming the file (see :func:`guard`)."""
+    laspy = laspy_module()
+    done = [0]
+    with guard(path, "reading the points", done):
+        with laspy.open(path, laz_backend=laspy.LazBackend.LazrsParallel) as reader:
+            for points in reader.chunk_iterator(per):
+                k = len(points)
+                if k == 0:
+                    break
+                if limit is not None and done[0] + k > limit:
+                    points = points[:limit - done[0]]
+                    k = len(points)
+                done[0] += k
+                yield points
+                if limit is not None and done[0] >= limit:
+                    break
+
+
+def laspy_module():
+    try:
+        import laspy
+    except ImportError:  # pragma: no cover - laspy is a dependency
+        raise ConversionError("LAS/LAZ input needs laspy and lazrs: pip install 'laspy[lazrs]'")
+    return laspy
+
+
+def why(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

@@ -1,0 +1,144 @@
+"""How LAS/LAZ coordinates are stored: ``--xyz auto|float32|float64``.
+
+LAS stores X, Y, Z as int32 with a scale and an offset, often georeferenced (UTM easting
+~500,000 m, where float32 resolves only ~0.03 m). ``float32`` stores x, y, z as float32
+relative to a dataset origin (the centre of all inputs' bounds snapped to a multiple of
+``ORIGIN_STEP``; zero where float32 resolves the absolute values well enough) and refuses a point
+whose ``origin + value`` is not its scaled coordinate within half the scale's magnitude.
+``float64`` keeps absolute float64 coordinates. ``auto`` (the default) is float32 where every
+input's bounds hold within half its scale relative to that origin, else float64 with one warning
+saying why.
+
+The bounds are the header's where they contain a sample of the points (the first
+``SAMPLE_POINTS``); otherwise — a header's bounds are written by its producer and are sometimes
+wrong — the file's coordinates are read once to measure them, with one warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from . import common
+from .las_guard import read_points
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .las import LasSource
+
+log = logging.getLogger(__name__)
+
+#: Values of ``xyz=`` (``--xyz``).
+MODES = ("auto", "float32", "float64")
+#: A non-zero origin is a multiple of this (in the units of the file's CRS).
+ORIGIN_STEP = 100.0
+#: Points read from the start of a file to check that its header bounds contain them.
+SAMPLE_POINTS = 4096
+
+
+def scaled(src: "LasSource", points, first: int) -> np.ndarray:
+    """The scaled coordinates (n × 3 float64) of laspy ``points``; a non-finite one (scale 1e300
+    with offset 1.7e308 overflows) is a :class:`ConversionError` naming the file and point."""
+    from ..errors import ConversionError
+
+    arr = points.array
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.stack([arr[c] * src.scales[j] + src.offsets[j]
+                        for j, c in enumerate("XYZ")], axis=1)
+    bad = ~np.isfinite(out)
+    if bad.any():
+        i, j = np.argwhere(bad)[0]
+        raise ConversionError(
+            f"{src.path}: point {first + int(i)}: {'xyz'[j]} = {int(arr['XYZ'[j]][i])} × "
+            f"{src.scales[j]!r} + {src.offsets[j]!r} is {float(out[i, j])!r}, not a finite "
+            f"coordinate; the header's scale or offset is damaged"
+        )
+    return out
+
+
+def outside(src: "LasSource", xyz: np.ndarray) -> int:
+    """How many points of ``xyz`` lie outside the header bounds by more than a scale step."""
+    step = np.abs(src.scales)
+    with np.errstate(invalid="ignore"):
+        out = (xyz < src.lo - step) | (xyz > src.hi + step)
+    return int(np.count_nonzero(out.any(axis=1)))
+
+
+def _header_bounds_hold(src: "LasSource") -> bool:
+    lo, hi = src.lo, src.hi
+    if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+        return False
+    if (lo == 0).all() and (hi == 0).all() and src.offsets.any():
+        return False  # left at zero by the writer
+    sample = [scaled(src, p, 0) for p in read_points(src.path, SAMPLE_POINTS, SAMPLE_POINTS)]
+    return not sample or outside(src, np.concatenate(sample)) == 0
+
+
+def _measured_bounds(src: "LasSource") -> tuple[np.ndarray, np.ndarray]:
+    """Read every point's coordinates once: their bounds (a warning says so, with the count of
+    points outside the header's bounds)."""
+    lo, hi = np.full(3, np.inf), np.full(3, -np.inf)
+    count = done = 0
+    for p in read_points(src.path, common.chunk_rows(src.header.point_format.size),
+                         src.num_points):
+        xyz = scaled(src, p, done)
+        done += len(xyz)
+        lo, hi = np.minimum(lo, xyz.min(axis=0)), np.maximum(hi, xyz.max(axis=0))
+        count += outside(src, xyz)
+    log.warning("%s: %d of %d points lie outside the header's bounds %s..%s by more than a "
+                "scale step; the dataset origin is placed from the points read (%s..%s)",
+                src.path, count, done, src.lo.tolist(), src.hi.tolist(), lo.tolist(),
+                hi.tolist())
+    src.outside_reported = True
+    if not done:
+        return src.offsets.copy(), src.offsets.copy()
+    return lo, hi
+
+
+def _f32_ulp(v: float) -> float:
+    if not math.isfinite(v) or v >= float(np.finfo(np.float32).max):
+        return math.inf
+    return float(np.spacing(np.float32(v)))
+
+
+def place(sources: Sequence["LasSource"], mode: str) -> np.ndarray:
+    """Decide how ``sources`` store x, y, z under ``mode``: sets each one's ``origin`` and
+    x/y/z dtype, and returns the dataset origin (zeros for absolute coordinates)."""
+    if mode == "float64":
+        _store(sources, np.dtype("<f8"), np.zeros(3))
+        return np.zeros(3)
+    bounds = [(s.lo, s.hi) if _header_bounds_hold(s) else _measured_bounds(s) for s in sources]
+    lo = np.min([b[0] for b in bounds], axis=0)
+    hi = np.max([b[1] for b in bounds], axis=0)
+    origin = np.zeros(3)
+    if not all(_fits(s, b, origin) is None for s, b in zip(sources, bounds)):
+        origin = np.round((lo + hi) / 2 / ORIGIN_STEP) * ORIGIN_STEP + 0.0
+    if mode == "auto":
+        for s, b in zip(sources, bounds):
+            why = _fits(s, b, origin)
+            if why is not None:
+                log.warning("%s: %s; storing x, y, z as absolute float64 (--xyz float32 refuses "
+                            "instead)", s.path, why)
+                _store(sources, np.dtype("<f8"), np.zeros(3))
+                return np.zeros(3)
+    _store(sources, np.dtype("<f4"), origin)
+    return origin
+
+
+def _fits(src: "LasSource", bounds, origin: np.ndarray) -> str | None:
+    """``None`` where float32 relative to ``origin`` holds ``src``'s bounds within half its
+    scale's magnitude, else why not."""
+    for j, c in enumerate("xyz"):
+        d = max(abs(float(bounds[0][j]) - origin[j]), abs(float(bounds[1][j]) - origin[j]))
+        half = abs(float(src.scales[j])) / 2
+        if _f32_ulp(d) / 2 > half:
+            return (f"{c} reaches {d:.6g} from the dataset origin {float(origin[j])!r}, where "
+                    f"float32 cannot hold it within half the scale ({half:g})")
+    return None
+
+
+def _store(sources: Sequence["LasSource"], dtype: np.dtype, origin: np.ndarray) -> None:
+    for s in sources:
+        s.set_xyz(dtype, origin)
