@@ -114,7 +114,7 @@ def place(sources: Sequence["LasSource"], mode: str) -> np.ndarray:
     hi = np.max([b[1] for b in bounds], axis=0)
     origin = np.zeros(3)
     if not all(_fits(s, b, origin) is None for s, b in zip(sources, bounds)):
-        origin = np.round((lo + hi) / 2 / ORIGIN_STEP) * ORIGIN_STEP + 0.0
+        origin = np.round((lo / 2 + hi / 2) / ORIGIN_STEP) * ORIGIN_STEP + 0.0
     if mode == "auto":
         for s, b in zip(sources, bounds):
             why = _fits(s, b, origin)
