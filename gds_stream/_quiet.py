@@ -26,7 +26,7 @@ _FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 
 class Held(logging.Handler):
-    """Keeps gds-stream's WARNING records until :meth:`release` (or :meth:`drop`)."""
+    """Keeps gds-stream's WARNING records until :meth:`show` (or :meth:`drop`)."""
 
     def __init__(self):
         super().__init__(logging.WARNING)
@@ -46,7 +46,7 @@ class Held(logging.Handler):
         self.dropped = True
         self.records.clear()
 
-    def release(self, stream) -> None:
+    def show(self, stream) -> None:
         for r in self.records:
             print(self.format(r), file=stream)
         self.records.clear()
@@ -98,7 +98,7 @@ def quiet_stderr(*, debug: bool = False, verbose: bool = False):
             capture.close()
         if replay:
             sys.stderr.write(replay.decode("utf-8", "backslashreplace"))
-        held.release(sys.stderr)
+        held.show(sys.stderr)
         sys.stderr.flush()
         root.handlers[:] = old_handlers
         root.setLevel(old_level)

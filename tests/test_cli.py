@@ -296,19 +296,27 @@ def test_las_convert_and_info_show_origin_and_crs(tmp_path, make_las):
     assert rows["x"][0] == "float32" and rows["classification"][0] == "uint8"
 
 
-def test_las_xyz_float64_and_refusal(tmp_path, make_las):
+def test_las_xyz_auto_float32_and_float64(tmp_path, make_las):
+    """A 200 km tile at 1 mm: the default converts as float64 with one warning line saying why;
+    --xyz float32 refuses in one line; --xyz float64 converts silently."""
     make_las(tmp_path / "a.laz", 500, scale=0.001, offset=(500000.0, 5000000.0, 0.0),
              spread=100_000.0, epsg_geokey=32633)
     proc = cli("convert", tmp_path / "a.laz", "-o", tmp_path / "out", "--no-progress")
-    assert_error(proc, "a.laz: point", "--xyz float64")
-    assert nothing_left(tmp_path)
-    proc = cli("convert", tmp_path / "a.laz", "-o", tmp_path / "out", "--xyz", "float64",
-               "--no-progress")
     assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and "a.laz: x reaches" in lines[0], proc.stderr
+    assert "storing x, y, z as absolute float64" in lines[0]
     info = cli("info", tmp_path / "out").stdout
     assert "origin" not in info and "crs      GeoTIFF keys (EPSG:32633)" in info
     rows = {line.split()[0]: line.split()[1:] for line in info.splitlines() if line.strip()}
     assert rows["x"][0] == rows["z"][0] == "float64"
+    proc = cli("convert", tmp_path / "a.laz", "-o", tmp_path / "o32", "--xyz", "float32",
+               "--no-progress")
+    assert_error(proc, "a.laz: point", "--xyz float64")
+    assert nothing_left(tmp_path, "o32")
+    proc = cli("convert", tmp_path / "a.laz", "-o", tmp_path / "o64", "--xyz", "float64",
+               "--no-progress")
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
 
 
 def test_las_bad_input_is_one_line(tmp_path):
@@ -335,3 +343,88 @@ def test_info_survives_odd_crs_records_in_sources(tmp_path, make_ply):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode in (0, 2), r.stderr
     assert "Traceback" not in r.stderr
+
+
+# -- the one-line rule, --version, misspelt options, CRS codes ------------------------------------
+def _laz(tmp_path, name="a.laz", n=2000):
+    import laspy
+
+    hdr = laspy.LasHeader(point_format=3, version="1.2")
+    hdr.scales = np.full(3, 0.01)
+    las = laspy.LasData(hdr)
+    rng = np.random.default_rng(0)
+    las.x, las.y, las.z = rng.random(n) * 100, rng.random(n) * 100, rng.random(n)
+    las.write(tmp_path / name)
+    return tmp_path / name
+
+
+def test_laspy_log_lines_do_not_leak(tmp_path):
+    """A LASzip VLR naming an unknown item: laspy logs ``ERROR laspy.lasreader: ...`` before
+    failing; the refusal is still one line, and -v shows laspy's line."""
+    path = _laz(tmp_path)
+    data = bytearray(path.read_bytes())
+    at = data.index(b"laszip encoded") - 2 + 54 + 34  # the first item's type
+    data[at] ^= 0x40
+    path.write_bytes(bytes(data))
+    assert_error(cli("convert", path, "-o", tmp_path / "out", "--no-progress"), "a.laz: ",
+                 "is unknown")
+    assert nothing_left(tmp_path)
+    proc = cli("convert", path, "-o", tmp_path / "out", "--no-progress", "-v")
+    assert proc.returncode == 2 and "ERROR laspy.lasreader" in proc.stderr
+
+
+def test_tiny_chunk_size_is_one_line(tmp_path):
+    """--chunk-size 5e-324 overflows numpy's divide (a RuntimeWarning): still one line."""
+    path = _laz(tmp_path, "a.las", 100)
+    assert_error(cli("convert", path, "-o", tmp_path / "out", "--chunk-size", "5e-324",
+                     "--no-progress"), "a.las")
+    assert nothing_left(tmp_path)
+
+
+def test_version():
+    from gds_stream import __version__
+
+    proc = cli("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"gds-stream {__version__}"
+
+
+def test_misspelt_option_gets_the_subcommands_usage_and_a_suggestion(tmp_path):
+    proc = cli("convert", tmp_path / "a.las", "-o", tmp_path / "out", "--chunk-szie", "25")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("usage: gds-stream convert ")
+    assert "--chunk-size S" in proc.stderr
+    assert "--chunk-szie (did you mean --chunk-size?)" in proc.stderr.splitlines()[-1]
+    proc = cli("verify", tmp_path, "--no-progess")
+    assert proc.stderr.startswith("usage: gds-stream verify ")
+    assert "(did you mean --no-progress?)" in proc.stderr
+
+
+FOOT = ('PROJCS["NAD83 / Ohio North (ftUS)",GEOGCS["NAD83",DATUM["North_American_Datum_1983",'
+        'SPHEROID["GRS 1980",6378137,298.257222101,AUTHORITY["EPSG","7019"]],'
+        'AUTHORITY["EPSG","6269"]],PRIMEM["Greenwich",0],UNIT["degree",0.0174532925199433],'
+        'AUTHORITY["EPSG","4269"]],PROJECTION["Lambert_Conformal_Conic_2SP"],'
+        'UNIT["US survey foot",0.3048006096012192,AUTHORITY["EPSG","9003"]]%s]')
+COMPOUND = ('COMPD_CS["UTM 33N + NAVD88",PROJCS["WGS 84 / UTM zone 33N",GEOGCS["WGS 84"],'
+            'UNIT["metre",1,AUTHORITY["EPSG","9001"]],AUTHORITY["EPSG","32633"]],'
+            'VERT_CS["NAVD88 height",VERT_DATUM["North American Vertical Datum 1988",2005],'
+            'UNIT["metre",1,AUTHORITY["EPSG","9001"]],AUTHORITY["EPSG","5703"]]]')
+
+
+@pytest.mark.parametrize("wkt, code", [
+    (FOOT % "", None),
+    (FOOT % ',AUTHORITY["EPSG","3734"]', "3734"),
+    (COMPOUND, "32633"),
+])
+def test_info_shows_the_crs_own_epsg_code_never_a_units(tmp_path, make_las, wkt, code):
+    make_las(tmp_path / "a.las", 10, point_format=6, version="1.4", wkt=wkt)
+    proc = cli("convert", tmp_path / "a.las", "-o", tmp_path / "out", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    crs = [ln for ln in cli("info", tmp_path / "out").stdout.splitlines()
+           if ln.startswith("crs")]
+    assert len(crs) == 1
+    assert "9003" not in crs[0] and "9001" not in crs[0] and "5703" not in crs[0], crs
+    pyproj = importlib.util.find_spec("pyproj") is not None
+    if code is not None:
+        assert crs[0].endswith(f"(EPSG:{code})"), crs
+    elif not pyproj:  # pyproj may identify a code the WKT does not carry
+        assert "EPSG" not in crs[0], crs
