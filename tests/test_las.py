@@ -547,6 +547,26 @@ def test_non_finite_coordinates_are_refused_in_every_mode(tmp_path, xyz):
     assert no_output_left(tmp_path)
 
 
+def test_non_finite_z_with_2d_chunks_names_the_input_point(tmp_path):
+    """--chunk-dims 2 does not bin z, but a non-finite z is still the input's fault: the error
+    names the file and point, not a chunk bound of the output."""
+    import subprocess
+    import sys
+
+    las = _points(200)
+    las.z = 300_000.0 + np.arange(200)
+    las.write(tmp_path / "a.las")
+    data = bytearray((tmp_path / "a.las").read_bytes())
+    struct.pack_into("<d", data, 147, 1e300)  # z scale
+    struct.pack_into("<d", data, 171, 1.7e308)  # z offset
+    (tmp_path / "a.las").write_bytes(bytes(data))
+    r = subprocess.run([sys.executable, "-m", "gds_stream", "convert", "a.las", "-o", "out",
+                        "--chunk-size", "5", "--chunk-dims", "2", "--no-progress"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "a.las: point 0: z = " in r.stderr and "not a finite coordinate" in r.stderr
+
+
 def test_points_outside_the_header_bounds_warn_with_the_count(tmp_path, caplog):
     """Damaged data (or a wrong header): one warning naming the file and the count."""
     las = _points(200)
