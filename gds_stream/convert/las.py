@@ -169,7 +169,7 @@ class LasSource(Source):
             cols = {}
             for j, c in enumerate(_COORDS):
                 if c in names:
-                    cols[c] = self._coord(xyz[:, j], j, done)
+                    cols[c] = self._coord(xyz[j], j, done)
             with las_guard.guard(self.path, "reading the points", [done]):
                 for name, dim, how in self.dims:
                     if name in names:

@@ -16,6 +16,7 @@ wrong — the file's coordinates are read once to measure them, with one warning
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import TYPE_CHECKING, Sequence
@@ -38,32 +39,36 @@ ORIGIN_STEP = 100.0
 SAMPLE_POINTS = 4096
 
 
-def scaled(src: "LasSource", points, first: int) -> np.ndarray:
-    """The scaled coordinates (n × 3 float64) of laspy ``points``; a non-finite one (scale 1e300
-    with offset 1.7e308 overflows) is a :class:`ConversionError` naming the file and point."""
+def scaled(src: "LasSource", points, first: int) -> list[np.ndarray]:
+    """The scaled coordinates (x, y, z: float64 arrays) of laspy ``points``; a non-finite one
+    (scale 1e300 with offset 1.7e308 overflows) is a :class:`ConversionError` naming the file
+    and the point."""
     from ..errors import ConversionError
 
     arr = points.array
-    with np.errstate(over="ignore", invalid="ignore"):
-        out = np.stack([arr[c] * src.scales[j] + src.offsets[j]
-                        for j, c in enumerate("XYZ")], axis=1)
-    bad = ~np.isfinite(out)
-    if bad.any():
-        i, j = np.argwhere(bad)[0]
-        raise ConversionError(
-            f"{src.path}: point {first + int(i)}: {'xyz'[j]} = {int(arr['XYZ'[j]][i])} × "
-            f"{src.scales[j]!r} + {src.offsets[j]!r} is {float(out[i, j])!r}, not a finite "
-            f"coordinate; the header's scale or offset is damaged"
-        )
+    out = []
+    for j, c in enumerate("XYZ"):
+        with np.errstate(over="ignore", invalid="ignore"):
+            v = arr[c] * src.scales[j] + src.offsets[j]
+        if not np.isfinite(v).all():
+            i = int(np.flatnonzero(~np.isfinite(v))[0])
+            raise ConversionError(
+                f"{src.path}: point {first + i}: {'xyz'[j]} = {int(arr[c][i])} × "
+                f"{src.scales[j]!r} + {src.offsets[j]!r} is {float(v[i])!r}, not a finite "
+                f"coordinate; the header's scale or offset is damaged"
+            )
+        out.append(v)
     return out
 
 
-def outside(src: "LasSource", xyz: np.ndarray) -> int:
+def outside(src: "LasSource", xyz: list[np.ndarray]) -> int:
     """How many points of ``xyz`` lie outside the header bounds by more than a scale step."""
-    step = np.abs(src.scales)
-    with np.errstate(invalid="ignore"):
-        out = (xyz < src.lo - step) | (xyz > src.hi + step)
-    return int(np.count_nonzero(out.any(axis=1)))
+    mask = None
+    for j, v in enumerate(xyz):
+        step = abs(src.scales[j])
+        m = (v < src.lo[j] - step) | (v > src.hi[j] + step)
+        mask = m if mask is None else mask | m
+    return int(np.count_nonzero(mask)) if mask is not None else 0
 
 
 def _header_bounds_hold(src: "LasSource") -> bool:
@@ -72,8 +77,11 @@ def _header_bounds_hold(src: "LasSource") -> bool:
         return False
     if (lo == 0).all() and (hi == 0).all() and src.offsets.any():
         return False  # left at zero by the writer
-    sample = [scaled(src, p, 0) for p in read_points(src.path, SAMPLE_POINTS, SAMPLE_POINTS)]
-    return not sample or outside(src, np.concatenate(sample)) == 0
+    with contextlib.closing(read_points(src.path, SAMPLE_POINTS, SAMPLE_POINTS)) as sample:
+        for p in sample:  # one chunk of at most SAMPLE_POINTS
+            if outside(src, scaled(src, p, 0)):
+                return False
+    return True
 
 
 def _measured_bounds(src: "LasSource") -> tuple[np.ndarray, np.ndarray]:
@@ -84,8 +92,9 @@ def _measured_bounds(src: "LasSource") -> tuple[np.ndarray, np.ndarray]:
     for p in read_points(src.path, common.chunk_rows(src.header.point_format.size),
                          src.num_points):
         xyz = scaled(src, p, done)
-        done += len(xyz)
-        lo, hi = np.minimum(lo, xyz.min(axis=0)), np.maximum(hi, xyz.max(axis=0))
+        done += len(p)
+        lo = np.minimum(lo, [v.min() for v in xyz])
+        hi = np.maximum(hi, [v.max() for v in xyz])
         count += outside(src, xyz)
     log.warning("%s: %d of %d points lie outside the header's bounds %s..%s by more than a "
                 "scale step; the dataset origin is placed from the points read (%s..%s)",
