@@ -8,6 +8,7 @@ error with nothing left behind.
 from __future__ import annotations
 
 import importlib
+import re
 import shutil
 import struct
 import tracemalloc
@@ -209,7 +210,8 @@ def test_auto_falls_back_to_float64_with_one_warning(tmp_path, make_las, caplog)
     assert ds.schema["x"].dtype == np.float64 and not origin_of(ds).any()
     warned = [r for r in caplog.records if r.levelname == "WARNING"]
     assert len(warned) == 1, [r.getMessage() for r in warned]
-    assert "a.laz: x reaches" in warned[0].getMessage()
+    assert re.search(r"a\.laz: point \d+: x = .* from the dataset origin",
+                     warned[0].getMessage())
     assert "float32 cannot hold it within half the scale (0.0005)" in warned[0].getMessage()
     for c in "xyz":
         assert np.array_equal(ds.read(c), np.asarray(las[c])), c
@@ -223,6 +225,22 @@ def test_auto_float64_for_a_tiny_scale(tmp_path, make_las):
     assert np.array_equal(ds.read("x"), np.asarray(las.x))
     with pytest.raises(ConversionError, match=r"a\.las: point \d+: "):
         convert(tmp_path / "a.las", tmp_path / "d2", xyz="float32", progress=False)
+
+
+def test_auto_keeps_float32_where_every_point_holds(tmp_path, make_las, caplog):
+    """Bounds alone cannot prove a 1e-6 scale over 300 m, but points quantised to 1/64 m are
+    all held by float32: auto reads them once and keeps float32, silently."""
+    make_las(tmp_path / "a.las", 500, scale=1e-6, spread=150.0)
+    las = laspy.read(tmp_path / "a.las")
+    for c in "XYZ":  # multiples of 1/64 m (2**-6), exact in float32 at this extent
+        las[c] = np.round(np.asarray(las[c]) / 15625) * 15625
+    las.write(tmp_path / "a.las")
+    las = laspy.read(tmp_path / "a.las")
+    with caplog.at_level("WARNING", logger="gds_stream"):
+        ds = convert(tmp_path / "a.las", tmp_path / "ds", progress=False)
+    assert ds.schema["x"].dtype == np.float32
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert_las_equal(ds, las)
 
 
 @pytest.mark.parametrize("xyz", ["auto", "float32"])

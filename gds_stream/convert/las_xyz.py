@@ -6,8 +6,9 @@ relative to a dataset origin (the centre of all inputs' bounds snapped to a mult
 ``ORIGIN_STEP``; zero where float32 resolves the absolute values well enough) and refuses a point
 whose ``origin + value`` is not its scaled coordinate within half the scale's magnitude.
 ``float64`` keeps absolute float64 coordinates. ``auto`` (the default) is float32 where every
-input's bounds hold within half its scale relative to that origin, else float64 with one warning
-saying why.
+point holds within half its scale relative to that origin — proved from the bounds, or where
+they do not prove it, by reading the points once (stopping at the first that float32 cannot
+hold) — else float64 with one warning saying why.
 
 The bounds are the header's where they contain a sample of the points (the first
 ``SAMPLE_POINTS``); otherwise — a header's bounds are written by its producer and are sometimes
@@ -127,6 +128,8 @@ def place(sources: Sequence["LasSource"], mode: str) -> np.ndarray:
     if mode == "auto":
         for s, b in zip(sources, bounds):
             why = _fits(s, b, origin)
+            if why is not None:  # the bounds do not prove it: are the points held?
+                why = _points_fit(s, origin)
             if why is not None:
                 log.warning("%s: %s; storing x, y, z as absolute float64 (--xyz float32 refuses "
                             "instead)", s.path, why)
@@ -145,6 +148,28 @@ def _fits(src: "LasSource", bounds, origin: np.ndarray) -> str | None:
         if _f32_ulp(d) / 2 > half:
             return (f"{c} reaches {d:.6g} from the dataset origin {float(origin[j])!r}, where "
                     f"float32 cannot hold it within half the scale ({half:g})")
+    return None
+
+
+def _points_fit(src: "LasSource", origin: np.ndarray) -> str | None:
+    """``None`` where float32 relative to ``origin`` holds every point of ``src`` within half
+    its scale's magnitude (data quantised more coarsely than its scale), else why not (the
+    first point that it does not hold; reading stops there)."""
+    done = 0
+    with contextlib.closing(read_points(src.path, common.chunk_rows(
+            src.header.point_format.size), src.num_points)) as chunks:
+        for p in chunks:
+            for j, v in enumerate(scaled(src, p, done)):
+                rel = (v - origin[j]).astype(np.float32).astype(np.float64)
+                half = abs(float(src.scales[j])) / 2
+                bad = np.flatnonzero(np.abs(rel + origin[j] - v) > half)
+                if bad.size:
+                    i = int(bad[0])
+                    return (f"point {done + i}: {'xyz'[j]} = {float(v[i])!r} is "
+                            f"{abs(float(v[i]) - origin[j]):.6g} from the dataset origin "
+                            f"{float(origin[j])!r}, where float32 cannot hold it within half "
+                            f"the scale ({half:g})")
+            done += len(p)
     return None
 
 
