@@ -69,6 +69,8 @@ def quiet_stderr(*, debug: bool = False, verbose: bool = False):
     old_stderr, saved, capture = sys.stderr, None, None
     try:
         sys.stderr.flush()
+        if sys.stderr.fileno() != 2:  # stderr replaced (a test's capture): leave fd 2 alone
+            raise ValueError("sys.stderr is not file descriptor 2")
         saved = os.dup(2)
         capture = tempfile.TemporaryFile()
         os.dup2(capture.fileno(), 2)
