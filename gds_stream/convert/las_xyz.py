@@ -119,6 +119,9 @@ def place(sources: Sequence["LasSource"], mode: str) -> np.ndarray:
     if mode == "float64":
         _store(sources, np.dtype("<f8"), np.zeros(3))
         return np.zeros(3)
+    if not any(f.name in ("x", "y", "z") for f in sources[0].schema):  # --fields without them
+        _store(sources, np.dtype("<f4"), np.zeros(3))
+        return np.zeros(3)
     bounds = [(s.lo, s.hi) if _header_bounds_hold(s) else _measured_bounds(s) for s in sources]
     lo = np.min([b[0] for b in bounds], axis=0)
     hi = np.max([b[1] for b in bounds], axis=0)
