@@ -32,8 +32,9 @@ MANIFEST_DATA_RATIO = 64
 MANIFEST_ABS_MAX_BYTES = 1 << 30
 
 
-def manifest_cap(directory: Path) -> int:
-    """Largest manifest a dataset in ``directory`` can have, from the size of its data files."""
+def manifest_cap(directory: Path | int) -> int:
+    """Largest manifest a dataset in ``directory`` (a path or a directory descriptor) can have,
+    from the size of its data files."""
     data = 0
     try:
         with os.scandir(directory) as it:
@@ -48,14 +49,17 @@ def manifest_cap(directory: Path) -> int:
     return min(MANIFEST_ABS_MAX_BYTES, MANIFEST_BASE_BYTES + data // MANIFEST_DATA_RATIO)
 
 
-def read_manifest(path: Path, cap: int) -> dict:
+def read_manifest(path: Path, cap: int, dir_fd: int | None = None) -> dict:
     """The JSON object in ``path``: a regular file of at most ``cap`` bytes, read with a bound.
 
-    The file is opened non-blocking, so a FIFO in its place never blocks, and checked with
-    ``fstat`` on the opened descriptor (no window between check and read).
+    With ``dir_fd``, ``path.name`` is opened relative to that directory descriptor (``path``
+    then only names the file in messages). The file is opened non-blocking, so a FIFO in its
+    place never blocks, and checked with ``fstat`` on the opened descriptor (no window between
+    check and read).
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = (os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC) if dir_fd is None else
+              os.open(path.name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd))
     except FileNotFoundError:
         raise DatasetError(f"{path}: no such file; expected a gds-stream dataset directory") from None
     except (OSError, ValueError) as exc:
