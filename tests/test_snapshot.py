@@ -99,17 +99,17 @@ def test_loader_built_before_replacement_keeps_reading_its_snapshot(tmp_path):
 
 
 _REPLACER = textwrap.dedent("""
-    import sys, time
+    import os, sys, time
     from gds_stream.cli import main
-    src, out, rounds, deadline = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-    for i in range(rounds):
-        if time.monotonic() > deadline:
-            break
+    src, out, stop, deadline = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+    i = 0
+    while not os.path.exists(stop) and time.monotonic() < deadline:
         size = ("1.0", "2.5")[i % 2]
         rc = main(["convert", src, "-o", out, "--format", "raw", "--raw-fields", "x,y,z",
                    "--chunk-size", size, "--overwrite", "--no-progress"])
         assert rc == 0, rc
-        print(i, flush=True)
+        i += 1
+    print("replacements", i, flush=True)
 """)
 
 
@@ -117,18 +117,18 @@ def test_loaders_opened_by_path_while_convert_overwrite_replaces_in_a_loop(tmp_p
     """Loaders opened by path (and from a Dataset held across replacements) while another
     process runs ``convert --overwrite`` with alternating chunk sizes: every epoch is whole and
     consistent, or the open is a DatasetError; both chunkings are seen."""
-    src, out = _points(tmp_path / "pts.bin"), tmp_path / "ds"
+    src, out, stop = _points(tmp_path / "pts.bin"), tmp_path / "ds", tmp_path / "stop"
     _convert(src, out, SIZES[0])
     held = open_dataset(out)
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    proc = subprocess.Popen([sys.executable, "-c", _REPLACER, str(src), str(out), "12",
+    proc = subprocess.Popen([sys.executable, "-c", _REPLACER, str(src), str(out), str(stop),
                              str(time.monotonic() + 60)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     epochs = errors = 0
     sizes_seen = set()
     try:
-        deadline = time.monotonic() + 90
-        while proc.poll() is None and time.monotonic() < deadline:
+        deadline = time.monotonic() + 60
+        while epochs < 25 and proc.poll() is None and time.monotonic() < deadline:
             try:
                 with open_loader(out, backend="fallback", device="cpu", batch_chunks=9,
                                  shuffle=epochs % 2 == 1) as ld:
@@ -140,14 +140,19 @@ def test_loaders_opened_by_path_while_convert_overwrite_replaces_in_a_loop(tmp_p
             with open_loader(held, backend="fallback", device="cpu", batch_chunks=9) as ld:
                 assert _epoch_outside(ld) == (0, N)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        stdout, stderr = proc.communicate(timeout=30)
+        stop.touch()
+        try:
+            stdout, stderr = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
     held.close()
     assert proc.returncode == 0, stderr
-    assert len(stdout.split()) >= 4, stdout  # replacements really ran meanwhile
-    print(f"{epochs} consistent epochs, {errors} refused opens, {len(stdout.split())} replacements")
-    assert epochs >= 4 and sizes_seen == set(SIZES), (epochs, errors, sizes_seen)
+    replaced = int(stdout.split()[-1])
+    print(f"{epochs} consistent epochs, {errors} refused opens, {replaced} replacements")
+    assert replaced >= 4 and epochs == 25 and sizes_seen == set(SIZES), \
+        (replaced, epochs, errors, sizes_seen)
 
 
 def _fds() -> int:
