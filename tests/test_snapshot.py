@@ -198,3 +198,46 @@ def test_reopen_path_reads_the_pinned_file_after_removal(tmp_path):
             with open(files.reopen_path("x"), "rb") as f:
                 assert f.read(len(want)) == want
             assert files.path("x") == str(out / "x.bin")  # messages still name the dataset
+
+
+def _race(monkeypatch, src: Path, out: Path, times: int) -> list[float]:
+    """Make the next ``times`` opens of ``out`` find it replaced (by a real convert
+    --overwrite) right after they read its manifest: the old directory's files are gone."""
+    from gds_stream import format as fmt
+
+    real, done, busy = fmt.read_manifest, [], []
+
+    def racing(path, cap, dir_fd=None):
+        doc = real(path, cap, dir_fd=dir_fd)
+        if len(done) < times and not busy:
+            busy.append(1)
+            size = SIZES[(len(done) + 1) % 2]
+            _convert(src, out, size, overwrite=True)  # its own open is not raced
+            busy.pop()
+            done.append(size)
+        return doc
+
+    monkeypatch.setattr(fmt, "read_manifest", racing)
+    return done
+
+
+def test_open_racing_a_replacement_starts_again_on_the_new_directory(tmp_path, monkeypatch):
+    src, out = _points(tmp_path / "pts.bin"), tmp_path / "ds"
+    _convert(src, out, SIZES[0])
+    done = _race(monkeypatch, src, out, times=1)
+    with open_dataset(out) as ds:
+        assert done == [SIZES[1]] and ds.chunk_size == SIZES[1]
+        assert _dataset_outside(ds) == 0 and ds.verify() == []
+
+
+def test_open_replaced_every_time_is_a_dataset_error(tmp_path, monkeypatch):
+    from gds_stream.format import OPEN_ATTEMPTS
+
+    src, out = _points(tmp_path / "pts.bin"), tmp_path / "ds"
+    _convert(src, out, SIZES[0])
+    done = _race(monkeypatch, src, out, times=100)
+    base = _fds()
+    with pytest.raises(DatasetError, match=rf"{out}: the dataset was replaced while it was being "
+                                           rf"opened, {OPEN_ATTEMPTS} times in a row"):
+        open_loader(out, backend="fallback", device="cpu", batch_chunks=3)
+    assert len(done) == OPEN_ATTEMPTS and _fds() == base
