@@ -14,7 +14,13 @@ Layout rules (README, "On-disk format"):
 
 Opening validates every claim of the manifest against the files before anything is read, so a
 manifest that lies gives a :class:`~gds_stream.errors.DatasetError`, never a crash, a hang, a huge
-allocation or a read past the end. Files changed after opening give a ``DatasetError`` too.
+allocation or a read past the end.
+
+An opened dataset is one snapshot: the directory is opened once, and the manifest and every field
+file are opened relative to that descriptor and kept open, so reads (and loaders, which duplicate
+these descriptors) see the files the manifest describes even after the dataset is replaced by
+``convert --overwrite`` or removed. An open that races a replacement starts again on the new
+directory. A file cut short in place gives a ``DatasetError`` when read.
 """
 
 from __future__ import annotations
@@ -82,9 +88,10 @@ REOPEN_PAUSE_S = 0.02
 
 
 class Dataset(Closeable):
-    """An opened, validated dataset directory. Use :func:`open_dataset`.
+    """An opened, validated dataset directory: one snapshot of it. Use :func:`open_dataset`.
 
     ``read(field, start, stop)`` is the plain reference read that loaders are tested against.
+    Holds one descriptor of the directory and one of each field file until :meth:`close`.
     """
 
     def __init__(self, path: str | os.PathLike):

@@ -19,6 +19,7 @@ from gds_stream import open_loader
 from gds_stream.convert import convert
 from gds_stream.errors import DatasetError
 from gds_stream.format import DatasetWriter, FieldSpec, open_dataset
+from test_gds import simulated_gpu  # noqa: F401 - the simulated KvikIO and CUDA fixture
 
 N = 20_000
 SIZES = (1.0, 2.5)  # ~100 and ~16 chunks over a 10 × 10 square
@@ -241,3 +242,17 @@ def test_open_replaced_every_time_is_a_dataset_error(tmp_path, monkeypatch):
                                            rf"opened, {OPEN_ATTEMPTS} times in a row"):
         open_loader(out, backend="fallback", device="cpu", batch_chunks=3)
     assert len(done) == OPEN_ATTEMPTS and _fds() == base
+
+
+def test_simulated_gpu_direct_loader_reads_the_snapshot(tmp_path, simulated_gpu):
+    """KvikIO opens files by path: the GPU-direct backend hands it the path of the pinned
+    descriptor, so a GDS loader built from a replaced Dataset reads the old data too."""
+    from gds_stream.gds import GDSLoader
+
+    src, out = _points(tmp_path / "pts.bin"), tmp_path / "ds"
+    _convert(src, out, SIZES[0])
+    with open_dataset(out) as ds:
+        _convert(src, out, SIZES[1], overwrite=True)
+        for shuffle in (False, True):
+            with GDSLoader(ds, device="cuda", batch_chunks=6, shuffle=shuffle) as ld:
+                assert ld.backend == "gds" and _epoch_outside(ld) == (0, N)
