@@ -129,7 +129,8 @@ def test_loaders_opened_by_path_while_convert_overwrite_replaces_in_a_loop(tmp_p
     sizes_seen = set()
     try:
         deadline = time.monotonic() + 60
-        while epochs < 25 and proc.poll() is None and time.monotonic() < deadline:
+        while (proc.poll() is None and time.monotonic() < deadline
+               and not (epochs >= 25 and sizes_seen == set(SIZES))):
             try:
                 with open_loader(out, backend="fallback", device="cpu", batch_chunks=9,
                                  shuffle=epochs % 2 == 1) as ld:
@@ -152,7 +153,7 @@ def test_loaders_opened_by_path_while_convert_overwrite_replaces_in_a_loop(tmp_p
     assert proc.returncode == 0, stderr
     replaced = int(stdout.split()[-1])
     print(f"{epochs} consistent epochs, {errors} refused opens, {replaced} replacements")
-    assert replaced >= 4 and epochs == 25 and sizes_seen == set(SIZES), \
+    assert replaced >= 4 and epochs >= 25 and sizes_seen == set(SIZES), \
         (replaced, epochs, errors, sizes_seen)
 
 
