@@ -430,7 +430,7 @@ def _moved(path: Path, dir_fd: int) -> bool:
         now = os.stat(path)
     except (OSError, ValueError):
         return True
-    return st.st_nlink == 0 or (st.st_dev, st.st_ino) != (now.st_dev, now.st_ino)
+    return (st.st_dev, st.st_ino) != (now.st_dev, now.st_ino)
 
 
 def _old_hint(path: Path) -> str:

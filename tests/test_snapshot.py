@@ -257,3 +257,16 @@ def test_simulated_gpu_direct_loader_reads_the_snapshot(tmp_path, simulated_gpu)
         for shuffle in (False, True):
             with GDSLoader(ds, device="cuda", batch_chunks=6, shuffle=shuffle) as ld:
                 assert ld.backend == "gds" and _epoch_outside(ld) == (0, N)
+
+
+def test_a_bad_manifest_that_was_not_replaced_is_refused_at_once(tmp_path, monkeypatch):
+    from gds_stream import format as fmt
+
+    src, out = _points(tmp_path / "pts.bin"), tmp_path / "ds"
+    _convert(src, out, SIZES[0])
+    (out / "y.bin").unlink()
+    real, calls = fmt.read_manifest, []
+    monkeypatch.setattr(fmt, "read_manifest", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with pytest.raises(DatasetError, match=r"y\.bin: no such file \(named by .*manifest\.json"):
+        open_dataset(out)
+    assert len(calls) == 1  # no retry: the directory at the path is still the one opened
