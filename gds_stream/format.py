@@ -35,7 +35,7 @@ from typing import Callable
 
 import numpy as np
 
-from ._lifetime import Closeable
+from ._lifetime import Closeable, fd_limit_hint
 from ._manifest import (
     ChunkTable,
     chunk_table,
@@ -263,7 +263,8 @@ class Dataset(Closeable):
             try:
                 fd = os.open(rel, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=self._dir_fd)
             except (OSError, ValueError) as exc:
-                raise DatasetError(f"{full}: cannot open {where} ({os_reason(exc)})") from exc
+                raise DatasetError(f"{full}: cannot open {where} ({os_reason(exc)})"
+                                   f"{fd_limit_hint(exc)}") from exc
             self._fds[rel] = fd  # closed by close() from here on
             st = os.fstat(fd)
             want(stat.S_ISREG(st.st_mode), full,

@@ -270,3 +270,31 @@ def test_a_bad_manifest_that_was_not_replaced_is_refused_at_once(tmp_path, monke
     with pytest.raises(DatasetError, match=r"y\.bin: no such file \(named by .*manifest\.json"):
         open_dataset(out)
     assert len(calls) == 1  # no retry: the directory at the path is still the one opened
+
+
+def test_running_out_of_descriptors_says_why(tmp_path):
+    """A Dataset holds a descriptor per field file: past the process's limit the error says so
+    (run in a subprocess with a low limit)."""
+    specs = [FieldSpec(f"f{i}", np.dtype("<u1")) for i in range(40)]
+    with DatasetWriter(tmp_path / "wide", specs) as w:
+        w.append({s.name: np.zeros(10, np.uint8) for s in specs})
+        w.end_scan("gen")
+    code = textwrap.dedent(f"""
+        import resource
+        from gds_stream.errors import DatasetError
+        from gds_stream.format import open_dataset
+        held = []
+        resource.setrlimit(resource.RLIMIT_NOFILE, (100, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        try:
+            for _ in range(10):
+                held.append(open_dataset({str(tmp_path / "wide")!r}))
+        except DatasetError as exc:
+            print(len(held), exc)
+    """)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout.split()[0]) >= 1 and "Too many open files" in proc.stdout
+    assert "one descriptor per field file plus one for its directory" in proc.stdout
+    assert "no longer needed, or raise the limit (ulimit -n)" in proc.stdout
