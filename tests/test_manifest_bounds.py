@@ -163,3 +163,16 @@ def test_sixty_megabytes_of_empty_sources_peak_bounded(tmp_path):
     assert message.startswith(f"{out / MANIFEST}: 60,000,") and "once parsed" in message
     peak_kib = int(hwm.split()[1])
     assert peak_kib < 400 << 10, hwm  # was ~1.5 GB; the text itself is 60 MB
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32-be"])
+def test_manifest_in_utf16_or_utf32_is_refused(tmp_path, encoding):
+    """The pre-scan reads UTF-8 bytes: a UTF-16 text could hide its structure from it."""
+    out = write(tmp_path / "ds")
+    text = (out / MANIFEST).read_text()
+    (out / MANIFEST).write_bytes(text.encode(encoding))
+    with pytest.raises(DatasetError, match=rf"{out / MANIFEST}: the manifest is UTF-(16|32)"
+                                           rf"(-LE|-BE)? text; gds-stream manifests are UTF-8"):
+        open_dataset(out)
+    (out / MANIFEST).write_bytes(b"\xef\xbb\xbf" + text.encode())  # a UTF-8 BOM is fine
+    open_dataset(out).close()
