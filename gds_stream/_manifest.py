@@ -124,7 +124,6 @@ MANIFEST_PARSE_RATIO = 8
 #: either, a key, a string value, a number. The text's own bytes are added once.
 _COST = {"objects": 200, "arrays": 80, "members": 8, "keys": 48, "strings": 56, "numbers": 32}
 _SCAN_BLOCK = 1 << 20
-_NUMERIC = b"-0123456789"
 
 
 def json_shape(raw: bytes | bytearray, budget: int | None = None) -> dict[str, int]:
@@ -189,6 +188,7 @@ def json_shape(raw: bytes | bytearray, budget: int | None = None) -> dict[str, i
         first_digit = numeric.copy()
         first_digit[1:] &= ~numish[:-1]
         first_digit[0] &= not numish_before
+        first_digit |= (b == 0x4E) | (b == 0x49)  # NaN, Infinity (floats too; -Infinity twice)
         tot["numbers"] += len(outside(np.flatnonzero(first_digit)))
         if budget is not None and _cost(tot, lo + n) > budget:
             break  # already too costly: the rest cannot make it cheaper

@@ -56,7 +56,7 @@ def _reference(t: str) -> dict:
                 ins = False
             prev = ch
             continue
-        if ch in "-0123456789" and prev not in "0123456789.eE+-":
+        if ch in "-0123456789" and prev not in "0123456789.eE+-" or ch in "NI":
             numbers += 1
         if ch == '"':
             ins, quotes = True, quotes + 1
@@ -79,7 +79,8 @@ def _doc(rng: random.Random, d: int = 0) -> object:
     r = rng.random()
     if d > 5 or r < 0.3:
         return rng.choice([1, -2.5e3, 'a"b', "\\", '\\\\"', "x,y[{:}]", '"', True, None,
-                           123456, 1e-7, "ab\\\\", "é", ""])
+                           123456, 1e-7, "ab\\\\", "é", "", float("nan"), float("-inf"),
+                           "NaN", False])
     if r < 0.65:
         return [_doc(rng, d + 1) for _ in range(rng.randint(0, 4))]
     return {f'k{rng.randint(0, 9)}\\"': _doc(rng, d + 1) for _ in range(rng.randint(0, 4))}
