@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import Any, Sequence, TypeVar
 
@@ -34,14 +35,24 @@ class Closeable:
             pass
 
 
-class FieldFiles(Closeable):
-    """Read-only descriptors of some fields' files, opened by (and closed with) one loader.
+def fd_limit_hint(exc: BaseException) -> str:
+    """What to do when the process ran out of file descriptors ('' for other errors)."""
+    if not (isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE)):
+        return ""
+    return ("; an open Dataset holds one descriptor per field file plus one for its directory, "
+            "and each loader one per field it reads: close datasets and loaders no longer "
+            "needed, or raise the limit (ulimit -n)")
 
-    Opened when the loader is built, so a file removed, made unreadable or truncated since the
-    dataset was opened is a :class:`DatasetError` naming it there, not a raw ``OSError`` later.
-    Once open, a descriptor keeps reading the file that was validated even if the path is
-    removed or replaced. The loader closes these in ``close()``; the :class:`Dataset`'s own
-    descriptors (``Dataset.fileno``) are untouched.
+
+class FieldFiles(Closeable):
+    """Read-only descriptors of some fields' files, held by (and closed with) one loader.
+
+    Each is a duplicate (``os.dup``) of the descriptor its :class:`Dataset` opened together with
+    the manifest, never a new open of the path: a loader reads the snapshot its dataset was
+    opened with, even after the dataset was replaced (``convert --overwrite``) or removed. A
+    file cut short in place since the dataset was opened is a :class:`DatasetError` naming it
+    here, not a short read later. The loader closes these in ``close()``; the
+    :class:`Dataset`'s own descriptors (``Dataset.fileno``) are untouched.
     """
 
     def __init__(self, dataset: Any, names: Sequence[str]):
@@ -57,11 +68,12 @@ class FieldFiles(Closeable):
     def _open(self, dataset: Any, name: str) -> None:
         lay = dataset.layout(name)
         path = str(dataset.field_path(name))
+        pinned = dataset.fileno(name)  # DatasetError once the dataset is closed
         try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            fd = os.dup(pinned)  # not inheritable, like the original (O_CLOEXEC)
         except OSError as exc:
             raise DatasetError(f"{path}: cannot open field {name!r} for reading: "
-                               f"{exc.strerror or exc}") from exc
+                               f"{exc.strerror or exc}{fd_limit_hint(exc)}") from exc
         self._fds[name], self._paths[name] = fd, path
         size = os.fstat(fd).st_size
         need = lay.offset + lay.nbytes
@@ -74,7 +86,14 @@ class FieldFiles(Closeable):
         return self._fds[name]
 
     def path(self, name: str) -> str:
+        """The field file's path, for messages (its descriptor may read a replaced file)."""
         return self._paths[name]
+
+    def reopen_path(self, name: str) -> str:
+        """A path that opens the very file ``fd(name)`` reads, for libraries that open by path
+        (KvikIO's ``CuFile``): ``/proc/self/fd/N`` reopens that file even after it was replaced
+        or removed. Valid while this object is open."""
+        return f"/proc/self/fd/{self._fds[name]}"
 
     def close(self) -> None:
         fds, self._fds = getattr(self, "_fds", {}), {}

@@ -13,6 +13,13 @@ lock is ever stale and no lock file is left behind.
 * At the start of a writer, temp directories of writers that are gone are removed, and an
   ``.old-*`` directory whose target is missing (a replacement killed between its two renames) is
   renamed back to the target, with a warning.
+* :func:`check_output_dir` is the one rule for what a target may be: checked when a writer
+  starts and again, under the lock, when it publishes. ``writer.py`` imports this module, never
+  the reverse.
+
+Readers are never disturbed: a dataset is published or replaced by renaming whole directories,
+and a reader holds a descriptor of the directory it opened (see ``format.Dataset``), so it keeps
+reading that snapshot while the old directory is renamed away and removed.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
+from ._schema import MANIFEST
 from .errors import ConversionError
 
 log = logging.getLogger(__name__)
@@ -59,6 +67,37 @@ def _renameat2(src: Path, dst: Path, flags: int) -> bool:
     if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
         return False
     raise OSError(err, os.strerror(err), str(dst))
+
+
+# -- what may be replaced ---------------------------------------------------------------------
+def os_failure(path: object, what: str, exc: OSError) -> ConversionError:
+    reason = exc.strerror or str(exc)
+    return ConversionError(f"{path}: {what} failed ({reason})")
+
+
+def check_output_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse a non-empty output directory unless ``overwrite``; refuse a file in its place."""
+    try:
+        if not os.path.lexists(out_dir):
+            return
+        if not out_dir.is_dir():
+            raise ConversionError(f"{out_dir}: exists and is not a directory")
+        with os.scandir(out_dir) as it:
+            empty = next(it, None) is None
+    except OSError as exc:
+        raise os_failure(out_dir, "checking the output directory", exc) from exc
+    if empty:
+        return
+    if not overwrite:
+        raise ConversionError(
+            f"{out_dir}: output directory is not empty; pass --overwrite "
+            f"(overwrite=True) to replace it"
+        )
+    if not (out_dir / MANIFEST).is_file():
+        raise ConversionError(
+            f"{out_dir}: refusing to overwrite a non-empty directory that holds no "
+            f"{MANIFEST} (it is not a gds-stream dataset)"
+        )
 
 
 # -- owners ------------------------------------------------------------------------------------
@@ -191,8 +230,6 @@ def clean_stale(target: Path) -> None:
 # -- publishing ----------------------------------------------------------------------------------
 def publish(tmp: Path, target: Path, overwrite: bool) -> None:
     """Move the finished ``tmp`` onto ``target`` (call with :func:`parent_lock` held)."""
-    from .writer import check_output_dir  # the one rule for what may be replaced
-
     if overwrite:
         check_output_dir(target, overwrite)
     elif os.path.lexists(target):

@@ -14,7 +14,13 @@ Layout rules (README, "On-disk format"):
 
 Opening validates every claim of the manifest against the files before anything is read, so a
 manifest that lies gives a :class:`~gds_stream.errors.DatasetError`, never a crash, a hang, a huge
-allocation or a read past the end. Files changed after opening give a ``DatasetError`` too.
+allocation or a read past the end.
+
+An opened dataset is one snapshot: the directory is opened once, and the manifest and every field
+file are opened relative to that descriptor and kept open, so reads (and loaders, which duplicate
+these descriptors) see the files the manifest describes even after the dataset is replaced by
+``convert --overwrite`` or removed. An open that races a replacement starts again on the new
+directory. A file cut short in place gives a ``DatasetError`` when read.
 """
 
 from __future__ import annotations
@@ -22,13 +28,14 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import time
 import zlib
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from ._lifetime import Closeable
+from ._lifetime import Closeable, fd_limit_hint
 from ._manifest import (
     ChunkTable,
     chunk_table,
@@ -74,27 +81,65 @@ log = logging.getLogger(__name__)
 
 #: ``verify`` reads a checksum block in pieces of at most this many bytes.
 VERIFY_PIECE = 4 << 20
+#: How often ``open_dataset`` starts again when the dataset is replaced while it is being opened.
+OPEN_ATTEMPTS = 5
+#: Pause before opening again a directory missing between the two renames of a replacement.
+REOPEN_PAUSE_S = 0.02
 
 
 class Dataset(Closeable):
-    """An opened, validated dataset directory. Use :func:`open_dataset`.
+    """An opened, validated dataset directory: one snapshot of it. Use :func:`open_dataset`.
 
     ``read(field, start, stop)`` is the plain reference read that loaders are tested against.
+    Holds one descriptor of the directory and one of each field file until :meth:`close`.
     """
 
     def __init__(self, path: str | os.PathLike):
-        self._fds: dict[str, int] = {}
+        self._fds: dict[str, int] = {}  # field file (relative name) -> pinned descriptor
+        self._dir_fd = -1
         self.path = Path(path)
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            raise DatasetError(f"{self.path}: no such directory{_old_hint(self.path)}") from None
-        except (OSError, ValueError) as exc:
-            raise DatasetError(f"{self.path}: cannot open the dataset ({os_reason(exc)})") from exc
-        if not stat.S_ISDIR(st.st_mode):
-            raise DatasetError(f"{self.path}: not a directory; expected a gds-stream dataset")
+        for attempt in range(OPEN_ATTEMPTS):
+            self._dir_fd = self._open_dir()
+            try:
+                self._load()
+                return
+            except DatasetError as exc:
+                moved = _moved(self.path, self._dir_fd)
+                self._close_fds()
+                if not moved:
+                    raise
+                if attempt + 1 == OPEN_ATTEMPTS:
+                    raise DatasetError(f"{self.path}: the dataset was replaced while it was being "
+                                       f"opened, {OPEN_ATTEMPTS} times in a row ({exc})") from exc
+                log.debug("%s: replaced while being opened (%s); opening it again", self.path,
+                          exc)
+            except BaseException:
+                self._close_fds()
+                raise
+
+    def _open_dir(self) -> int:
+        """The directory descriptor that every later open is relative to (the snapshot's root)."""
+        for attempt in range(OPEN_ATTEMPTS):
+            try:
+                return os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                hint = _old_hint(self.path)
+                if not hint or attempt + 1 == OPEN_ATTEMPTS:
+                    raise DatasetError(f"{self.path}: no such directory{hint}") from None
+                time.sleep(REOPEN_PAUSE_S)  # a replacement between its two renames
+            except NotADirectoryError:
+                raise DatasetError(f"{self.path}: not a directory; expected a gds-stream "
+                                   f"dataset") from None
+            except (OSError, ValueError) as exc:
+                raise DatasetError(f"{self.path}: cannot open the dataset "
+                                   f"({os_reason(exc)})") from exc
+        raise AssertionError("unreachable")
+
+    def _load(self) -> None:
+        """Read and validate the manifest and open every field file, all relative to the
+        directory descriptor: together they are one snapshot of the dataset."""
         mpath = self.path / MANIFEST
-        doc = read_manifest(mpath, manifest_cap(self.path))
+        doc = read_manifest(mpath, manifest_cap(self._dir_fd), dir_fd=self._dir_fd)
         _want = want
         _want(doc.get("format") == FORMAT_NAME, mpath,
               f"format is {short(doc.get('format'))}, expected {FORMAT_NAME!r}")
@@ -121,6 +166,8 @@ class Dataset(Closeable):
         sources = doc.get("sources", [])
         _want(isinstance(sources, list) and all(isinstance(s, dict) for s in sources), mpath,
               f"sources must be a list of objects, found {short(sources)}")
+        _want(len(sources) <= self.num_scans, mpath,
+              f"sources holds {len(sources)} entries, more than the {self.num_scans} scans")
         self.sources: list[dict] = list(sources)
         self._origin: np.ndarray = origin_value(doc.get("origin", [0.0, 0.0, 0.0]), mpath)
         self._chunks = (chunk_table(doc["chunks"], self.num_points, self.scan_offsets, mpath)
@@ -182,19 +229,8 @@ class Dataset(Closeable):
         want(nbytes == expect and is_i64(nbytes), mpath,
              f"field {name!r}: nbytes is {short(nbytes)}, expected {expect} "
              f"({self.num_points} points × {spec.point_bytes} bytes)")
-        try:
-            st = os.stat(full)
-        except FileNotFoundError:
-            raise DatasetError(f"{full}: no such file (named by {mpath}, field {name!r})") from None
-        except (OSError, ValueError) as exc:
-            raise DatasetError(f"{full}: cannot stat the file of field {name!r} named by "
-                               f"{mpath} ({os_reason(exc)})") from exc
-        want(stat.S_ISREG(st.st_mode), full,
-             f"the file of field {name!r} must be a regular file ({file_kind(st.st_mode)})")
-        need = off + align_up(expect)  # type: ignore[operator]
-        want(st.st_size >= need, full,
-             f"file holds {st.st_size} bytes, but the manifest needs {need} "
-             f"(field {name!r}: offset {off} + {expect} bytes padded to {ALIGN})")
+        rel = os.path.relpath(full, root)
+        self._pin(rel, full, name, mpath, off, expect)  # type: ignore[arg-type]
         sums = fd.get("checksums")
         nblocks = -(-expect // self.block_bytes)
         want(isinstance(sums, list), mpath,
@@ -207,7 +243,38 @@ class Dataset(Closeable):
         want(bad is None, mpath,
              f"field {name!r}: checksum {bad} is {short(sums[bad] if bad is not None else None)}, "
              f"expected an integer in [0, 2**32)")
-        return FieldLayout(spec, os.path.relpath(full, root), off, expect, tuple(sums))  # type: ignore
+        return FieldLayout(spec, rel, off, expect, tuple(sums))  # type: ignore
+
+    def _pin(self, rel: str, full: str, name: object, mpath: Path, off: int, expect: int) -> None:
+        """Open the file ``rel`` of field ``name`` relative to the directory descriptor (once per
+        file) and check it: a regular file holding the field's ``expect`` bytes at ``off``."""
+        fd = self._fds.get(rel)
+        if fd is None:
+            where = f"the file of field {name!r} named by {mpath}"
+            try:
+                kind = os.stat(rel, dir_fd=self._dir_fd).st_mode
+            except FileNotFoundError:
+                raise DatasetError(f"{full}: no such file (named by {mpath}, field "
+                                   f"{name!r})") from None
+            except (OSError, ValueError) as exc:
+                raise DatasetError(f"{full}: cannot stat {where} ({os_reason(exc)})") from exc
+            want(stat.S_ISREG(kind), full,
+                 f"the file of field {name!r} must be a regular file ({file_kind(kind)})")
+            try:
+                fd = os.open(rel, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=self._dir_fd)
+            except (OSError, ValueError) as exc:
+                raise DatasetError(f"{full}: cannot open {where} ({os_reason(exc)})"
+                                   f"{fd_limit_hint(exc)}") from exc
+            self._fds[rel] = fd  # closed by close() from here on
+            st = os.fstat(fd)
+            want(stat.S_ISREG(st.st_mode), full,
+                 f"the file of field {name!r} must be a regular file ({file_kind(st.st_mode)})")
+            os.set_blocking(fd, True)
+        size = os.fstat(fd).st_size
+        need = off + align_up(expect)
+        want(size >= need, full,
+             f"file holds {size} bytes, but the manifest needs {need} "
+             f"(field {name!r}: offset {off} + {expect} bytes padded to {ALIGN})")
 
     # -- public API ---------------------------------------------------------------------------
     @property
@@ -276,35 +343,14 @@ class Dataset(Closeable):
         return self.path / self.layout(name).file
 
     def fileno(self, name: str) -> int:
-        """A read-only descriptor of the field's file, opened once and kept until ``close``.
-
-        The file must still be a regular file large enough for the field; a file removed, made
-        unreadable or replaced since opening gives a :class:`DatasetError` naming it.
-        """
-        fd = self._fds.get(name)
-        if fd is not None:
-            return fd
+        """The read-only descriptor of the field's file, opened with the manifest and kept until
+        ``close``: it reads the file this dataset was opened with, even after the dataset is
+        replaced or removed. Loaders duplicate it (``os.dup``) rather than open the path again."""
         lay = self.layout(name)
-        path = self.field_path(name)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except (OSError, ValueError) as exc:
-            raise DatasetError(f"{path}: cannot open the file of field {name!r} "
-                               f"({os_reason(exc)})") from exc
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise DatasetError(f"{path}: the file of field {name!r} is no longer a regular "
-                                   f"file ({file_kind(st.st_mode)})")
-            need = lay.offset + align_up(lay.nbytes)
-            if st.st_size < need:
-                raise DatasetError(f"{path}: file holds {st.st_size} bytes, but field {name!r} "
-                                   f"needs {need} (changed since the dataset was opened?)")
-            os.set_blocking(fd, True)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._fds[name] = fd
+        fd = self._fds.get(lay.file)
+        if fd is None:
+            raise DatasetError(f"{self.field_path(name)}: the dataset is closed; open it again "
+                               f"to read field {name!r}")
         return fd
 
     def byte_range(self, name: str, start: int, stop: int) -> tuple[int, int]:
@@ -356,8 +402,14 @@ class Dataset(Closeable):
         return bad
 
     def close(self) -> None:
-        fds, self._fds = self._fds, {}
-        for fd in fds.values():
+        """Close the dataset's descriptors (idempotent); reads then raise :class:`DatasetError`.
+        Loaders built from it keep their own duplicates until they close."""
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        fds, self._fds = getattr(self, "_fds", {}), {}
+        dir_fd, self._dir_fd = getattr(self, "_dir_fd", -1), -1
+        for fd in (*fds.values(), *([dir_fd] if dir_fd >= 0 else [])):
             os.close(fd)
 
     def __repr__(self) -> str:
@@ -370,6 +422,16 @@ class Dataset(Closeable):
 def open_dataset(path: str | os.PathLike) -> Dataset:
     """Open and validate a dataset directory (raises :class:`DatasetError` on any inconsistency)."""
     return Dataset(path)
+
+
+def _moved(path: Path, dir_fd: int) -> bool:
+    """Whether the directory ``dir_fd`` is no longer the one at ``path`` (replaced or removed)."""
+    try:
+        st = os.fstat(dir_fd)
+        now = os.stat(path)
+    except (OSError, ValueError):
+        return True
+    return (st.st_dev, st.st_ino) != (now.st_dev, now.st_ino)
 
 
 def _old_hint(path: Path) -> str:

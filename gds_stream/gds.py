@@ -170,7 +170,7 @@ class GDSLoader(Loader):
         reasons: list[str] = []
         for s in self.specs:
             path = str(ds.field_path(s.name))
-            f = kvikio.CuFile(path, "r")
+            f = kvikio.CuFile(self.files.reopen_path(s.name), "r")  # the pinned snapshot
             self._files.append(f)
             route, why = capability.file_route(cap, f, path)
             self.routes.append(route)

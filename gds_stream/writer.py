@@ -1,6 +1,8 @@
 """Writing a dataset directory: streamed field files, checksums, optional origin and chunks.
 
-See :class:`DatasetWriter`; publishing and cleanup after killed writers live in ``_publish.py``.
+See :class:`DatasetWriter`; publishing, cleanup after killed writers and the rule for what an
+output directory may replace (``check_output_dir``) live in ``_publish.py``, which imports nothing
+from here.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from . import _publish
-from ._manifest import manifest_cap
+from ._manifest import check_expansion, manifest_cap
+from ._publish import check_output_dir, os_failure
 from ._schema import (
     ALIGN,
     DEFAULT_BLOCK_BYTES,
@@ -31,16 +34,11 @@ from ._schema import (
     align_up,
     check_field_name,
 )
-from .errors import ConversionError
+from .errors import ConversionError, DatasetError
 
 log = logging.getLogger(__name__)
 
 __all__ = ["DatasetWriter", "check_output_dir"]
-
-
-def _os_failure(path: object, what: str, exc: OSError) -> ConversionError:
-    reason = exc.strerror or str(exc)
-    return ConversionError(f"{path}: {what} failed ({reason})")
 
 
 class _FieldWriter:
@@ -51,7 +49,7 @@ class _FieldWriter:
         try:
             self.f = open(path, "wb")
         except OSError as exc:
-            raise _os_failure(shown, "creating the field file", exc) from exc
+            raise os_failure(shown, "creating the field file", exc) from exc
         self.nbytes = 0
         self.block_bytes = block_bytes
         self.sums: list[int] = []
@@ -62,7 +60,7 @@ class _FieldWriter:
         try:
             self.f.write(data)
         except OSError as exc:
-            raise _os_failure(self.shown, f"writing {len(data)} bytes", exc) from exc
+            raise os_failure(self.shown, f"writing {len(data)} bytes", exc) from exc
         self.nbytes += len(data)
         pos = 0
         while pos < len(data):
@@ -84,7 +82,7 @@ class _FieldWriter:
                 self.f.write(b"\0" * pad)
             self.f.close()
         except OSError as exc:
-            raise _os_failure(self.shown, "finishing the field file", exc) from exc
+            raise os_failure(self.shown, "finishing the field file", exc) from exc
         return {
             "name": self.spec.name,
             "dtype": self.spec.dtype.str,
@@ -179,7 +177,7 @@ class DatasetWriter:
                                                   self.out_dir / f"{s.name}.bin", block_bytes))
         except OSError as exc:
             self.abort()
-            raise _os_failure(self.out_dir, "preparing the output directory", exc) from exc
+            raise os_failure(self.out_dir, "preparing the output directory", exc) from exc
         except BaseException:
             self.abort()
             raise
@@ -303,16 +301,23 @@ class DatasetWriter:
             raise ConversionError(f"{self.out_dir / MANIFEST}: the manifest would take "
                                   f"{len(text) + 1:,} bytes, more than a reader accepts for "
                                   f"this dataset ({cap:,}); {hint}")
+        try:  # what a reader would refuse to parse is refused here, naming the cause
+            check_expansion(text.encode(), self.out_dir / MANIFEST)
+        except DatasetError as exc:
+            raise ConversionError(
+                f"{exc} (the manifest of {len(self.scan_offsets) - 1:,} scans and "
+                f"{len(self._chunk_offsets) - 1:,} chunks: convert fewer files into one "
+                f"dataset, or use a larger chunk size)") from None
         try:
             with open(self.tmp / MANIFEST, "w") as f:
                 f.write(text + "\n")
         except OSError as exc:
-            raise _os_failure(self.out_dir / MANIFEST, "writing the manifest", exc) from exc
+            raise os_failure(self.out_dir / MANIFEST, "writing the manifest", exc) from exc
         try:
             with _publish.parent_lock(self.out_dir.parent, self.out_dir):
                 _publish.publish(self.tmp, self.out_dir, self.overwrite)
         except OSError as exc:
-            raise _os_failure(self.out_dir, "moving the finished dataset into place", exc) from exc
+            raise os_failure(self.out_dir, "moving the finished dataset into place", exc) from exc
         self._done = True
         log.info("wrote %s: %d points, %d scans", self.out_dir, self.num_points,
                  len(self.scan_offsets) - 1)
@@ -342,29 +347,3 @@ class DatasetWriter:
                 raise
         else:
             self.abort()
-
-
-def check_output_dir(out_dir: Path, overwrite: bool) -> None:
-    """Refuse a non-empty output directory unless ``overwrite``; refuse a file in its place."""
-    try:
-        if not os.path.lexists(out_dir):
-            return
-        if not out_dir.is_dir():
-            raise ConversionError(f"{out_dir}: exists and is not a directory")
-        with os.scandir(out_dir) as it:
-            empty = next(it, None) is None
-    except OSError as exc:
-        raise _os_failure(out_dir, "checking the output directory", exc) from exc
-    if empty:
-        return
-    if not overwrite:
-        raise ConversionError(
-            f"{out_dir}: output directory is not empty; pass --overwrite "
-            f"(overwrite=True) to replace it"
-        )
-    if not (out_dir / MANIFEST).is_file():
-        raise ConversionError(
-            f"{out_dir}: refusing to overwrite a non-empty directory that holds no "
-            f"{MANIFEST} (it is not a gds-stream dataset)"
-        )
-

@@ -105,11 +105,11 @@ def test_loaders_release_the_descriptors_they_opened(tmp_path):
 
 # -- files removed, replaced or cut after open ----------------------------------------------------
 def test_field_file_removed_before_the_loader_is_built(tmp_path):
-    path = _tiny(tmp_path)
+    path = _tiny(tmp_path)  # the loader duplicates the dataset's descriptors: its snapshot
     ds = open_dataset(path)
     os.remove(ds.field_path("pid"))
-    with pytest.raises(DatasetError, match=r"pid\.bin: cannot open field 'pid'"):
-        open_loader(ds, backend="fallback", device="cpu", batch_points=999)
+    with open_loader(ds, backend="fallback", device="cpu", batch_points=999) as ld:
+        assert np.array_equal(np.concatenate([b["pid"].numpy() for b in ld]), np.arange(10_000))
     ds.close()
 
 
@@ -120,6 +120,9 @@ def test_field_file_replaced_by_a_shorter_one_before_the_loader_is_built(tmp_pat
     tmp = f.with_suffix(".new")
     tmp.write_bytes(b"\0" * 4096)
     os.replace(tmp, f)
+    with open_loader(ds, backend="fallback", device="cpu", batch_points=999) as ld:
+        assert np.array_equal(np.concatenate([b["pid"].numpy() for b in ld]), np.arange(10_000))
+    os.truncate(f"/proc/self/fd/{ds.fileno('pid')}", 4096)  # cut in place: the snapshot too
     with pytest.raises(DatasetError, match=r"pid\.bin: file holds 4096 bytes.*changed since"):
         open_loader(ds, backend="fallback", device="cpu", batch_points=999)
     ds.close()
@@ -145,10 +148,9 @@ def test_files_removed_or_replaced_after_the_loader_is_built_keep_reading(tmp_pa
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
 def test_unreadable_field_file(tmp_path):  # pragma: no cover - CI runs as root
     path = _tiny(tmp_path)
-    ds = open_dataset(path)
-    os.chmod(ds.field_path("pid"), 0)
-    with pytest.raises(DatasetError, match="cannot open field 'pid'"):
-        open_loader(ds, backend="fallback", device="cpu", batch_points=999)
+    os.chmod(path / "pid.bin", 0)
+    with pytest.raises(DatasetError, match="cannot open the file of field 'pid'"):
+        open_loader(path, backend="fallback", device="cpu", batch_points=999)
 
 
 # -- verify_reads ---------------------------------------------------------------------------------
