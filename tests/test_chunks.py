@@ -125,17 +125,26 @@ def test_schema_without_xyz_and_non_finite_points(tmp_path):
     cols["y"][4] = np.nan
     with chunks.ScanChunker(SCHEMA, 1.0, 2, tmp_path, "in.ply") as ch:
         with pytest.raises(ConversionError, match="in.ply: point 4 has a non-finite y"):
-            ch.append(cols)
+            ch.append(cols)  # checked by a worker: raised by a later call at the latest
+            ch.write_to(None)
     assert not list(tmp_path.glob(".chunking-*")), "temporary files left behind"
 
 
-def test_grid_too_fine_is_refused(tmp_path):
+def test_grid_too_fine_is_refused_while_reading(tmp_path):
+    """In pass 1, by the slice that makes the grid too large: nothing is sorted first."""
     cols = _scan(10, 0)
     cols["x"][0], cols["x"][1] = -3e9, 3e9
     with chunks.ScanChunker(SCHEMA, 1.0, 3, tmp_path, "in.ply") as ch:
-        ch.append(cols)
-        with pytest.raises(ConversionError, match="larger --chunk-size"):
-            ch.write_to(None)
+        with pytest.raises(ConversionError, match="in.ply: .* more than the chunk grid orders "
+                                                  r"\(2\*\*21\); use a larger --chunk-size"):
+            ch.append(cols)
+            ch._merge(*ch._pending.popleft().result())  # as the next append does
+    with chunks.ScanChunker(SCHEMA, 1.0, 3, tmp_path, "in.ply") as ch:
+        ch.append({k: v[:1] for k, v in cols.items()})  # -3e9 alone is fine
+        ch.append({k: v[1:] for k, v in cols.items()})  # 3e9 in a later slice is not
+        with pytest.raises(ConversionError, match="more than the chunk grid orders"):
+            for future in list(ch._pending):
+                ch._merge(*future.result())
 
 
 # -- through convert() and the CLI ------------------------------------------------------------
