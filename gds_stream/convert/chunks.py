@@ -399,8 +399,17 @@ class _Plan:
         def split(item):
             block, a, n = item
             cols = c._rows.read(block, a, n)
+            bucket = bucket_of_rank[self.index.rank(self.floors(cols))]
+            lo, hi = int(bucket.min()), int(bucket.max())
+            if hi - lo < 4:  # a few buckets (the usual case: slices are local): by masks
+                parts = [bucket == b for b in range(lo, hi + 1)]
+                sizes = [int(m.sum()) for m in parts]
+                present = [b for b, k in zip(range(lo, hi + 1), sizes) if k]
+                out_cols = {k: np.concatenate([v[m] for m in parts]) for k, v in cols.items()}
+                ends = np.cumsum([k for k in sizes if k])
+                return present, [0, *ends[:-1].tolist()], ends.tolist(), out_cols, n
             bits = _bits(n - 1)
-            key = bucket_of_rank[self.index.rank(self.floors(cols))] << np.uint64(bits)
+            key = bucket << np.uint64(bits)
             key |= np.arange(n, dtype=np.uint64)
             key.sort()
             bucket = key >> np.uint64(bits)
@@ -454,13 +463,12 @@ class _Plan:
         lut = _FINE_SPREAD[dims]
         for a in range(0, n, PASS_ROWS):
             b = min(n, a + PASS_ROWS)
-            part = {ax: cols[ax][a:b] for ax in XYZ[:dims]}
-            floors = self.floors(part)
+            coords = [cols[ax][a:b].astype(np.float64) for ax in XYZ[:dims]]
+            floors = [np.floor(v / ch.size) for v in coords]  # as pass 1 computed them
             local = (self.index.rank(floors) - c).astype(np.uint64)
             code = np.zeros(b - a, dtype=np.uint64)
-            for d, ax in enumerate(XYZ[:dims]):
+            for d, v in enumerate(coords):
                 # as floor((x - cell * size) / size * FINE), clipped, in float64
-                v = part[ax].astype(np.float64)
                 v -= floors[d] * ch.size
                 v /= ch.size
                 v *= FINE
