@@ -5,10 +5,10 @@ DALES-like aerial tiles in metres (PLY: x, y, z, intensity, sem_class; a few til
 at 10–15 points/m², terrain, buildings and vegetation), so sizes such as ``--chunk-size 25`` mean
 what they mean on real data — each ```python block as a script, and each ```bash block whose
 commands are ``gds-stream`` invocations through a shell. Every block runs, then every block runs
-again: an example pasted twice must work twice (no "output directory is not empty"). The two blocks that
-set up an environment (pip) and run the full benchmark are exercised elsewhere — CI runs the same
-install commands (``.ci/run``) and ``tests/test_bench.py`` runs every benchmark variant — so here
-they are only checked to be exactly those commands.
+again: an example pasted twice must work twice (no "output directory is not empty").
+The two blocks that set up an environment (pip) and run the full benchmark are exercised
+elsewhere — CI runs the same install commands (``.ci/run``) and ``tests/test_bench.py`` runs
+every benchmark variant — so here they are only checked to be exactly those commands.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""The chunk sort's moving parts: temporary column files, the cell → curve-rank lookup, and an
-ordered, bounded map over a thread pool (see :mod:`.chunks` for the passes that use them).
+"""The chunk sort's moving parts: temporary column files, Morton codes and cell keys, the cell →
+curve-rank lookup, and an ordered, bounded map over a thread pool (see :mod:`.chunks` for the
+passes that use them).
 
 Temporary data is stored as *column blocks*: a block of ``n`` rows is every field's ``n`` values
 in turn (``x[0:n]``, then ``y[0:n]``, ...), written with one ``pwritev`` and read back with one
@@ -141,6 +142,57 @@ class ColumnFile:
             pass
         except OSError as exc:
             raise os_failure(self.path, "removing a temporary file", exc, self.where) from exc
+
+
+def spread_bits(v: np.ndarray, dims: int) -> np.ndarray:
+    """Spread the bits of ``v`` (uint64) so that ``dims`` codes interleave."""
+    v = v.astype(np.uint64)
+    if dims == 2:
+        masks = [(16, 0x0000FFFF0000FFFF), (8, 0x00FF00FF00FF00FF), (4, 0x0F0F0F0F0F0F0F0F),
+                 (2, 0x3333333333333333), (1, 0x5555555555555555)]
+        v &= np.uint64(0x7FFFFFFF)
+    else:
+        masks = [(32, 0x001F00000000FFFF), (16, 0x001F0000FF0000FF), (8, 0x100F00F00F00F00F),
+                 (4, 0x10C30C30C30C30C3), (2, 0x1249249249249249)]
+        v &= np.uint64(0x1FFFFF)
+    for shift, mask in masks:
+        v = (v | (v << np.uint64(shift))) & np.uint64(mask)
+    return v
+
+
+def morton(cells: np.ndarray) -> np.ndarray:
+    """Morton codes (uint64) of non-negative integer cells, shape (n, dims)."""
+    dims = cells.shape[1]
+    code = np.zeros(len(cells), dtype=np.uint64)
+    for d in range(dims):
+        code |= spread_bits(cells[:, d], dims) << np.uint64(d)
+    return code
+
+
+def pack_floors(floors: Sequence[np.ndarray], lo: np.ndarray, span: np.ndarray,
+                   exact: bool) -> np.ndarray:
+    """``pack`` of the cells whose per-axis floors (float64) are ``floors``: computed in float64
+    where the box is below 2**53 (exact), else through int64."""
+    if not exact:
+        return pack(np.stack(floors, axis=1).astype(np.int64), lo, span)
+    key = floors[0] - float(lo[0])
+    for d in range(1, len(floors)):
+        key *= float(span[d])
+        key += floors[d] - float(lo[d])  # exact: integers below 2**53 at every step
+    return key.astype(np.int64)
+
+
+def unpack(packed: np.ndarray, lo: np.ndarray, span: np.ndarray) -> np.ndarray:
+    """The cell rows (int64, (n, dims)) of ``pack``ed keys."""
+    keys = np.empty((len(packed), len(span)), dtype=np.int64)
+    for d in range(len(span) - 1, -1, -1):
+        keys[:, d] = packed % span[d] + lo[d]
+        packed = packed // span[d]
+    return keys
+
+
+def index_bits(n: int) -> int:
+    return max(1, int(n).bit_length())
 
 
 def pack(cells: np.ndarray, lo: np.ndarray, span: np.ndarray) -> np.ndarray:

@@ -54,7 +54,8 @@ from .._manifest import MANIFEST_ABS_MAX_BYTES, MANIFEST_BASE_BYTES, MANIFEST_DA
 from .._schema import align_up
 from ..errors import ConversionError
 from ..format import FieldSpec
-from ._chunkio import CellIndex, ColumnFile, ordered_map, os_failure, pack
+from ._chunkio import (CellIndex, ColumnFile, index_bits, morton, ordered_map, os_failure, pack,
+                       pack_floors, spread_bits, unpack)
 
 log = logging.getLogger(__name__)
 
@@ -69,35 +70,8 @@ _BITS = {2: 31, 3: 21}
 #: Subdivisions of a cell per axis for the order of points inside it.
 FINE = 1024
 XYZ = ("x", "y", "z")
-
-
-def _spread(v: np.ndarray, dims: int) -> np.ndarray:
-    """Spread the bits of ``v`` (uint64) so that ``dims`` codes interleave."""
-    v = v.astype(np.uint64)
-    if dims == 2:
-        masks = [(16, 0x0000FFFF0000FFFF), (8, 0x00FF00FF00FF00FF), (4, 0x0F0F0F0F0F0F0F0F),
-                 (2, 0x3333333333333333), (1, 0x5555555555555555)]
-        v &= np.uint64(0x7FFFFFFF)
-    else:
-        masks = [(32, 0x001F00000000FFFF), (16, 0x001F0000FF0000FF), (8, 0x100F00F00F00F00F),
-                 (4, 0x10C30C30C30C30C3), (2, 0x1249249249249249)]
-        v &= np.uint64(0x1FFFFF)
-    for shift, mask in masks:
-        v = (v | (v << np.uint64(shift))) & np.uint64(mask)
-    return v
-
-
-def morton(cells: np.ndarray) -> np.ndarray:
-    """Morton codes (uint64) of non-negative integer cells, shape (n, dims)."""
-    dims = cells.shape[1]
-    code = np.zeros(len(cells), dtype=np.uint64)
-    for d in range(dims):
-        code |= _spread(cells[:, d], dims) << np.uint64(d)
-    return code
-
-
-#: ``_spread`` of 0 .. FINE - 1, per dims: the finer curve by table lookup.
-_FINE_SPREAD = {d: _spread(np.arange(FINE), d) for d in (2, 3)}
+#: ``spread_bits`` of 0 .. FINE - 1, per dims: the finer curve by table lookup.
+_FINE_SPREAD = {d: spread_bits(np.arange(FINE), d) for d in (2, 3)}
 
 
 def check_options(size: object, dims: object, where: str = "") -> None:
@@ -155,33 +129,8 @@ def chunk_limit(schema: Sequence[FieldSpec], num_points: int) -> ChunkLimit:
     largest for that many points."""
     data = sum(align_up(num_points * s.dtype.itemsize * s.components) for s in schema)
     data += 1 << 20  # anything else the directory may hold
-    return ChunkLimit(min(MANIFEST_ABS_MAX_BYTES, MANIFEST_BASE_BYTES + data // MANIFEST_DATA_RATIO))
-
-
-def _packed_floors(floors: Sequence[np.ndarray], lo: np.ndarray, span: np.ndarray,
-                   exact: bool) -> np.ndarray:
-    """``pack`` of the cells whose per-axis floors (float64) are ``floors``: computed in float64
-    where the box is below 2**53 (exact), else through int64."""
-    if not exact:
-        return pack(np.stack(floors, axis=1).astype(np.int64), lo, span)
-    key = floors[0] - float(lo[0])
-    for d in range(1, len(floors)):
-        key *= float(span[d])
-        key += floors[d] - float(lo[d])  # exact: integers below 2**53 at every step
-    return key.astype(np.int64)
-
-
-def _unpack(packed: np.ndarray, lo: np.ndarray, span: np.ndarray) -> np.ndarray:
-    """The cell rows (int64, (n, dims)) of ``pack``ed keys."""
-    keys = np.empty((len(packed), len(span)), dtype=np.int64)
-    for d in range(len(span) - 1, -1, -1):
-        keys[:, d] = packed % span[d] + lo[d]
-        packed = packed // span[d]
-    return keys
-
-
-def _bits(n: int) -> int:
-    return max(1, int(n).bit_length())
+    cap = MANIFEST_BASE_BYTES + data // MANIFEST_DATA_RATIO
+    return ChunkLimit(min(MANIFEST_ABS_MAX_BYTES, cap))
 
 
 class ScanChunker:
@@ -246,7 +195,7 @@ class ScanChunker:
         self._check_grid(hi - lo)
         span = hi - lo + 1
         box = math.prod(int(v) for v in span)
-        packed = _packed_floors(floors, lo, span, exact=box < 2**53)
+        packed = pack_floors(floors, lo, span, exact=box < 2**53)
         if box <= 4 * n:
             hist = np.bincount(packed, minlength=box)
             uniq = np.flatnonzero(hist)
@@ -254,7 +203,7 @@ class ScanChunker:
         else:
             uniq, counts = np.unique(packed, return_counts=True)
         self._rows.write_block(part, block)
-        return _unpack(uniq, lo, span), counts.astype(np.int64), first + n
+        return unpack(uniq, lo, span), counts.astype(np.int64), first + n
 
     def _checked_floors(self, part: Mapping[str, np.ndarray], first: int) -> list[np.ndarray]:
         """``floor(coordinate / size)`` per chunk axis (float64); a non-finite coordinate (any
@@ -293,7 +242,7 @@ class ScanChunker:
             order = np.argsort(allp, kind="stable")
             allp = allp[order]
             starts = np.flatnonzero(np.concatenate([[True], allp[1:] != allp[:-1]]))
-            keys, counts = _unpack(allp[starts], lo, span), np.add.reduceat(allc[order], starts)
+            keys, counts = unpack(allp[starts], lo, span), np.add.reduceat(allc[order], starts)
         self._keys, self._counts = keys, counts
         if self.limit is not None and len(keys) > self.limit.max_chunks:
             need = (len(keys) + self.limit.declared) * self.limit.per_chunk
@@ -408,7 +357,7 @@ class _Plan:
                 out_cols = {k: np.concatenate([v[m] for m in parts]) for k, v in cols.items()}
                 ends = np.cumsum([k for k in sizes if k])
                 return present, [0, *ends[:-1].tolist()], ends.tolist(), out_cols, n
-            bits = _bits(n - 1)
+            bits = index_bits(n - 1)
             key = bucket << np.uint64(bits)
             key |= np.arange(n, dtype=np.uint64)
             key.sort()
@@ -457,8 +406,8 @@ class _Plan:
         bounds of each cell's points."""
         ch, dims = self.c, self.c.dims
         n = len(cols["x"])
-        fine_bits, idx_bits = 10 * dims, _bits(n - 1)
-        one_key = _bits(e - c - 1) + fine_bits + idx_bits <= 64
+        fine_bits, idx_bits = 10 * dims, index_bits(n - 1)
+        one_key = index_bits(e - c - 1) + fine_bits + idx_bits <= 64
         key = np.empty(n, dtype=np.uint64 if one_key else np.int64)
         lut = _FINE_SPREAD[dims]
         for a in range(0, n, PASS_ROWS):
