@@ -126,3 +126,12 @@ def test_readme_tiles_are_dales_like_in_metres(tmp_path):
     assert 0 <= rows["x"].min() and rows["x"].max() < 100 and rows["y"].max() < 100
     assert 95 < rows["z"].min() and rows["z"].max() < 130  # metres above the datum
     assert set(np.unique(rows["sem_class"]).tolist()) == {1, 2, 8}
+
+
+def test_readme_chunk_sizes_are_tens_of_metres():
+    """The examples run on tiles in metres: a chunk is what a model trains on (tens of metres),
+    not a fraction of a metre (0.5 once made 864,727 chunks of a real tile, and failed)."""
+    text = "\n".join(body for kind, body in blocks() if kind in ("python", "bash"))
+    sizes = [float(v) for v in re.findall(r"(?:--chunk-size |chunk_size=)([0-9.e+-]+)", text)]
+    assert sizes, "no chunk example in the README"
+    assert all(10 <= v <= 100 for v in sizes), sizes
