@@ -125,17 +125,26 @@ def test_schema_without_xyz_and_non_finite_points(tmp_path):
     cols["y"][4] = np.nan
     with chunks.ScanChunker(SCHEMA, 1.0, 2, tmp_path, "in.ply") as ch:
         with pytest.raises(ConversionError, match="in.ply: point 4 has a non-finite y"):
-            ch.append(cols)
+            ch.append(cols)  # checked by a worker: raised by a later call at the latest
+            ch.write_to(None)
     assert not list(tmp_path.glob(".chunking-*")), "temporary files left behind"
 
 
-def test_grid_too_fine_is_refused(tmp_path):
+def test_grid_too_fine_is_refused_while_reading(tmp_path):
+    """In pass 1, by the slice that makes the grid too large: nothing is sorted first."""
     cols = _scan(10, 0)
     cols["x"][0], cols["x"][1] = -3e9, 3e9
     with chunks.ScanChunker(SCHEMA, 1.0, 3, tmp_path, "in.ply") as ch:
-        ch.append(cols)
-        with pytest.raises(ConversionError, match="larger --chunk-size"):
-            ch.write_to(None)
+        with pytest.raises(ConversionError, match="in.ply: .* more than the chunk grid orders "
+                                                  r"\(2\*\*21\); use a larger --chunk-size"):
+            ch.append(cols)
+            ch._merge(*ch._pending.popleft().result())  # as the next append does
+    with chunks.ScanChunker(SCHEMA, 1.0, 3, tmp_path, "in.ply") as ch:
+        ch.append({k: v[:1] for k, v in cols.items()})  # -3e9 alone is fine
+        ch.append({k: v[1:] for k, v in cols.items()})  # 3e9 in a later slice is not
+        with pytest.raises(ConversionError, match="more than the chunk grid orders"):
+            for future in list(ch._pending):
+                ch._merge(*future.result())
 
 
 # -- through convert() and the CLI ------------------------------------------------------------
@@ -277,3 +286,129 @@ def test_chunks_too_fine_for_a_readable_manifest_are_refused_before_publishing(t
     assert not (tmp_path / "ds").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ds")]
     assert _manifest.manifest_cap(tmp_path) >= _manifest.MANIFEST_BASE_BYTES
+
+
+# -- parallel passes, resources, refusals (issues: speed, full disk, too many chunks) ----------
+@pytest.mark.parametrize("workers", [1, 3])
+def test_output_does_not_depend_on_the_number_of_workers(tmp_path, monkeypatch, workers):
+    monkeypatch.setattr(chunks, "PASS_ROWS", 900)
+    monkeypatch.setattr(chunks, "BUCKET_BYTES", 30_000)  # many buckets: passes 2 and 3 run
+    scans = [_scan(6000, 11), _scan(2500, 12, extent=40.0)]
+    files = {}
+    for w in (2, workers):
+        monkeypatch.setattr(chunks, "WORKERS", w)
+        ds = _convert(tmp_path / f"w{w}", scans, 7.5, 2)
+        files[w] = {k: ds.read(k).tobytes() for k in ds.schema}
+        files[w]["chunks"] = (ds.chunk_offsets.tobytes(), ds.chunk_cells.tobytes(),
+                              ds.chunk_bounds.tobytes())
+    assert files[workers] == files[2]
+
+
+def test_a_full_disk_during_the_sort_names_the_temporary_file_and_the_input(tmp_path, make_ply,
+                                                                           monkeypatch):
+    from gds_stream import convert
+
+    io = importlib.import_module("gds_stream.convert._chunkio")
+    make_ply(tmp_path / "a.ply", 3000)
+
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(io.os, "pwritev", full)
+    with pytest.raises(ConversionError) as err:
+        convert(tmp_path / "a.ply", tmp_path / "ds", progress=False, chunk_size=1.0)
+    msg = str(err.value)
+    assert ".chunking-" in msg and "rows: writing" in msg and "No space left on device" in msg
+    assert f"while sorting {tmp_path / 'a.ply'} into spatial chunks" in msg
+    assert not (tmp_path / "ds").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_manifest_bytes_per_chunk_is_a_lower_bound_of_the_writers_manifest(tmp_path):
+    """The early refusal relies on it: a chunk never takes fewer bytes in the manifest."""
+    size = {}
+    for k, cell, bound in ((1, 0, 0.0), (201, 0, 0.0), (300, -12345, 489123.4375)):
+        out = tmp_path / f"m{k}"
+        with DatasetWriter(out, SCHEMA, chunk_size=1.0, chunk_dims=2) as w:
+            w.append(_scan(k, 0))
+            for _ in range(k):
+                w.add_chunk(1, cell=(cell, cell, 0), bounds=[bound] * 6)
+            w.end_scan("s")
+        size[k] = (out / "manifest.json").stat().st_size
+        assert size[k] >= k * chunks.MANIFEST_BYTES_PER_CHUNK
+    assert (size[201] - size[1]) / 200 >= chunks.MANIFEST_BYTES_PER_CHUNK
+
+
+def test_too_many_chunks_are_refused_while_reading_with_bounded_memory(tmp_path):
+    """Every point its own cell: refused by the first slices that show it, not after sorting
+    (before: 3.8 GB for 2 M points, then the writer's refusal after 37 s)."""
+    import subprocess
+    import sys
+
+    n = 2_000_000
+    rng = np.random.default_rng(0)
+    (rng.random((n, 3), dtype=np.float32) * 1000).tofile(tmp_path / "scan.bin")
+    code = f"""
+import resource, sys
+from gds_stream.cli import main
+rc = main(["convert", {str(tmp_path / "scan.bin")!r}, "-o", {str(tmp_path / "ds")!r},
+           "--raw-fields", "x,y,z", "--chunk-size", "0.001", "--no-progress"])
+print("peak", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+sys.exit(rc)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "scan.bin: --chunk-size 0.001 makes at least" in r.stderr
+    assert "more than a reader accepts for this dataset" in r.stderr
+    first = int(r.stderr.split("chunks of its first ")[1].split(" points")[0].replace(",", ""))
+    assert first < n, "refused only after reading every point"
+    peak = int(r.stdout.split("peak ")[1])
+    assert peak < 600 << 20, f"peak RSS {peak / 2**20:.0f} MiB"
+    assert not (tmp_path / "ds").exists()
+
+
+def test_cli_non_finite_z_with_2d_chunks_names_the_input_point(tmp_path):
+    from conftest import _make_raw
+
+    cols = _make_raw(tmp_path / "a.bin", 50, ["x", "y", "z"])
+    arr = np.stack([cols[k] for k in "xyz"], 1)
+    arr[9, 2] = np.nan
+    arr.astype(np.float32).tofile(tmp_path / "a.bin")
+    r = _cli("convert", "a.bin", "-o", "ds", "--raw-fields", "x,y,z", "--chunk-size", "1",
+             "--chunk-dims", "2", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "gds-stream: error: a.bin: point 9 has a non-finite z (nan); spatial chunks need finite "
+        "coordinates"]
+
+
+@pytest.mark.parametrize("size", ["5e-324", "1e-300", "1e-12"])
+def test_cli_absurdly_small_chunk_size_is_one_line(tmp_path, make_ply, size):
+    make_ply(tmp_path / "a.ply", 2000)
+    r = _cli("convert", "a.ply", "-o", "ds", "--chunk-size", size, "--no-progress",
+             cwd=tmp_path)
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "Warning" not in r.stderr and "use a larger --chunk-size" in r.stderr
+    assert r.stderr.startswith("gds-stream: error: a.ply: ")
+    assert not (tmp_path / "ds").exists()
+
+
+def test_progress_shows_each_phase_with_its_own_bar(tmp_path, make_ply, monkeypatch, capfd):
+    from gds_stream import convert
+
+    monkeypatch.setattr(chunks, "BUCKET_BYTES", 20_000)  # several buckets: pass 2 runs
+    make_ply(tmp_path / "a.ply", 3000)
+    make_ply(tmp_path / "b.ply", 2000, seed=1)
+    convert([tmp_path / "a.ply", tmp_path / "b.ply"], tmp_path / "ds", progress=True,
+            chunk_size=0.2)
+    err = capfd.readouterr().err
+    finals = {}
+    for piece in err.replace("\r", "\n").splitlines():
+        name = piece.split(":")[0].strip()
+        if name in ("read", "sort", "write") and "%" in piece:
+            finals[name] = piece
+    assert set(finals) == {"read", "sort", "write"}, err[-2000:]
+    assert all("100%" in v for v in finals.values()), finals
+    assert "5.00k/5.00k" in finals["sort"] and "5.00k/5.00k" in finals["write"]

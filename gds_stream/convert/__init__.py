@@ -74,11 +74,13 @@ def convert(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: st
     reproduce every scaled coordinate within half the file's scale), ``float64`` absolute,
     ``auto`` (default) float32 where every input holds so, else float64 with a warning; other
     formats keep their stored types.
-    ``progress``: a tqdm bar over input bytes on stderr; ``None`` shows it when stderr is a TTY.
+    ``progress``: tqdm bars on stderr (over input bytes; with ``chunk_size`` one per phase:
+    read, sort, write); ``None`` shows them when stderr is a TTY.
     ``chunk_size`` (``--chunk-size``): group the points of each scan into spatial chunks, the
-    grid cells of this edge on x, y (``chunk_dims=2``) or x, y, z (``chunk_dims=3``), ordered
-    along a Morton curve, each chunk a contiguous range (out-of-core: bounded memory; temporary
-    disk beside ``out_dir``: the scan's rows twice plus 8 bytes per point and axis). ``point_ids`` (``--point-ids``): add a
+    grid cells of this edge (in the coordinates' unit: tens of metres for LiDAR) on x, y
+    (``chunk_dims=2``) or x, y, z (``chunk_dims=3``), ordered along a Morton curve, each chunk a
+    contiguous range (out-of-core on all cores: bounded memory; temporary disk beside
+    ``out_dir``: the scan's rows twice). ``point_ids`` (``--point-ids``): add a
     ``point_id`` field (uint64, each point's index in its input file), so the original order
     stays recoverable.
 

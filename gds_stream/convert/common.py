@@ -7,6 +7,7 @@ change them on this module.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -167,14 +168,16 @@ def write_sources(sources: Sequence[Source], out: Path, *, overwrite: bool,
                   progress: bool | None, writer_options: dict | None = None,
                   chunk_size: float | None = None, chunk_dims: int = 2,
                   point_ids: bool = False) -> None:
-    """Stream every source, one scan each, into a new dataset at ``out``, with a tqdm bar over
-    input bytes (binary units) on stderr. Any error aborts the writer: nothing is left behind.
+    """Stream every source, one scan each, into a new dataset at ``out``, with progress bars on
+    stderr: one over input bytes (binary units); with ``chunk_size`` one per phase — ``read``
+    (input bytes), ``sort`` (points split into sort buckets) and ``write`` (points sorted and
+    written). Any error aborts the writer: nothing is left behind.
 
     ``chunk_size``: group each scan's points into spatial chunks (see :mod:`.chunks`).
     ``point_ids``: add a ``point_id`` field (uint64, the point's index in its input file)."""
     from tqdm import tqdm
 
-    from .chunks import ScanChunker
+    from .chunks import ScanChunker, chunk_limit
 
     schema = list(sources[0].schema)
     if point_ids:
@@ -183,20 +186,29 @@ def write_sources(sources: Sequence[Source], out: Path, *, overwrite: bool,
                                   f"--point-ids would add a second one")
         schema.append(FieldSpec(POINT_ID, np.dtype("<u8")))
     options = dict(writer_options or {})
-    if chunk_size is not None:
+    chunked = chunk_size is not None
+    if chunked:
         options.update(chunk_size=chunk_size, chunk_dims=chunk_dims)
     total = sum(s.nbytes for s in sources)
-    log.info("converting %d file(s), %d points, %d bytes into %s", len(sources),
-             sum(s.num_points for s in sources), total, out)
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert",
-              disable=None if progress is None else not progress, file=sys.stderr) as bar, \
-            DatasetWriter(out, schema, overwrite=overwrite, **options) as writer:
+    points = sum(s.num_points for s in sources)
+    log.info("converting %d file(s), %d points, %d bytes into %s", len(sources), points, total,
+             out)
+    bar_options = dict(disable=None if progress is None else not progress, file=sys.stderr,
+                       dynamic_ncols=True)
+    limit = chunk_limit(schema, points) if chunked else None
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                                       desc="read" if chunked else "convert", **bar_options))
+        phases = [stack.enter_context(tqdm(total=points, unit="pt", unit_scale=True, desc=name,
+                                           position=i + 1, **bar_options))
+                  for i, name in enumerate(("sort", "write"))] if chunked else []
+        writer = stack.enter_context(DatasetWriter(out, schema, overwrite=overwrite, **options))
         for src in sources:
             consumed, row = 0, 0
             # inside the writer's temporary directory: removed with it on any failure, and by
             # the next convert when this one is killed
-            chunker = (ScanChunker(schema, chunk_size, chunk_dims, writer.tmp, str(src.path))
-                       if chunk_size is not None else None)
+            chunker = (ScanChunker(schema, chunk_size, chunk_dims, writer.tmp, str(src.path),
+                                   limit) if chunked else None)
             try:
                 sink = chunker.append if chunker is not None else writer.append
                 for columns, nbytes in src.chunks():
@@ -208,10 +220,14 @@ def write_sources(sources: Sequence[Source], out: Path, *, overwrite: bool,
                     sink(columns)
                     consumed += nbytes
                     bar.update(nbytes)
+                bar.update(src.nbytes - consumed)
                 if chunker is not None:
-                    chunker.write_to(writer)
+                    assert limit is not None
+                    limit.declared += chunker.write_to(writer, phases[0].update,
+                                                       phases[1].update)
+                    for phase in phases:  # a source that held fewer points than it promised
+                        phase.update(max(0, src.num_points - chunker.num_points))
             finally:
                 if chunker is not None:
                     chunker.close()
-            bar.update(src.nbytes - consumed)
             writer.end_scan(str(src.path), format=src.format, **src.info)
