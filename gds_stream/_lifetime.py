@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any, Sequence, TypeVar
 
 from .errors import DatasetError
@@ -30,8 +31,23 @@ class Closeable:
     def __del__(self) -> None:
         try:
             self.close()
+        except KeyboardInterrupt:
+            # Raised in a finalizer, it would only be printed ("Exception ignored in ..."):
+            # the next next() of a loader raises it in the main code instead.
+            PENDING_INTERRUPT.append(True)
         except Exception:  # noqa: BLE001 - interpreter shutdown or a half-built object
             pass
+
+
+#: A Ctrl-C that landed in a ``__del__`` of ours, to raise at the next ``next()`` of a loader.
+PENDING_INTERRUPT: list[bool] = []
+
+
+def raise_pending_interrupt() -> None:
+    """Raise the ``KeyboardInterrupt`` a finalizer of ours caught (main thread only)."""
+    if PENDING_INTERRUPT and threading.current_thread() is threading.main_thread():
+        PENDING_INTERRUPT.clear()
+        raise KeyboardInterrupt
 
 
 class FieldFiles(Closeable):

@@ -22,7 +22,7 @@ import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
-from ._lifetime import Closeable
+from ._lifetime import Closeable, raise_pending_interrupt
 from .errors import BackendUnavailable, LoaderError
 from .plan import BatchPlan, EpochPlan
 
@@ -105,6 +105,7 @@ class EpochIterator(Closeable):
         self._next_submit += 1
 
     def __next__(self) -> dict:
+        raise_pending_interrupt()  # a Ctrl-C that landed in a finalizer of ours
         if not self._busy.acquire(blocking=False):
             if self._closed:  # a close() from another thread is joining the workers: wait
                 self._busy.acquire()  # for it, then report the close below

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ._hostmem import drain as drain_returned_buffers
 from ._lifetime import Closeable, FieldFiles
 from .epoch import POLL_S, EpochIterator
 from .errors import LoaderError
@@ -231,6 +232,7 @@ class Loader(Closeable):
         try:
             self._release()
         finally:
+            drain_returned_buffers()
             if self.files is not None:
                 self.files.close()
             if getattr(self, "_owns_dataset", False) and getattr(self, "dataset", None) is not None:
