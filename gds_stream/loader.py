@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ._hostmem import drain as drain_returned_buffers
-from ._lifetime import Closeable, FieldFiles
+from ._lifetime import Closeable, FieldFiles, import_torch
 from .epoch import POLL_S, EpochIterator
 from .errors import LoaderError
 from .format import Dataset, FieldSpec, open_dataset
@@ -58,6 +58,7 @@ class Loader(Closeable):
     backend_reason: str = "built directly, not through open_loader"
 
     def __init__(self, dataset: Dataset | str | os.PathLike, **options: Any):
+        import_torch()  # before anything refers to this loader (see import_torch)
         self._closed = False
         self._released = False
         self._active: weakref.ref[EpochIterator] | None = None
