@@ -357,13 +357,16 @@ class _Producer:
         """The next batch (consumer's thread); a failure of the pipeline thread first."""
         while True:
             if self.error is not None:
-                raise self.error
+                # handed over once (the iterator then stops): its traceback holds the iterator
+                err, self.error = self.error, None
+                raise err
             try:
                 kind, value = self.queue.get(timeout=POLL_S)
             except queue.Empty:
                 if it._closed and it._why is not None:
                     raise LoaderError(it._stopped_message()) from None
-                if not self.thread.is_alive() and self.queue.empty() and self.error is None:
+                if (not self.thread.is_alive() and self.queue.empty()
+                        and self.error is None):
                     raise LoaderError("the pipeline thread stopped unexpectedly") from None
                 continue
             if kind == "end":
