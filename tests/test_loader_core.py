@@ -35,7 +35,8 @@ def test_unnamed_loader_runs_a_full_epoch(tmp_path):
 
 def test_abandoned_iterator_of_unnamed_loader_joins_its_threads(tmp_path):
     base = set(threading.enumerate())
-    it = iter(open_loader(_tiny(tmp_path), backend="fallback", device="cpu", batch_points=100))
+    it = iter(open_loader(_tiny(tmp_path), backend="fallback", device="cpu", batch_points=100,
+                          num_threads=2))
     next(it)
     assert set(threading.enumerate()) - base  # workers run
     del it
@@ -50,12 +51,14 @@ def test_cpu_defaults_leave_torchs_cores_to_torch(tmp_path, monkeypatch):
     from gds_stream import options
 
     path = _tiny(tmp_path)
-    for cores, torch_threads, want in ((8, 6, 2), (2, 2, 1), (4, 1, 3), (64, 4, 16)):
+    for cores, torch_threads, want in ((8, 6, 2), (2, 2, 0), (4, 1, 3), (64, 4, 16), (4, 8, 0)):
         monkeypatch.setattr(options, "_cores", lambda c=cores: c)
         monkeypatch.setattr(torch, "get_num_threads", lambda t=torch_threads: t)
         with open_loader(path, backend="fallback", device="cpu", batch_points=999) as ld:
             got = (ld.options.num_threads, ld.options.prefetch)
             assert got == (want, 2), (cores, torch_threads)
+            assert ld.inline_reads == (want == 0)
+            assert ("inline" in ld.backend_reason) == (want == 0), ld.backend_reason
     with open_loader(path, backend="fallback", device="cpu", batch_points=999, num_threads=5,
                      prefetch=7) as ld:  # explicit values are respected
         assert (ld.options.num_threads, ld.options.prefetch) == (5, 7)
@@ -318,3 +321,35 @@ def test_host_buffer_pool_is_bounded_in_bytes_and_safe_inside_a_collection():
     with _hostmem._lock:
         gc.collect()
     assert _hostmem.pooled_bytes() >= 1 << 20
+
+
+def test_the_first_abandoned_loader_of_a_process_closes_at_once(tmp_path):
+    # torch's first import leaves a reference cycle through frames (torch.fx keeps
+    # inspect.currentframe() in a local) whose f_back chain held the loader being built, so its
+    # descriptors stayed open until the cyclic collector ran. A fresh process, the collector off.
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    script = textwrap.dedent("""
+        import gc, os, sys
+        gc.disable()
+        sys.path.insert(0, sys.argv[1])
+        import gds_stream
+        assert "torch" not in sys.modules
+        def fds():
+            return len(os.listdir("/proc/self/fd"))
+        def epoch_start(path):
+            it = iter(gds_stream.open_loader(path, batch_points=100, shuffle=True, seed=1))
+            return next(it)["pid"].numel()
+        for kw in ({}, {}):
+            base = fds()
+            assert epoch_start(sys.argv[2]) == 100
+            print(fds() - base)
+    """)
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-c", script, str(root), str(_tiny(tmp_path))],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["0", "0"], (r.stdout, r.stderr[-1000:])
