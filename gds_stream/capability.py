@@ -15,6 +15,7 @@ import logging
 import os
 import platform
 import sys
+import threading
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,8 @@ def environment_report() -> list[tuple[str, str]]:
                                   f"in compat mode (POSIX reads, no direct DMA)"))
     else:
         rows.append(("GPUDirect", f"not available: {cap.reason}"))
+    if cap.available:
+        rows.append(("cuFile allow_compat_mode", cufile_allow_compat()))
     rows.append(("backend auto", auto_choice(cap)))
     return rows
 
@@ -229,3 +232,52 @@ def _opens_direct(path: str) -> bool:
         return False
     os.close(fd)
     return True
+
+
+#: KvikIO's compat mode is a process-wide default read when a ``CuFile`` is opened: changed and
+#: restored under this lock, so two loaders opening files at once do not see each other's.
+_COMPAT_LOCK = threading.Lock()
+
+
+def _open_compat_off(kvikio, path: str):
+    """``kvikio.CuFile(path)`` with compat mode OFF: raises where the file cannot do GDS (an
+    O_DIRECT open or a cuFile registration that fails; under AUTO, KvikIO would switch the file
+    to compat mode silently, ``cpp/src/compat_mode_manager.cpp``)."""
+    with _COMPAT_LOCK:
+        old = kvikio.defaults.get("compat_mode")
+        kvikio.defaults.set("compat_mode", kvikio.CompatMode.OFF)
+        try:
+            return kvikio.CuFile(path, "r")
+        finally:
+            kvikio.defaults.set("compat_mode", old)
+
+
+def open_for_route(cap: GDSCapability, kvikio, path: str) -> tuple[object, str, str]:
+    """Open ``path`` for the GPU-direct backend: (CuFile, route, why not gds).
+
+    Where the probe says ``gds``, the file is opened with compat mode OFF; if that raises, or
+    :func:`file_route` finds a reason, it is read on the ``host`` route (a CuFile opened with
+    KvikIO's default mode, whose ``pread`` into host memory is plain POSIX reads)."""
+    if cap.mode == "gds":
+        try:
+            f = _open_compat_off(kvikio, path)
+        except Exception as exc:  # noqa: BLE001 - cuFile/O_DIRECT errors come in many types
+            why = f"{path}: cuFile cannot open it for GPUDirect Storage ({exc}); read in compat mode"
+            log.debug("%s", why)
+            return kvikio.CuFile(path, "r"), "host", why
+        route, why = file_route(cap, f, path)
+        return f, route, why
+    f = kvikio.CuFile(path, "r")
+    route, why = file_route(cap, f, path)
+    return f, route, why
+
+
+def cufile_allow_compat() -> str:
+    """cuFile's own ``allow_compat_mode`` (from its config), as ``gds-stream env`` reports it."""
+    try:
+        import kvikio.cufile_driver
+
+        return "yes" if kvikio.cufile_driver.get("allow_compat_mode") else "no"
+    except Exception as exc:  # noqa: BLE001 - no kvikio, or no libcufile
+        return f"unknown ({type(exc).__name__}: {exc})" if not isinstance(exc, ImportError) \
+            else "unknown (kvikio is not installed)"

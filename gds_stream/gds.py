@@ -20,11 +20,23 @@ every kernel queued on the null stream. Each file therefore takes one of two rou
   KvikIO's thread pool, no CUDA call) — then our own non-blocking host→device copy of the slab
   on the same non-blocking stream.
 
-Which route each file takes is decided per file by :func:`capability.file_route`, and
-``loader.backend`` is "gds" only when every file takes the ``gds`` route ("gds-compat" with
-``backend_reason`` otherwise). Whether the ``gds`` route beats the ``host`` route, and by how
-much reads overlap training on a real GPU, is measured by the GPU tests and the shared stream
-probe; those numbers are pending a GPU run.
+Which route each file takes is decided per file when the loader opens it: a file for the
+``gds`` route is opened with KvikIO's compat mode **OFF** (:func:`capability.open_cufile`), so a
+file that cannot do GDS (a failed O_DIRECT open or cuFile registration, which under ``AUTO``
+would silently switch it to compat, ``cpp/src/compat_mode_manager.cpp``) raises at open and is
+reopened for the ``host`` route, the reason in ``backend_reason``. ``loader.backend`` is "gds"
+only when every file takes the ``gds`` route ("gds-compat" otherwise). Whether the ``gds`` route
+beats the ``host`` route, and by how much reads overlap training on a real GPU, is measured by
+``gds-stream env --check`` and the GPU tests; no GPU run has happened yet.
+
+Streams and threads: the loader owns ``min(prefetch, 4)`` non-blocking streams of its own
+(:mod:`gds_stream.cudaops`, not torch's pool), created once and destroyed in ``close()``; batch
+*i* is read on stream *i* mod that number, so up to ``prefetch`` batches are in flight (the
+submit thread waits for a batch only when ``prefetch`` batches are queued). The submit thread
+binds the device before its first CUDA or cuFile call (KvikIO's ``read_async`` pushes no
+context). The ``host`` route reads into a ring of ``prefetch`` pinned slots (a slot is refilled
+only after the event of its previous copy completed), not into per-batch pinned allocations.
+Zero-length ranges are never read.
 
 Memory and synchronisation, explicitly:
 
@@ -40,12 +52,17 @@ Memory and synchronisation, explicitly:
   bit-exact for every dtype) are queued on the consumer's current stream;
 * a yielded batch is owned by the consumer; the loader never writes into it again.
 
-KvikIO settings: its thread pool is sized from ``num_threads``; ``task_size`` defaults to
-4 MiB (KvikIO's own default) until a GPU sweep chooses.
+KvikIO settings: its thread pool is process-wide; a loader grows it to ``num_threads`` (never
+shrinks it: resizing waits for every running read of every loader); it serves the ``host``
+route's ``pread`` only (``cuFileReadAsync`` on the ``gds`` route uses no KvikIO thread).
+``task_size`` (default 4 MiB, KvikIO's own) splits a ``host``-route read into pool tasks.
+``verify_reads`` re-reads the blocks a batch touches from the file and checks their checksums:
+it proves the file, not the bytes that reached the GPU.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -57,6 +74,7 @@ import numpy as np
 from .errors import BackendUnavailable, DatasetError, LoaderError
 from .format import ALIGN, Dataset, align_down, align_up
 from .loader import POLL_S, EpochIterator, Loader
+from .ring import PinnedRing, Slot
 from .slab import gather_field_rows
 from .plan import BatchPlan, EpochPlan
 
@@ -65,38 +83,16 @@ log = logging.getLogger(__name__)
 DEFAULT_TASK_SIZE = 4 << 20
 
 
-class _CudaOps:
-    """The few CUDA operations the backend uses, in one place (tests swap in a CPU model)."""
+#: At most this many streams of its own per loader (batches in flight share them round-robin).
+MAX_STREAMS = 4
+#: cuFile stream flag: every offset and size given on the stream is 4 KiB-aligned.
+_STREAM_PAGE_ALIGNED = 8
 
-    def __init__(self, torch: Any, device: Any):
-        self.torch, self.device = torch, device
 
-    def new_stream(self) -> Any:
-        return self.torch.cuda.Stream(device=self.device)  # torch creates non-blocking streams
+def CudaOps(torch: Any, device: Any) -> Any:  # noqa: N802 - a factory tests swap
+    from .cudaops import CudaOps as Ops
 
-    def current_stream(self) -> Any:
-        return self.torch.cuda.current_stream(self.device)
-
-    def use_stream(self, stream: Any) -> Any:
-        return self.torch.cuda.stream(stream)
-
-    def new_event(self) -> Any:
-        return self.torch.cuda.Event(blocking=True)
-
-    def device_empty(self, nbytes: int, dtype: Any) -> Any:
-        return self.torch.empty(nbytes, dtype=dtype, device=self.device)
-
-    def pinned_empty(self, nbytes: int, dtype: Any) -> Any:
-        return self.torch.empty(nbytes, dtype=dtype, pin_memory=True)
-
-    def copy_async(self, dst: Any, src: Any) -> None:
-        dst.copy_(src, non_blocking=True)
-
-    def record_stream(self, tensor: Any, stream: Any) -> None:
-        tensor.record_stream(stream)
-
-    def raw_stream(self, stream: Any) -> int:
-        return stream.cuda_stream
+    return Ops(torch, device)
 
 
 @dataclass
@@ -120,7 +116,9 @@ class _Pending:
     staging: Any  # torch uint8 device tensor, 4 KiB-aligned start
     perm_dev: Any  # torch int32 device tensor (rows to gather) or None
     nbytes: int
-    done: Any = None  # blocking event on the loader's stream after all copies/reads
+    stream: Any = None  # the loader's stream this batch is read on
+    done: Any = None  # blocking event on that stream after all copies/reads
+    futures: list = field(default_factory=list)  # (read, stream future) of the gds route
     submitted: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
 
@@ -158,21 +156,21 @@ class GDSLoader(Loader):
             raise LoaderError(f"task_size must be a positive multiple of {ALIGN}, got {task_size!r}")
         self.task_size = task_size
         self.capability = cap
-        self._ops = _CudaOps(torch, self._device)
+        self._ops = CudaOps(torch, self._device)
         n = self.options.num_threads
-        if kvikio.defaults.get("num_threads") != n:
-            # Process-wide: KvikIO has one thread pool. Growing it is what a fast drive needs.
+        if (kvikio.defaults.get("num_threads") or 0) < n:
+            # Process-wide: KvikIO has one pool; grown only (a resize waits for every running
+            # read of every loader), never shrunk under another loader.
             kvikio.defaults.set("num_threads", n)
-            log.info("KvikIO thread pool set to %d threads", n)
+            log.info("KvikIO thread pool grown to %d threads", n)
         ds = self.dataset
         self._files: list = []
         self.routes: list[str] = []
         reasons: list[str] = []
         for s in self.specs:
             path = str(ds.field_path(s.name))
-            f = kvikio.CuFile(path, "r")
+            f, route, why = capability.open_for_route(cap, kvikio, path)
             self._files.append(f)
-            route, why = capability.file_route(cap, f, path)
             self.routes.append(route)
             if why and why not in reasons:
                 reasons.append(why)
@@ -181,6 +179,14 @@ class GDSLoader(Loader):
         self.route_reason = "; ".join(reasons)
         log.debug("GDSLoader: %s (routes %s)%s", self.backend, self.routes,
                   f": {self.route_reason}" if self.route_reason else "")
+        # The loader's own streams (not torch's pool), kept for its life, destroyed in close().
+        self._streams = [self._ops.new_stream()
+                         for _ in range(min(self.options.prefetch, MAX_STREAMS))]
+        self._registered = [self._ops.raw_stream(st) for st in self._streams
+                            if "gds" in self.routes and _stream_register(kvikio, self._ops, st)]
+        ops = self._ops
+        self._ring = PinnedRing(self.options.prefetch, 0,
+                                lambda nbytes: ops.pinned_empty(nbytes, torch.uint8))
 
     @property
     def backend_reason(self) -> str:
@@ -202,94 +208,164 @@ class GDSLoader(Loader):
                 f.close()
             except Exception:  # pragma: no cover
                 log.debug("CuFile close failed", exc_info=True)
+        streams, self._streams = self.__dict__.get("_streams", []), []
+        if streams:
+            # Our own streams only: what is queued on them lands before they go.
+            for st in streams:
+                ev = self._ops.new_event()
+                ev.record(st)
+                ev.synchronize()
+            import kvikio
+
+            for raw in self.__dict__.get("_registered", []):
+                try:
+                    kvikio.stream_deregister(raw)
+                except Exception:  # pragma: no cover
+                    log.debug("stream_deregister failed", exc_info=True)
+            for st in streams:
+                self._ops.destroy_stream(st)
+        self._ring = None
+
+
+def _stream_register(kvikio: Any, ops: Any, stream: Any) -> bool:
+    """Tell cuFile that every read on ``stream`` is page-aligned (it may then skip its own
+    alignment handling); False where this KvikIO/cuFile cannot."""
+    try:
+        kvikio.stream_register(ops.raw_stream(stream), _STREAM_PAGE_ALIGNED)
+        return True
+    except Exception as exc:  # noqa: BLE001 - an optimisation only
+        log.debug("cuFile stream_register failed: %s", exc)
+        return False
 
 
 class _Submitter:
-    """The submit thread's work: per batch, start the ``gds`` reads on the loader's stream,
-    run the ``host`` reads into pinned memory and queue their copy, queue the permutation's
-    copy, record the batch's event, check byte counts and checksums. Holds no reference to the
-    iterator."""
+    """The submit thread's work: per batch, start the ``gds`` reads on the batch's stream,
+    run the ``host`` reads into a pinned slot and queue their copy, queue the permutation's
+    copy, record the batch's event; then, once ``depth`` batches are queued (or nothing else
+    is waiting), finish the oldest: wait on its event, check byte counts and checksums. Holds no
+    reference to the iterator."""
 
-    def __init__(self, ops: _CudaOps, stream: Any, files: list, routes: list[str],
-                 paths: list[str], task_size: int, verifier: Any):
-        self.ops, self.stream, self.files, self.routes = ops, stream, files, routes
+    def __init__(self, ops: Any, files: list, routes: list[str], paths: list[str],
+                 task_size: int, verifier: Any, ring: PinnedRing, depth: int):
+        self.ops, self.files, self.routes = ops, files, routes
         self.paths, self.task_size, self.verifier = paths, task_size, verifier
+        self.ring, self.depth = ring, depth
 
     def run(self, q: "queue.Queue[_Pending | None]", stop: threading.Event) -> None:
-        while not stop.is_set():
-            try:
-                p = q.get(timeout=POLL_S)
-            except queue.Empty:
-                continue
-            if p is None:
-                return
-            try:
-                self.submit(p)
-            except BaseException as exc:  # travels to the consumer
-                p.error = exc
-            finally:
+        self.ops.bind()  # first thing: cuFile calls need the device's context current
+        started: collections.deque[_Pending] = collections.deque()
+        try:
+            while not stop.is_set():
+                if started and (len(started) >= self.depth or q.empty()):
+                    self._finish(started.popleft())
+                    continue
+                try:
+                    p = q.get(timeout=POLL_S)
+                except queue.Empty:
+                    continue
+                if p is None:
+                    return
+                try:
+                    self.submit(p)
+                except BaseException as exc:  # travels to the consumer
+                    p.error = exc
+                    p.submitted.set()
+                else:
+                    started.append(p)
+        finally:
+            for p in started:  # stopping: let queued reads land, report nothing
+                if p.done is not None:
+                    p.done.synchronize()
                 p.submitted.set()
 
     def submit(self, p: _Pending) -> None:
-        stream_futures: list = []
         try:
-            with self.ops.use_stream(self.stream):
-                self._start(p, stream_futures)
+            with self.ops.use_stream(p.stream):
+                self._start(p)
         except BaseException:
-            if stream_futures:  # cuFile still uses each future's arguments: let them land
+            if p.futures:  # cuFile still uses each future's arguments: let them land
                 ev = self.ops.new_event()
-                ev.record(self.stream)
+                ev.record(p.stream)
                 ev.synchronize()
             raise
-        if stream_futures:
+
+    def _finish(self, p: _Pending) -> None:
+        try:
             p.done.synchronize()  # our own stream only; a blocking event: the thread sleeps
-            for r, fut in stream_futures:
+            for r, fut in p.futures:
                 try:
                     got = fut.check_bytes_done()
                 except Exception as exc:
                     self._raise(r, exc)
                 self._check(r, got)
-        if self.verifier is not None:
-            self.verifier.check(p.batch.segments)
+            if self.verifier is not None:
+                self.verifier.check(p.batch.segments)
+        except BaseException as exc:
+            p.error = exc
+        finally:
+            p.submitted.set()
 
-    def _start(self, p: _Pending, stream_futures: list) -> None:
-        """Queue everything of batch ``p`` on the loader's stream (the current stream here)."""
-        torch = self.ops.torch
+    def _start(self, p: _Pending) -> None:
+        """Queue everything of batch ``p`` on its stream (the current stream here)."""
+        torch, stream = self.ops.torch, p.stream
+        raw = self.ops.raw_stream(stream)
         for r in p.reads:
             if self.routes[r.field] != "gds":
                 continue
             try:
                 fut = self.files[r.field].raw_read_async(
-                    p.staging[r.dev_offset:r.dev_offset + r.size],
-                    self.ops.raw_stream(self.stream), r.size, r.file_offset, 0)
+                    p.staging[r.dev_offset:r.dev_offset + r.size], raw, r.size,
+                    r.file_offset, 0)
             except Exception as exc:
                 self._raise(r, exc)
-            stream_futures.append((r, fut))
+            p.futures.append((r, fut))
         hosted = [r for r in p.reads if self.routes[r.field] != "gds"]
-        if hosted:
-            pinned = self.ops.pinned_empty(p.nbytes, torch.uint8)
-            host = pinned.numpy()
-            futures = [(r, self.files[r.field].pread(
-                host[r.dev_offset:r.dev_offset + r.size], r.size, r.file_offset,
-                self.task_size)) for r in hosted]
-            errors = []
-            for r, fut in futures:  # collect every outcome: no read outlives its buffer
+        perm = p.batch.permutation()  # within-batch shuffle; windows come here unshuffled
+        if not hosted and perm is None:
+            p.done = self.ops.new_event()
+            p.done.record(stream)
+            return
+        perm_at = align_up(p.nbytes)
+        slot = self.ring.acquire(perm_at + (4 * len(perm) if perm is not None else 0), grow=True)
+        event = None
+        try:
+            slot.wait_free()  # the slot's previous copy has run
+            pinned, host = slot.tensor, slot.array
+            if hosted:
+                self._read_hosted(hosted, host)
+                for a, b in _runs([p.regions[i] for i, route in enumerate(self.routes)
+                                   if route != "gds"]):
+                    self.ops.copy_async(p.staging[a:b], pinned[a:b])
+            if perm is not None:
+                host[perm_at:perm_at + 4 * len(perm)].view(np.int32)[:] = perm
+                self.ops.copy_async(p.perm_dev, pinned[perm_at:perm_at + 4 * len(perm)]
+                                    .view(torch.int32))
+            event = self.ops.new_event()
+            event.record(stream)
+        finally:
+            self.ring.release(slot, event)  # without a new copy it keeps its last event
+        p.done = event
+
+    def _read_hosted(self, hosted: list[_Read], host: np.ndarray) -> None:
+        """KvikIO ``pread`` of every ``host``-route read into pinned ``host``; returns only
+        when every submitted read finished, whatever failed (no read outlives its buffer)."""
+        futures: list = []
+        errors: list = []
+        try:
+            for r in hosted:
+                futures.append((r, self.files[r.field].pread(
+                    host[r.dev_offset:r.dev_offset + r.size], r.size, r.file_offset,
+                    self.task_size)))
+        except Exception as exc:
+            errors.append((hosted[len(futures)], exc))
+        finally:
+            for r, fut in futures:  # wait for every submitted read, even after a failure
                 try:
                     self._check(r, fut.get())
                 except Exception as exc:
                     errors.append((r, exc))
-            if errors:
-                self._raise(*errors[0])
-            for a, b in _runs([p.regions[i] for i, route in enumerate(self.routes)
-                               if route != "gds"]):
-                self.ops.copy_async(p.staging[a:b], pinned[a:b])
-        perm = p.batch.permutation()  # within-batch shuffle; windows come here unshuffled
-        if perm is not None:
-            src = self.ops.pinned_empty(len(perm), torch.int32)
-            src.numpy()[:] = perm
-            self.ops.copy_async(p.perm_dev, src)
-        p.done = self.ops.new_event()
-        p.done.record(self.stream)
+        if errors:
+            self._raise(*errors[0])
 
     def _check(self, r: _Read, got: int) -> None:
         if got != r.size:
@@ -324,11 +400,13 @@ class _GDSIterator(EpochIterator):
         self._unit_key = loader.unit_key
         self._layouts = [loader.dataset.layout(s.name) for s in self._specs]
         self._paths = [str(loader.dataset.field_path(s.name)) for s in self._specs]
-        self._stream = self._ops.new_stream()
+        self._streams = loader._streams
+        self._turn = 0
         self._stop = threading.Event()
         self._queue: queue.Queue = queue.Queue()
-        submitter = _Submitter(self._ops, self._stream, loader._files, loader.routes,
-                               self._paths, loader.task_size, getattr(loader, "verifier", None))
+        submitter = _Submitter(self._ops, loader._files, loader.routes, self._paths,
+                               loader.task_size, getattr(loader, "verifier", None),
+                               loader._ring, max(1, self.prefetch))
         self._thread = threading.Thread(
             # Joined by close(); daemon only so a leaked iterator cannot block interpreter exit.
             target=submitter.run, name="gds-stream-submit", daemon=True,
@@ -341,6 +419,8 @@ class _GDSIterator(EpochIterator):
         for i, (spec, lay) in enumerate(zip(self._specs, self._layouts)):
             pb, first = spec.point_bytes, pos
             for a, b in batch.segments:
+                if b <= a:  # nothing to read: never a zero-length read (null pointer)
+                    continue
                 lo = lay.offset + int(a) * pb
                 hi = lay.offset + int(b) * pb
                 alo, ahi = align_down(lo), align_up(hi)
@@ -352,13 +432,15 @@ class _GDSIterator(EpochIterator):
     def _submit(self, batch: BatchPlan) -> _Pending:
         torch = self._torch
         reads, regions, total = self._plan_reads(batch)
-        with self._ops.use_stream(self._stream):  # the allocator orders it on our stream
+        stream = self._streams[self._turn % len(self._streams)]
+        self._turn += 1
+        with self._ops.use_stream(stream):  # the allocator orders it on that stream
             raw = self._ops.device_empty(total + ALIGN, torch.uint8)
             skip = (-raw.data_ptr()) % ALIGN
             staging = raw[skip:skip + total]
             perm_dev = (self._ops.device_empty(batch.num_points, torch.int32)
                         if batch.perm_key is not None else None)
-        p = _Pending(batch, reads, regions, staging, perm_dev, total)
+        p = _Pending(batch, reads, regions, staging, perm_dev, total, stream)
         self._queue.put(p)
         return p
 
@@ -431,11 +513,12 @@ class _GDSIterator(EpochIterator):
         self._stop.set()
         self._queue.put(None)
         self._thread.join()
-        # Reads already queued on our stream must land before their buffers go back to the
-        # pool; this waits for our own stream only.
-        ev = self._ops.new_event()
-        ev.record(self._stream)
-        ev.synchronize()
+        # Reads already queued on our streams must land before their buffers go back to the
+        # pool; this waits for our own streams only.
+        for st in self._streams:
+            ev = self._ops.new_event()
+            ev.record(st)
+            ev.synchronize()
 
 
 def _torch_dtype(torch: Any, dtype: np.dtype) -> Any:

@@ -14,6 +14,7 @@ Three layers:
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import subprocess
@@ -31,6 +32,7 @@ from gds_stream.errors import BackendUnavailable, LoaderError
 from gds_stream.format import DatasetWriter, FieldSpec, open_dataset
 from gds_stream import open_loader
 from helpers import cuda_reason
+from simcuda import SimOps
 
 
 # -- a small dataset with several dtypes and scans --------------------------------------------
@@ -191,115 +193,21 @@ class _FakeFuture:
         return self._val
 
 
-class _SimStream:
-    """A stream whose queued work runs only when an event recorded on it is waited for (the
-    consumer's stream runs its work at once): reading a buffer before waiting reads garbage."""
-
-    registry: dict = {}
-
-    def __init__(self, deferred=True):
-        self.deferred, self.ops, self.ran = deferred, [], 0
-        self.lock = threading.Lock()
-        self.handle = id(self)
-        _SimStream.registry[self.handle] = self
-        self.waited: list = []
-
-    def put(self, fn):
-        if self.deferred:
-            self.ops.append(fn)
-        else:
-            fn()
-
-    def run(self, upto):
-        with self.lock:
-            while self.ran < upto:
-                self.ops[self.ran]()
-                self.ran += 1
-
-    def wait_event(self, ev):
-        self.waited.append(ev)
-        ev.synchronize()
-
-
-class _SimEvent:
-    def __init__(self):
-        self.stream, self.mark = None, 0
-
-    def record(self, stream):
-        self.stream, self.mark = stream, len(stream.ops)
-
-    def synchronize(self):
-        if self.stream is not None:
-            self.stream.run(self.mark)
-
-
-def _aligned(torch, nbytes, dtype, fill):
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    raw = torch.full((nbytes * itemsize + 8192,), fill, dtype=torch.uint8)
-    skip = (-raw.data_ptr()) % 4096
-    return raw[skip:skip + nbytes * itemsize].view(dtype)
-
-
-class _SimOps:
-    """The backend's CUDA operations on the CPU, with the stream semantics above."""
-
-    def __init__(self, torch):
-        self.torch = torch
-        self.consumer = _SimStream(deferred=False)
-        self.local = threading.local()
-        self.streams, self.recorded, self.device_allocs = [], [], []
-
-    def new_stream(self):
-        s = _SimStream()
-        self.streams.append(s)
-        return s
-
-    def current_stream(self):
-        return getattr(self.local, "stream", None) or self.consumer
-
-    def use_stream(self, stream):
-        ops = self
-
-        class _Use:
-            def __enter__(self):
-                self.prev = getattr(ops.local, "stream", None)
-                ops.local.stream = stream
-
-            def __exit__(self, *exc):
-                ops.local.stream = self.prev
-
-        return _Use()
-
-    def new_event(self):
-        return _SimEvent()
-
-    def device_empty(self, nbytes, dtype):
-        t = self.torch.empty(nbytes, dtype=dtype)
-        t.view(self.torch.uint8).fill_(0xAB)  # garbage until a read lands
-        self.device_allocs.append((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(),
-                                   self.current_stream()))
-        return t
-
-    def pinned_empty(self, nbytes, dtype):
-        return _aligned(self.torch, nbytes, dtype, 0xCD)
-
-    def copy_async(self, dst, src):
-        self.current_stream().put(lambda: dst.copy_(src))
-
-    def record_stream(self, tensor, stream):
-        self.recorded.append((tensor.data_ptr(), stream))
-
-    def raw_stream(self, stream):
-        return stream.handle
-
-
 class _FakeCuFile:
     fail_after: int | None = None
+    fail_submit_at: int | None = None  # the n-th pread raises when submitted
     short_by = 0
     direct = True
     calls = 0
+    submits = 0
+    ops = None  # the SimOps of the loader being built
+    no_gds: set = set()  # field names whose files cannot open with compat mode OFF
+    compat_mode = "AUTO"
 
     def __init__(self, path, flags="r"):
+        name = os.path.basename(path).split(".")[0]
+        if _FakeCuFile.compat_mode == "OFF" and name in _FakeCuFile.no_gds:
+            raise RuntimeError("cuFile handle registration failed (simulated)")
         self.path = path
         self.fd = os.open(path, os.O_RDONLY)
 
@@ -310,18 +218,55 @@ class _FakeCuFile:
         return os.preadv(self.fd, [view], file_offset) - _FakeCuFile.short_by
 
     def pread(self, buf, size, file_offset, task_size=None):
+        """Asynchronous like KvikIO's: the read runs on a thread, into the buffer's address
+        (no reference to the buffer object is kept, as C code keeps none)."""
         assert isinstance(buf, np.ndarray), "pread gets host memory only"
         assert file_offset % 4096 == 0 and size % 4096 == 0, "reads must be 4 KiB-aligned"
+        assert size > 0, "a zero-length read passes a null pointer"
         assert buf.ctypes.data % 4096 == 0, "host buffers start 4 KiB-aligned"
         assert buf.nbytes == size and task_size == 4 << 20
-        return _FakeFuture(lambda: self._read(memoryview(buf), size, file_offset))
+        _FakeCuFile.submits += 1
+        if _FakeCuFile.fail_submit_at is not None and \
+                _FakeCuFile.submits >= _FakeCuFile.fail_submit_at:
+            raise RuntimeError("simulated KvikIO: submit failed")
+        addr, ops = buf.ctypes.data, _FakeCuFile.ops
+        del buf
+        with ops.lock:
+            ops.host_writes[addr] = ops.host_writes.get(addr, 0) + 1
+        out: dict = {}
+
+        def run():
+            time.sleep(0.05)  # still running when a later submit fails
+            try:
+                view = memoryview((ctypes.c_char * size).from_address(addr)).cast("B")
+                out["n"] = self._read(view, size, file_offset)
+            except BaseException as exc:  # noqa: BLE001 - replayed by get()
+                out["exc"] = exc
+            finally:
+                with ops.lock:
+                    ops.host_writes[addr] -= 1
+
+        t = threading.Thread(target=run)
+        t.start()
+
+        class _Future:
+            def get(self):
+                t.join()
+                if "exc" in out:
+                    raise RuntimeError(f"simulated KvikIO: {out['exc']}")
+                return out["n"]
+
+        return _Future()
 
     def raw_read_async(self, buf, raw_stream, size, file_offset, dev_offset):
+        ops = _FakeCuFile.ops
+        ops.check_bound("cuFileReadAsync")
+        assert size > 0, "a zero-length read passes a null pointer"
         assert file_offset % 4096 == 0 and size % 4096 == 0, "reads must be 4 KiB-aligned"
         assert buf.data_ptr() % 4096 == 0, "device staging starts 4 KiB-aligned"
         assert buf.numel() == size and dev_offset == 0
-        stream = _SimStream.registry[raw_stream]
-        assert stream.deferred, "stream-ordered reads run on the loader's own stream"
+        stream = ops.registry[raw_stream]
+        assert stream in ops.streams, "stream-ordered reads run on the loader's own streams"
         out: dict = {}
 
         def run():
@@ -331,7 +276,7 @@ class _FakeCuFile:
                 out["exc"] = exc
 
         stream.put(run)
-        mark = len(stream.ops)
+        mark = len(stream.queue)
 
         class _StreamFuture:
             def check_bytes_done(self):
@@ -351,7 +296,7 @@ class _FakeCuFile:
 
 @pytest.fixture
 def simulated_gpu(monkeypatch):
-    """kvikio.CuFile ≈ preadv, CUDA streams/events/allocations ≈ the CPU model above; the route
+    """kvikio.CuFile ≈ preadv, CUDA streams/events/allocations ≈ ``simcuda.SimOps``; the route
     of each field file is ``routes[field name]`` (default: every file ``gds``)."""
     import torch
 
@@ -360,9 +305,23 @@ def simulated_gpu(monkeypatch):
     fake_kvikio = types.ModuleType("kvikio")
     fake_kvikio.__version__ = "simulated"
     fake_kvikio.CuFile = _FakeCuFile
+    fake_kvikio.CompatMode = types.SimpleNamespace(OFF="OFF", ON="ON", AUTO="AUTO")
     settings = {"num_threads": 1}
-    fake_kvikio.defaults = types.SimpleNamespace(get=settings.get,
-                                                 set=lambda k, v: settings.__setitem__(k, v))
+    registered: list = []
+
+    def get(key):
+        return _FakeCuFile.compat_mode if key == "compat_mode" else settings.get(key)
+
+    def set_(key, value):
+        if key == "compat_mode":
+            _FakeCuFile.compat_mode = value
+        else:
+            settings[key] = value
+
+    fake_kvikio.defaults = types.SimpleNamespace(get=get, set=set_)
+    fake_kvikio.stream_register = lambda raw, flags: registered.append((raw, flags))
+    fake_kvikio.stream_deregister = lambda raw: registered.remove(
+        next(r for r in registered if r[0] == raw))
     monkeypatch.setitem(sys.modules, "kvikio", fake_kvikio)
     monkeypatch.setitem(sys.modules, "kvikio.defaults", fake_kvikio.defaults)
     monkeypatch.setattr(capability, "probe_gds", lambda: GDS)
@@ -374,16 +333,22 @@ def simulated_gpu(monkeypatch):
 
     monkeypatch.setattr(capability, "file_route", file_route)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    sims: list[_SimOps] = []
+    sims: list[SimOps] = []
+    opts = {"deferred_consumer": False}
 
     def make_ops(torch_, device):
-        sims.append(_SimOps(torch_))
+        sims.append(SimOps(torch_, device, **opts))
+        _FakeCuFile.ops = sims[-1]
         return sims[-1]
 
-    monkeypatch.setattr(gds, "_CudaOps", make_ops)
+    monkeypatch.setattr(gds, "CudaOps", make_ops)
     _FakeCuFile.fail_after, _FakeCuFile.calls, _FakeCuFile.short_by = None, 0, 0
-    yield types.SimpleNamespace(settings=settings, routes=routes, ops=sims)
-    _FakeCuFile.fail_after, _FakeCuFile.short_by = None, 0
+    _FakeCuFile.fail_submit_at, _FakeCuFile.submits, _FakeCuFile.no_gds = None, 0, set()
+    _FakeCuFile.compat_mode = "AUTO"
+    yield types.SimpleNamespace(settings=settings, routes=routes, ops=sims, opts=opts,
+                                registered=registered)
+    _FakeCuFile.fail_after, _FakeCuFile.short_by, _FakeCuFile.fail_submit_at = None, 0, None
+    _FakeCuFile.no_gds = set()
 
 
 CONFIGS = [
