@@ -604,6 +604,98 @@ def test_simulated_gds_options(ds, simulated_gpu):
             GDSLoader(ds, device="cuda", batch_points=100, task_size=bad)
 
 
+# -- issue 17 regressions on the simulated CUDA ------------------------------------------------
+def test_simulated_gds_file_that_cannot_do_gds_takes_the_host_route(ds, simulated_gpu):
+    """Defect 1: opened with compat mode OFF, a file cuFile cannot register raises at open and
+    is read on the host route, with the reason; KvikIO's compat setting is restored."""
+    from gds_stream.gds import GDSLoader
+
+    _FakeCuFile.no_gds = {"y"}
+    with GDSLoader(ds, device="cuda", batch_points=20_000, fields=["x", "y"]) as g:
+        assert g.routes == ["gds", "host"] and g.backend == "gds-compat"
+        assert "cuFile cannot open it for GPUDirect Storage" in g.route_reason
+        assert "y.bin" in g.route_reason
+        assert sum(1 for _ in g) == len(g)
+    assert _FakeCuFile.compat_mode == "AUTO"
+
+
+def test_open_loader_reason_never_claims_gds_for_compat_files(ds, simulated_gpu):
+    """Item 9: backend_reason of a gds-compat loader does not say it reads through GDS."""
+    simulated_gpu.routes.update({"y": "host"})
+    with open_loader(ds, backend="gds", device="cuda", batch_points=20_000) as g:
+        assert g.backend == "gds-compat"
+        assert "every file reads through" not in g.backend_reason
+        assert "compat" in g.backend_reason and "y.bin" in g.backend_reason
+    simulated_gpu.routes.clear()
+    with open_loader(ds, backend="gds", device="cuda", batch_points=20_000) as g:
+        assert g.backend == "gds" and "every file reads through" in g.backend_reason
+
+
+def test_simulated_gds_streams_are_the_loaders_own_bound_and_destroyed(ds, simulated_gpu):
+    """Defects 2, 3, 7: the loader's streams are created once (not per epoch), reads run on
+    several of them (prefetch batches in flight), every thread issuing cuFile calls bound the
+    device first, the streams are registered with cuFile and destroyed at close."""
+    from gds_stream.gds import GDSLoader
+
+    g = GDSLoader(ds, device="cuda", batch_points=10_000, prefetch=3)
+    ops = simulated_gpu.ops[-1]
+    for epoch in (0, 1):
+        g.set_epoch(epoch)
+        assert sum(1 for _ in g) == len(g)
+    assert len(ops.streams) == 3
+    used = {a[2] for a in ops.device_allocs if a[2] is not ops.consumer}
+    assert used == set(ops.streams)
+    assert ops.violations == []
+    assert sorted(r for r, _ in simulated_gpu.registered) == sorted(s.handle for s in ops.streams)
+    assert all(f == 8 for _, f in simulated_gpu.registered)  # page-aligned reads
+    g.close()
+    assert ops.live_streams == [] and simulated_gpu.registered == []
+
+
+def test_simulated_gds_submit_failure_waits_for_running_reads(ds, simulated_gpu):
+    """Defect 6: a pread that raises when submitted leaves no earlier read of the batch
+    writing into pinned memory that goes back to the allocator."""
+    from gds_stream.gds import GDSLoader
+
+    simulated_gpu.routes.update(ROUTES["host"])
+    _FakeCuFile.fail_submit_at = 3
+    g = GDSLoader(ds, device="cuda", batch_points=30_000, prefetch=1)
+    ops = simulated_gpu.ops[-1]
+    with pytest.raises(LoaderError, match="submit failed"):
+        for _ in g:
+            pass
+    g.close()
+    gc.collect()
+    time.sleep(0.2)
+    assert ops.violations == []
+
+
+def test_simulated_gds_num_threads_never_shrinks_kvikios_pool(ds, simulated_gpu):
+    """Item 9: KvikIO's pool is process-wide; a loader grows it, never shrinks it."""
+    from gds_stream.gds import GDSLoader
+
+    simulated_gpu.settings["num_threads"] = 8
+    with GDSLoader(ds, device="cuda", batch_points=10_000, num_threads=3):
+        pass
+    assert simulated_gpu.settings["num_threads"] == 8
+
+
+def test_simulated_gds_kept_batches_survive_buffer_reuse(ds, simulated_gpu):
+    """Ownership on allocators that reuse memory, with a consumer stream that runs late."""
+    from gds_stream.gds import GDSLoader
+    from fallback import FallbackLoader
+
+    simulated_gpu.opts["deferred_consumer"] = True
+    simulated_gpu.routes.update({"y": "host"})
+    cfg = dict(batch_points=9_999, shuffle=True, seed=3, shuffle_window=0, prefetch=2)
+    with GDSLoader(ds, device="cuda", **cfg) as g, FallbackLoader(ds, device="cpu", **cfg) as f:
+        kept = list(g)
+        simulated_gpu.ops[-1].consumer.run_all()
+        for a, b in zip(kept, f):
+            for k in a:
+                assert a[k].numpy().tobytes() == b[k].numpy().tobytes(), k
+
+
 # -- the real thing (GPU) ----------------------------------------------------------------------
 def _gpu_reason() -> str | None:
     reason = cuda_reason()
