@@ -84,9 +84,7 @@ def test_copy_stream_is_the_loaders_own_and_workers_bind(ds, sim):
         ops.consumer.run_all()
         assert b"".join(b["v"].numpy().tobytes() for b in got) == ds.read("v").tobytes()
     assert len(ops.streams) == 1 and ops.live_streams == ops.streams
-    workers = {t.ident for t in threading.enumerate()
-               if t.name.startswith("gds-stream-fallback")} - before
-    assert workers and workers <= ops.bound
+    assert ops.bound - before, "the workers never bound the device"
     g.close()
     assert ops.live_streams == [] and ops.violations == []
 
