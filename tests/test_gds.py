@@ -61,7 +61,8 @@ def ds(tmp_path_factory):
 
 # -- unavailable paths (any machine) ----------------------------------------------------------
 def test_import_does_not_import_cupy_or_kvikio_or_torch():
-    code = ("import sys, gds_stream, gds_stream.format, gds_stream.cli; "
+    code = ("import sys, gds_stream, gds_stream.format, gds_stream.cli, gds_stream.gds, "
+            "gds_stream.cudaops, gds_stream.envcheck, gds_stream.capability, fallback; "
             "bad=[m for m in ('cupy','kvikio','torch') if m in sys.modules]; "
             "print(','.join(bad)); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -102,7 +103,8 @@ def test_probe_reason_names_the_gpu_extra_when_kvikio_is_missing(monkeypatch):
 
     with open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml"), "rb") as f:
         extras = tomllib.load(f)["project"]["optional-dependencies"]
-    assert any(d.startswith("kvikio") for d in extras["gpu"])
+    assert any(d.startswith("kvikio-cu13") for d in extras["gpu"])
+    assert any(d.startswith("cupy-cuda13x") for d in extras["gpu"])
 
 
 @pytest.mark.skipif(capability.probe_gds().available, reason="GPU-direct is available here")
@@ -835,3 +837,32 @@ def test_gpu_device_memory_bounded_by_prefetch(tmp_path):
     # per field and 4 KiB for the slab's start, + a constant for offsets/permutation scratch
     slack = 2 * 4096 * len(d.schema) + 4096 + 8 * batch
     assert peak <= (prefetch + 1) * (per_batch + slack) + (1 << 20), peak
+
+
+def _gds_dir_reason() -> str | None:
+    if not os.environ.get("GDS_STREAM_TEST_DIR"):
+        return ("GDS_STREAM_TEST_DIR is not set: it names a directory on storage that can do "
+                "GPUDirect Storage (pytest's tmp dir is often overlay or tmpfs)")
+    return _gpu_reason()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_gds_dir_reason() is not None, reason=str(_gds_dir_reason()))
+def test_gpu_gds_route_on_gds_storage(tmp_path):
+    """On storage that can do GDS, every file takes the ``gds`` route (cuFile proper, compat
+    mode OFF), and the batches equal the fallback's."""
+    import tempfile
+
+    import torch
+
+    base = os.environ["GDS_STREAM_TEST_DIR"]
+    with tempfile.TemporaryDirectory(dir=base, prefix="gds-stream-test-") as root:
+        d = _write(os.path.join(root, "ds"), [300_000, 5, 200_000])
+        cfg = dict(batch_points=65_536, shuffle=True, seed=2, prefetch=3)
+        with open_loader(d, backend="gds", device="cuda", **cfg) as g, \
+                open_loader(d, backend="fallback", device="cuda", **cfg) as f:
+            assert g.routes == ["gds"] * len(g.routes), g.backend_reason
+            assert g.backend == "gds", g.backend_reason
+            for a, b in zip(g, f):
+                for k in a:
+                    assert torch.equal(a[k], b[k]), k
