@@ -113,7 +113,8 @@ class _Pending:
     batch: BatchPlan
     reads: list[_Read]
     regions: list[tuple[int, int]]  # per field: [start, end) of its reads in the slab
-    staging: Any  # torch uint8 device tensor, 4 KiB-aligned start
+    staging: Any  # torch uint8 device tensor, 4 KiB-aligned start (copies, hand-out)
+    target: Any  # the same memory as KvikIO's read target (a CuPy array on a GPU)
     perm_dev: Any  # torch int32 device tensor (rows to gather) or None
     nbytes: int
     stream: Any = None  # the loader's stream this batch is read on
@@ -314,7 +315,7 @@ class _Submitter:
                 continue
             try:
                 fut = self.files[r.field].raw_read_async(
-                    p.staging[r.dev_offset:r.dev_offset + r.size], raw, r.size,
+                    p.target[r.dev_offset:r.dev_offset + r.size], raw, r.size,
                     r.file_offset, 0)
             except Exception as exc:
                 self._raise(r, exc)
@@ -401,6 +402,7 @@ class _GDSIterator(EpochIterator):
         self._layouts = [loader.dataset.layout(s.name) for s in self._specs]
         self._paths = [str(loader.dataset.field_path(s.name)) for s in self._specs]
         self._streams = loader._streams
+        self._routes = loader.routes
         self._turn = 0
         self._stop = threading.Event()
         self._queue: queue.Queue = queue.Queue()
@@ -440,7 +442,9 @@ class _GDSIterator(EpochIterator):
             staging = raw[skip:skip + total]
             perm_dev = (self._ops.device_empty(batch.num_points, torch.int32)
                         if batch.perm_key is not None else None)
-        p = _Pending(batch, reads, regions, staging, perm_dev, total, stream)
+        target = self._ops.as_cupy(staging) if any(r == "gds" for r in self._routes) \
+            else staging
+        p = _Pending(batch, reads, regions, staging, target, perm_dev, total, stream)
         self._queue.put(p)
         return p
 
@@ -462,6 +466,8 @@ class _GDSIterator(EpochIterator):
         torch, ops = self._torch, self._ops
         consumer = ops.current_stream()
         consumer.wait_event(p.done)  # device side: the host does not wait
+        if p.target is not p.staging:  # KvikIO wrote a CuPy array: hand it over by DLPack
+            p.staging = ops.from_cupy(p.target, p.stream)
         ops.record_stream(p.staging, consumer)
         perm = p.perm_dev
         if perm is not None:

@@ -235,6 +235,14 @@ class Loader(Closeable):
     def _release(self) -> None:
         """Free backend resources kept across epochs (subclasses)."""
 
+    def _deliver(self, batch: dict) -> dict:
+        """The batch as the consumer asked for it (``output="cupy"``: CuPy arrays)."""
+        if self.options.output == "cupy":
+            from .cudaops import to_cupy
+
+            return to_cupy(batch)
+        return batch
+
     def _make_iterator(self, plan: EpochPlan, start: int) -> "EpochIterator":
         raise NotImplementedError
 
@@ -315,7 +323,7 @@ class EpochIterator(Closeable):
                     f"from two threads at once (next() while another next() was running); "
                     f"give each thread its own loader or serialise the calls")
         try:
-            return self._next_locked()
+            return self._owner._deliver(self._next_locked())
         finally:
             self._busy.release()
             if self._closed and not self._torn_down:

@@ -112,6 +112,7 @@ class SimOps:
         self.local = threading.local()
         self.streams, self.recorded, self.device_allocs = [], [], []
         self.violations: list[str] = []
+        self.exports: list = []  # streams current in CuPy while a buffer went to torch
         self.bound = {threading.get_ident()}
         self._dev_free: list[_Block] = []
         self._pin_free: list[_Block] = []
@@ -227,3 +228,31 @@ class SimOps:
         b = self._block_of(tensor)
         if b is not None and stream is not b.stream:
             b.recorded.add(stream)
+
+    # -- CuPy over torch memory ------------------------------------------------------------------
+    def as_cupy(self, tensor):
+        return SimCupyArray(tensor)
+
+    def from_cupy(self, array, stream):
+        assert isinstance(array, SimCupyArray)
+        self.exports.append(stream)
+        return self.torch.from_dlpack(array.t)  # zero copy
+
+
+class SimCupyArray:
+    """A stand-in for a CuPy array over torch memory: what KvikIO and DLPack need of it."""
+
+    def __init__(self, t):
+        self.t = t
+
+    def __getitem__(self, idx):
+        return SimCupyArray(self.t[idx])
+
+    def data_ptr(self):
+        return self.t.data_ptr()
+
+    def numel(self):
+        return self.t.numel()
+
+    def numpy(self):
+        return self.t.numpy()

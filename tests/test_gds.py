@@ -492,11 +492,17 @@ def _assert_views_of_one_allocation(batch, ranges):
 
 
 def test_simulated_gds_single_range_fields_are_views_of_the_read_buffer(ds, simulated_gpu):
+    """KvikIO reads into a CuPy array over the torch allocation; the batch's fields are views
+    of that same memory (handed over by DLPack, exported on the loader's stream)."""
     from gds_stream.gds import GDSLoader
 
     with GDSLoader(ds, device="cuda", batch_points=10_000) as g:
+        n = 0
         for b in g:
             _assert_views_of_one_allocation(b, _record_allocations(None, simulated_gpu.ops)())
+            n += 1
+        ops = simulated_gpu.ops[-1]
+        assert len(ops.exports) == n and all(s in ops.streams for s in ops.exports)
 
 
 @pytest.mark.parametrize("route", ["gds", "host"])
@@ -866,3 +872,40 @@ def test_gpu_gds_route_on_gds_storage(tmp_path):
             for a, b in zip(g, f):
                 for k in a:
                     assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("backend", ["fallback", "auto"])
+def test_output_cupy_needs_a_cuda_device(ds, backend):
+    with pytest.raises(LoaderError, match="output='cupy'.*not CUDA"):
+        open_loader(ds, backend=backend, device="cpu", batch_points=1000, output="cupy")
+    with pytest.raises(LoaderError, match="output must be 'torch' or 'cupy'"):
+        open_loader(ds, backend=backend, device="cpu", batch_points=1000, output="numpy")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_gpu_reason() is not None, reason=f"GPU-direct path unavailable: {_gpu_reason()}")
+def test_gpu_cupy_staging_is_zero_copy_and_output_cupy(ds, monkeypatch):
+    """KvikIO reads into a CuPy array over torch's allocation; DLPack hands the same memory to
+    torch (data_ptr equality); output="cupy" yields CuPy arrays with the same bytes."""
+    import cupy
+    import torch
+
+    from gds_stream import cudaops
+
+    pairs = []
+    real = cudaops.CudaOps.from_cupy
+
+    def spy(self, array, stream):
+        t = real(self, array, stream)
+        pairs.append((array.data.ptr, t.data_ptr()))
+        return t
+
+    monkeypatch.setattr(cudaops.CudaOps, "from_cupy", spy)
+    cfg = dict(batch_points=9_999, shuffle=True, seed=3)
+    with open_loader(ds, backend="gds", device="cuda", **cfg) as g, \
+            open_loader(ds, backend="gds", device="cuda", output="cupy", **cfg) as c:
+        for a, b in zip(g, c):
+            for k in a:
+                assert isinstance(b[k], cupy.ndarray)
+                assert torch.equal(a[k], torch.from_dlpack(b[k])), k
+    assert pairs and all(x == y for x, y in pairs)
