@@ -909,3 +909,30 @@ def test_gpu_cupy_staging_is_zero_copy_and_output_cupy(ds, monkeypatch):
                 assert isinstance(b[k], cupy.ndarray)
                 assert torch.equal(a[k], torch.from_dlpack(b[k])), k
     assert pairs and all(x == y for x, y in pairs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["gds", "fallback"])
+@pytest.mark.skipif(cuda_reason() is not None, reason=str(cuda_reason()))
+def test_gpu_windows_gathered_on_changing_streams_stay_intact(ds, backend):
+    """Defect 5: each batch of a window is gathered on the stream current at its next(); the
+    window's memory must not be reused while a gather on another stream has not run."""
+    import torch
+
+    if backend == "gds" and _gpu_reason() is not None:
+        pytest.skip(f"GPU-direct path unavailable: {_gpu_reason()}")
+    cpm = 1e6  # ~1 ms of cycles per unit below on current GPUs; only ordering matters here
+    cfg = dict(batch_points=5_000, shuffle=True, seed=4, shuffle_window=20_000, prefetch=2)
+    streams = [torch.cuda.Stream() for _ in range(3)]
+    with open_loader(ds, backend=backend, device="cuda", **cfg) as g:
+        plan, kept, it = g.epoch_plan(0), [], iter(g)
+        for i in range(len(g)):
+            s = streams[i % 3]
+            with torch.cuda.stream(s):
+                torch.cuda._sleep(int(20 * cpm))  # this stream lags: its gather runs late
+                kept.append((i, s, next(it)))
+        for i, s, b in kept:
+            idx = plan.batch(i).point_indices()
+            with torch.cuda.stream(s):
+                for k, t in b.items():
+                    assert np.array_equal(t.cpu().numpy(), ds.read(k)[idx]), (i, k)
