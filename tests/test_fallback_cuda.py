@@ -146,3 +146,19 @@ def test_cudaops_runtime_without_any_binding_says_none(monkeypatch):
     rt = cudaops._Runtime.__new__(cudaops._Runtime)
     rt.kind, rt._api = "none", None
     assert rt.create_stream() is None
+
+
+def test_reads_never_wait_for_work_queued_on_the_null_stream(ds, sim):
+    """The CPU analogue of the GPU overlap test: "training" queued first on the consumer's
+    (legacy null) stream never runs while the loader reads and copies 2 x prefetch batches."""
+    g = FallbackLoader(ds, device="cuda", batch_points=4_000, prefetch=2, num_threads=2)
+    ops = sim[-1]
+    trained = []
+    ops.null.put(lambda: trained.append(1))  # the training step, queued first
+    it = iter(g)
+    got = [next(it) for _ in range(4)]
+    assert trained == [] and ops.null.forced == 0, "the loader waited for the training step"
+    ops.null.run_all()
+    assert trained == [1]
+    assert b"".join(b["v"].numpy().tobytes() for b in got) == ds.read("v")[:16_000].tobytes()
+    g.close()

@@ -678,6 +678,28 @@ def test_simulated_gds_submit_failure_waits_for_running_reads(ds, simulated_gpu)
     assert ops.violations == []
 
 
+def test_simulated_gds_reads_never_wait_for_the_null_stream(ds, simulated_gpu):
+    """The CPU analogue of the GPU overlap test, both routes: "training" queued first on the
+    consumer's (legacy null) stream never runs while 2 x prefetch batches are read."""
+    from gds_stream.gds import GDSLoader
+    from fallback import FallbackLoader
+
+    simulated_gpu.opts["deferred_consumer"] = True
+    simulated_gpu.routes.update({"y": "host"})
+    cfg = dict(batch_points=9_999, shuffle=True, seed=2, shuffle_window=0, prefetch=3)
+    with GDSLoader(ds, device="cuda", **cfg) as g, FallbackLoader(ds, device="cpu", **cfg) as f:
+        ops = simulated_gpu.ops[-1]
+        trained = []
+        ops.null.put(lambda: trained.append(1))
+        it = iter(g)
+        got = [next(it) for _ in range(6)]
+        assert trained == [] and ops.null.forced == 0
+        ops.null.run_all()
+        for a, b in zip(got, f):
+            for k in a:
+                assert a[k].numpy().tobytes() == b[k].numpy().tobytes(), k
+
+
 def test_simulated_gds_num_threads_never_shrinks_kvikios_pool(ds, simulated_gpu):
     """Item 9: KvikIO's pool is process-wide; a loader grows it, never shrinks it."""
     from gds_stream.gds import GDSLoader
