@@ -167,7 +167,7 @@ class CudaOps:
     def record_stream(self, tensor: Any, stream: Any) -> None:
         tensor.record_stream(stream)
 
-    # -- CuPy: device buffers over torch's memory, handed over through DLPack -----------------
+    # -- CuPy: device buffers over torch's memory --------------------------------------------
     def as_cupy(self, tensor: Any) -> Any:
         """A CuPy uint8 array over ``tensor``'s memory (from torch's caching allocator: one
         pool); the array keeps the tensor alive. KvikIO reads into it."""
@@ -176,15 +176,6 @@ class CudaOps:
         nbytes = tensor.numel() * tensor.element_size()
         mem = cupy.cuda.UnownedMemory(tensor.data_ptr(), nbytes, tensor, self.device.index)
         return cupy.ndarray((nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(mem, 0))
-
-    def from_cupy(self, array: Any, stream: Any) -> Any:
-        """``array`` as a torch tensor (zero copy, DLPack), exported while CuPy's current stream
-        is ``stream`` (the loader's own): the event DLPack makes the consumer's stream wait on
-        is then recorded on the loader's stream, never on the legacy null stream."""
-        import cupy
-
-        with cupy.cuda.ExternalStream(self.raw_stream(stream), self.device.index):
-            return self.torch.from_dlpack(array)
 
 
 def to_cupy(batch: dict) -> dict:

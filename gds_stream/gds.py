@@ -41,7 +41,9 @@ Zero-length ranges are never read.
 Memory and synchronisation, explicitly:
 
 * staging (and the device copy of the shuffle permutation) comes from torch's caching
-  allocator — one device pool for the whole job — allocated *on the loader's stream*, so the
+  allocator — one device pool for the whole job; KvikIO reads into a CuPy array over that
+  memory, the batch is views of the torch allocation (``record_stream`` works only on memory
+  torch's allocator handed out) — allocated *on the batch's stream*, so the
   allocator hands out only blocks no queued consumer work still uses (blocks the consumer freed
   are returned after the events ``record_stream`` left);
 * the loader's stream never waits on the consumer's stream; the consumer's stream waits on the
@@ -466,8 +468,10 @@ class _GDSIterator(EpochIterator):
         torch, ops = self._torch, self._ops
         consumer = ops.current_stream()
         consumer.wait_event(p.done)  # device side: the host does not wait
-        if p.target is not p.staging:  # KvikIO wrote a CuPy array: hand it over by DLPack
-            p.staging = ops.from_cupy(p.target, p.stream)
+        # The batch is views of the torch allocation KvikIO wrote through the CuPy array (the
+        # same memory), not a DLPack import of it: torch's record_stream ignores memory its
+        # allocator did not hand out, so an imported tensor could not be recorded on the
+        # streams that use it later (window gathers, the consumer's own streams).
         ops.record_stream(p.staging, consumer)
         perm = p.perm_dev
         if perm is not None:

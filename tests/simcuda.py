@@ -112,7 +112,6 @@ class SimOps:
         self.local = threading.local()
         self.streams, self.recorded, self.device_allocs = [], [], []
         self.violations: list[str] = []
-        self.exports: list = []  # streams current in CuPy while a buffer went to torch
         self.bound = {threading.get_ident()}
         self._dev_free: list[_Block] = []
         self._pin_free: list[_Block] = []
@@ -232,11 +231,6 @@ class SimOps:
     # -- CuPy over torch memory ------------------------------------------------------------------
     def as_cupy(self, tensor):
         return SimCupyArray(tensor)
-
-    def from_cupy(self, array, stream):
-        assert isinstance(array, SimCupyArray)
-        self.exports.append(stream)
-        return self.torch.from_dlpack(array.t)  # zero copy
 
 
 class SimCupyArray:
