@@ -200,10 +200,11 @@ def file_route(cap: GDSCapability, cufile, path: str) -> tuple[str, str]:
     pinned host memory and the loader copies it on its own stream.
 
     KvikIO decides compat mode per file (``CompatModeManager``, ``cpp/src/compat_mode_manager
-    .cpp``): an O_DIRECT open that fails or a cuFile handle registration that fails puts the
-    file in compat mode, and with no cuFile config its async reads run in compat mode. The
-    first and the last are visible from Python; a registration failure is not (the 26.10
-    ``CuFile`` has no per-handle compat query), so filesystems where it fails are named.
+    .cpp``): under ``AUTO`` an O_DIRECT open or a cuFile handle registration that fails puts
+    the file in compat mode silently, and with no cuFile config its async reads run in compat
+    mode. :func:`open_for_route` opens files with compat mode OFF, so the first two raise there;
+    this function adds the checks an open cannot make (the filesystems named below, where
+    cuFile's own compat mode may still serve a registered file, and the config).
     """
     if cap.mode != "gds":
         return "host", cap.reason or f"GPUDirect mode is {cap.mode}"

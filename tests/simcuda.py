@@ -55,7 +55,7 @@ class SimStream:
     def run(self, upto):
         with self.lock:
             while self.ran < upto:
-                fn = self.queue[self.ran]
+                fn, self.queue[self.ran] = self.queue[self.ran], None  # ran: references go
                 self.ran += 1
                 fn()
 

@@ -672,6 +672,8 @@ def test_simulated_gds_submit_failure_waits_for_running_reads(ds, simulated_gpu)
     with pytest.raises(LoaderError, match="submit failed"):
         for _ in g:
             pass
+    # the failure was raised only after every read already submitted into the slot finished
+    assert not any(ops.host_writes.values()), "reads still write into the pinned slot"
     g.close()
     gc.collect()
     time.sleep(0.2)
@@ -975,3 +977,55 @@ def test_gpu_windows_gathered_on_changing_streams_stay_intact(ds, backend):
             with torch.cuda.stream(s):
                 for k, t in b.items():
                     assert np.array_equal(t.cpu().numpy(), ds.read(k)[idx]), (i, k)
+
+
+@pytest.mark.parametrize("record", [True, False])
+def test_simulated_gds_consumer_work_late_needs_record_stream(ds, simulated_gpu, monkeypatch,
+                                                              record):
+    """The reusing allocator catches a missing record_stream: the consumer queues work on each
+    batch and drops it; that work runs late, after the loader reused the freed staging for
+    later reads. With record_stream the bytes are right; without it (the model's own check)
+    they are not."""
+    import torch
+
+    from gds_stream.gds import GDSLoader
+    from fallback import FallbackLoader
+    import simcuda
+
+    if not record:
+        monkeypatch.setattr(simcuda.SimOps, "record_stream", lambda self, t, s: None)
+    simulated_gpu.opts["deferred_consumer"] = True
+    cfg = dict(batch_points=4_096, prefetch=2)
+    results = []
+    with GDSLoader(ds, device="cuda", fields=["inst"], **cfg) as g:
+        ops = simulated_gpu.ops[-1]
+        for b in g:
+            src = b["inst"]
+            out = torch.empty_like(src)
+            addr, n = src.data_ptr(), src.numel() * src.element_size()
+
+            def use(out=out, addr=addr, n=n):  # a kernel holds an address, not a reference
+                out.view(torch.uint8).numpy()[:] = np.frombuffer(
+                    (ctypes.c_char * n).from_address(addr), np.uint8)
+
+            ops.consumer.put(use)
+            results.append(out)
+            del b, src
+        ops.consumer.run_all()
+    with FallbackLoader(ds, device="cpu", fields=["inst"], **cfg) as f:
+        same = all(torch.equal(r, w["inst"]) for r, w in zip(results, f))
+    assert same == record
+
+
+def test_plan_reads_never_plans_a_zero_length_read():
+    """Item 9: an empty segment is no read (KvikIO would get a null pointer for it)."""
+    from gds_stream.gds import _GDSIterator
+
+    spec = types.SimpleNamespace(point_bytes=4)
+    it = types.SimpleNamespace(_specs=[spec, spec],
+                               _layouts=[types.SimpleNamespace(offset=0),
+                                         types.SimpleNamespace(offset=8192)])
+    batch = types.SimpleNamespace(segments=np.array([[0, 0], [5, 5], [1024, 1030]]))
+    reads, regions, total = _GDSIterator._plan_reads(it, batch)
+    assert len(reads) == 2 and all(r.size > 0 and r.nbytes == 24 for r in reads)
+    assert total == sum(r.size for r in reads) == 2 * 4096
