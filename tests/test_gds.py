@@ -177,6 +177,24 @@ def test_env_rows_say_what_auto_picks(monkeypatch):
             assert cap.reason in rows["backend auto"] and cap.reason in rows["GPUDirect"]
 
 
+def test_env_reports_cufiles_allow_compat_mode(monkeypatch):
+    """Item 1: ``gds-stream env`` shows cuFile's own allow_compat_mode where KvikIO runs."""
+    fake = types.ModuleType("kvikio")
+    fake.__version__ = "simulated"
+    driver = types.ModuleType("kvikio.cufile_driver")
+    driver.get = lambda key: {"allow_compat_mode": False}[key]
+    fake.cufile_driver = driver
+    monkeypatch.setitem(sys.modules, "kvikio", fake)
+    monkeypatch.setitem(sys.modules, "kvikio.cufile_driver", driver)
+    monkeypatch.setattr(capability, "probe_gds", lambda: GDS)
+    assert dict(capability.environment_report())["cuFile allow_compat_mode"] == "no"
+    driver.get = lambda key: True
+    assert dict(capability.environment_report())["cuFile allow_compat_mode"] == "yes"
+    monkeypatch.setattr(capability, "probe_gds",
+                        lambda: capability.GDSCapability("unavailable", "no kvikio"))
+    assert "cuFile allow_compat_mode" not in dict(capability.environment_report())
+
+
 # -- the GDSLoader's logic through a simulated KvikIO and CUDA (any machine) ------------------
 class _FakeFuture:
     def __init__(self, fn):
