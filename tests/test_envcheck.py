@@ -68,3 +68,51 @@ def test_verdict_names_gds_and_reads_that_wait():
     v = verdict([c, RouteResult("fallback", "fallback", {}, 2.0, 2.0, True)], "gds")
     assert "compat mode" in v and "reads overlap a busy GPU on every route" in v
     assert describe(RouteResult("gds", error="OSError: boom")) == ["route gds: failed: OSError: boom"]
+
+
+@pytest.mark.parametrize("copy_stream", ["own", "blocking"])
+def test_check_route_on_the_simulated_cuda(tmp_path, monkeypatch, copy_stream):
+    """The measurement logic on the CPU model of CUDA: with the fallback's own non-blocking
+    copy stream the reads finish while the "long kernel" on the default stream has not run
+    (overlapped); with a blocking copy stream the model makes them wait, and the check says so."""
+    import torch
+
+    import fallback.loader as fb_loader
+    import simcuda
+
+    ops_made: list = []
+
+    def make(torch_, device):
+        ops_made.append(simcuda.SimOps(torch_, device, deferred_consumer=True))
+        if copy_stream == "blocking":
+            ops = ops_made[-1]
+
+            def blocking(self=ops):
+                s = simcuda.SimStream(self, blocking=True, null=self.null)
+                self.streams.append(s)
+                return s
+
+            ops.new_stream = blocking
+        return ops_made[-1]
+
+    monkeypatch.setattr(fb_loader, "cuda_ops", make)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    ops = lambda: ops_made[-1]  # noqa: E731
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: [s.run_all() for s in
+                                                           (ops().null, *ops().streams)])
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: ops().null.put(lambda: None))
+    monkeypatch.setattr(torch.cuda, "Stream", lambda *a, **k: simcuda.SimStream(ops(),
+                                                                               name="side"))
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: ops().use_stream(s))
+    monkeypatch.setattr(torch.cuda, "Event", lambda **k: simcuda.SimEvent())
+    monkeypatch.setattr(torch.cuda, "default_stream", lambda *a: ops().null)
+    monkeypatch.setattr(envcheck, "_cycles_per_ms", lambda torch_: 1.0)
+    ds = envcheck._write_dataset(str(tmp_path / "ds"), 1)
+    r = envcheck._check_route(ds, "fallback")
+    assert r.error == "" and r.backend == "fallback"
+    assert r.idle_gbs > 0 and r.busy_gbs > 0
+    assert r.overlapped is (copy_stream == "own")
+    line = describe(r)[1]
+    assert ("overlapped the busy GPU" in line) == (copy_stream == "own")
+    assert ("fallback reads WAIT" in verdict([r], "unavailable")) == (copy_stream != "own")
