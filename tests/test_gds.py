@@ -655,6 +655,11 @@ def test_open_loader_reason_never_claims_gds_for_compat_files(ds, simulated_gpu)
     simulated_gpu.routes.clear()
     with open_loader(ds, backend="gds", device="cuda", batch_points=20_000) as g:
         assert g.backend == "gds" and "every file reads through" in g.backend_reason
+    simulated_gpu.routes.update({"rgb": "host"})
+    with open_loader(ds, backend="auto", device="cuda", batch_points=20_000) as g:
+        assert g.backend == "gds-compat"
+        assert g.backend_reason.startswith("GPUDirect Storage is available; some files")
+        assert "rgb.bin" in g.backend_reason
 
 
 def test_simulated_gds_streams_are_the_loaders_own_bound_and_destroyed(ds, simulated_gpu):
