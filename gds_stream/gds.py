@@ -130,6 +130,7 @@ class GDSLoader(Loader):
         self.task_size = task_size
         self.capability = cap
         self._ops = CudaOps(torch, self._device)
+        self._ops.bind()  # cuFile opens and registrations below need the device's context
         n = self.options.num_threads
         if (kvikio.defaults.get("num_threads") or 0) < n:
             # Process-wide: KvikIO has one pool; grown only (a resize waits for every running
@@ -175,19 +176,18 @@ class GDSLoader(Loader):
         return _GDSIterator(self, plan, start)
 
     def _release(self) -> None:
+        streams, self._streams = self.__dict__.get("_streams", []), []
+        for st in streams:  # our own streams only: queued reads land before files close
+            ev = self._ops.new_event()
+            ev.record(st)
+            ev.synchronize()
         files, self._files = getattr(self, "_files", []), []
         for f in files:
             try:
                 f.close()
             except Exception:  # pragma: no cover
                 log.debug("CuFile close failed", exc_info=True)
-        streams, self._streams = self.__dict__.get("_streams", []), []
         if streams:
-            # Our own streams only: what is queued on them lands before they go.
-            for st in streams:
-                ev = self._ops.new_event()
-                ev.record(st)
-                ev.synchronize()
             import kvikio
 
             for raw in self.__dict__.get("_registered", []):
