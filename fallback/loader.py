@@ -14,11 +14,14 @@
 The within-batch shuffle is one gather on the consumer's device, by the plan's permutation,
 which travels inside the same slab (one host→device copy per batch).
 
-GPU hygiene: the copy stream comes from torch's stream pool, whose streams are created
-``cudaStreamNonBlocking``, so a host→device copy never waits for work the training loop queued on
-the legacy default stream; copy events are created ``blocking=True``, so a worker waiting for a
-slot to be free sleeps instead of spinning a core; nothing here synchronises the device or a
-stream — the only waits are on this loader's own copy events.
+GPU hygiene (:mod:`gds_stream.cudaops`): the copy stream is the loader's own, created
+``cudaStreamNonBlocking`` outside torch's stream pool (a pooled stream can be the training loop's
+or NCCL's) and destroyed in ``close()``, so a host→device copy never waits for work the training
+loop queued; worker threads bind the device before their first CUDA call; copy events are created
+``blocking=True``, so a worker waiting for a slot to be free sleeps instead of spinning a core; a
+slot keeps its last copy's event on every path (error, ``break``, close) until a new copy replaces
+it; nothing here synchronises the device or a stream — the only waits are on this loader's own
+copy events.
 
 Host memory (CPU device): ``prefetch`` slabs in flight (a slab is the batch's fields, each
 rounded to 4 KiB, plus 4 bytes a point of permutation when shuffling), plus, when shuffling, the
@@ -132,15 +135,11 @@ def _read_ahead(files: list[tuple[int, str, int]], specs: Any, segments: np.ndar
                 return
 
 
-def copy_stream(torch: Any, device: Any) -> Any:
-    """The side stream of host→device copies: a pool stream (non-blocking with respect to the
-    legacy default stream, so a copy never waits for the consumer's queued kernels)."""
-    return torch.cuda.Stream(device)
+def cuda_ops(torch: Any, device: Any) -> Any:
+    """The CUDA operations of the copy path (tests swap in a CPU model)."""
+    from gds_stream.cudaops import CudaOps
 
-
-def copy_event(torch: Any) -> Any:
-    """The event of one copy: ``blocking=True`` so a worker waiting on it sleeps, not spins."""
-    return torch.cuda.Event(blocking=True)
+    return CudaOps(torch, device)
 
 
 class FallbackLoader(Loader):
@@ -160,7 +159,8 @@ class FallbackLoader(Loader):
                                   f"(torch {torch.__version__}); use device='cpu'")
             if self._device.index is None:
                 self._device = torch.device("cuda", torch.cuda.current_device())
-            self._copy_stream = copy_stream(torch, self._device)
+            self._ops = cuda_ops(torch, self._device)
+            self._copy_stream = self._ops.new_stream()  # the loader's own, destroyed in close()
         elif self._device.type != "cpu":
             raise LoaderError(f"device={self.options.device!r}: the fallback supports cpu and cuda")
         self._ring: PinnedRing | None = None
@@ -181,6 +181,8 @@ class FallbackLoader(Loader):
 
     def _make_iterator(self, plan: EpochPlan, start: int) -> "_FallbackIterator":
         if self._cuda:
+            import torch
+
             o = self.options
             units = o.batch_size if o.scan_mode else None
             if plan.spec.windowed:  # the reads are windows (unshuffled), one ahead
@@ -191,12 +193,16 @@ class FallbackLoader(Loader):
                                        o.shuffle and not o.scan_mode, units).nbytes
                 depth = o.prefetch
             if self._ring is None or self._ring.depth != depth:
-                self._ring = PinnedRing(depth, cap)
+                ops = self._ops
+                self._ring = PinnedRing(depth, cap, lambda n: ops.pinned_empty(n, torch.uint8))
             self._ring.reserve(cap)
         return _FallbackIterator(self, plan, start)
 
     def _release(self) -> None:
         self._ring = None
+        stream, self.__dict__["_copy_stream"] = self.__dict__.get("_copy_stream"), None
+        if stream is not None:
+            self._ops.destroy_stream(stream)
 
 
 class _FallbackIterator(EpochIterator):
@@ -218,10 +224,13 @@ class _FallbackIterator(EpochIterator):
         self._cuda = loader._cuda
         self._ring = loader._ring
         self._copy_stream = loader._copy_stream if self._cuda else None
+        self._ops = loader._ops if self._cuda else None
         self._stop = threading.Event()
         self._inline = loader.inline_reads
         self._pool = None if self._inline else cf.ThreadPoolExecutor(
-            loader.options.num_threads, thread_name_prefix="gds-stream-fallback")
+            loader.options.num_threads, thread_name_prefix="gds-stream-fallback",
+            # workers wait on copy events: bind the device first (CUDA only)
+            initializer=self._ops.bind if self._cuda else None)
 
     # -- reads --------------------------------------------------------------------------------
     def _submit(self, batch: BatchPlan) -> _Pending:
@@ -305,19 +314,22 @@ class _FallbackIterator(EpochIterator):
             self._wait(p)
         except BaseException:
             if p.slot is not None and self._ring is not None:
-                self._ring.release(p.slot, None)
+                self._ring.release(p.slot)  # keeps the event of the slot's last copy
+                p.slot = None
             raise
         if self._cuda:
             assert p.slot is not None and self._ring is not None
-            with torch.cuda.stream(self._copy_stream):
-                slab = torch.empty(p.layout.nbytes, dtype=torch.uint8, device=self._device)
-                slab.copy_(p.slot.tensor[:p.layout.nbytes], non_blocking=True)
-                event = copy_event(torch)
+            ops = self._ops
+            with ops.use_stream(self._copy_stream):
+                slab = ops.device_empty(p.layout.nbytes, torch.uint8)
+                ops.copy_async(slab, p.slot.tensor[:p.layout.nbytes])
+                event = ops.new_event()
                 event.record(self._copy_stream)
-            self._ring.release(p.slot, event)
-            consumer = torch.cuda.current_stream(self._device)
+            slot, p.slot = p.slot, None
+            self._ring.release(slot, event)
+            consumer = ops.current_stream()
             consumer.wait_event(event)
-            slab.record_stream(consumer)
+            ops.record_stream(slab, consumer)
         else:
             slab = torch.from_dlpack(p.host)
             if p.batch.perm_key is not None:
@@ -331,15 +343,15 @@ class _FallbackIterator(EpochIterator):
     def _on_loader_stream(self, make: Any) -> dict:
         """CUDA: the batch pipeline (unpack, gather, transform, stack) queued on the copy
         stream after the batch's copy; the consumer's stream waits on its event."""
-        torch = self._torch
-        consumer = torch.cuda.current_stream(self._device)
-        with torch.cuda.stream(self._copy_stream):
+        ops = self._ops
+        consumer = ops.current_stream()
+        with ops.use_stream(self._copy_stream):
             out = make()
-            done = copy_event(torch)
+            done = ops.new_event()
             done.record(self._copy_stream)
         consumer.wait_event(done)
         for t in out.values():
-            t.record_stream(consumer)
+            ops.record_stream(t, consumer)
         return out
 
     def _request_stop(self) -> None:
@@ -349,11 +361,13 @@ class _FallbackIterator(EpochIterator):
         self._stop.set()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
-        # A slot whose reads were cancelled goes back to the ring without a pending copy.
+        # A slot whose reads were cancelled goes back to the ring with the event of its last
+        # copy (of a batch already yielded, maybe still queued): its next user waits for it.
         if self._ring is not None:
             for _, p, _ in self._inflight:
                 if p.slot is not None:
-                    self._ring.release(p.slot, None)
+                    slot, p.slot = p.slot, None
+                    self._ring.release(slot)
 
 
 _TORCH_DTYPES: dict[str, Any] = {}

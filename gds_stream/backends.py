@@ -43,6 +43,16 @@ def _fallback(dataset: Any, options: dict[str, Any]) -> Loader:
     return FallbackLoader(dataset, **options)
 
 
+def _gds_words(loader: Loader, cap: Any) -> str:
+    """What the GPU-direct loader really does: GPUDirect Storage only when every file reads
+    through it (``loader.backend == "gds"``); the per-file reasons follow in backend_reason."""
+    if loader.backend == "gds":
+        return "every file reads through GPUDirect Storage (cuFile + nvidia-fs)"
+    if cap.mode == "gds":
+        return "some files cannot read through GPUDirect Storage and read in compat mode"
+    return f"KvikIO runs in compat mode: {cap.reason}"
+
+
 def _compat_words(reason: str) -> str:
     return (f"KvikIO would run in compat mode ({reason}): POSIX reads plus bounce-buffer "
             f"copies, which the fallback's pinned ring does as well")
@@ -73,9 +83,7 @@ def open_loader(dataset: Dataset | str | os.PathLike, backend: str = "auto",
         if not cap.available:
             raise BackendUnavailable(f"GPU-direct backend unavailable: {cap.reason}")
         loader = _gds(dataset, options, gds_only)
-        reason = ("backend='gds' was requested; KvikIO runs through GPUDirect Storage"
-                  if cap.mode == "gds" else
-                  f"backend='gds' was requested; KvikIO runs in compat mode: {cap.reason}")
+        reason = "backend='gds' was requested; " + _gds_words(loader, cap)
     else:
         loader, reason = _auto(dataset, options, gds_only, device, cuda)
     loader.backend_reason = reason
@@ -90,8 +98,8 @@ def _auto(dataset: Any, options: dict[str, Any], gds_only: dict[str, Any], devic
     cap = capability.probe_gds()
     if cap.mode == "gds":
         try:
-            return _gds(dataset, options, gds_only), \
-                "KvikIO reads through GPUDirect Storage (cuFile + nvidia-fs)"
+            loader = _gds(dataset, options, gds_only)
+            return loader, "GPUDirect Storage is available; " + _gds_words(loader, cap)
         except BackendUnavailable as exc:
             return _fallback(dataset, options), f"GPU-direct backend unavailable: {exc}"
     if cap.mode == "gds-compat":

@@ -15,6 +15,7 @@ import logging
 import os
 import platform
 import sys
+import threading
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,8 @@ def environment_report() -> list[tuple[str, str]]:
                                   f"in compat mode (POSIX reads, no direct DMA)"))
     else:
         rows.append(("GPUDirect", f"not available: {cap.reason}"))
+    if cap.available:
+        rows.append(("cuFile allow_compat_mode", cufile_allow_compat()))
     rows.append(("backend auto", auto_choice(cap)))
     return rows
 
@@ -191,23 +194,25 @@ def cufile_config_path() -> str:
     return "/etc/cufile.json" if os.path.exists("/etc/cufile.json") else ""
 
 
-def file_route(cap: GDSCapability, cufile, path: str) -> tuple[str, str]:
+def file_route(cap: GDSCapability, cufile, path: str,
+               open_path: str | None = None) -> tuple[str, str]:
     """How the GPU-direct backend reads one opened file: ("gds", "") when KvikIO reads it
     through GPUDirect Storage on a stream of ours, else ("host", why) — KvikIO reads it into
     pinned host memory and the loader copies it on its own stream.
 
     KvikIO decides compat mode per file (``CompatModeManager``, ``cpp/src/compat_mode_manager
-    .cpp``): an O_DIRECT open that fails or a cuFile handle registration that fails puts the
-    file in compat mode, and with no cuFile config its async reads run in compat mode. The
-    first and the last are visible from Python; a registration failure is not (the 26.10
-    ``CuFile`` has no per-handle compat query), so filesystems where it fails are named.
+    .cpp``): under ``AUTO`` an O_DIRECT open or a cuFile handle registration that fails puts
+    the file in compat mode silently, and with no cuFile config its async reads run in compat
+    mode. :func:`open_for_route` opens files with compat mode OFF, so the first two raise there;
+    this function adds the checks an open cannot make (the filesystems named below, where
+    cuFile's own compat mode may still serve a registered file, and the config).
     """
     if cap.mode != "gds":
         return "host", cap.reason or f"GPUDirect mode is {cap.mode}"
     try:
         direct = bool(cufile.is_direct_io_supported())
     except AttributeError:  # older KvikIO: try the O_DIRECT open ourselves
-        direct = _opens_direct(path)
+        direct = _opens_direct(path if open_path is None else open_path)
     if not direct:
         return "host", f"{path}: opening with O_DIRECT failed, so KvikIO reads it in compat mode"
     fs = filesystem_type(path)
@@ -229,3 +234,56 @@ def _opens_direct(path: str) -> bool:
         return False
     os.close(fd)
     return True
+
+
+#: KvikIO's compat mode is a process-wide default read when a ``CuFile`` is opened: changed and
+#: restored under this lock, so two loaders opening files at once do not see each other's.
+_COMPAT_LOCK = threading.Lock()
+
+
+def _open_compat_off(kvikio, path: str):
+    """``kvikio.CuFile(path)`` with compat mode OFF: raises where the file cannot do GDS (an
+    O_DIRECT open or a cuFile registration that fails; under AUTO, KvikIO would switch the file
+    to compat mode silently, ``cpp/src/compat_mode_manager.cpp``)."""
+    with _COMPAT_LOCK:
+        old = kvikio.defaults.get("compat_mode")
+        kvikio.defaults.set("compat_mode", kvikio.CompatMode.OFF)
+        try:
+            return kvikio.CuFile(path, "r")
+        finally:
+            kvikio.defaults.set("compat_mode", old)
+
+
+def open_for_route(cap: GDSCapability, kvikio, path: str,
+                   open_path: str | None = None) -> tuple[object, str, str]:
+    """Open ``path`` for the GPU-direct backend: (CuFile, route, why not gds).
+
+    ``open_path`` is what KvikIO opens (a dataset's pinned descriptor as ``/proc/self/fd/N``,
+    so a replaced dataset is still read as its snapshot); ``path`` names the file in messages.
+    Where the probe says ``gds``, the file is opened with compat mode OFF; if that raises, or
+    :func:`file_route` finds a reason, it is read on the ``host`` route (a CuFile opened with
+    KvikIO's default mode, whose ``pread`` into host memory is plain POSIX reads)."""
+    target = path if open_path is None else open_path
+    if cap.mode == "gds":
+        try:
+            f = _open_compat_off(kvikio, target)
+        except Exception as exc:  # noqa: BLE001 - cuFile/O_DIRECT errors come in many types
+            why = f"{path}: cuFile cannot open it for GPUDirect Storage ({exc}); read in compat mode"
+            log.debug("%s", why)
+            return kvikio.CuFile(target, "r"), "host", why
+        route, why = file_route(cap, f, path, open_path=target)
+        return f, route, why
+    f = kvikio.CuFile(target, "r")
+    route, why = file_route(cap, f, path, open_path=target)
+    return f, route, why
+
+
+def cufile_allow_compat() -> str:
+    """cuFile's own ``allow_compat_mode`` (from its config), as ``gds-stream env`` reports it."""
+    try:
+        import kvikio.cufile_driver
+
+        return "yes" if kvikio.cufile_driver.get("allow_compat_mode") else "no"
+    except Exception as exc:  # noqa: BLE001 - no kvikio, or no libcufile
+        return f"unknown ({type(exc).__name__}: {exc})" if not isinstance(exc, ImportError) \
+            else "unknown (kvikio is not installed)"

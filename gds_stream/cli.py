@@ -106,8 +106,11 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("dataset", help="dataset directory (holding manifest.json)")
     v.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    sub.add_parser("env", parents=[common],
-                   help="versions, CUDA device, and GPUDirect Storage vs compat mode")
+    e = sub.add_parser("env", parents=[common],
+                       help="versions, CUDA device, and GPUDirect Storage vs compat mode")
+    e.add_argument("--check", nargs="?", const="", default=None, metavar="DIR",
+                   help="also read a few hundred MiB (written into DIR, default the temp "
+                        "directory) through each route, GPU idle and busy, and print a verdict")
     return p
 
 
@@ -203,6 +206,10 @@ def _cmd_env(a: argparse.Namespace) -> int:
 
     for key, value in environment_report():
         print(f"{key:<14} {value}")
+    if a.check is not None:
+        from .envcheck import run
+
+        return run(a.check or None, emit=print)[0]
     return 0
 
 

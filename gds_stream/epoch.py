@@ -115,7 +115,7 @@ class EpochIterator(Closeable):
                     f"from two threads at once (next() while another next() was running); "
                     f"give each thread its own loader or serialise the calls")
         try:
-            return self._next_locked()
+            return self._owner._deliver(self._next_locked())
         finally:
             self._busy.release()
             if self._closed and not self._torn_down:

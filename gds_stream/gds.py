@@ -20,16 +20,30 @@ every kernel queued on the null stream. Each file therefore takes one of two rou
   KvikIO's thread pool, no CUDA call) — then our own non-blocking host→device copy of the slab
   on the same non-blocking stream.
 
-Which route each file takes is decided per file by :func:`capability.file_route`, and
-``loader.backend`` is "gds" only when every file takes the ``gds`` route ("gds-compat" with
-``backend_reason`` otherwise). Whether the ``gds`` route beats the ``host`` route, and by how
-much reads overlap training on a real GPU, is measured by the GPU tests and the shared stream
-probe; those numbers are pending a GPU run.
+Which route each file takes is decided per file when the loader opens it: a file for the
+``gds`` route is opened with KvikIO's compat mode **OFF** (:func:`capability.open_cufile`), so a
+file that cannot do GDS (a failed O_DIRECT open or cuFile registration, which under ``AUTO``
+would silently switch it to compat, ``cpp/src/compat_mode_manager.cpp``) raises at open and is
+reopened for the ``host`` route, the reason in ``backend_reason``. ``loader.backend`` is "gds"
+only when every file takes the ``gds`` route ("gds-compat" otherwise). Whether the ``gds`` route
+beats the ``host`` route, and by how much reads overlap training on a real GPU, is measured by
+``gds-stream env --check`` and the GPU tests; no GPU run has happened yet.
+
+Streams and threads: the loader owns ``min(prefetch, 4)`` non-blocking streams of its own
+(:mod:`gds_stream.cudaops`, not torch's pool), created once and destroyed in ``close()``; batch
+*i* is read on stream *i* mod that number, so up to ``prefetch`` batches are in flight (the
+submit thread waits for a batch only when ``prefetch`` batches are queued). The submit thread
+binds the device before its first CUDA or cuFile call (KvikIO's ``read_async`` pushes no
+context). The ``host`` route reads into a ring of ``prefetch`` pinned slots (a slot is refilled
+only after the event of its previous copy completed), not into per-batch pinned allocations.
+Zero-length ranges are never read.
 
 Memory and synchronisation, explicitly:
 
 * staging (and the device copy of the shuffle permutation) comes from torch's caching
-  allocator — one device pool for the whole job — allocated *on the loader's stream*, so the
+  allocator — one device pool for the whole job; KvikIO reads into a CuPy array over that
+  memory, the batch is views of the torch allocation (``record_stream`` works only on memory
+  torch's allocator handed out) — allocated *on the batch's stream*, so the
   allocator hands out only blocks no queued consumer work still uses (blocks the consumer freed
   are returned after the events ``record_stream`` left);
 * the loader's stream never waits on the consumer's stream; the consumer's stream waits on the
@@ -40,8 +54,12 @@ Memory and synchronisation, explicitly:
   bit-exact for every dtype) are queued on the consumer's current stream;
 * a yielded batch is owned by the consumer; the loader never writes into it again.
 
-KvikIO settings: its thread pool is sized from ``num_threads``; ``task_size`` defaults to
-4 MiB (KvikIO's own default) until a GPU sweep chooses.
+KvikIO settings: its thread pool is process-wide; a loader grows it to ``num_threads`` (never
+shrinks it: resizing waits for every running read of every loader); it serves the ``host``
+route's ``pread`` only (``cuFileReadAsync`` on the ``gds`` route uses no KvikIO thread).
+``task_size`` (default 4 MiB, KvikIO's own) splits a ``host``-route read into pool tasks.
+``verify_reads`` re-reads the blocks a batch touches from the file and checks their checksums:
+it proves the file, not the bytes that reached the GPU.
 """
 
 from __future__ import annotations
@@ -49,14 +67,15 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .errors import BackendUnavailable, DatasetError, LoaderError
+from .errors import BackendUnavailable, LoaderError
 from .format import ALIGN, Dataset, align_down, align_up
 from .loader import POLL_S, EpochIterator, Loader
+from .ring import PinnedRing
+from ._gds_submit import _Pending, _Read, _Submitter
 from .slab import gather_field_rows
 from .plan import BatchPlan, EpochPlan
 
@@ -65,64 +84,16 @@ log = logging.getLogger(__name__)
 DEFAULT_TASK_SIZE = 4 << 20
 
 
-class _CudaOps:
-    """The few CUDA operations the backend uses, in one place (tests swap in a CPU model)."""
-
-    def __init__(self, torch: Any, device: Any):
-        self.torch, self.device = torch, device
-
-    def new_stream(self) -> Any:
-        return self.torch.cuda.Stream(device=self.device)  # torch creates non-blocking streams
-
-    def current_stream(self) -> Any:
-        return self.torch.cuda.current_stream(self.device)
-
-    def use_stream(self, stream: Any) -> Any:
-        return self.torch.cuda.stream(stream)
-
-    def new_event(self) -> Any:
-        return self.torch.cuda.Event(blocking=True)
-
-    def device_empty(self, nbytes: int, dtype: Any) -> Any:
-        return self.torch.empty(nbytes, dtype=dtype, device=self.device)
-
-    def pinned_empty(self, nbytes: int, dtype: Any) -> Any:
-        return self.torch.empty(nbytes, dtype=dtype, pin_memory=True)
-
-    def copy_async(self, dst: Any, src: Any) -> None:
-        dst.copy_(src, non_blocking=True)
-
-    def record_stream(self, tensor: Any, stream: Any) -> None:
-        tensor.record_stream(stream)
-
-    def raw_stream(self, stream: Any) -> int:
-        return stream.cuda_stream
+#: At most this many streams of its own per loader (batches in flight share them round-robin).
+MAX_STREAMS = 4
+#: cuFile stream flag: every offset and size given on the stream is 4 KiB-aligned.
+_STREAM_PAGE_ALIGNED = 8
 
 
-@dataclass
-class _Read:
-    """One aligned read: ``size`` bytes at ``file_offset`` into the slab at ``dev_offset``;
-    the wanted bytes start ``skip`` bytes in and are ``nbytes`` long."""
+def CudaOps(torch: Any, device: Any) -> Any:  # noqa: N802 - a factory tests swap
+    from .cudaops import CudaOps as Ops
 
-    field: int
-    file_offset: int
-    size: int
-    dev_offset: int
-    skip: int
-    nbytes: int
-
-
-@dataclass
-class _Pending:
-    batch: BatchPlan
-    reads: list[_Read]
-    regions: list[tuple[int, int]]  # per field: [start, end) of its reads in the slab
-    staging: Any  # torch uint8 device tensor, 4 KiB-aligned start
-    perm_dev: Any  # torch int32 device tensor (rows to gather) or None
-    nbytes: int
-    done: Any = None  # blocking event on the loader's stream after all copies/reads
-    submitted: threading.Event = field(default_factory=threading.Event)
-    error: BaseException | None = None
+    return Ops(torch, device)
 
 
 class GDSLoader(Loader):
@@ -158,21 +129,24 @@ class GDSLoader(Loader):
             raise LoaderError(f"task_size must be a positive multiple of {ALIGN}, got {task_size!r}")
         self.task_size = task_size
         self.capability = cap
-        self._ops = _CudaOps(torch, self._device)
+        self._ops = CudaOps(torch, self._device)
+        self._ops.bind()  # cuFile opens and registrations below need the device's context
         n = self.options.num_threads
-        if kvikio.defaults.get("num_threads") != n:
-            # Process-wide: KvikIO has one thread pool. Growing it is what a fast drive needs.
+        if (kvikio.defaults.get("num_threads") or 0) < n:
+            # Process-wide: KvikIO has one pool; grown only (a resize waits for every running
+            # read of every loader), never shrunk under another loader.
             kvikio.defaults.set("num_threads", n)
-            log.info("KvikIO thread pool set to %d threads", n)
+            log.info("KvikIO thread pool grown to %d threads", n)
         ds = self.dataset
         self._files: list = []
         self.routes: list[str] = []
         reasons: list[str] = []
         for s in self.specs:
             path = str(ds.field_path(s.name))
-            f = kvikio.CuFile(self.files.reopen_path(s.name), "r")  # the pinned snapshot
+            # the pinned snapshot, opened again through its descriptor (KvikIO opens paths)
+            f, route, why = capability.open_for_route(cap, kvikio, path,
+                                                      open_path=self.files.reopen_path(s.name))
             self._files.append(f)
-            route, why = capability.file_route(cap, f, path)
             self.routes.append(route)
             if why and why not in reasons:
                 reasons.append(why)
@@ -181,6 +155,14 @@ class GDSLoader(Loader):
         self.route_reason = "; ".join(reasons)
         log.debug("GDSLoader: %s (routes %s)%s", self.backend, self.routes,
                   f": {self.route_reason}" if self.route_reason else "")
+        # The loader's own streams (not torch's pool), kept for its life, destroyed in close().
+        self._streams = [self._ops.new_stream()
+                         for _ in range(min(self.options.prefetch, MAX_STREAMS))]
+        self._registered = [self._ops.raw_stream(st) for st in self._streams
+                            if "gds" in self.routes and _stream_register(kvikio, self._ops, st)]
+        ops = self._ops
+        self._ring = PinnedRing(self.options.prefetch, 0,
+                                lambda nbytes: ops.pinned_empty(nbytes, torch.uint8))
 
     @property
     def backend_reason(self) -> str:
@@ -196,124 +178,39 @@ class GDSLoader(Loader):
         return _GDSIterator(self, plan, start)
 
     def _release(self) -> None:
+        streams, self._streams = self.__dict__.get("_streams", []), []
+        for st in streams:  # our own streams only: queued reads land before files close
+            ev = self._ops.new_event()
+            ev.record(st)
+            ev.synchronize()
         files, self._files = getattr(self, "_files", []), []
         for f in files:
             try:
                 f.close()
             except Exception:  # pragma: no cover
                 log.debug("CuFile close failed", exc_info=True)
+        if streams:
+            import kvikio
 
-
-class _Submitter:
-    """The submit thread's work: per batch, start the ``gds`` reads on the loader's stream,
-    run the ``host`` reads into pinned memory and queue their copy, queue the permutation's
-    copy, record the batch's event, check byte counts and checksums. Holds no reference to the
-    iterator."""
-
-    def __init__(self, ops: _CudaOps, stream: Any, files: list, routes: list[str],
-                 paths: list[str], task_size: int, verifier: Any):
-        self.ops, self.stream, self.files, self.routes = ops, stream, files, routes
-        self.paths, self.task_size, self.verifier = paths, task_size, verifier
-
-    def run(self, q: "queue.Queue[_Pending | None]", stop: threading.Event) -> None:
-        while not stop.is_set():
-            try:
-                p = q.get(timeout=POLL_S)
-            except queue.Empty:
-                continue
-            if p is None:
-                return
-            try:
-                self.submit(p)
-            except BaseException as exc:  # travels to the consumer
-                p.error = exc
-            finally:
-                p.submitted.set()
-
-    def submit(self, p: _Pending) -> None:
-        stream_futures: list = []
-        try:
-            with self.ops.use_stream(self.stream):
-                self._start(p, stream_futures)
-        except BaseException:
-            if stream_futures:  # cuFile still uses each future's arguments: let them land
-                ev = self.ops.new_event()
-                ev.record(self.stream)
-                ev.synchronize()
-            raise
-        if stream_futures:
-            p.done.synchronize()  # our own stream only; a blocking event: the thread sleeps
-            for r, fut in stream_futures:
+            for raw in self.__dict__.get("_registered", []):
                 try:
-                    got = fut.check_bytes_done()
-                except Exception as exc:
-                    self._raise(r, exc)
-                self._check(r, got)
-        if self.verifier is not None:
-            self.verifier.check(p.batch.segments)
-
-    def _start(self, p: _Pending, stream_futures: list) -> None:
-        """Queue everything of batch ``p`` on the loader's stream (the current stream here)."""
-        torch = self.ops.torch
-        for r in p.reads:
-            if self.routes[r.field] != "gds":
-                continue
-            try:
-                fut = self.files[r.field].raw_read_async(
-                    p.staging[r.dev_offset:r.dev_offset + r.size],
-                    self.ops.raw_stream(self.stream), r.size, r.file_offset, 0)
-            except Exception as exc:
-                self._raise(r, exc)
-            stream_futures.append((r, fut))
-        hosted = [r for r in p.reads if self.routes[r.field] != "gds"]
-        if hosted:
-            pinned = self.ops.pinned_empty(p.nbytes, torch.uint8)
-            host = pinned.numpy()
-            futures = [(r, self.files[r.field].pread(
-                host[r.dev_offset:r.dev_offset + r.size], r.size, r.file_offset,
-                self.task_size)) for r in hosted]
-            errors = []
-            for r, fut in futures:  # collect every outcome: no read outlives its buffer
-                try:
-                    self._check(r, fut.get())
-                except Exception as exc:
-                    errors.append((r, exc))
-            if errors:
-                self._raise(*errors[0])
-            for a, b in _runs([p.regions[i] for i, route in enumerate(self.routes)
-                               if route != "gds"]):
-                self.ops.copy_async(p.staging[a:b], pinned[a:b])
-        perm = p.batch.permutation()  # within-batch shuffle; windows come here unshuffled
-        if perm is not None:
-            src = self.ops.pinned_empty(len(perm), torch.int32)
-            src.numpy()[:] = perm
-            self.ops.copy_async(p.perm_dev, src)
-        p.done = self.ops.new_event()
-        p.done.record(self.stream)
-
-    def _check(self, r: _Read, got: int) -> None:
-        if got != r.size:
-            raise DatasetError(f"{self.paths[r.field]}: short read at offset {r.file_offset}: "
-                               f"{got} of {r.size} bytes (file truncated?)")
-
-    def _raise(self, r: _Read, exc: BaseException) -> None:
-        if isinstance(exc, DatasetError):
-            raise exc
-        raise DatasetError(f"{self.paths[r.field]}: KvikIO read of {r.size} bytes at offset "
-                           f"{r.file_offset} failed: {exc}") from exc
+                    kvikio.stream_deregister(raw)
+                except Exception:  # pragma: no cover
+                    log.debug("stream_deregister failed", exc_info=True)
+            for st in streams:
+                self._ops.destroy_stream(st)
+        self._ring = None
 
 
-def _runs(regions: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Merge adjacent [start, end) slab regions (sorted by start) into maximal runs."""
-    out: list[tuple[int, int]] = []
-    for a, b in sorted(regions):
-        if a == b:
-            continue
-        if out and out[-1][1] == a:
-            out[-1] = (out[-1][0], b)
-        else:
-            out.append((a, b))
-    return out
+def _stream_register(kvikio: Any, ops: Any, stream: Any) -> bool:
+    """Tell cuFile that every read on ``stream`` is page-aligned (it may then skip its own
+    alignment handling); False where this KvikIO/cuFile cannot."""
+    try:
+        kvikio.stream_register(ops.raw_stream(stream), _STREAM_PAGE_ALIGNED)
+        return True
+    except Exception as exc:  # noqa: BLE001 - an optimisation only
+        log.debug("cuFile stream_register failed: %s", exc)
+        return False
 
 
 class _GDSIterator(EpochIterator):
@@ -324,11 +221,14 @@ class _GDSIterator(EpochIterator):
         self._unit_key = loader.unit_key
         self._layouts = [loader.dataset.layout(s.name) for s in self._specs]
         self._paths = [str(loader.dataset.field_path(s.name)) for s in self._specs]
-        self._stream = self._ops.new_stream()
+        self._streams = loader._streams
+        self._routes = loader.routes
+        self._turn = 0
         self._stop = threading.Event()
         self._queue: queue.Queue = queue.Queue()
-        submitter = _Submitter(self._ops, self._stream, loader._files, loader.routes,
-                               self._paths, loader.task_size, getattr(loader, "verifier", None))
+        submitter = _Submitter(self._ops, loader._files, loader.routes, self._paths,
+                               loader.task_size, getattr(loader, "verifier", None),
+                               loader._ring, max(1, self.prefetch))
         self._thread = threading.Thread(
             # Joined by close(); daemon only so a leaked iterator cannot block interpreter exit.
             target=submitter.run, name="gds-stream-submit", daemon=True,
@@ -341,6 +241,8 @@ class _GDSIterator(EpochIterator):
         for i, (spec, lay) in enumerate(zip(self._specs, self._layouts)):
             pb, first = spec.point_bytes, pos
             for a, b in batch.segments:
+                if b <= a:  # nothing to read: never a zero-length read (null pointer)
+                    continue
                 lo = lay.offset + int(a) * pb
                 hi = lay.offset + int(b) * pb
                 alo, ahi = align_down(lo), align_up(hi)
@@ -352,13 +254,17 @@ class _GDSIterator(EpochIterator):
     def _submit(self, batch: BatchPlan) -> _Pending:
         torch = self._torch
         reads, regions, total = self._plan_reads(batch)
-        with self._ops.use_stream(self._stream):  # the allocator orders it on our stream
+        stream = self._streams[self._turn % len(self._streams)]
+        self._turn += 1
+        with self._ops.use_stream(stream):  # the allocator orders it on that stream
             raw = self._ops.device_empty(total + ALIGN, torch.uint8)
             skip = (-raw.data_ptr()) % ALIGN
             staging = raw[skip:skip + total]
             perm_dev = (self._ops.device_empty(batch.num_points, torch.int32)
                         if batch.perm_key is not None else None)
-        p = _Pending(batch, reads, regions, staging, perm_dev, total)
+        target = self._ops.as_cupy(staging) if any(r == "gds" for r in self._routes) \
+            else staging
+        p = _Pending(batch, reads, regions, staging, target, perm_dev, total, stream)
         self._queue.put(p)
         return p
 
@@ -380,6 +286,10 @@ class _GDSIterator(EpochIterator):
         torch, ops = self._torch, self._ops
         consumer = ops.current_stream()
         consumer.wait_event(p.done)  # device side: the host does not wait
+        # The batch is views of the torch allocation KvikIO wrote through the CuPy array (the
+        # same memory), not a DLPack import of it: torch's record_stream ignores memory its
+        # allocator did not hand out, so an imported tensor could not be recorded on the
+        # streams that use it later (window gathers, the consumer's own streams).
         ops.record_stream(p.staging, consumer)
         perm = p.perm_dev
         if perm is not None:
@@ -428,10 +338,11 @@ class _GDSIterator(EpochIterator):
         """The batch pipeline (unpack, gather, transform, stack) queued on our stream."""
         ops = self._ops
         consumer = ops.current_stream()
-        with ops.use_stream(self._stream):
+        stream = self._streams[0]  # one of ours; make() waits for the batch's read event on it
+        with ops.use_stream(stream):
             out = make()
             done = ops.new_event()
-            done.record(self._stream)
+            done.record(stream)
         consumer.wait_event(done)
         for t in out.values():
             ops.record_stream(t, consumer)
@@ -444,11 +355,12 @@ class _GDSIterator(EpochIterator):
         self._stop.set()
         self._queue.put(None)
         self._thread.join()
-        # Reads already queued on our stream must land before their buffers go back to the
-        # pool; this waits for our own stream only.
-        ev = self._ops.new_event()
-        ev.record(self._stream)
-        ev.synchronize()
+        # Reads already queued on our streams must land before their buffers go back to the
+        # pool; this waits for our own streams only.
+        for st in self._streams:
+            ev = self._ops.new_event()
+            ev.record(st)
+            ev.synchronize()
 
 
 def _torch_dtype(torch: Any, dtype: np.dtype) -> Any:

@@ -259,6 +259,14 @@ class Loader(Closeable):
     def _release(self) -> None:
         """Free backend resources kept across epochs (subclasses)."""
 
+    def _deliver(self, batch: dict) -> dict:
+        """The batch as the consumer asked for it (``output="cupy"``: CuPy arrays)."""
+        if self.options.output == "cupy":
+            from .cudaops import to_cupy
+
+            return to_cupy(batch)
+        return batch
+
     def _make_iterator(self, plan: EpochPlan, start: int) -> "EpochIterator":
         raise NotImplementedError
 

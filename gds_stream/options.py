@@ -36,12 +36,14 @@ CORE_OPTIONS: dict[str, Any] = {
     "shuffle": False, "seed": 0, "drop_last": False, "prefetch": None, "num_threads": None,
     "rank": None, "world_size": None, "verify_reads": False,
     "batch_chunks": None, "max_batch_points": None, "shuffle_window": None,
-    "transform": None, "stack": None, "dtype": None,
+    "transform": None, "stack": None, "dtype": None, "output": "torch",
 }
 #: Names other libraries use, and the option meant (DataLoader's ``batch_size`` counts samples:
 #: here a batch is counted in points).
 _ALIASES = {"batch_size": "batch_points", "num_workers": "num_threads",
             "prefetch_factor": "prefetch"}
+#: What a batch holds: torch tensors, or CuPy arrays (CUDA only) for RAPIDS pipelines.
+OUTPUTS = ("torch", "cupy")
 #: Options only the GPU-direct backend takes (ignored when ``auto`` falls back).
 GDS_ONLY_OPTIONS = ("task_size",)
 _FLAGS = ("shuffle", "drop_last", "verify_reads")
@@ -143,6 +145,7 @@ class LoaderOptions:
     shuffle_window: int = 0
     #: transform=/stack=/dtype=, checked (:mod:`gds_stream.pipeline`); None: nothing to do.
     pipeline: Pipeline | None = None
+    output: str = "torch"
 
     @property
     def unit(self) -> str:
@@ -229,6 +232,11 @@ def resolve_options(ds: Dataset, options: Mapping[str, Any]) -> LoaderOptions:
         raise LoaderError(f"device={device!r} is not a torch device ({exc}); use 'cpu', 'cuda' "
                           f"or 'cuda:N'") from None
     device = str(device)
+    if o["output"] not in OUTPUTS:
+        raise LoaderError(f"output must be 'torch' or 'cupy', got {o['output']!r}")
+    if o["output"] == "cupy" and dev_type != "cuda":
+        raise LoaderError(f"output='cupy' gives CuPy arrays on a CUDA device; device={device!r} "
+                          f"is not CUDA (use output='torch')")
     flags = {k: _flag(k, o[k]) for k in _FLAGS}
     seed = _int("seed", o["seed"], 0)
     prefetch = default_prefetch(dev_type) if o["prefetch"] is None else \
@@ -256,7 +264,7 @@ def resolve_options(ds: Dataset, options: Mapping[str, Any]) -> LoaderOptions:
     return LoaderOptions(
         pipeline=pipeline, batch_points=o["batch_points"], batch_scans=o["batch_scans"],
         batch_chunks=o["batch_chunks"], max_batch_points=mbp, shuffle_window=window,
-        fields=fields,
+        fields=fields, output=o["output"],
         device=device, seed=seed, prefetch=prefetch, num_threads=num_threads,
         rank=int(rank), world_size=int(world_size), **flags,
     )

@@ -39,6 +39,9 @@ def gather_rows(window: dict[str, Any], rows: np.ndarray) -> dict[str, Any]:
     cuda = first.device.type == "cuda"
     if cuda:
         idx = idx.pin_memory().to(first.device, non_blocking=True)
+        stream = torch.cuda.current_stream(first.device)
+        for t in window.values():  # the window is read on this stream too, maybe a new one:
+            t.record_stream(stream)  # its memory is not reused before these gathers ran
         # fields of equal width that sit equally spaced in the window's slab: one launch each
         n, m = int(first.shape[0]), len(rows)
         gathered = gather_field_rows(

@@ -820,26 +820,6 @@ def _cuda_works() -> bool:
 needs_cuda = pytest.mark.skipif(not _cuda_works(), reason="needs a working CUDA device")
 
 
-def test_copy_events_block_and_copy_stream_is_a_pool_stream(monkeypatch):
-    made = []
-
-    class _Event:
-        def __init__(self, **kw):
-            made.append(kw)
-
-    class _Stream:
-        def __init__(self, device):
-            made.append(("stream", device))
-
-    monkeypatch.setattr(torch.cuda, "Event", _Event)
-    monkeypatch.setattr(torch.cuda, "Stream", _Stream)
-    fb_loader.copy_event(torch)
-    fb_loader.copy_stream(torch, "cuda:0")
-    # blocking=True: a worker waiting for a slot sleeps in the driver instead of spinning;
-    # torch.cuda.Stream(device) is a pool stream (created cudaStreamNonBlocking).
-    assert made == [{"blocking": True}, ("stream", "cuda:0")]
-
-
 @pytest.mark.parametrize("opts", [dict(batch_points=30_000, shuffle=True, seed=2),
                                   dict(batch_scans=3, shuffle=True, seed=4)],
                          ids=["points", "scans"])

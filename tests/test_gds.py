@@ -14,6 +14,7 @@ Three layers:
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import subprocess
@@ -31,6 +32,7 @@ from gds_stream.errors import BackendUnavailable, LoaderError
 from gds_stream.format import DatasetWriter, FieldSpec, open_dataset
 from gds_stream import open_loader
 from helpers import cuda_reason
+from simcuda import SimOps
 
 
 # -- a small dataset with several dtypes and scans --------------------------------------------
@@ -59,7 +61,8 @@ def ds(tmp_path_factory):
 
 # -- unavailable paths (any machine) ----------------------------------------------------------
 def test_import_does_not_import_cupy_or_kvikio_or_torch():
-    code = ("import sys, gds_stream, gds_stream.format, gds_stream.cli; "
+    code = ("import sys, gds_stream, gds_stream.format, gds_stream.cli, gds_stream.gds, "
+            "gds_stream.cudaops, gds_stream.envcheck, gds_stream.capability, fallback; "
             "bad=[m for m in ('cupy','kvikio','torch') if m in sys.modules]; "
             "print(','.join(bad)); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -100,7 +103,8 @@ def test_probe_reason_names_the_gpu_extra_when_kvikio_is_missing(monkeypatch):
 
     with open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml"), "rb") as f:
         extras = tomllib.load(f)["project"]["optional-dependencies"]
-    assert any(d.startswith("kvikio") for d in extras["gpu"])
+    assert any(d.startswith("kvikio-cu13") for d in extras["gpu"])
+    assert any(d.startswith("cupy-cuda13x") for d in extras["gpu"])
 
 
 @pytest.mark.skipif(capability.probe_gds().available, reason="GPU-direct is available here")
@@ -173,6 +177,24 @@ def test_env_rows_say_what_auto_picks(monkeypatch):
             assert cap.reason in rows["backend auto"] and cap.reason in rows["GPUDirect"]
 
 
+def test_env_reports_cufiles_allow_compat_mode(monkeypatch):
+    """Item 1: ``gds-stream env`` shows cuFile's own allow_compat_mode where KvikIO runs."""
+    fake = types.ModuleType("kvikio")
+    fake.__version__ = "simulated"
+    driver = types.ModuleType("kvikio.cufile_driver")
+    driver.get = lambda key: {"allow_compat_mode": False}[key]
+    fake.cufile_driver = driver
+    monkeypatch.setitem(sys.modules, "kvikio", fake)
+    monkeypatch.setitem(sys.modules, "kvikio.cufile_driver", driver)
+    monkeypatch.setattr(capability, "probe_gds", lambda: GDS)
+    assert dict(capability.environment_report())["cuFile allow_compat_mode"] == "no"
+    driver.get = lambda key: True
+    assert dict(capability.environment_report())["cuFile allow_compat_mode"] == "yes"
+    monkeypatch.setattr(capability, "probe_gds",
+                        lambda: capability.GDSCapability("unavailable", "no kvikio"))
+    assert "cuFile allow_compat_mode" not in dict(capability.environment_report())
+
+
 # -- the GDSLoader's logic through a simulated KvikIO and CUDA (any machine) ------------------
 class _FakeFuture:
     def __init__(self, fn):
@@ -191,115 +213,22 @@ class _FakeFuture:
         return self._val
 
 
-class _SimStream:
-    """A stream whose queued work runs only when an event recorded on it is waited for (the
-    consumer's stream runs its work at once): reading a buffer before waiting reads garbage."""
-
-    registry: dict = {}
-
-    def __init__(self, deferred=True):
-        self.deferred, self.ops, self.ran = deferred, [], 0
-        self.lock = threading.Lock()
-        self.handle = id(self)
-        _SimStream.registry[self.handle] = self
-        self.waited: list = []
-
-    def put(self, fn):
-        if self.deferred:
-            self.ops.append(fn)
-        else:
-            fn()
-
-    def run(self, upto):
-        with self.lock:
-            while self.ran < upto:
-                self.ops[self.ran]()
-                self.ran += 1
-
-    def wait_event(self, ev):
-        self.waited.append(ev)
-        ev.synchronize()
-
-
-class _SimEvent:
-    def __init__(self):
-        self.stream, self.mark = None, 0
-
-    def record(self, stream):
-        self.stream, self.mark = stream, len(stream.ops)
-
-    def synchronize(self):
-        if self.stream is not None:
-            self.stream.run(self.mark)
-
-
-def _aligned(torch, nbytes, dtype, fill):
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    raw = torch.full((nbytes * itemsize + 8192,), fill, dtype=torch.uint8)
-    skip = (-raw.data_ptr()) % 4096
-    return raw[skip:skip + nbytes * itemsize].view(dtype)
-
-
-class _SimOps:
-    """The backend's CUDA operations on the CPU, with the stream semantics above."""
-
-    def __init__(self, torch):
-        self.torch = torch
-        self.consumer = _SimStream(deferred=False)
-        self.local = threading.local()
-        self.streams, self.recorded, self.device_allocs = [], [], []
-
-    def new_stream(self):
-        s = _SimStream()
-        self.streams.append(s)
-        return s
-
-    def current_stream(self):
-        return getattr(self.local, "stream", None) or self.consumer
-
-    def use_stream(self, stream):
-        ops = self
-
-        class _Use:
-            def __enter__(self):
-                self.prev = getattr(ops.local, "stream", None)
-                ops.local.stream = stream
-
-            def __exit__(self, *exc):
-                ops.local.stream = self.prev
-
-        return _Use()
-
-    def new_event(self):
-        return _SimEvent()
-
-    def device_empty(self, nbytes, dtype):
-        t = self.torch.empty(nbytes, dtype=dtype)
-        t.view(self.torch.uint8).fill_(0xAB)  # garbage until a read lands
-        self.device_allocs.append((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(),
-                                   self.current_stream()))
-        return t
-
-    def pinned_empty(self, nbytes, dtype):
-        return _aligned(self.torch, nbytes, dtype, 0xCD)
-
-    def copy_async(self, dst, src):
-        self.current_stream().put(lambda: dst.copy_(src))
-
-    def record_stream(self, tensor, stream):
-        self.recorded.append((tensor.data_ptr(), stream))
-
-    def raw_stream(self, stream):
-        return stream.handle
-
-
 class _FakeCuFile:
     fail_after: int | None = None
+    fail_submit_at: int | None = None  # the n-th pread raises when submitted
     short_by = 0
     direct = True
     calls = 0
+    submits = 0
+    ops = None  # the SimOps of the loader being built
+    no_gds: set = set()  # field names whose files cannot open with compat mode OFF
+    compat_mode = "AUTO"
+    targets: set = set()  # type names of the buffers raw_read_async wrote into
 
     def __init__(self, path, flags="r"):
+        name = os.path.basename(path).split(".")[0]
+        if _FakeCuFile.compat_mode == "OFF" and name in _FakeCuFile.no_gds:
+            raise RuntimeError("cuFile handle registration failed (simulated)")
         self.path = path
         self.fd = os.open(path, os.O_RDONLY)
 
@@ -310,18 +239,56 @@ class _FakeCuFile:
         return os.preadv(self.fd, [view], file_offset) - _FakeCuFile.short_by
 
     def pread(self, buf, size, file_offset, task_size=None):
+        """Asynchronous like KvikIO's: the read runs on a thread, into the buffer's address
+        (no reference to the buffer object is kept, as C code keeps none)."""
         assert isinstance(buf, np.ndarray), "pread gets host memory only"
         assert file_offset % 4096 == 0 and size % 4096 == 0, "reads must be 4 KiB-aligned"
+        assert size > 0, "a zero-length read passes a null pointer"
         assert buf.ctypes.data % 4096 == 0, "host buffers start 4 KiB-aligned"
         assert buf.nbytes == size and task_size == 4 << 20
-        return _FakeFuture(lambda: self._read(memoryview(buf), size, file_offset))
+        _FakeCuFile.submits += 1
+        if _FakeCuFile.fail_submit_at is not None and \
+                _FakeCuFile.submits >= _FakeCuFile.fail_submit_at:
+            raise RuntimeError("simulated KvikIO: submit failed")
+        addr, ops = buf.ctypes.data, _FakeCuFile.ops
+        del buf
+        with ops.lock:
+            ops.host_writes[addr] = ops.host_writes.get(addr, 0) + 1
+        out: dict = {}
+
+        def run():
+            time.sleep(0.05)  # still running when a later submit fails
+            try:
+                view = memoryview((ctypes.c_char * size).from_address(addr)).cast("B")
+                out["n"] = self._read(view, size, file_offset)
+            except BaseException as exc:  # noqa: BLE001 - replayed by get()
+                out["exc"] = exc
+            finally:
+                with ops.lock:
+                    ops.host_writes[addr] -= 1
+
+        t = threading.Thread(target=run)
+        t.start()
+
+        class _Future:
+            def get(self):
+                t.join()
+                if "exc" in out:
+                    raise RuntimeError(f"simulated KvikIO: {out['exc']}")
+                return out["n"]
+
+        return _Future()
 
     def raw_read_async(self, buf, raw_stream, size, file_offset, dev_offset):
+        ops = _FakeCuFile.ops
+        ops.check_bound("cuFileReadAsync")
+        _FakeCuFile.targets.add(type(buf).__name__)
+        assert size > 0, "a zero-length read passes a null pointer"
         assert file_offset % 4096 == 0 and size % 4096 == 0, "reads must be 4 KiB-aligned"
         assert buf.data_ptr() % 4096 == 0, "device staging starts 4 KiB-aligned"
         assert buf.numel() == size and dev_offset == 0
-        stream = _SimStream.registry[raw_stream]
-        assert stream.deferred, "stream-ordered reads run on the loader's own stream"
+        stream = ops.registry[raw_stream]
+        assert stream in ops.streams, "stream-ordered reads run on the loader's own streams"
         out: dict = {}
 
         def run():
@@ -331,7 +298,7 @@ class _FakeCuFile:
                 out["exc"] = exc
 
         stream.put(run)
-        mark = len(stream.ops)
+        mark = len(stream.queue)
 
         class _StreamFuture:
             def check_bytes_done(self):
@@ -351,7 +318,7 @@ class _FakeCuFile:
 
 @pytest.fixture
 def simulated_gpu(monkeypatch):
-    """kvikio.CuFile ≈ preadv, CUDA streams/events/allocations ≈ the CPU model above; the route
+    """kvikio.CuFile ≈ preadv, CUDA streams/events/allocations ≈ ``simcuda.SimOps``; the route
     of each field file is ``routes[field name]`` (default: every file ``gds``)."""
     import torch
 
@@ -360,9 +327,23 @@ def simulated_gpu(monkeypatch):
     fake_kvikio = types.ModuleType("kvikio")
     fake_kvikio.__version__ = "simulated"
     fake_kvikio.CuFile = _FakeCuFile
+    fake_kvikio.CompatMode = types.SimpleNamespace(OFF="OFF", ON="ON", AUTO="AUTO")
     settings = {"num_threads": 1}
-    fake_kvikio.defaults = types.SimpleNamespace(get=settings.get,
-                                                 set=lambda k, v: settings.__setitem__(k, v))
+    registered: list = []
+
+    def get(key):
+        return _FakeCuFile.compat_mode if key == "compat_mode" else settings.get(key)
+
+    def set_(key, value):
+        if key == "compat_mode":
+            _FakeCuFile.compat_mode = value
+        else:
+            settings[key] = value
+
+    fake_kvikio.defaults = types.SimpleNamespace(get=get, set=set_)
+    fake_kvikio.stream_register = lambda raw, flags: registered.append((raw, flags))
+    fake_kvikio.stream_deregister = lambda raw: registered.remove(
+        next(r for r in registered if r[0] == raw))
     monkeypatch.setitem(sys.modules, "kvikio", fake_kvikio)
     monkeypatch.setitem(sys.modules, "kvikio.defaults", fake_kvikio.defaults)
     monkeypatch.setattr(capability, "probe_gds", lambda: GDS)
@@ -374,16 +355,23 @@ def simulated_gpu(monkeypatch):
 
     monkeypatch.setattr(capability, "file_route", file_route)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    sims: list[_SimOps] = []
+    sims: list[SimOps] = []
+    opts = {"deferred_consumer": False}
 
     def make_ops(torch_, device):
-        sims.append(_SimOps(torch_))
+        sims.append(SimOps(torch_, device, **opts))
+        _FakeCuFile.ops = sims[-1]
         return sims[-1]
 
-    monkeypatch.setattr(gds, "_CudaOps", make_ops)
+    monkeypatch.setattr(gds, "CudaOps", make_ops)
     _FakeCuFile.fail_after, _FakeCuFile.calls, _FakeCuFile.short_by = None, 0, 0
-    yield types.SimpleNamespace(settings=settings, routes=routes, ops=sims)
-    _FakeCuFile.fail_after, _FakeCuFile.short_by = None, 0
+    _FakeCuFile.fail_submit_at, _FakeCuFile.submits, _FakeCuFile.no_gds = None, 0, set()
+    _FakeCuFile.compat_mode = "AUTO"
+    _FakeCuFile.targets = set()
+    yield types.SimpleNamespace(settings=settings, routes=routes, ops=sims, opts=opts,
+                                registered=registered)
+    _FakeCuFile.fail_after, _FakeCuFile.short_by, _FakeCuFile.fail_submit_at = None, 0, None
+    _FakeCuFile.no_gds = set()
 
 
 CONFIGS = [
@@ -525,11 +513,14 @@ def _assert_views_of_one_allocation(batch, ranges):
 
 
 def test_simulated_gds_single_range_fields_are_views_of_the_read_buffer(ds, simulated_gpu):
+    """KvikIO reads into a CuPy array over the torch allocation; the batch's fields are views
+    of that same memory."""
     from gds_stream.gds import GDSLoader
 
     with GDSLoader(ds, device="cuda", batch_points=10_000) as g:
         for b in g:
             _assert_views_of_one_allocation(b, _record_allocations(None, simulated_gpu.ops)())
+    assert _FakeCuFile.targets == {"SimCupyArray"}
 
 
 @pytest.mark.parametrize("route", ["gds", "host"])
@@ -637,6 +628,141 @@ def test_simulated_gds_options(ds, simulated_gpu):
     for bad in (0, 4095, 6000, True, "4M"):
         with pytest.raises(LoaderError, match="task_size"):
             GDSLoader(ds, device="cuda", batch_points=100, task_size=bad)
+
+
+# -- issue 17 regressions on the simulated CUDA ------------------------------------------------
+def test_simulated_gds_file_that_cannot_do_gds_takes_the_host_route(ds, simulated_gpu):
+    """Defect 1: opened with compat mode OFF, a file cuFile cannot register raises at open and
+    is read on the host route, with the reason; KvikIO's compat setting is restored."""
+    from gds_stream.gds import GDSLoader
+
+    _FakeCuFile.no_gds = {"y"}
+    with GDSLoader(ds, device="cuda", batch_points=20_000, fields=["x", "y"]) as g:
+        assert g.routes == ["gds", "host"] and g.backend == "gds-compat"
+        assert "cuFile cannot open it for GPUDirect Storage" in g.route_reason
+        assert "y.bin" in g.route_reason
+        assert sum(1 for _ in g) == len(g)
+    assert _FakeCuFile.compat_mode == "AUTO"
+
+
+def test_open_loader_reason_never_claims_gds_for_compat_files(ds, simulated_gpu):
+    """Item 9: backend_reason of a gds-compat loader does not say it reads through GDS."""
+    simulated_gpu.routes.update({"y": "host"})
+    with open_loader(ds, backend="gds", device="cuda", batch_points=20_000) as g:
+        assert g.backend == "gds-compat"
+        assert "every file reads through" not in g.backend_reason
+        assert "compat" in g.backend_reason and "y.bin" in g.backend_reason
+    simulated_gpu.routes.clear()
+    with open_loader(ds, backend="gds", device="cuda", batch_points=20_000) as g:
+        assert g.backend == "gds" and "every file reads through" in g.backend_reason
+    simulated_gpu.routes.update({"rgb": "host"})
+    with open_loader(ds, backend="auto", device="cuda", batch_points=20_000) as g:
+        assert g.backend == "gds-compat"
+        assert g.backend_reason.startswith("GPUDirect Storage is available; some files")
+        assert "rgb.bin" in g.backend_reason
+
+
+def test_simulated_gds_streams_are_the_loaders_own_bound_and_destroyed(ds, simulated_gpu):
+    """Defects 2, 3, 7: the loader's streams are created once (not per epoch), reads run on
+    several of them (prefetch batches in flight), every thread issuing cuFile calls bound the
+    device first, the streams are registered with cuFile and destroyed at close."""
+    from gds_stream.gds import GDSLoader
+
+    g = GDSLoader(ds, device="cuda", batch_points=10_000, prefetch=3)
+    ops = simulated_gpu.ops[-1]
+    for epoch in (0, 1):
+        g.set_epoch(epoch)
+        assert sum(1 for _ in g) == len(g)
+    assert len(ops.streams) == 3
+    used = {a[2] for a in ops.device_allocs if a[2] is not ops.consumer}
+    assert used == set(ops.streams)
+    assert ops.violations == []
+    assert sorted(r for r, _ in simulated_gpu.registered) == sorted(s.handle for s in ops.streams)
+    assert all(f == 8 for _, f in simulated_gpu.registered)  # page-aligned reads
+    g.close()
+    assert ops.live_streams == [] and simulated_gpu.registered == []
+
+
+def test_simulated_gds_submit_failure_waits_for_running_reads(ds, simulated_gpu):
+    """Defect 6: a pread that raises when submitted leaves no earlier read of the batch
+    writing into pinned memory that goes back to the allocator."""
+    from gds_stream.gds import GDSLoader
+
+    simulated_gpu.routes.update(ROUTES["host"])
+    _FakeCuFile.fail_submit_at = 3
+    g = GDSLoader(ds, device="cuda", batch_points=30_000, prefetch=1)
+    ops = simulated_gpu.ops[-1]
+    with pytest.raises(LoaderError, match="submit failed"):
+        for _ in g:
+            pass
+    # the failure was raised only after every read already submitted into the slot finished
+    assert not any(ops.host_writes.values()), "reads still write into the pinned slot"
+    g.close()
+    gc.collect()
+    time.sleep(0.2)
+    assert ops.violations == []
+
+
+@pytest.mark.parametrize("streams", ["own", "blocking"])
+def test_simulated_gds_reads_never_wait_for_the_null_stream(ds, simulated_gpu, monkeypatch,
+                                                            streams):
+    """The CPU analogue of the GPU overlap test, both routes: "training" queued first on the
+    consumer's (legacy null) stream never runs while 2 x prefetch batches are read. With
+    blocking loader streams (what KvikIO's compat copies use) the model catches the wait."""
+    from gds_stream.gds import GDSLoader
+    from fallback import FallbackLoader
+    import simcuda
+
+    if streams == "blocking":
+        def blocking_stream(self):
+            s = simcuda.SimStream(self, blocking=True, null=self.null)
+            self.streams.append(s)
+            return s
+
+        monkeypatch.setattr(simcuda.SimOps, "new_stream", blocking_stream)
+    simulated_gpu.opts["deferred_consumer"] = True
+    simulated_gpu.routes.update({"y": "host"})
+    cfg = dict(batch_points=9_999, shuffle=True, seed=2, shuffle_window=0, prefetch=3)
+    with GDSLoader(ds, device="cuda", **cfg) as g, FallbackLoader(ds, device="cpu", **cfg) as f:
+        ops = simulated_gpu.ops[-1]
+        trained = []
+        ops.null.put(lambda: trained.append(1))
+        it = iter(g)
+        got = [next(it) for _ in range(6)]
+        if streams == "blocking":
+            assert trained == [1] and ops.null.forced > 0
+            return
+        assert trained == [] and ops.null.forced == 0
+        ops.null.run_all()
+        for a, b in zip(got, f):
+            for k in a:
+                assert a[k].numpy().tobytes() == b[k].numpy().tobytes(), k
+
+
+def test_simulated_gds_num_threads_never_shrinks_kvikios_pool(ds, simulated_gpu):
+    """Item 9: KvikIO's pool is process-wide; a loader grows it, never shrinks it."""
+    from gds_stream.gds import GDSLoader
+
+    simulated_gpu.settings["num_threads"] = 8
+    with GDSLoader(ds, device="cuda", batch_points=10_000, num_threads=3):
+        pass
+    assert simulated_gpu.settings["num_threads"] == 8
+
+
+def test_simulated_gds_kept_batches_survive_buffer_reuse(ds, simulated_gpu):
+    """Ownership on allocators that reuse memory, with a consumer stream that runs late."""
+    from gds_stream.gds import GDSLoader
+    from fallback import FallbackLoader
+
+    simulated_gpu.opts["deferred_consumer"] = True
+    simulated_gpu.routes.update({"y": "host"})
+    cfg = dict(batch_points=9_999, shuffle=True, seed=3, shuffle_window=0, prefetch=2)
+    with GDSLoader(ds, device="cuda", **cfg) as g, FallbackLoader(ds, device="cpu", **cfg) as f:
+        kept = list(g)
+        simulated_gpu.ops[-1].consumer.run_all()
+        for a, b in zip(kept, f):
+            for k in a:
+                assert a[k].numpy().tobytes() == b[k].numpy().tobytes(), k
 
 
 # -- the real thing (GPU) ----------------------------------------------------------------------
@@ -778,3 +904,151 @@ def test_gpu_device_memory_bounded_by_prefetch(tmp_path):
     # per field and 4 KiB for the slab's start, + a constant for offsets/permutation scratch
     slack = 2 * 4096 * len(d.schema) + 4096 + 8 * batch
     assert peak <= (prefetch + 1) * (per_batch + slack) + (1 << 20), peak
+
+
+def _gds_dir_reason() -> str | None:
+    if not os.environ.get("GDS_STREAM_TEST_DIR"):
+        return ("GDS_STREAM_TEST_DIR is not set: it names a directory on storage that can do "
+                "GPUDirect Storage (pytest's tmp dir is often overlay or tmpfs)")
+    return _gpu_reason()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_gds_dir_reason() is not None, reason=str(_gds_dir_reason()))
+def test_gpu_gds_route_on_gds_storage(tmp_path):
+    """On storage that can do GDS, every file takes the ``gds`` route (cuFile proper, compat
+    mode OFF), and the batches equal the fallback's."""
+    import tempfile
+
+    import torch
+
+    base = os.environ["GDS_STREAM_TEST_DIR"]
+    with tempfile.TemporaryDirectory(dir=base, prefix="gds-stream-test-") as root:
+        d = _write(os.path.join(root, "ds"), [300_000, 5, 200_000])
+        cfg = dict(batch_points=65_536, shuffle=True, seed=2, prefetch=3)
+        with open_loader(d, backend="gds", device="cuda", **cfg) as g, \
+                open_loader(d, backend="fallback", device="cuda", **cfg) as f:
+            assert g.routes == ["gds"] * len(g.routes), g.backend_reason
+            assert g.backend == "gds", g.backend_reason
+            for a, b in zip(g, f):
+                for k in a:
+                    assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("backend", ["fallback", "auto"])
+def test_output_cupy_needs_a_cuda_device(ds, backend):
+    with pytest.raises(LoaderError, match="output='cupy'.*not CUDA"):
+        open_loader(ds, backend=backend, device="cpu", batch_points=1000, output="cupy")
+    with pytest.raises(LoaderError, match="output must be 'torch' or 'cupy'"):
+        open_loader(ds, backend=backend, device="cpu", batch_points=1000, output="numpy")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_gpu_reason() is not None, reason=f"GPU-direct path unavailable: {_gpu_reason()}")
+def test_gpu_cupy_staging_is_zero_copy_and_output_cupy(ds, monkeypatch):
+    """KvikIO reads into a CuPy array over torch's allocation (data_ptr equality: zero copy,
+    one pool), the batch's fields are views of it; output="cupy" yields CuPy arrays with the
+    same bytes, over the same memory as the tensors they come from."""
+    import cupy
+    import torch
+
+    from gds_stream import cudaops
+
+    pairs, fields = [], []
+    real = cudaops.CudaOps.as_cupy
+
+    def spy(self, tensor):
+        arr = real(self, tensor)
+        pairs.append((arr.data.ptr, tensor.data_ptr(), tensor.numel()))
+        return arr
+
+    monkeypatch.setattr(cudaops.CudaOps, "as_cupy", spy)
+    cfg = dict(batch_points=9_999, shuffle=True, seed=3)
+    with open_loader(ds, backend="gds", device="cuda", **cfg) as g, \
+            open_loader(ds, backend="gds", device="cuda", output="cupy", **cfg) as c:
+        for a, b in zip(g, c):
+            for k in a:
+                assert isinstance(b[k], cupy.ndarray)
+                assert torch.equal(a[k], torch.from_dlpack(b[k])), k
+                fields.append(a[k].data_ptr())
+    assert pairs and all(x == y for x, y, _ in pairs)
+    assert all(any(p <= f < p + n for _, p, n in pairs) for f in fields if f)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["gds", "fallback"])
+@pytest.mark.skipif(cuda_reason() is not None, reason=str(cuda_reason()))
+def test_gpu_windows_gathered_on_changing_streams_stay_intact(ds, backend):
+    """Defect 5: each batch of a window is gathered on the stream current at its next(); the
+    window's memory must not be reused while a gather on another stream has not run."""
+    import torch
+
+    if backend == "gds" and _gpu_reason() is not None:
+        pytest.skip(f"GPU-direct path unavailable: {_gpu_reason()}")
+    cpm = 1e6  # ~1 ms of cycles per unit below on current GPUs; only ordering matters here
+    cfg = dict(batch_points=5_000, shuffle=True, seed=4, shuffle_window=20_000, prefetch=2)
+    streams = [torch.cuda.Stream() for _ in range(3)]
+    with open_loader(ds, backend=backend, device="cuda", **cfg) as g:
+        plan, kept, it = g.epoch_plan(0), [], iter(g)
+        for i in range(len(g)):
+            s = streams[i % 3]
+            with torch.cuda.stream(s):
+                torch.cuda._sleep(int(20 * cpm))  # this stream lags: its gather runs late
+                kept.append((i, s, next(it)))
+        for i, s, b in kept:
+            idx = plan.batch(i).point_indices()
+            with torch.cuda.stream(s):
+                for k, t in b.items():
+                    assert np.array_equal(t.cpu().numpy(), ds.read(k)[idx]), (i, k)
+
+
+@pytest.mark.parametrize("record", [True, False])
+def test_simulated_gds_consumer_work_late_needs_record_stream(ds, simulated_gpu, monkeypatch,
+                                                              record):
+    """The reusing allocator catches a missing record_stream: the consumer queues work on each
+    batch and drops it; that work runs late, after the loader reused the freed staging for
+    later reads. With record_stream the bytes are right; without it (the model's own check)
+    they are not."""
+    import torch
+
+    from gds_stream.gds import GDSLoader
+    from fallback import FallbackLoader
+    import simcuda
+
+    if not record:
+        monkeypatch.setattr(simcuda.SimOps, "record_stream", lambda self, t, s: None)
+    simulated_gpu.opts["deferred_consumer"] = True
+    cfg = dict(batch_points=4_096, prefetch=2)
+    results = []
+    with GDSLoader(ds, device="cuda", fields=["inst"], **cfg) as g:
+        ops = simulated_gpu.ops[-1]
+        for b in g:
+            src = b["inst"]
+            out = torch.empty_like(src)
+            addr, n = src.data_ptr(), src.numel() * src.element_size()
+
+            def use(out=out, addr=addr, n=n):  # a kernel holds an address, not a reference
+                out.view(torch.uint8).numpy()[:] = np.frombuffer(
+                    (ctypes.c_char * n).from_address(addr), np.uint8)
+
+            ops.consumer.put(use)
+            results.append(out)
+            del b, src
+        ops.consumer.run_all()
+    with FallbackLoader(ds, device="cpu", fields=["inst"], **cfg) as f:
+        same = all(torch.equal(r, w["inst"]) for r, w in zip(results, f))
+    assert same == record
+
+
+def test_plan_reads_never_plans_a_zero_length_read():
+    """Item 9: an empty segment is no read (KvikIO would get a null pointer for it)."""
+    from gds_stream.gds import _GDSIterator
+
+    spec = types.SimpleNamespace(point_bytes=4)
+    it = types.SimpleNamespace(_specs=[spec, spec],
+                               _layouts=[types.SimpleNamespace(offset=0),
+                                         types.SimpleNamespace(offset=8192)])
+    batch = types.SimpleNamespace(segments=np.array([[0, 0], [5, 5], [1024, 1030]]))
+    reads, regions, total = _GDSIterator._plan_reads(it, batch)
+    assert len(reads) == 2 and all(r.size > 0 and r.nbytes == 24 for r in reads)
+    assert total == sum(r.size for r in reads) == 2 * 4096
