@@ -194,8 +194,7 @@ def cufile_config_path() -> str:
     return "/etc/cufile.json" if os.path.exists("/etc/cufile.json") else ""
 
 
-def file_route(cap: GDSCapability, cufile, path: str,
-               open_path: str | None = None) -> tuple[str, str]:
+def file_route(cap: GDSCapability, cufile, path: str) -> tuple[str, str]:
     """How the GPU-direct backend reads one opened file: ("gds", "") when KvikIO reads it
     through GPUDirect Storage on a stream of ours, else ("host", why) — KvikIO reads it into
     pinned host memory and the loader copies it on its own stream.
@@ -212,7 +211,7 @@ def file_route(cap: GDSCapability, cufile, path: str,
     try:
         direct = bool(cufile.is_direct_io_supported())
     except AttributeError:  # older KvikIO: try the O_DIRECT open ourselves
-        direct = _opens_direct(path if open_path is None else open_path)
+        direct = _opens_direct(path)
     if not direct:
         return "host", f"{path}: opening with O_DIRECT failed, so KvikIO reads it in compat mode"
     fs = filesystem_type(path)
@@ -271,10 +270,10 @@ def open_for_route(cap: GDSCapability, kvikio, path: str,
             why = f"{path}: cuFile cannot open it for GPUDirect Storage ({exc}); read in compat mode"
             log.debug("%s", why)
             return kvikio.CuFile(target, "r"), "host", why
-        route, why = file_route(cap, f, path, open_path=target)
+        route, why = file_route(cap, f, path)
         return f, route, why
     f = kvikio.CuFile(target, "r")
-    route, why = file_route(cap, f, path, open_path=target)
+    route, why = file_route(cap, f, path)
     return f, route, why
 
 

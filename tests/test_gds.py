@@ -226,7 +226,8 @@ class _FakeCuFile:
     targets: set = set()  # type names of the buffers raw_read_async wrote into
 
     def __init__(self, path, flags="r"):
-        name = os.path.basename(path).split(".")[0]
+        # the loader opens the dataset's pinned descriptor as /proc/self/fd/N: name its file
+        name = os.path.basename(os.path.realpath(path)).split(".")[0]
         if _FakeCuFile.compat_mode == "OFF" and name in _FakeCuFile.no_gds:
             raise RuntimeError("cuFile handle registration failed (simulated)")
         self.path = path
