@@ -399,3 +399,31 @@ def test_bad_offset_and_integer_coords_are_loader_errors():
     b["x"] = b["x"].to(torch.int32)
     with pytest.raises(LoaderError, match="floating point"):
         RandomScale()(b)
+
+
+def test_elastic_unequal_units_equal_reference_with_the_same_noise(monkeypatch):
+    """Units of very different extent take the end-to-end layout (grids one after another in
+    the generator's stream); each unit still equals the reference fed its own noise."""
+    small = make_batch((60,), dtype=torch.float64, extent=(0.5, 0.5, 0.5), seed=1)
+    big = make_batch((400,), dtype=torch.float64, extent=(30.0, 30.0, 3.0), seed=2)
+    b = {c: torch.cat([small[c], big[c], small[c] * 2]) for c in "xyz"}
+    b["offset"] = torch.tensor([60, 460, 520])
+    gran, mag = 0.2, 0.4
+    from gds_stream.transforms import elastic
+    calls = []
+    flat = elastic._flat_noise
+    monkeypatch.setattr(elastic, "_flat_noise", lambda *a: calls.append(1) or flat(*a))
+    out = ElasticDistortion([[gran, mag]])(b, torch.Generator().manual_seed(3))
+    assert calls == [1]                                       # the end-to-end layout ran
+    g = torch.Generator().manual_seed(3)
+    assert (torch.rand(3, generator=g, dtype=torch.float64) < 0.95).all()
+    units = units_of(b)
+    dims = [((xyz - xyz.min(0)).max(0) // gran).astype(int) + 3 for _, xyz in units]
+    noise = torch.randn((sum(int(np.prod(d)) for d in dims), 3), generator=g).numpy()
+    at = 0
+    for (s, xyz), d, (_, got) in zip(units, dims, units_of(out)):
+        k = int(np.prod(d))
+        want = ref.elastic_distortion(xyz.copy(), gran, mag, None,
+                                      noise=noise[at:at + k].reshape(*d, 3))
+        at += k
+        np.testing.assert_allclose(got, want, atol=1e-5)
