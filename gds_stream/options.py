@@ -6,10 +6,13 @@ and the value. An unknown keyword names ``open_loader`` and suggests the closest
 
 Defaults depend on the device (``None`` means "the default"; explicit values are respected):
 
-* CPU device: ``num_threads = max(1, cores - torch.get_num_threads())`` — torch's intra-op pool
+* CPU device: ``num_threads = max(0, cores - torch.get_num_threads())`` — torch's intra-op pool
   already uses ``torch.get_num_threads()`` cores for the training step, and reader threads
-  competing with it for those cores slow both down — and ``prefetch = 2``: a deeper queue only
-  pushes batches out of the CPU caches before the consumer touches them.
+  competing with it for those cores slow both down. ``0`` (the default where torch takes every
+  core) reads inline: each batch is read in ``next()`` on the consumer's thread, with the kernel
+  reading the next batches ahead (``posix_fadvise(WILLNEED)``), no thread of ours at all. And
+  ``prefetch = 2``: a deeper queue only pushes batches out of the CPU caches before the consumer
+  touches them.
 * CUDA device: ``num_threads = min(16, max(2, cores))`` (reads overlap GPU compute, the host
   cores are the readers') and ``prefetch = 4``.
 """
@@ -25,6 +28,7 @@ import numpy as np
 
 from .errors import LoaderError
 from .format import Dataset
+from .pipeline import Pipeline, make_pipeline
 
 #: Every option the core takes (both backends), with its default.
 CORE_OPTIONS: dict[str, Any] = {
@@ -32,7 +36,12 @@ CORE_OPTIONS: dict[str, Any] = {
     "shuffle": False, "seed": 0, "drop_last": False, "prefetch": None, "num_threads": None,
     "rank": None, "world_size": None, "verify_reads": False,
     "batch_chunks": None, "max_batch_points": None, "shuffle_window": None,
+    "transform": None, "stack": None, "dtype": None,
 }
+#: Names other libraries use, and the option meant (DataLoader's ``batch_size`` counts samples:
+#: here a batch is counted in points).
+_ALIASES = {"batch_size": "batch_points", "num_workers": "num_threads",
+            "prefetch_factor": "prefetch"}
 #: Options only the GPU-direct backend takes (ignored when ``auto`` falls back).
 GDS_ONLY_OPTIONS = ("task_size",)
 _FLAGS = ("shuffle", "drop_last", "verify_reads")
@@ -59,7 +68,7 @@ def default_num_threads(device_type: str = "cuda") -> int:
     if device_type == "cpu":
         import torch
 
-        return max(1, min(MAX_THREADS, cores - torch.get_num_threads()))
+        return max(0, min(MAX_THREADS, cores - torch.get_num_threads()))
     return max(2, min(MAX_THREADS, cores))
 
 
@@ -74,7 +83,8 @@ def check_option_names(names: Sequence[str], extra: Sequence[str] = GDS_ONLY_OPT
     for name in names:
         if name in known:
             continue
-        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        close = ([_ALIASES[name]] if name in _ALIASES
+                 else difflib.get_close_matches(name, known, n=1, cutoff=0.6))
         hint = f"did you mean {close[0]!r}?" if close else f"options are {', '.join(known)}"
         raise LoaderError(f"open_loader() got an unknown option {name!r}; {hint}")
 
@@ -131,6 +141,8 @@ class LoaderOptions:
     batch_chunks: int | None = None
     max_batch_points: int | None = None
     shuffle_window: int = 0
+    #: transform=/stack=/dtype=, checked (:mod:`gds_stream.pipeline`); None: nothing to do.
+    pipeline: Pipeline | None = None
 
     @property
     def unit(self) -> str:
@@ -221,8 +233,14 @@ def resolve_options(ds: Dataset, options: Mapping[str, Any]) -> LoaderOptions:
     seed = _int("seed", o["seed"], 0)
     prefetch = default_prefetch(dev_type) if o["prefetch"] is None else \
         _int("prefetch", o["prefetch"], 1)
-    num_threads = default_num_threads(dev_type) if o["num_threads"] is None else \
-        _int("num_threads", o["num_threads"], 1)
+    if o["num_threads"] is None:
+        num_threads = default_num_threads(dev_type)
+    elif dev_type == "cpu":
+        num_threads = _int("num_threads", o["num_threads"], 0,
+                           "an integer >= 0 (0: read inline in next())")
+    else:
+        num_threads = _int("num_threads", o["num_threads"], 1,
+                           "an integer >= 1 on a CUDA device (0, inline reads, is for the CPU)")
     rank, world_size = o["rank"], o["world_size"]
     for name, v in (("rank", rank), ("world_size", world_size)):
         if v is not None:
@@ -233,8 +251,10 @@ def resolve_options(ds: Dataset, options: Mapping[str, Any]) -> LoaderOptions:
         world_size = w if world_size is None else world_size
     if world_size < 1 or not 0 <= rank < world_size:
         raise LoaderError(f"rank={rank} and world_size={world_size}: need 0 <= rank < world_size")
+    pipeline = make_pipeline(str(ds.path), tuple(ds.schema), fields, o["transform"],
+                             o["stack"], o["dtype"])
     return LoaderOptions(
-        batch_points=o["batch_points"], batch_scans=o["batch_scans"],
+        pipeline=pipeline, batch_points=o["batch_points"], batch_scans=o["batch_scans"],
         batch_chunks=o["batch_chunks"], max_batch_points=mbp, shuffle_window=window,
         fields=fields,
         device=device, seed=seed, prefetch=prefetch, num_threads=num_threads,
