@@ -54,7 +54,7 @@ BATCH_CHUNKS = 16
 GRID_SIZE = 0.05
 POINT_MAX = 12_000
 ELASTIC = [[2.0, 4.0], [8.0, 16.0]]
-SMOKE_POINTS = 100_000
+SMOKE_POINTS = 40_000
 CPU_POINTS = 3_500_000
 GPU_POINTS = 36_831_590
 #: Points of the resident batch the preset is timed on alone (the GPU goal: < 5 ms).

@@ -65,26 +65,28 @@ class ElasticDistortion(Transform):
             noise, base, strides = _dense_noise(dims, dmax, generator, dev)
         else:                                    # very unequal units: grids end to end
             noise, base, strides = _flat_noise(dims, cells, total, generator, dev)
-        # trilinear sampling: grid axis a runs from lo - granularity in steps of granularity
+        # trilinear sampling: grid axis a runs from lo - granularity in steps of granularity;
+        # the 8 corners of every point gathered at once
         ids = units.ids
-        t = (xyz.to(torch.float64) - lo[ids].to(torch.float64)) / granularity + 1
-        i0 = torch.minimum(torch.floor(t).to(torch.int64).clamp(min=0), dims[ids] - 2)
+        t = (xyz.to(torch.float64) - lo.index_select(0, ids).to(torch.float64)) / granularity + 1
+        i0 = torch.minimum(torch.floor(t).to(torch.int64).clamp_(min=0),
+                           dims.index_select(0, ids) - 2)
         w = (t - i0).to(torch.float32)
-        s = strides[ids]
-        cell0 = base[ids] + i0[:, 0] * s[:, 0] + i0[:, 1] * s[:, 1] + i0[:, 2]
-        last = noise.shape[0] - 1
-        acc = torch.zeros((units.n, 3), dtype=torch.float32, device=dev)
-        for cx in (0, 1):
-            wx = w[:, 0] if cx else 1 - w[:, 0]
-            for cy in (0, 1):
-                wy = w[:, 1] if cy else 1 - w[:, 1]
-                for cz in (0, 1):
-                    wz = w[:, 2] if cz else 1 - w[:, 2]
-                    at = (cell0 + cx * s[:, 0] + cy * s[:, 1] + cz).clamp_(0, last)
-                    acc += (wx * wy * wz)[:, None] * noise[at]
+        s = strides.index_select(0, ids)
+        cell0 = base.index_select(0, ids) + i0[:, 0] * s[:, 0] + i0[:, 1] * s[:, 1] + i0[:, 2]
+        cx, cy, cz = (torch.tensor(c, device=dev) for c in _CORNERS)
+        at = cell0[:, None] + s[:, :1] * cx + s[:, 1:] * cy + cz           # (n, 8)
+        vals = noise.index_select(0, at.clamp_(0, noise.shape[0] - 1).view(-1))
+        pair = torch.stack([1 - w, w], 2)                                   # (n, 3, 2)
+        wts = (pair[:, 0, :, None, None] * pair[:, 1, None, :, None]
+               * pair[:, 2, None, None, :]).reshape(-1, 1, 8)
+        acc = torch.bmm(wts, vals.view(-1, 8, 3)).view(-1, 3)
         on = apply[ids, None]                                   # skipped units: unchanged
         return torch.where(on, xyz + (acc * magnitude).to(xyz.dtype), xyz)
 
+
+#: The 8 corners of a cell as (x, y, z) offsets, x slowest (the order of the weights' product).
+_CORNERS = ((0, 0, 0, 0, 1, 1, 1, 1), (0, 0, 1, 1, 0, 0, 1, 1), (0, 1, 0, 1, 0, 1, 0, 1))
 
 #: Extra cells a padded (U, D0, D1, D2) block may waste before grids are laid end to end.
 DENSE_SLACK = 1 << 16
