@@ -4,7 +4,7 @@
   transforms run inside the loader's pipeline (CPU: its worker thread; CUDA: its own stream) on
   whole batches of chunks;
 * ``per-sample DataLoader``: what Pointcept-style training runs today — a ``torch.utils.data``
-  ``DataLoader`` whose item is one chunk (memmap slices), transformed one sample at a time by
+  ``DataLoader`` whose item is one chunk (read field by field), transformed one sample at a time by
   the numpy reference (:mod:`bench.pointcept_ref`) in its workers and collated Pointcept-style
   (concatenated, ``offset``), over a grid of ``num_workers``; the best configuration is reported.
 
@@ -92,7 +92,9 @@ def semseg(lib: bool, color: bool = False, point_max: int = POINT_MAX):
 
 # -- the per-sample DataLoader ----------------------------------------------------------------
 class ChunkSamples(torch.utils.data.Dataset):
-    """Item i: chunk i as a Pointcept sample (memmap slices), transformed by the reference."""
+    """Item i: chunk i read as a Pointcept sample (one read per field, as a per-sample dataset
+    loads its sample's files), transformed by the reference. Each process opens the dataset
+    itself (never pickled)."""
 
     def __init__(self, path: Path, transform):
         self.path, self.transform = Path(path), transform
@@ -101,25 +103,21 @@ class ChunkSamples(torch.utils.data.Dataset):
     def _open(self):
         if self._ds is None:
             from gds_stream.format import open_dataset
-            ds = open_dataset(self.path)
-            self._ends = np.asarray(ds.chunk_offsets)
-            self._maps = {f: ds.read(f, 0, ds.num_points) for f in FIELDS} if ds.num_points \
-                else {}
-            self._ds = ds
+            self._ds = open_dataset(self.path)
+            self._ends = np.asarray(self._ds.chunk_offsets)
         return self._ds
 
     def __len__(self) -> int:
         return int(self._open().num_chunks)
 
     def __getitem__(self, i: int) -> dict:
-        self._open()
+        ds = self._open()
         a, b = int(self._ends[i]), int(self._ends[i + 1])
-        m = self._maps
-        sample = {"coord": np.stack([m["x"][a:b], m["y"][a:b], m["z"][a:b]], 1),
-                  "strength": m["intensity"][a:b].astype(np.float32),
-                  "segment": m["sem_class"][a:b].astype(np.int64)}
-        rng = _worker_rng()
-        return self.transform(sample, rng)
+        m = {f: ds.read(f, a, b) for f in FIELDS}
+        sample = {"coord": np.stack([m["x"], m["y"], m["z"]], 1),
+                  "strength": m["intensity"].astype(np.float32),
+                  "segment": m["sem_class"].astype(np.int64)}
+        return self.transform(sample, _worker_rng())
 
     def __getstate__(self):
         return {"path": self.path, "transform": self.transform, "_ds": None}
