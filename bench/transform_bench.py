@@ -340,6 +340,9 @@ def run(args) -> int:
         libs = []
         for threads in (None, 1):                # the loader's default, and a pipeline thread
             lib = LibraryPipeline(path, k, dev.device, args.seed, backend, threads)
+            if threads is not None and libs and libs[0]["config"]["num_threads"] == threads:
+                lib.close()                      # the default is already one thread
+                continue
             try:
                 progress(f"  {lib.name} ({lib.label}) …")
                 libs.append(measure(lib, dev, args.repeat, classes, points))

@@ -427,3 +427,49 @@ def test_elastic_unequal_units_equal_reference_with_the_same_noise(monkeypatch):
                                       noise=noise[at:at + k].reshape(*d, 3))
         at += k
         np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+# -- the package ------------------------------------------------------------------------------
+
+def test_importing_gds_stream_does_not_import_the_transforms():
+    import subprocess
+    import sys
+    code = ("import sys, gds_stream; assert 'gds_stream.transforms' not in sys.modules; "
+            "assert 'torch' not in sys.modules; t = gds_stream.transforms.GridSample(0.1); "
+            "assert 'cupy' not in sys.modules and 'kvikio' not in sys.modules; print(t.grid_size)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "0.1", r.stderr
+
+
+# -- CUDA: the same sets as the CPU ----------------------------------------------------------
+
+@pytest.mark.gpu
+def test_cuda_gives_the_cpu_results():
+    from helpers import cuda_reason
+    reason = cuda_reason()
+    if reason:
+        pytest.skip(reason)
+    b = make_batch((500, 1, 0, 3000, 40), extent=(0.6, 0.6, 0.3))
+    cb = {k: v.cuda() for k, v in b.items()}
+    for t in (CenterShift(), GridSample(0.1, mode="test", return_grid_coord=True),
+              GridSample(0.1, hash="ravel", mode="test"), SphereCrop(100, mode="center"),
+              RandomRotate(angle=[0.2, 0.2], always_apply=True)):
+        want, got = t(b), t(cb)
+        for w, g in zip(*(x if isinstance(x, list) else [x] for x in (want, got))):
+            assert w.keys() == g.keys()
+            for k in w:
+                if w[k].is_floating_point():
+                    torch.testing.assert_close(g[k].cpu(), w[k], rtol=1e-5, atol=1e-5)
+                else:
+                    assert torch.equal(g[k].cpu(), w[k]), (t, k)
+    # random ones: the same voxel set, one point each, every field consistent, on the device
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    out = GridSample(0.1, return_grid_coord=True)(cb, gen)
+    ref_out = GridSample(0.1, return_grid_coord=True)(b, torch.Generator().manual_seed(0))
+    assert torch.equal(out["grid_coord"].cpu(), ref_out["grid_coord"])
+    assert torch.equal(out["offset"].cpu(), ref_out["offset"])
+    check_consistent(b, {k: v.cpu() for k, v in out.items()})
+    full = Compose([RandomRotate(), RandomScale(), RandomFlip(), RandomJitter(),
+                    ElasticDistortion(), SphereCrop(200), RandomDropout()])(cb, gen)
+    check_consistent(b, {k: v.cpu() for k, v in full.items() if k not in "xyz"} | {
+        c: b[c][full["point_id"].cpu()] for c in "xyz"})
