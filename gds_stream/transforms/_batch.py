@@ -101,6 +101,10 @@ class Units:
         self.starts = torch.cumsum(self.counts, 0) - self.counts
         self._ids: torch.Tensor | None = None
 
+    def expand(self, per_unit: torch.Tensor) -> torch.Tensor:
+        """``per_unit`` (U, ...) repeated for every point of its unit: (n, ...)."""
+        return torch.repeat_interleave(per_unit, self.counts, dim=0, output_size=self.n)
+
     @property
     def ids(self) -> torch.Tensor:
         """Each point's unit index (int64, length n)."""
@@ -111,26 +115,36 @@ class Units:
 
 
 def segment_reduce(values: torch.Tensor, ids: torch.Tensor, num: int, op: str) -> torch.Tensor:
-    """Per-unit ``amin``/``amax`` of (n, k) ``values`` (rows of empty units are 0)."""
+    """Per-segment ``amin``/``amax`` of (n, k) ``values`` grouped by ``ids`` (any order; rows of
+    empty segments are 0). For integer values; float coordinates use :func:`segment_bbox`."""
     out = values.new_zeros((num,) + tuple(values.shape[1:]))
     idx = ids.view(-1, *([1] * (values.dim() - 1))).expand_as(values)
     return out.scatter_reduce(0, idx, values, op, include_self=False)
 
 
 def segment_bbox(xyz: torch.Tensor, units: Units) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-unit (min, max) of the (n, 3) coordinates, each (U, 3)."""
-    return (segment_reduce(xyz, units.ids, units.num, "amin"),
-            segment_reduce(xyz, units.ids, units.num, "amax"))
+    """Per-unit (min, max) of the (n, 3) float coordinates, each (U, 3); 0 for empty units.
+    Units are contiguous ranges, so this is a segmented reduction (no scatter)."""
+    nonempty = (units.counts > 0)[:, None]
+    zero = torch.zeros((), dtype=xyz.dtype, device=xyz.device)
+    return tuple(torch.where(nonempty, torch.segment_reduce(xyz, op, lengths=units.counts,
+                                                            axis=0), zero)
+                 for op in ("min", "max"))
 
 
 def segment_select(units: Units, key: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Indices of the ``keep[u]`` points of smallest ``key`` in each unit u, ordered by unit,
-    then by key (ties in point order): two stable sorts, no loop over units."""
-    order = torch.sort(key, stable=True).indices
-    if units.num > 1:
-        order = order[torch.sort(units.ids[order], stable=True).indices]
-    rank = torch.arange(units.n, device=key.device) - units.starts[units.ids[order]]
-    return order[rank < keep[units.ids[order]]]
+    then by key (ties in point order). ``key``: int64 in [0, 2**32) — packed with the unit id in
+    the high bits into one int64 sort key — or float64 (two stable sorts). No loop over units."""
+    if key.dtype == torch.int64 and units.num < (1 << 31):
+        order = torch.sort(units.ids * (1 << 32) + key, stable=True).indices
+    else:
+        order = torch.sort(key, stable=True).indices
+        if units.num > 1:
+            order = order[torch.sort(units.ids[order].to(torch.int32), stable=True).indices]
+    # sorted by unit, every unit still occupies its own range of positions
+    rank = torch.arange(units.n, device=key.device) - units.expand(units.starts)
+    return order[rank < units.expand(keep)]
 
 
 #: Unsigned dtypes torch cannot index: gathered through the signed view of the same bits.

@@ -65,24 +65,34 @@ class ElasticDistortion(Transform):
             noise, base, strides = _dense_noise(dims, dmax, generator, dev)
         else:                                    # very unequal units: grids end to end
             noise, base, strides = _flat_noise(dims, cells, total, generator, dev)
-        # trilinear sampling: grid axis a runs from lo - granularity in steps of granularity;
-        # the 8 corners of every point gathered at once
-        ids = units.ids
-        t = (xyz.to(torch.float64) - lo.index_select(0, ids).to(torch.float64)) / granularity + 1
-        i0 = torch.minimum(torch.floor(t).to(torch.int64).clamp_(min=0),
-                           dims.index_select(0, ids) - 2)
-        w = (t - i0).to(torch.float32)
-        s = strides.index_select(0, ids)
-        cell0 = base.index_select(0, ids) + i0[:, 0] * s[:, 0] + i0[:, 1] * s[:, 1] + i0[:, 2]
-        cx, cy, cz = (torch.tensor(c, device=dev) for c in _CORNERS)
-        at = cell0[:, None] + s[:, :1] * cx + s[:, 1:] * cy + cz           # (n, 8)
-        vals = noise.index_select(0, at.clamp_(0, noise.shape[0] - 1).view(-1))
-        pair = torch.stack([1 - w, w], 2)                                   # (n, 3, 2)
-        wts = (pair[:, 0, :, None, None] * pair[:, 1, None, :, None]
-               * pair[:, 2, None, None, :]).reshape(-1, 1, 8)
-        acc = torch.bmm(wts, vals.view(-1, 8, 3)).view(-1, 3)
-        on = apply[ids, None]                                   # skipped units: unchanged
+        # trilinear sampling, in blocks of points on a CPU (intermediates stay in cache)
+        block = units.n if xyz.is_cuda else CPU_BLOCK
+        acc = torch.cat([_interp(xyz[a:a + block], units.ids[a:a + block], lo, dims, base,
+                                 strides, noise, granularity)
+                         for a in range(0, units.n, block)])
+        on = units.expand(apply)[:, None]                       # skipped units: unchanged
         return torch.where(on, xyz + (acc * magnitude).to(xyz.dtype), xyz)
+
+
+#: Points per block of the trilinear sampling on a CPU.
+CPU_BLOCK = 1 << 14
+
+
+def _interp(xyz, ids, lo, dims, base, strides, noise, granularity):
+    """Trilinear sample of ``noise`` at each point: grid axis a of a unit runs from its
+    lo - granularity in steps of granularity; the 8 corners gathered at once."""
+    t = (xyz - lo[ids]) / granularity + 1
+    i0 = torch.minimum(torch.floor(t).to(torch.int64).clamp_(min=0), dims[ids] - 2)
+    w = (t - i0).to(torch.float32)
+    s = strides[ids]
+    cell0 = base[ids] + i0[:, 0] * s[:, 0] + i0[:, 1] * s[:, 1] + i0[:, 2]
+    cx, cy, cz = (torch.tensor(c, device=xyz.device) for c in _CORNERS)
+    at = cell0[:, None] + s[:, :1] * cx + s[:, 1:] * cy + cz              # (n, 8)
+    vals = noise.index_select(0, at.clamp_(0, noise.shape[0] - 1).view(-1))
+    pair = torch.stack([1 - w, w], 2)                                      # (n, 3, 2)
+    wts = (pair[:, 0, :, None, None] * pair[:, 1, None, :, None]
+           * pair[:, 2, None, None, :]).reshape(-1, 8, 1)
+    return (wts * vals.view(-1, 8, 3)).sum(1)
 
 
 #: The 8 corners of a cell as (x, y, z) offsets, x slowest (the order of the weights' product).
@@ -118,7 +128,7 @@ def _dense_noise(dims, dmax, generator, dev):
         noise = out.sub_(noise * edges[a]).mul_(masks[a] / 9)
     d1, d2 = dmax[1], dmax[2]
     base = torch.arange(u, device=dev, dtype=torch.int64) * (dmax[0] * d1 * d2)
-    strides = torch.tensor([d1 * d2, d2], device=dev, dtype=torch.int64).expand(u, 2)
+    strides = torch.tensor([[d1 * d2, d2]], device=dev, dtype=torch.int64).repeat(u, 1)
     return noise.reshape(-1, 3), base, strides
 
 

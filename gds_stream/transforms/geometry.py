@@ -51,7 +51,7 @@ class CenterShift(Transform):
         lo, hi = segment_bbox(xyz, units)
         shift = (lo + hi) / 2
         shift[:, 2] = lo[:, 2] if self.apply_z else 0
-        return set_coord(batch, self.coord, xyz - shift[units.ids])
+        return set_coord(batch, self.coord, xyz - units.expand(shift))
 
 
 class RandomRotate(Transform):
@@ -87,16 +87,16 @@ class RandomRotate(Transform):
         cos, sin = torch.cos(theta).to(xyz.dtype), torch.sin(theta).to(xyz.dtype)
         if self.center is None:
             lo, hi = segment_bbox(xyz, units)
-            center = ((lo + hi) / 2)[units.ids]
+            center = units.expand((lo + hi) / 2)
         else:
             center = torch.tensor(self.center, dtype=xyz.dtype, device=dev).expand_as(xyz)
         p = xyz - center
         i, j = {"x": (1, 2), "y": (2, 0), "z": (0, 1)}[self.axis]
-        c, s = cos[units.ids], sin[units.ids]
+        c, s = units.expand(cos), units.expand(sin)
         out = p.clone()
         out[:, i] = c * p[:, i] - s * p[:, j]
         out[:, j] = s * p[:, i] + c * p[:, j]
-        out = torch.where(apply[units.ids, None], out + center, xyz)
+        out = torch.where(units.expand(apply)[:, None], out + center, xyz)
         return set_coord(batch, self.coord, out)
 
 
@@ -115,7 +115,7 @@ class RandomScale(Transform):
         lo, hi = self.scale
         r = rand((units.num, 3 if self.anisotropic else 1), generator, xyz.device)
         factor = (lo + (hi - lo) * r).to(xyz.dtype)
-        return set_coord(batch, self.coord, xyz * factor[units.ids])
+        return set_coord(batch, self.coord, xyz * units.expand(factor))
 
 
 class RandomFlip(Transform):
@@ -131,7 +131,7 @@ class RandomFlip(Transform):
         flip = rand((units.num, 2), generator, xyz.device) < self.p
         sign = torch.ones((units.num, 3), dtype=xyz.dtype, device=xyz.device)
         sign[:, :2] = torch.where(flip, -1.0, 1.0).to(xyz.dtype)
-        return set_coord(batch, self.coord, xyz * sign[units.ids])
+        return set_coord(batch, self.coord, xyz * units.expand(sign))
 
 
 class RandomJitter(Transform):

@@ -11,7 +11,8 @@ from typing import Sequence
 import torch
 
 from ..errors import LoaderError
-from ._batch import (Batch, Units, check_range, gather, rand, segment_reduce, segment_select)
+from ._batch import (Batch, Units, check_range, gather, rand, segment_bbox, segment_reduce,
+                     segment_select)
 from .geometry import XYZ, Transform
 
 #: FNV-1a 64-bit offset basis and prime, as int64 bit patterns (int64 arithmetic wraps).
@@ -62,8 +63,10 @@ class GridSample(Transform):
         """(grid, units, order, first, vstart, vcount): points sorted by (unit, voxel key)."""
         xyz, units = self._setup(batch)
         dev, n = xyz.device, units.n
-        grid = torch.floor(xyz.to(torch.float64) / self.grid_size).to(torch.int64)
-        grid = grid - segment_reduce(grid, units.ids, units.num, "amin")[units.ids]
+        # min of floor(c / g) is floor(min c / g): the per-unit minimum on the floats
+        lo = torch.floor(segment_bbox(xyz, units)[0].to(torch.float64) / self.grid_size)
+        grid = (torch.floor(xyz.to(torch.float64) / self.grid_size)
+                - units.expand(lo)).to(torch.int64)
         if n == 0:
             order = torch.zeros(0, dtype=torch.int64, device=dev)
             first = torch.zeros(0, dtype=torch.bool, device=dev)
@@ -82,8 +85,8 @@ class GridSample(Transform):
             h = fnv_hash(grid)
             order = torch.sort(torch.bitwise_xor(h, _INT64_MIN), stable=True).indices
             if units.num > 1:
-                order = order[torch.sort(units.ids[order], stable=True).indices]
-            hs, us = h[order], units.ids[order]
+                order = order[torch.sort(units.ids[order].to(torch.int32), stable=True).indices]
+            hs, us = h[order], units.ids          # sorted by unit: units keep their ranges
             first = torch.ones(n, dtype=torch.bool, device=dev)
             first[1:] = (hs[1:] != hs[:-1]) | (us[1:] != us[:-1])
         vstart = torch.nonzero(first).flatten()
@@ -93,7 +96,7 @@ class GridSample(Transform):
     def __call__(self, batch: Batch, generator: torch.Generator | None = None):
         grid, units, order, first, vstart, vcount = self._voxels(batch)
         dev, n = grid.device, units.n
-        vunit = units.ids[order[vstart]] if n else vstart
+        vunit = units.ids[vstart] if n else vstart
         per_unit = torch.bincount(vunit, minlength=units.num)
         inverse = None
         if self.return_inverse:
@@ -156,10 +159,14 @@ class SphereCrop(Transform):
         if not bool(crop.any()):
             return batch
         center = xyz[(units.starts + local).clamp(max=max(units.n - 1, 0))]
-        d = xyz - center[units.ids]
+        d = xyz - units.expand(center)
         dist = (d[:, 0] * d[:, 0] + d[:, 1] * d[:, 1]) + d[:, 2] * d[:, 2]
-        position = (torch.arange(units.n, device=dev) - units.starts[units.ids]).to(dist.dtype)
-        key = torch.where(crop[units.ids], dist.to(torch.float64), position.to(torch.float64))
+        position = torch.arange(units.n, device=dev) - units.expand(units.starts)
+        cropped = units.expand(crop)
+        if dist.dtype == torch.float32:  # non-negative float32: its bits sort as the value
+            key = torch.where(cropped, dist.view(torch.int32).to(torch.int64), position)
+        else:
+            key = torch.where(cropped, dist, position.to(torch.float64))
         keep = torch.where(crop, limit, counts)
         return gather(batch, segment_select(units, key, keep), keep, units.n, units)
 
@@ -183,11 +190,11 @@ class RandomDropout(Transform):
         units = Units(batch, n, batch[self.coord[0]].device, self.who)
         dev, counts = units.device, units.counts
         apply = rand(units.num, generator, dev) < self.dropout_application_ratio
-        key = rand(n, generator, dev)
+        key = torch.randint(0, 1 << 31, (n,), generator=generator, device=dev)
         if not bool(apply.any()):
             return batch
-        position = (torch.arange(n, device=dev) - units.starts[units.ids]).to(torch.float64)
-        key = torch.where(apply[units.ids], key, position)
+        position = torch.arange(n, device=dev) - units.expand(units.starts)
+        key = torch.where(units.expand(apply), key, position)
         keep = torch.where(apply, torch.floor(counts.to(torch.float64)
                                               * (1 - self.dropout_ratio)).to(torch.int64), counts)
         return gather(batch, segment_select(units, key, keep), keep, n, units)
