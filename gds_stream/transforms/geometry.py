@@ -84,19 +84,22 @@ class RandomRotate(Transform):
         apply = rand(u, generator, dev) <= self.p
         a0, a1 = self.angle
         theta = (a0 + (a1 - a0) * rand(u, generator, dev)) * math.pi
-        cos, sin = torch.cos(theta).to(xyz.dtype), torch.sin(theta).to(xyz.dtype)
+        # units left alone rotate by 0 about 0: x·1 − y·0 + 0 is x exactly, no select needed
+        cos = torch.where(apply, torch.cos(theta), 1.0).to(xyz.dtype)
+        sin = torch.where(apply, torch.sin(theta), 0.0).to(xyz.dtype)
         if self.center is None:
             lo, hi = segment_bbox(xyz, units)
-            center = units.expand((lo + hi) / 2)
+            center = (lo + hi) / 2
         else:
-            center = torch.tensor(self.center, dtype=xyz.dtype, device=dev).expand_as(xyz)
+            center = torch.tensor(self.center, dtype=xyz.dtype, device=dev).expand(u, 3)
+        center = units.expand(torch.where(apply[:, None], center, 0.0))
         p = xyz - center
         i, j = {"x": (1, 2), "y": (2, 0), "z": (0, 1)}[self.axis]
         c, s = units.expand(cos), units.expand(sin)
         out = p.clone()
         out[:, i] = c * p[:, i] - s * p[:, j]
         out[:, j] = s * p[:, i] + c * p[:, j]
-        out = torch.where(units.expand(apply)[:, None], out + center, xyz)
+        out += center
         return set_coord(batch, self.coord, out)
 
 
