@@ -169,6 +169,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    "K whole chunks, every loader in the library's chunk order")
     p.add_argument("--no-gds", action="store_true", help="skip the gds loader")
     p.add_argument("-v", "--verbose", action="store_true", help="library logs to stderr")
+    p.add_argument("--transform", metavar="PRESET", help="instead: Pointcept's augmentations "
+                   "(preset 'semseg') batched in gds-stream vs a per-sample DataLoader (see "
+                   "bench.transform_bench)")
     args = p.parse_args(argv)
     if args.repeat is None:
         args.repeat = 1 if args.smoke else 3
@@ -195,6 +198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
+        if args.transform is not None:
+            from bench.transform_bench import run
+            return run(args)
         return _main(args)
     except ChecksumMismatch as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -26,6 +26,7 @@ __all__ = [
     "ConversionError",
     "LoaderError",
     "BackendUnavailable",
+    "transforms",
     "__version__",
 ]
 
@@ -36,6 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
 _LAZY = {
     "open_loader": ("gds_stream.backends", "open_loader"),
     "GDSLoader": ("gds_stream.gds", "GDSLoader"),
+    "transforms": ("gds_stream.transforms", None),  # the module itself
 }
 
 
@@ -47,6 +49,7 @@ def __getattr__(name: str):
         raise AttributeError(f"module 'gds_stream' has no attribute {name!r}") from None
     import importlib
 
-    value = getattr(importlib.import_module(module), attr)
+    mod = importlib.import_module(module)
+    value = mod if attr is None else getattr(mod, attr)
     globals()[name] = value
     return value

@@ -1,0 +1,210 @@
+"""What every transform shares: the batch's units, its coordinates, segment ops and the gather.
+
+A batch is ``dict[str, torch.Tensor]``. Its *units* (chunks or scans) are delimited by
+``offset`` (int64 cumulative ends, Pointcept's convention); a batch without ``offset`` is one
+unit. Every tensor whose first dimension is the batch's point count is a per-point field and is
+gathered with the points; ``offset`` is rewritten; the per-unit keys (``chunk``) and the
+non-point keys (``inverse``, which indexes a GridSample's output) are carried unchanged.
+
+Nothing here loops over units in Python: unit ids come from ``torch.repeat_interleave``, per-unit
+minima and maxima from ``scatter_reduce``, per-unit selections from stable sorts.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..errors import LoaderError
+
+#: Keys that hold one value per unit, not per point: carried unchanged by point selections.
+UNIT_KEYS = frozenset({"chunk"})
+#: Keys that are neither per point nor per unit: carried unchanged by point selections.
+OTHER_KEYS = frozenset({"offset", "inverse"})
+
+Batch = dict
+
+
+def coord_names(coord: str | Sequence[str], who: str) -> tuple[str, ...]:
+    """``("x", "y", "z")`` or one field name holding an (n, 3) tensor; checked at construction."""
+    names = (coord,) if isinstance(coord, str) else tuple(coord)
+    if len(names) not in (1, 3) or not all(isinstance(n, str) and n for n in names):
+        raise LoaderError(f"{who}: coord must be three field names (x, y, z) or one field of "
+                          f"shape (n, 3), got {coord!r}")
+    return names
+
+
+def require(batch: Batch, name: str, who: str, param: str) -> torch.Tensor:
+    """``batch[name]``, or a :class:`LoaderError` naming the transform and its parameter."""
+    try:
+        return batch[name]
+    except KeyError:
+        raise LoaderError(f"{who}: {param} field {name!r} is not in the batch (it has "
+                          f"{', '.join(sorted(map(str, batch))) or 'no fields'})") from None
+
+
+def get_coord(batch: Batch, names: tuple[str, ...], who: str) -> torch.Tensor:
+    """The (n, 3) coordinates in their compute dtype (float64 if any field is, else float32)."""
+    cols = [require(batch, n, who, "coord") for n in names]
+    if len(cols) == 1:
+        xyz = cols[0]
+        if xyz.dim() != 2 or xyz.shape[1] != 3:
+            raise LoaderError(f"{who}: coord field {names[0]!r} must have shape (n, 3), got "
+                              f"{tuple(xyz.shape)}")
+        dts = [xyz.dtype]
+    else:
+        if any(c.dim() != 1 or c.shape[0] != cols[0].shape[0] for c in cols):
+            raise LoaderError(f"{who}: coord fields {', '.join(names)} must be 1-D of one "
+                              f"length, got shapes {[tuple(c.shape) for c in cols]}")
+        dts = [c.dtype for c in cols]
+    if not all(d.is_floating_point for d in dts):
+        raise LoaderError(f"{who}: coord fields must be floating point (a transform writes "
+                          f"coordinates back), got {', '.join(str(d) for d in dts)}")
+    dt = torch.float64 if torch.float64 in dts else torch.float32
+    if len(cols) == 1:
+        return xyz.to(dt)
+    return torch.stack([c.to(dt) for c in cols], 1)
+
+
+def set_coord(batch: Batch, names: tuple[str, ...], xyz: torch.Tensor) -> Batch:
+    """A new batch whose coordinate fields are ``xyz``, each in its own stored dtype."""
+    out = dict(batch)
+    if len(names) == 1:
+        out[names[0]] = xyz.to(batch[names[0]].dtype)
+    else:
+        for i, n in enumerate(names):
+            out[n] = xyz[:, i].to(batch[n].dtype)
+    return out
+
+
+class Units:
+    """The units of a batch of ``n`` points: counts, starts and (lazily) each point's unit id."""
+
+    def __init__(self, batch: Batch, n: int, device: torch.device, who: str):
+        off = batch.get("offset")
+        self.has_offset = off is not None
+        if off is None:
+            self.counts = torch.tensor([n], dtype=torch.int64, device=device)
+        else:
+            if off.dim() != 1 or off.dtype != torch.int64:
+                raise LoaderError(f"{who}: offset must be a 1-D int64 tensor of cumulative ends, "
+                                  f"got {off.dtype} of shape {tuple(off.shape)}")
+            off = off.to(device)
+            self.counts = torch.diff(off, prepend=off.new_zeros(1))
+            last = int(off[-1]) if len(off) else 0
+            if last != n:
+                raise LoaderError(f"{who}: offset ends at {last} but the batch has {n} points")
+        self.n = n
+        self.num = int(self.counts.shape[0])
+        self.device = device
+        self.starts = torch.cumsum(self.counts, 0) - self.counts
+        self._ids: torch.Tensor | None = None
+
+    def expand(self, per_unit: torch.Tensor) -> torch.Tensor:
+        """``per_unit`` (U, ...) repeated for every point of its unit: (n, ...)."""
+        return torch.repeat_interleave(per_unit, self.counts, dim=0, output_size=self.n)
+
+    @property
+    def ids(self) -> torch.Tensor:
+        """Each point's unit index (int64, length n)."""
+        if self._ids is None:
+            self._ids = torch.repeat_interleave(
+                torch.arange(self.num, device=self.device), self.counts, output_size=self.n)
+        return self._ids
+
+
+def segment_reduce(values: torch.Tensor, ids: torch.Tensor, num: int, op: str) -> torch.Tensor:
+    """Per-segment ``amin``/``amax`` of (n, k) ``values`` grouped by ``ids`` (any order; rows of
+    empty segments are 0). For integer values; float coordinates use :func:`segment_bbox`."""
+    out = values.new_zeros((num,) + tuple(values.shape[1:]))
+    idx = ids.view(-1, *([1] * (values.dim() - 1))).expand_as(values)
+    return out.scatter_reduce(0, idx, values, op, include_self=False)
+
+
+def segment_bbox(xyz: torch.Tensor, units: Units) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-unit (min, max) of the (n, 3) float coordinates, each (U, 3); 0 for empty units.
+    Units are contiguous ranges, so this is a segmented reduction (no scatter)."""
+    nonempty = (units.counts > 0)[:, None]
+    zero = torch.zeros((), dtype=xyz.dtype, device=xyz.device)
+    return tuple(torch.where(nonempty, torch.segment_reduce(xyz, op, lengths=units.counts,
+                                                            axis=0), zero)
+                 for op in ("min", "max"))
+
+
+def segment_select(units: Units, key: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Indices of the ``keep[u]`` points of smallest ``key`` in each unit u, ordered by unit,
+    then by key (ties in point order). ``key``: int64 in [0, 2**32) — packed with the unit id in
+    the high bits into one int64 sort key — or float64 (two stable sorts). No loop over units."""
+    if key.dtype == torch.int64 and units.num < (1 << 31):
+        order = torch.sort(units.ids * (1 << 32) + key, stable=True).indices
+    else:
+        order = torch.sort(key, stable=True).indices
+        if units.num > 1:
+            order = order[torch.sort(units.ids[order].to(torch.int32), stable=True).indices]
+    # sorted by unit, every unit still occupies its own range of positions
+    rank = torch.arange(units.n, device=key.device) - units.expand(units.starts)
+    return order[rank < units.expand(keep)]
+
+
+#: Unsigned dtypes torch cannot index: gathered through the signed view of the same bits.
+_SIGNED_VIEW = {getattr(torch, f"uint{b}"): getattr(torch, f"int{b}") for b in (16, 32, 64)
+                if hasattr(torch, f"uint{b}")}
+
+
+def take(v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``v[idx]`` along the first dimension, for every dtype (uint16/32/64 included)."""
+    idx = idx.to(v.device)
+    signed = _SIGNED_VIEW.get(v.dtype)
+    if signed is None:
+        return v.index_select(0, idx)
+    return v.view(signed).index_select(0, idx).view(v.dtype)
+
+
+def gather(batch: Batch, idx: torch.Tensor, counts: torch.Tensor | None, n: int,
+           units: Units) -> Batch:
+    """Every per-point field of ``batch`` (first dimension ``n``) taken at ``idx``; ``offset``
+    recomputed from the new per-unit ``counts``; per-unit and other keys carried unchanged."""
+    out: Batch = {}
+    for k, v in batch.items():
+        if k == "offset":
+            continue
+        if k in UNIT_KEYS or k in OTHER_KEYS or v.dim() == 0 or v.shape[0] != n:
+            out[k] = v
+        else:
+            out[k] = take(v, idx)
+    if units.has_offset:
+        out["offset"] = torch.cumsum(counts, 0)
+    return out
+
+
+def num_points(batch: Batch, names: tuple[str, ...], who: str) -> int:
+    return int(require(batch, names[0], who, "coord").shape[0])
+
+
+def rand(shape, generator: torch.Generator | None, device, dtype=torch.float64) -> torch.Tensor:
+    return torch.rand(shape, generator=generator, device=device, dtype=dtype)
+
+
+def check_range(who: str, param: str, value, lo=None, hi=None, lo_open=False) -> None:
+    """A numeric parameter in range, or a LoaderError naming the transform and the parameter."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise LoaderError(f"{who}: {param} must be a number, got {value!r}") from None
+    if v != v or (lo is not None and (v <= lo if lo_open else v < lo)) or \
+            (hi is not None and v > hi):
+        bound = (f"> {lo}" if lo_open else f">= {lo}") if lo is not None else ""
+        if hi is not None:
+            bound = (bound + " and " if bound else "") + f"<= {hi}"
+        raise LoaderError(f"{who}: {param} must be {bound}, got {value!r}")
+
+
+def check_pair(who: str, param: str, value) -> tuple[float, float]:
+    try:
+        a, b = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise LoaderError(f"{who}: {param} must be a pair (low, high), got {value!r}") from None
+    if not (a <= b):
+        raise LoaderError(f"{who}: {param} must be (low, high) with low <= high, got {value!r}")
+    return a, b
