@@ -86,8 +86,13 @@ def read_manifest(path: Path, cap: int, dir_fd: int | None = None) -> dict:
         raise DatasetError(f"{path}: cannot read the manifest ({os_reason(exc)})") from exc
     finally:
         os.close(fd)
+    return parse_manifest(b"".join(chunks), path)
+
+
+def parse_manifest(raw: bytes, path: object) -> dict:
+    """The JSON object in a manifest's bytes (``path`` names it in messages)."""
     try:
-        doc = json.loads(b"".join(chunks))
+        doc = json.loads(raw)
     except RecursionError:
         raise DatasetError(f"{path}: not valid JSON (nested too deeply)") from None
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, int digit limit

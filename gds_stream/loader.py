@@ -88,7 +88,7 @@ class Loader(Closeable):
             #: The batch key of the unit ids ("chunk" in chunk mode), or None.
             self.unit_key: str | None = "chunk" if o.unit == "chunks" else None
             self._check_yields_batches()
-            self.files = FieldFiles(self.dataset, o.fields)
+            self.files = self.dataset.open_files(o.fields)  # gds_stream.storage
             if o.verify_reads:
                 self.verifier = BlockVerifier(self.dataset, self.specs, self.files)
         except BaseException:
