@@ -427,16 +427,17 @@ class Dataset(Closeable):
                 f"{chunks}, fields=[{fields}])")
 
 
-def open_dataset(path: str | os.PathLike, storage_options: dict | None = None) -> Dataset:
+def open_dataset(path: str | os.PathLike, **storage: Any) -> Dataset:
     """Open and validate a dataset directory, or an object-store prefix given as a URL
-    (``s3://bucket/prefix``; ``storage_options``: credentials, endpoint, retry budget, see
-    :mod:`gds_stream.storage.s3`). Raises :class:`DatasetError` on any inconsistency."""
+    (``s3://bucket/prefix``; keywords ``storage_options`` — credentials, endpoint, retry
+    budget — and ``cache_dir``/``cache_bytes``, see :mod:`gds_stream.storage`). Raises
+    :class:`DatasetError` on any inconsistency."""
     from .storage import is_url, open_remote
 
     if is_url(path):
-        return open_remote(path, storage_options=storage_options)  # type: ignore[arg-type]
-    if storage_options:
-        raise DatasetError(f"{path}: storage_options apply to object-store URLs only")
+        return open_remote(path, **storage)  # type: ignore[arg-type]
+    if storage:
+        raise DatasetError(f"{path}: {', '.join(storage)} apply to object-store URLs only")
     return Dataset(path)
 
 

@@ -95,6 +95,8 @@ class Faults:
     deny: tuple[str, ...] = ()
     #: Only ranged GETs of paths holding this are faulted (the field objects, not the manifest).
     only: str = "/data-"
+    #: When > 0: bodies of faulted paths go out in 64 KiB pieces this many seconds apart.
+    trickle_s: float = 0.0
     seed: int = 0
     counts: Counter = field(default_factory=Counter)
 
@@ -198,8 +200,15 @@ class FaultProxy:
             h.connection.shutdown(socket.SHUT_RDWR)
             return
         h.end_headers()
-        if h.command != "HEAD":
-            h.wfile.write(data)
+        if h.command == "HEAD":
+            return
+        if f.trickle_s > 0 and f.only in h.path:
+            for i in range(0, len(data), 64 << 10):
+                h.wfile.write(data[i:i + (64 << 10)])
+                h.wfile.flush()
+                time.sleep(f.trickle_s)
+            return
+        h.wfile.write(data)
 
 
 def _answer(h: BaseHTTPRequestHandler, status: int, body: bytes) -> None:

@@ -322,3 +322,19 @@ def test_missing_obstore_names_the_extra_that_installs_it(monkeypatch):
     assert any(d.startswith("obstore") for d in extras["s3"])
     assert "gds_stream.storage" in tomllib.loads((ROOT / "pyproject.toml").read_text())[
         "tool"]["setuptools"]["packages"]
+
+
+def test_large_field_files_upload_in_parts(tmp_path, bucket, s3_server, monkeypatch):
+    from gds_stream.storage import upload as up
+
+    monkeypatch.setattr(up, "MULTIPART_BYTES", 5 << 20)  # S3's smallest part
+    rows = np.random.default_rng(1).standard_normal((1_600_000, 2)).astype("<f4")  # 6.4 MB/field
+    (tmp_path / "big.bin").write_bytes(rows.tobytes())
+    url = f"s3://{bucket}/big"
+    gds_stream.convert(tmp_path / "big.bin", url, raw_fields=["a", "b"], progress=False)
+    cl = s3_client(s3_server)
+    objs = cl.list_objects_v2(Bucket=bucket, Prefix="big/data-")["Contents"]
+    assert objs and all(o["ETag"].strip('"').endswith("-2") for o in objs), \
+        [o["ETag"] for o in objs]  # two parts each
+    ds = gds_stream.open_dataset(url)
+    assert ds.read("b").tobytes() == np.ascontiguousarray(rows[:, 1]).tobytes()

@@ -10,7 +10,7 @@ Backends read a field's bytes through a *field reader* (one per loader, closed w
 
 :mod:`.local` reads the descriptors a local :class:`~gds_stream.format.Dataset` pinned;
 :mod:`.s3` reads objects through ``obstore`` (imported only when an ``s3://`` URL is opened, so
-``import gds_stream`` never imports it); :mod:`.remote` is the dataset opened from a URL;
+``import gds_stream`` never imports it); :mod:`.remote` is the dataset opened from a URL, :mod:`.cache` its local block cache;
 :mod:`.upload` publishes a converted dataset to a URL.
 """
 

@@ -44,9 +44,12 @@ class RemoteDataset(Dataset):
 
     ``storage_options``: see :mod:`gds_stream.storage.s3` (credentials, region, endpoint, retry
     budget, timeouts); the standard AWS environment supplies what it does not set.
+    ``cache_dir`` / ``cache_bytes``: a local block cache shared by every process on the node
+    (:mod:`gds_stream.storage.cache`); both or neither.
     """
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None,
+                 cache_dir: str | Path | None = None, cache_bytes: int | None = None):
         self._fds: dict[str, int] = {}
         self._dir_fd = -1
         self._closed = False
@@ -55,6 +58,14 @@ class RemoteDataset(Dataset):
         self.path = ObjectPath(f"{scheme}://{bucket}" + (f"/{prefix}" if prefix else ""))
         self._objects: dict[str, ObjectVersion] = {}
         self.client = S3Client(bucket, storage_options, scheme)
+        self.cache = None
+        if (cache_dir is None) != (cache_bytes is None):
+            raise DatasetError(f"{self.path}: give cache_dir= and cache_bytes= together (the "
+                               f"cache needs a directory and a byte budget)")
+        if cache_dir is not None:
+            from .cache import BlockCache
+
+            self.cache = BlockCache(cache_dir, cache_bytes)  # type: ignore[arg-type]
         self._load()
 
     def key(self, rel: str) -> str:
@@ -96,7 +107,14 @@ class RemoteDataset(Dataset):
              f"(field {name!r}: offset {off} + {expect} bytes padded to {ALIGN})")
 
     def _read_into(self, name: str, view: memoryview, offset: int) -> None:
-        self.client.read_into(self.version(name), offset, view)
+        self.read_object(self.version(name), offset, view)
+
+    def read_object(self, obj: ObjectVersion, offset: int, view: memoryview) -> None:
+        """Bytes of ``obj`` at ``offset`` into ``view``: through the cache when there is one."""
+        if self.cache is not None:
+            self.cache.read_into(self.client, obj, offset, view)
+        else:
+            self.client.read_into(obj, offset, view)
 
     # -- public ------------------------------------------------------------------------------
     def version(self, name: str) -> ObjectVersion:
@@ -125,6 +143,7 @@ class RemoteFiles(Closeable):
 
     def __init__(self, dataset: RemoteDataset, names: Sequence[str]):
         self.client = dataset.client
+        self._read = dataset.read_object
         self._objects = {n: dataset.version(n) for n in names}
         self._paths = {n: str(dataset.field_path(n)) for n in names}
         self._closed = False
@@ -132,7 +151,7 @@ class RemoteFiles(Closeable):
     def read_into(self, name: str, offset: int, view: memoryview) -> None:
         if self._closed:
             raise DatasetError(f"{self._paths[name]}: read after the loader was closed")
-        self.client.read_into(self._objects[name], offset, view)
+        self._read(self._objects[name], offset, view)
 
     def size(self, name: str) -> int:
         return self._objects[name].size

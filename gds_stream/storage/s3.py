@@ -171,6 +171,25 @@ class S3Client:
 
         return self._call(obj.key, what, fetch, obj.etag)
 
+    def get_to_file(self, obj: ObjectVersion, start: int, end: int, f: Any) -> None:
+        """Stream bytes ``[start, end)`` of ``obj`` into the binary file ``f`` (rewritten from
+        its start on every attempt), checked against the ETag like :meth:`get`."""
+        opts: dict[str, Any] = {"range": (start, end)}
+        if obj.etag:
+            opts["if_match"] = obj.etag
+
+        def fetch() -> None:
+            f.seek(0)
+            f.truncate()
+            got = 0
+            for chunk in self._obs.get(self.store, obj.key, options=opts).stream(64 << 10):
+                f.write(chunk)
+                got += len(chunk)
+            if got != end - start:
+                raise _ShortBody(f"the body held {got} bytes, expected {end - start}")
+
+        self._call(obj.key, f"read of bytes {start}..{end}", fetch, obj.etag)
+
     def read_into(self, obj: ObjectVersion, offset: int, view: memoryview) -> None:
         if offset + len(view) > obj.size:
             raise ObjectError(f"{self.url(obj.key)}: read of bytes {offset}..{offset + len(view)}"
