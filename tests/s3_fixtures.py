@@ -52,11 +52,22 @@ def s3_server():
                 os.environ[k] = v
 
 
-def make_bucket(endpoint: str, name: str | None = None) -> str:
-    import boto3
+def readme_env(request, buckets=("my-bucket",)) -> dict[str, str]:
+    """For the README's "Object storage" examples: a moto server until the test ends, the
+    ``buckets`` created, and the ``AWS_*`` environment that reaches it."""
+    srv = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    srv.start()
+    request.addfinalizer(srv.stop)
+    host, port = srv.get_host_and_port()
+    url = f"http://{host}:{port}"
+    for b in buckets:
+        make_bucket(url, b)
+    return {**ENV, "AWS_ENDPOINT_URL": url}
 
+
+def make_bucket(endpoint: str, name: str | None = None) -> str:
     name = name or f"b-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=name)
+    s3_client(endpoint).create_bucket(Bucket=name)
     return name
 
 
@@ -79,7 +90,9 @@ def upload(local_dataset_path: str | Path, url: str, **storage) -> None:
 def s3_client(endpoint: str):
     import boto3
 
-    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                        aws_access_key_id=ENV["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=ENV["AWS_SECRET_ACCESS_KEY"])
 
 
 # -- the fault-injecting proxy -----------------------------------------------------------------
