@@ -338,3 +338,44 @@ def test_large_field_files_upload_in_parts(tmp_path, bucket, s3_server, monkeypa
         [o["ETag"] for o in objs]  # two parts each
     ds = gds_stream.open_dataset(url)
     assert ds.read("b").tobytes() == np.ascontiguousarray(rows[:, 1]).tobytes()
+
+
+def test_bench_compare_source_s3_smoke(tmp_path):
+    import json
+
+    r = subprocess.run([sys.executable, "-m", "bench.compare", "--source", "s3", "--smoke",
+                        "--workdir", str(tmp_path / "data"), "--json", str(tmp_path / "r.json")],
+                       capture_output=True, text=True, timeout=300, cwd=str(ROOT),
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "not a cloud link" in r.stdout and "checksums of every batch equal" in r.stdout
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["checksums_equal"] and [row["source"] for row in doc["rows"]] == [
+        "local", "s3 (no cache)", "s3 (cache warm)"]
+    assert doc["cache"]["hits"] > 0
+
+
+def test_cli_refusals_on_urls_are_one_line(bucket):
+    for args, pattern in ((["info", f"s3://{bucket}/missing"], "manifest.json: no such object"),
+                          (["verify", "gs://b/set", "--no-progress"], "unsupported URL scheme")):
+        r = _cli(*args)
+        assert r.returncode == 2, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and pattern in r.stderr, r.stderr
+
+
+def test_verify_finds_a_corrupt_block_in_an_object(local, remote, s3_server):
+    _, bkt, prefix = gds_stream.storage.split_url(remote)
+    cl = s3_client(s3_server)
+    key = next(o["Key"] for o in cl.list_objects_v2(Bucket=bkt, Prefix=prefix)["Contents"]
+               if o["Key"].endswith("/label.bin"))
+    body = bytearray(cl.get_object(Bucket=bkt, Key=key)["Body"].read())
+    body[100] ^= 0xFF
+    cl.put_object(Bucket=bkt, Key=key, Body=bytes(body))
+    r = _cli("verify", remote, "--no-progress")
+    assert r.returncode == 1 and f"{key}: field 'label' block 0" in r.stderr, r.stderr
+
+
+def test_verify_reads_is_refused_clearly_for_object_storage(remote):
+    with pytest.raises(DatasetError, match="verify_reads is not available for object-store"):
+        gds_stream.open_loader(remote, backend="fallback", device="cpu", batch_points=1000,
+                               verify_reads=True)
