@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import Any, Sequence, TypeVar
 
@@ -34,6 +35,15 @@ class Closeable:
             pass
 
 
+def fd_limit_hint(exc: BaseException) -> str:
+    """What to do when the process ran out of file descriptors ('' for other errors)."""
+    if not (isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE)):
+        return ""
+    return ("; an open Dataset holds one descriptor per field file plus one for its directory, "
+            "and each loader one per field it reads: close datasets and loaders no longer "
+            "needed, or raise the limit (ulimit -n)")
+
+
 class FieldFiles(Closeable):
     """Read-only descriptors of some fields' files, held by (and closed with) one loader.
 
@@ -63,7 +73,7 @@ class FieldFiles(Closeable):
             fd = os.dup(pinned)  # not inheritable, like the original (O_CLOEXEC)
         except OSError as exc:
             raise DatasetError(f"{path}: cannot open field {name!r} for reading: "
-                               f"{exc.strerror or exc}") from exc
+                               f"{exc.strerror or exc}{fd_limit_hint(exc)}") from exc
         self._fds[name], self._paths[name] = fd, path
         size = os.fstat(fd).st_size
         need = lay.offset + lay.nbytes

@@ -72,25 +72,18 @@ def read_manifest(path: Path, cap: int, dir_fd: int | None = None) -> dict:
         if st.st_size > cap:
             raise DatasetError(f"{path}: manifest of {st.st_size} bytes is larger than any valid "
                                f"one for this directory (at most {cap} bytes)")
-        chunks: list[bytes] = []
-        got = 0
-        while got <= cap:
-            block = os.read(fd, min(1 << 20, cap + 1 - got))
-            if not block:
-                break
-            chunks.append(block)
-            got += len(block)
-        if got > cap:
-            raise DatasetError(f"{path}: manifest grew past {cap} bytes while being read")
+        raw = _read_bounded(fd, st.st_size, cap, path)
     except OSError as exc:
         raise DatasetError(f"{path}: cannot read the manifest ({os_reason(exc)})") from exc
     finally:
         os.close(fd)
-    return parse_manifest(b"".join(chunks), path)
+    return parse_manifest(raw, path)
 
 
-def parse_manifest(raw: bytes, path: object) -> dict:
-    """The JSON object in a manifest's bytes (``path`` names it in messages)."""
+def parse_manifest(raw: bytes | bytearray, path: object) -> dict:
+    """The JSON object in a manifest's bytes (``path`` names it in messages), refused before
+    parsing when parsing would cost too much (:func:`check_expansion`)."""
+    check_expansion(raw, path)
     try:
         doc = json.loads(raw)
     except RecursionError:
@@ -100,6 +93,150 @@ def parse_manifest(raw: bytes, path: object) -> dict:
     if not isinstance(doc, dict):
         raise DatasetError(f"{path}: expected a JSON object, found {type(doc).__name__}")
     return doc
+
+
+def _read_bounded(fd: int, size: int, cap: int, path: Path) -> bytearray:
+    """All bytes of ``fd`` (``size`` by ``fstat``), into one buffer: at most ``cap`` of them."""
+    buf = bytearray(size + 1)  # one byte more: a file that grew is noticed
+    got = 0
+    while True:
+        if got == len(buf):
+            if got > cap:
+                raise DatasetError(f"{path}: manifest grew past {cap} bytes while being read")
+            buf.extend(bytes(min(1 << 20, cap + 1 - got)))
+        n = os.readv(fd, [memoryview(buf)[got:]])
+        if n == 0:
+            break
+        got += n
+    if got > cap:
+        raise DatasetError(f"{path}: manifest grew past {cap} bytes while being read")
+    del buf[got:]
+    return buf
+
+
+# -- what parsing may cost --------------------------------------------------------------------
+#: Deepest nesting of a valid manifest: 4 (document, ``chunks``, ``cell``, one cell) plus what a
+#: source record holds. Deeper JSON is refused before parsing.
+MANIFEST_MAX_DEPTH = 32
+#: Parsing may take at most ``BASE + RATIO × the manifest's size`` bytes of Python objects, by
+#: the estimate of :func:`check_expansion` (an upper bound of what parsing takes). Manifests that
+#: gds-stream writes estimate at 3-7× their size (12× for very short source names), so ``BASE``
+#: leaves room for all but the largest of those, and a hostile manifest (millions of ``{}``,
+#: ``[]``, two-letter strings or one-digit numbers, 12-36× their size in memory) is refused
+#: before parsing.
+MANIFEST_PARSE_BASE = 64 << 20
+MANIFEST_PARSE_RATIO = 8
+#: Bytes per parsed value in CPython (64-bit, GC header included): a dict, a list, a member of
+#: either, a key, a string value, a number. The text's own bytes are added once.
+_COST = {"objects": 200, "arrays": 80, "members": 8, "keys": 48, "strings": 56, "numbers": 32}
+_SCAN_BLOCK = 1 << 20
+_NUMERIC = b"-0123456789"
+
+
+def json_shape(raw: bytes | bytearray, budget: int | None = None) -> dict[str, int]:
+    """What JSON text parses into, counted without parsing it: ``objects``, ``arrays``,
+    ``members`` (an upper bound), ``keys``, ``strings`` (values), ``numbers`` and ``depth``.
+
+    Exact for every text that ``json.loads`` accepts (other text fails to parse anyway). Scans
+    the bytes in blocks, tracking strings, escapes and nesting across them; works on the
+    positions of quotes, backslashes and structural characters, so it takes little memory and
+    runs at memory speed on manifests with few strings. With ``budget``, stops early once the
+    estimated parsed size (see :func:`check_expansion`) of what was scanned exceeds it.
+    """
+    data = np.frombuffer(raw, dtype=np.uint8)
+    tot = dict.fromkeys(("objects", "arrays", "commas", "keys", "quotes", "numbers", "depth"), 0)
+    slashes = depth = 0  # carried: backslashes ending the previous block, nesting level
+    inside = False  # the previous block ended inside a string
+    numish_before = False  # ... with a character that continues a number
+    for lo in range(0, len(data), _SCAN_BLOCK):
+        b = data[lo:lo + _SCAN_BLOCK]
+        n = len(b)
+        qp = np.flatnonzero(b == 0x22)
+        bp = np.flatnonzero(b == 0x5C)
+        if len(qp) and (len(bp) or slashes):  # drop quotes after an odd run of backslashes
+            run = np.where(qp == 0, slashes, 0)
+            if len(bp):
+                first = np.ones(len(bp), dtype=bool)
+                first[1:] = np.diff(bp) != 1
+                start = np.maximum.accumulate(np.where(first, bp, 0))  # of each one's run
+                j = np.maximum(np.searchsorted(bp, qp) - 1, 0)
+                adj = (qp > 0) & (bp[j] == qp - 1)
+                run = np.where(adj, qp - start[j] + np.where(start[j] == 0, slashes, 0), run)
+            qp = qp[run % 2 == 0]
+        if len(bp) and bp[-1] == n - 1:
+            k = len(bp) - 1
+            while k > 0 and bp[k - 1] == bp[k] - 1:
+                k -= 1
+            slashes = n - int(bp[k]) + (slashes if bp[k] == 0 else 0)
+        else:
+            slashes = 0
+        # string intervals [starts, ends): between an opening and its closing quote
+        bounds = np.concatenate(([0], qp)) if inside else qp
+        starts, ends = bounds[0::2], bounds[1::2] + 1
+        if len(ends) < len(starts):
+            ends = np.append(ends, n)
+
+        def outside(pos: np.ndarray) -> np.ndarray:
+            if not len(starts):
+                return pos
+            k = np.searchsorted(starts, pos, side="right") - 1
+            return pos[(k < 0) | (pos >= ends[np.maximum(k, 0)])]
+
+        opens = outside(np.flatnonzero((b == 0x7B) | (b == 0x5B)))
+        closes = outside(np.flatnonzero((b == 0x7D) | (b == 0x5D)))
+        objects = int(np.count_nonzero(b[opens] == 0x7B))
+        tot["objects"] += objects
+        tot["arrays"] += len(opens) - objects
+        tot["commas"] += len(outside(np.flatnonzero(b == 0x2C)))
+        tot["keys"] += len(outside(np.flatnonzero(b == 0x3A)))
+        tot["quotes"] += len(qp)
+        numeric = (b >= 0x30) & (b <= 0x39) | (b == 0x2D)
+        numish = numeric | (b == 0x2E) | (b == 0x2B) | (b == 0x45) | (b == 0x65)
+        first_digit = numeric.copy()
+        first_digit[1:] &= ~numish[:-1]
+        first_digit[0] &= not numish_before
+        tot["numbers"] += len(outside(np.flatnonzero(first_digit)))
+        if budget is not None and _cost(tot, lo + n) > budget:
+            break  # already too costly: the rest cannot make it cheaper
+        if len(opens):  # nesting peaks at an opening bracket
+            level = depth + np.arange(1, len(opens) + 1) - np.searchsorted(closes, opens)
+            tot["depth"] = max(tot["depth"], int(level.max()))
+        depth += len(opens) - len(closes)
+        inside = len(bounds) % 2 == 1
+        numish_before = bool(numish[-1]) and not inside
+    return _summary(tot)
+
+
+def _summary(tot: dict[str, int]) -> dict[str, int]:
+    return {"objects": tot["objects"], "arrays": tot["arrays"],
+            "members": tot["commas"] + tot["objects"] + tot["arrays"], "keys": tot["keys"],
+            "strings": max(0, tot["quotes"] // 2 - tot["keys"]), "numbers": tot["numbers"],
+            "depth": tot["depth"]}
+
+
+def _cost(tot: dict[str, int], nbytes: int) -> int:
+    """Estimated bytes of Python objects that parsing ``nbytes`` of JSON text takes."""
+    shape = _summary(tot)
+    return nbytes + sum(_COST[k] * shape[k] for k in _COST)
+
+
+def check_expansion(raw: bytes | bytearray, path: Path) -> None:
+    """Refuse, before parsing, a manifest whose parsed objects would take more than
+    ``MANIFEST_PARSE_BASE + MANIFEST_PARSE_RATIO × size``, or nested deeper than
+    :data:`MANIFEST_MAX_DEPTH`."""
+    limit = MANIFEST_PARSE_BASE + MANIFEST_PARSE_RATIO * len(raw)
+    shape = json_shape(raw, budget=limit)
+    cost = len(raw) + sum(_COST[k] * shape[k] for k in _COST)
+    if cost > limit:
+        raise DatasetError(
+            f"{path}: {len(raw):,} bytes of JSON would take over {limit:,} bytes once parsed "
+            f"(objects: {shape['objects']:,}, arrays: {shape['arrays']:,}, strings: "
+            f"{shape['strings'] + shape['keys']:,}, numbers: {shape['numbers']:,}, counted "
+            f"until the estimate passed the bound), more than any valid manifest of its size; "
+            f"refusing to parse it")
+    if shape["depth"] > MANIFEST_MAX_DEPTH:
+        raise DatasetError(f"{path}: JSON nested {shape['depth']} levels deep; a manifest nests "
+                           f"at most {MANIFEST_MAX_DEPTH}")
 
 
 def os_reason(exc: BaseException) -> str:

@@ -13,6 +13,13 @@ lock is ever stale and no lock file is left behind.
 * At the start of a writer, temp directories of writers that are gone are removed, and an
   ``.old-*`` directory whose target is missing (a replacement killed between its two renames) is
   renamed back to the target, with a warning.
+* :func:`check_output_dir` is the one rule for what a target may be: checked when a writer
+  starts and again, under the lock, when it publishes. ``writer.py`` imports this module, never
+  the reverse.
+
+Readers are never disturbed: a dataset is published or replaced by renaming whole directories,
+and a reader holds a descriptor of the directory it opened (see ``format.Dataset``), so it keeps
+reading that snapshot while the old directory is renamed away and removed.
 """
 
 from __future__ import annotations

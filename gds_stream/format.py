@@ -14,7 +14,13 @@ Layout rules (README, "On-disk format"):
 
 Opening validates every claim of the manifest against the files before anything is read, so a
 manifest that lies gives a :class:`~gds_stream.errors.DatasetError`, never a crash, a hang, a huge
-allocation or a read past the end. Files changed after opening give a ``DatasetError`` too.
+allocation or a read past the end.
+
+An opened dataset is one snapshot: the directory is opened once, and the manifest and every field
+file are opened relative to that descriptor and kept open, so reads (and loaders, which duplicate
+these descriptors) see the files the manifest describes even after the dataset is replaced by
+``convert --overwrite`` or removed. An open that races a replacement starts again on the new
+directory. A file cut short in place gives a ``DatasetError`` when read.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ._lifetime import Closeable
+from ._lifetime import Closeable, fd_limit_hint
 from ._manifest import (
     ChunkTable,
     chunk_table,
@@ -82,9 +88,10 @@ REOPEN_PAUSE_S = 0.02
 
 
 class Dataset(Closeable):
-    """An opened, validated dataset directory. Use :func:`open_dataset`.
+    """An opened, validated dataset directory: one snapshot of it. Use :func:`open_dataset`.
 
     ``read(field, start, stop)`` is the plain reference read that loaders are tested against.
+    Holds one descriptor of the directory and one of each field file until :meth:`close`.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -264,7 +271,8 @@ class Dataset(Closeable):
             try:
                 fd = os.open(rel, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=self._dir_fd)
             except (OSError, ValueError) as exc:
-                raise DatasetError(f"{full}: cannot open {where} ({os_reason(exc)})") from exc
+                raise DatasetError(f"{full}: cannot open {where} ({os_reason(exc)})"
+                                   f"{fd_limit_hint(exc)}") from exc
             self._fds[rel] = fd  # closed by close() from here on
             st = os.fstat(fd)
             want(stat.S_ISREG(st.st_mode), full,
@@ -448,7 +456,7 @@ def _moved(path: Path, dir_fd: int) -> bool:
         now = os.stat(path)
     except (OSError, ValueError):
         return True
-    return st.st_nlink == 0 or (st.st_dev, st.st_ino) != (now.st_dev, now.st_ino)
+    return (st.st_dev, st.st_ino) != (now.st_dev, now.st_ino)
 
 
 def _old_hint(path: Path) -> str:

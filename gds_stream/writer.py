@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from . import _publish
-from ._manifest import manifest_cap
+from ._manifest import check_expansion, manifest_cap
 from ._publish import check_output_dir, os_failure
 from ._schema import (
     ALIGN,
@@ -34,7 +34,7 @@ from ._schema import (
     align_up,
     check_field_name,
 )
-from .errors import ConversionError
+from .errors import ConversionError, DatasetError
 
 log = logging.getLogger(__name__)
 
@@ -301,6 +301,13 @@ class DatasetWriter:
             raise ConversionError(f"{self.out_dir / MANIFEST}: the manifest would take "
                                   f"{len(text) + 1:,} bytes, more than a reader accepts for "
                                   f"this dataset ({cap:,}); {hint}")
+        try:  # what a reader would refuse to parse is refused here, naming the cause
+            check_expansion(text.encode(), self.out_dir / MANIFEST)
+        except DatasetError as exc:
+            raise ConversionError(
+                f"{exc} (the manifest of {len(self.scan_offsets) - 1:,} scans and "
+                f"{len(self._chunk_offsets) - 1:,} chunks: convert fewer files into one "
+                f"dataset, or use a larger chunk size)") from None
         try:
             with open(self.tmp / MANIFEST, "w") as f:
                 f.write(text + "\n")
