@@ -379,3 +379,24 @@ def test_verify_reads_is_refused_clearly_for_object_storage(remote):
     with pytest.raises(DatasetError, match="verify_reads is not available for object-store"):
         gds_stream.open_loader(remote, backend="fallback", device="cpu", batch_points=1000,
                                verify_reads=True)
+
+
+def test_a_dataset_replaced_while_being_opened_is_opened_again(local, tmp_path, bucket,
+                                                                monkeypatch):
+    from gds_stream.storage import s3 as s3mod
+
+    url = f"s3://{bucket}/race"
+    upload(local.path, url)
+    (tmp_path / "b.bin").write_bytes(np.arange(3000, dtype="<f4").tobytes())
+    real_head, fired = s3mod.S3Client.head, []
+
+    def head(self, key):
+        if "/data-" in key and not fired:  # after the manifest was read: replace the dataset
+            fired.append(key)
+            gds_stream.convert(tmp_path / "b.bin", url, raw_fields=["x", "y", "z"],
+                               progress=False, overwrite=True)
+        return real_head(self, key)
+
+    monkeypatch.setattr(s3mod.S3Client, "head", head)
+    ds = gds_stream.open_dataset(url)
+    assert fired and ds.num_points == 1000 and list(ds.schema) == ["x", "y", "z"]

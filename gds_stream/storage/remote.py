@@ -20,7 +20,7 @@ from .._manifest import (MANIFEST_ABS_MAX_BYTES, MANIFEST_BASE_BYTES, MANIFEST_D
                          parse_manifest, want)
 from .._schema import ALIGN, MANIFEST, align_up
 from ..errors import BackendUnavailable, DatasetError
-from ..format import Dataset
+from ..format import OPEN_ATTEMPTS, Dataset
 from . import split_url
 from .s3 import ObjectVersion, S3Client
 
@@ -66,7 +66,19 @@ class RemoteDataset(Dataset):
             from .cache import BlockCache
 
             self.cache = BlockCache(cache_dir, cache_bytes)  # type: ignore[arg-type]
-        self._load()
+        self._manifest: ObjectVersion | None = None
+        for attempt in range(OPEN_ATTEMPTS):
+            self._objects = {}
+            try:
+                self._load()
+                return
+            except DatasetError as exc:
+                # ``convert --overwrite`` between our manifest read and a field's HEAD (its
+                # objects deleted, or the manifest replaced while fetched): open the new one.
+                if attempt + 1 == OPEN_ATTEMPTS or not self._manifest_moved():
+                    raise
+                log.debug("%s: replaced while being opened (%s); opening it again",
+                          self.path, exc)
 
     def key(self, rel: str) -> str:
         return f"{self._prefix}/{rel}" if self._prefix else rel
@@ -75,7 +87,7 @@ class RemoteDataset(Dataset):
     def _read_manifest(self, mpath: Path) -> dict:
         """The manifest object, fetched whole under the bound a local directory of the same
         data would have, then parsed like a local one."""
-        meta = self.client.head(self.key(MANIFEST))
+        meta = self._manifest = self.client.head(self.key(MANIFEST))
         data = self.client.list_sizes(self._prefix) - meta.size
         cap = min(MANIFEST_ABS_MAX_BYTES, MANIFEST_BASE_BYTES + max(0, data) // MANIFEST_DATA_RATIO)
         if meta.size > cap:
@@ -83,6 +95,13 @@ class RemoteDataset(Dataset):
                                f"one for this prefix (at most {cap} bytes)")
         raw = bytes(self.client.get(meta, 0, meta.size)) if meta.size else b""
         return parse_manifest(raw, mpath)
+
+    def _manifest_moved(self) -> bool:
+        try:
+            now = self.client.head(self.key(MANIFEST))
+        except DatasetError:
+            return False
+        return self._manifest is None or now.etag != self._manifest.etag
 
     def _resolve(self, fname: str, name: object, mpath: Path) -> tuple[str, str]:
         parts = fname.split("/")
