@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -16,8 +15,7 @@ import pytest
 import gds_stream
 from gds_stream.errors import DatasetError, LoaderError
 from helpers import batch_bytes_equal, make_dataset, run_with_timeout
-from s3_fixtures import (FaultProxy, Faults, bucket, make_bucket, s3_client,  # noqa: F401
-                         s3_server, upload)
+from s3_fixtures import FaultProxy, Faults, bucket, s3_client, s3_server, upload  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 SCANS = [70_000, 0, 130_000, 45_000, 90_000]  # 335 000 points: ~7 MiB over the default fields
@@ -161,7 +159,7 @@ def test_manifest_is_validated_like_a_local_one(local, bucket, s3_server):
     cl.put_object(Bucket=bucket, Key="evil/manifest.json", Body=json.dumps(doc).encode())
     with pytest.raises(DatasetError, match="lies outside the dataset prefix"):
         gds_stream.open_dataset(url)
-    doc["fields"][0]["file"] = doc["fields"][1]["file"]  # a smaller object than x needs? no:
+    doc["fields"][0]["file"] = doc["fields"][1]["file"]  # inside, but far too short:
     doc["fields"][0]["offset"] = 1 << 30
     cl.put_object(Bucket=bucket, Key="evil/manifest.json", Body=json.dumps(doc).encode())
     with pytest.raises(DatasetError, match="but the manifest needs"):

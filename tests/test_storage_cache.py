@@ -18,7 +18,7 @@ import gds_stream
 from gds_stream.errors import DatasetError
 from gds_stream.storage import cache as cache_mod
 from helpers import batch_bytes_equal, make_dataset, run_with_timeout
-from s3_fixtures import FaultProxy, Faults, bucket, s3_client, s3_server, upload  # noqa: F401
+from s3_fixtures import FaultProxy, Faults, bucket, s3_server, upload  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 SCANS = [60_000, 140_000, 0, 100_000]  # 300 000 points
