@@ -124,7 +124,8 @@ def _worker(url, cdir, budget, epochs, out, endpoint=None):
 def _expected(local, epochs):
     kw = {**KW, "fields": ["pid", "x"]}
     return [(np.concatenate([b["pid"].numpy() for b in e]),
-             np.concatenate([b["x"].numpy() for b in e])) for e in _epochs(local.path, epochs, **kw)]
+             np.concatenate([b["x"].numpy() for b in e]))
+            for e in _epochs(local.path, epochs, **kw)]
 
 
 def test_two_processes_share_one_cache_directory(local, remote, tmp_path):

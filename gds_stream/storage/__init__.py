@@ -8,10 +8,14 @@ Backends read a field's bytes through a *field reader* (one per loader, closed w
 * ``size(name)`` is the file's size in bytes, ``identity(name)`` what pins the version read
   (device and inode of a local file, the ETag of an object), ``path(name)`` its name for messages.
 
+Local readers also expose ``fd(name)`` (a duplicate of the snapshot's descriptor): the fallback
+reads local files with positioned reads on it and the GPU-direct backend reopens it for KvikIO;
+readers with ``remote = True`` are read only through ``read_into``.
+
 :mod:`.local` reads the descriptors a local :class:`~gds_stream.format.Dataset` pinned;
 :mod:`.s3` reads objects through ``obstore`` (imported only when an ``s3://`` URL is opened, so
-``import gds_stream`` never imports it); :mod:`.remote` is the dataset opened from a URL, :mod:`.cache` its local block cache;
-:mod:`.upload` publishes a converted dataset to a URL.
+``import gds_stream`` never imports it); :mod:`.remote` is the dataset opened from a URL and
+:mod:`.cache` its local block cache; :mod:`.upload` publishes a converted dataset to a URL.
 """
 
 from __future__ import annotations
