@@ -103,6 +103,8 @@ class Faults:
     reset: float = 0.0
     delay: float = 0.0
     truncate: float = 0.0
+    #: A shorter body with a Content-Length that matches it (a server that lies about a range).
+    short: float = 0.0
     delay_s: float = 0.3
     #: Path substrings answered 403 (any method).
     deny: tuple[str, ...] = ()
@@ -158,7 +160,7 @@ class FaultProxy:
         with self._lock:
             x = self._rng.random()
         for name, p in (("503", f.error503), ("reset", f.reset), ("delay", f.delay),
-                        ("truncate", f.truncate)):
+                        ("truncate", f.truncate), ("short", f.short)):
             if x < p:
                 return name
             x -= p
@@ -202,6 +204,8 @@ class FaultProxy:
             if k.lower() not in ("content-length", "transfer-encoding", "connection", "server",
                                  "date"):
                 h.send_header(k, v)
+        if fault == "short" and len(data) > 1:
+            data = data[:len(data) // 2]
         h.send_header("Content-Length", resp.getheader("Content-Length", "0")
                       if h.command == "HEAD" else str(len(data)))
         if fault == "truncate" and len(data) > 1:

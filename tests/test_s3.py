@@ -179,16 +179,17 @@ def test_faults_are_retried_and_every_epoch_is_exact(local, remote, s3_server):
     kw = dict(fields=["pid", "x", "rgb"], batch_points=20_000, shuffle=True, seed=11,
               shuffle_window=40_000, num_threads=4, prefetch=3, epochs=3)
     want = _epochs(local.path, **kw)
-    faults = Faults(error503=0.15, reset=0.1, delay=0.1, truncate=0.1, delay_s=0.2, seed=2)
+    faults = Faults(error503=0.15, reset=0.1, delay=0.1, truncate=0.1, short=0.1, delay_s=0.2,
+                    seed=2)
     with FaultProxy(s3_server, faults) as proxy:
         ds = gds_stream.open_dataset(remote, storage_options={
             "endpoint": proxy.url, "max_retries": 12, **FAST})
         got = run_with_timeout(lambda: _epochs(ds, **kw), 120)
         retries = ds.client.retries
     _same(got, want)
-    for kind in ("503", "reset", "delay", "truncate", "ok"):
+    for kind in ("503", "reset", "delay", "truncate", "short", "ok"):
         assert faults.counts[kind] > 0, f"no {kind} was injected: {faults.counts}"
-    assert retries >= faults.counts["503"] + faults.counts["reset"] + faults.counts["truncate"]
+    assert retries >= sum(faults.counts[k] for k in ("503", "reset", "truncate", "short"))
 
 
 def test_a_response_slower_than_the_timeout_is_retried(local, remote, s3_server):
@@ -398,3 +399,19 @@ def test_a_dataset_replaced_while_being_opened_is_opened_again(local, tmp_path, 
     monkeypatch.setattr(s3mod.S3Client, "head", head)
     ds = gds_stream.open_dataset(url)
     assert fired and ds.num_points == 1000 and list(ds.schema) == ["x", "y", "z"]
+
+
+def test_settings_come_from_the_aws_environment_and_storage_options_win(monkeypatch):
+    from gds_stream.storage.s3 import DEFAULTS, _config
+
+    env = {"AWS_ACCESS_KEY_ID": "ak", "AWS_SECRET_ACCESS_KEY": "sk", "AWS_SESSION_TOKEN": "tok",
+           "AWS_DEFAULT_REGION": "eu-west-1", "AWS_REGION": "eu-central-1",
+           "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    config, knobs = _config({"region": "us-west-2", "max_retries": 3})
+    assert config == {"access_key_id": "ak", "secret_access_key": "sk", "session_token": "tok",
+                      "region": "us-west-2", "endpoint": "http://127.0.0.1:9"}
+    assert knobs == {**DEFAULTS, "max_retries": 3.0}
+    monkeypatch.delenv("AWS_REGION")
+    assert _config(None)[0]["region"] == "eu-west-1"  # AWS_REGION, when set, wins over DEFAULT
