@@ -361,9 +361,10 @@ class Dataset(Closeable):
                                f"to read field {name!r}")
         return fd
 
-    def open_files(self, names: Sequence[str]) -> Any:
+    def open_files(self, names: Sequence[str], plan: Any = None) -> Any:
         """The storage read interface over fields ``names`` for one loader (closed with it):
-        duplicates of this snapshot's descriptors (:mod:`gds_stream.storage`)."""
+        duplicates of this snapshot's descriptors (:mod:`gds_stream.storage`). ``plan``: the
+        loader's ``PlanSpec`` (an object store checks its cache budget against a batch)."""
         from .storage.local import LocalFiles
 
         return LocalFiles(self, names)

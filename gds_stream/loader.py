@@ -88,7 +88,7 @@ class Loader(Closeable):
             #: The batch key of the unit ids ("chunk" in chunk mode), or None.
             self.unit_key: str | None = "chunk" if o.unit == "chunks" else None
             self._check_yields_batches()
-            self.files = self.dataset.open_files(o.fields)  # gds_stream.storage
+            self.files = self.dataset.open_files(o.fields, self.plan_spec)  # storage/
             if o.verify_reads:
                 self.verifier = BlockVerifier(self.dataset, self.specs, self.files)
         except BaseException:

@@ -73,6 +73,16 @@ def test_budget_below_two_blocks_is_an_error_at_open(remote, tmp_path, small_blo
         gds_stream.open_dataset(tmp_path, cache_dir=tmp_path / "c", cache_bytes=1 << 30)
 
 
+def test_budget_smaller_than_one_batch_is_an_error_at_open(remote, tmp_path, small_blocks):
+    ds = gds_stream.open_dataset(remote, cache_dir=tmp_path / "c", cache_bytes=4 * BLOCK)
+    with pytest.raises(DatasetError, match=r"cache_bytes=1048576 is smaller than one batch "
+                                           r"\(1500000 bytes of fields pid, x, rgb\)"):
+        gds_stream.open_loader(ds, backend="fallback", device="cpu",
+                               **{**KW, "batch_points": 100_000})
+    with gds_stream.open_loader(ds, backend="fallback", device="cpu", **KW) as ld:
+        assert len(ld) > 0  # 25 000 points a batch (375 000 bytes) fit
+
+
 def test_budget_smaller_than_the_dataset_evicts_and_every_epoch_is_exact(
         local, remote, tmp_path, small_blocks):
     want = _epochs(local.path, epochs=3, **KW)

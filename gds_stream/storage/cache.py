@@ -17,7 +17,7 @@ replaced object never hits the blocks of its previous version.
   mtime) are evicted until the directory holds at most ``cache_bytes``; only blocks being read
   at that instant (at most one per reader thread) can keep it above the budget, briefly. A read
   never waits for space, so no budget can deadlock; one below :data:`MIN_BLOCKS` blocks is
-  refused when the dataset is opened.
+  refused when the dataset is opened, one below a loader's largest batch when the loader is.
 """
 
 from __future__ import annotations

@@ -147,7 +147,19 @@ class RemoteDataset(Dataset):
         raise DatasetError(f"{self.field_path(name)}: an object-store dataset has no file "
                            f"descriptors; read through open_files() or read()")
 
-    def open_files(self, names: Sequence[str]) -> "RemoteFiles":
+    def open_files(self, names: Sequence[str], plan: Any = None) -> "RemoteFiles":
+        """The read interface over fields ``names`` for one loader; with a cache, a budget
+        smaller than the largest batch of ``plan`` (a ``PlanSpec``) is refused here."""
+        if self.cache is not None and plan is not None:
+            from ..plan import EpochPlan
+
+            per_point = sum(self.layout(n).spec.point_bytes for n in names)
+            need = EpochPlan(plan, 0).max_batch_points() * per_point
+            if self.cache.budget < need:
+                raise DatasetError(f"{self.path}: cache_bytes={self.cache.budget} is smaller "
+                                   f"than one batch ({need} bytes of fields "
+                                   f"{', '.join(names)}); give at least that, better a few "
+                                   f"epochs' worth")
         return RemoteFiles(self, names)
 
     def close(self) -> None:
