@@ -130,16 +130,15 @@ MANIFEST_PARSE_RATIO = 8
 #: either, a key, a string value, a number. The text's own bytes are added once.
 _COST = {"objects": 200, "arrays": 80, "members": 8, "keys": 48, "strings": 56, "numbers": 32}
 _SCAN_BLOCK = 1 << 20
-_NUMERIC = b"-0123456789"
 
 
 def json_shape(raw: bytes | bytearray, budget: int | None = None) -> dict[str, int]:
     """What JSON text parses into, counted without parsing it: ``objects``, ``arrays``,
     ``members`` (an upper bound), ``keys``, ``strings`` (values), ``numbers`` and ``depth``.
 
-    Exact for every text that ``json.loads`` accepts (other text fails to parse anyway). Scans
-    the bytes in blocks, tracking strings, escapes and nesting across them; works on the
-    positions of quotes, backslashes and structural characters, so it takes little memory and
+    Exact for UTF-8 text that ``json.loads`` accepts (other text fails to parse anyway; UTF-16
+    and -32 are refused by :func:`check_expansion`). Scans the bytes in blocks, tracking
+    strings, escapes and nesting across them; works on the positions of quotes, backslashes and structural characters, so it takes little memory and
     runs at memory speed on manifests with few strings. With ``budget``, stops early once the
     estimated parsed size (see :func:`check_expansion`) of what was scanned exceeds it.
     """
@@ -195,6 +194,7 @@ def json_shape(raw: bytes | bytearray, budget: int | None = None) -> dict[str, i
         first_digit = numeric.copy()
         first_digit[1:] &= ~numish[:-1]
         first_digit[0] &= not numish_before
+        first_digit |= (b == 0x4E) | (b == 0x49)  # NaN, Infinity (floats too; -Infinity twice)
         tot["numbers"] += len(outside(np.flatnonzero(first_digit)))
         if budget is not None and _cost(tot, lo + n) > budget:
             break  # already too costly: the rest cannot make it cheaper
@@ -224,6 +224,10 @@ def check_expansion(raw: bytes | bytearray, path: Path) -> None:
     """Refuse, before parsing, a manifest whose parsed objects would take more than
     ``MANIFEST_PARSE_BASE + MANIFEST_PARSE_RATIO × size``, or nested deeper than
     :data:`MANIFEST_MAX_DEPTH`."""
+    encoding = json.detect_encoding(bytes(raw[:4]))
+    if not encoding.startswith("utf-8"):  # a byte scan can't see UTF-16 or -32 structure
+        raise DatasetError(f"{path}: the manifest is {encoding.upper()} text; gds-stream "
+                           f"manifests are UTF-8")
     limit = MANIFEST_PARSE_BASE + MANIFEST_PARSE_RATIO * len(raw)
     shape = json_shape(raw, budget=limit)
     cost = len(raw) + sum(_COST[k] * shape[k] for k in _COST)

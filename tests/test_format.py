@@ -338,7 +338,7 @@ def test_lying_manifest(tmp_path, fn, match):
     ("[" * 100000, "JSON nested 100000 levels deep; a manifest nests at most 32"),
     ('{"a": ' + "[" * 100000 + "]" * 100000 + "}", "JSON nested 100001 levels deep"),
     ('{"a": ' + "[" * 33 + "]" * 33 + "}", "JSON nested 34 levels deep"),
-    ("\xff\xfe", "not valid JSON"),
+    ("\xff\xfe", "the manifest is UTF-16 text; gds-stream manifests are UTF-8"),
     ("[1, 2]", "expected a JSON object"),
     ("", "not valid JSON"),
 ])

@@ -56,7 +56,7 @@ def _reference(t: str) -> dict:
                 ins = False
             prev = ch
             continue
-        if ch in "-0123456789" and prev not in "0123456789.eE+-":
+        if ch in "-0123456789" and prev not in "0123456789.eE+-" or ch in "NI":
             numbers += 1
         if ch == '"':
             ins, quotes = True, quotes + 1
@@ -79,7 +79,8 @@ def _doc(rng: random.Random, d: int = 0) -> object:
     r = rng.random()
     if d > 5 or r < 0.3:
         return rng.choice([1, -2.5e3, 'a"b', "\\", '\\\\"', "x,y[{:}]", '"', True, None,
-                           123456, 1e-7, "ab\\\\", "é", ""])
+                           123456, 1e-7, "ab\\\\", "é", "", float("nan"), float("-inf"),
+                           "NaN", False])
     if r < 0.65:
         return [_doc(rng, d + 1) for _ in range(rng.randint(0, 4))]
     return {f'k{rng.randint(0, 9)}\\"': _doc(rng, d + 1) for _ in range(rng.randint(0, 4))}
@@ -163,3 +164,16 @@ def test_sixty_megabytes_of_empty_sources_peak_bounded(tmp_path):
     assert message.startswith(f"{out / MANIFEST}: 60,000,") and "once parsed" in message
     peak_kib = int(hwm.split()[1])
     assert peak_kib < 400 << 10, hwm  # was ~1.5 GB; the text itself is 60 MB
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32-be"])
+def test_manifest_in_utf16_or_utf32_is_refused(tmp_path, encoding):
+    """The pre-scan reads UTF-8 bytes: a UTF-16 text could hide its structure from it."""
+    out = write(tmp_path / "ds")
+    text = (out / MANIFEST).read_text()
+    (out / MANIFEST).write_bytes(text.encode(encoding))
+    with pytest.raises(DatasetError, match=rf"{out / MANIFEST}: the manifest is UTF-(16|32)"
+                                           rf"(-LE|-BE)? text; gds-stream manifests are UTF-8"):
+        open_dataset(out)
+    (out / MANIFEST).write_bytes(b"\xef\xbb\xbf" + text.encode())  # a UTF-8 BOM is fine
+    open_dataset(out).close()
