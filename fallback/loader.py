@@ -69,7 +69,7 @@ def _read(reads: list[tuple[Any, str, memoryview, int]], stop: threading.Event,
             if isinstance(src, int):  # a local file's descriptor
                 pread_into(src, view, offset, path)
             else:  # (reader, field): an object store, through gds_stream.storage
-                src[0].read_into(src[1], offset, view)
+                src[0].read_into(src[1], offset, view, stop)
         except OSError as exc:
             raise DatasetError(f"{path}: read of {len(view)} bytes at offset {offset} failed: "
                                f"{exc}") from exc

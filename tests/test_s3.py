@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -415,3 +416,30 @@ def test_settings_come_from_the_aws_environment_and_storage_options_win(monkeypa
     assert knobs == {**DEFAULTS, "max_retries": 3.0}
     monkeypatch.delenv("AWS_REGION")
     assert _config(None)[0]["region"] == "eu-west-1"  # AWS_REGION, when set, wins over DEFAULT
+
+
+def test_close_during_retries_does_not_wait_for_the_retry_budget(remote, s3_server):
+    faults = Faults(error503=1.0)
+    with FaultProxy(s3_server, faults) as proxy:
+        ds = gds_stream.open_dataset(remote, storage_options={
+            "endpoint": proxy.url, "max_retries": 10_000, "retry_backoff_s": 0.5,
+            "retry_max_backoff_s": 2.0, "timeout_s": 5.0})
+        ld = gds_stream.open_loader(ds, backend="fallback", device="cpu", fields=["x"],
+                                    batch_points=50_000)
+        it = iter(ld)
+        box = {}
+        t = threading.Thread(target=lambda: box.setdefault("r", _catch(lambda: next(it))))
+        t.start()
+        while faults.counts["503"] < 3:  # retrying by now
+            time.sleep(0.01)
+        run_with_timeout(ld.close, 60)  # the budget would take hours
+        t.join(60)
+        assert not t.is_alive()
+    assert isinstance(box["r"], LoaderError), box
+
+
+def _catch(fn):
+    try:
+        return fn()
+    except BaseException as exc:  # noqa: BLE001 - handed to the test
+        return exc

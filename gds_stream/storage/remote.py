@@ -12,6 +12,7 @@ reader that fetched one manifest only ever reads the objects that manifest names
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,7 +23,7 @@ from .._schema import ALIGN, MANIFEST, align_up
 from ..errors import BackendUnavailable, DatasetError
 from ..format import OPEN_ATTEMPTS, Dataset
 from . import split_url
-from .s3 import ObjectVersion, S3Client
+from .s3 import ObjectVersion, S3Client, cancel_on
 
 log = logging.getLogger(__name__)
 
@@ -179,10 +180,14 @@ class RemoteFiles(Closeable):
         self._paths = {n: str(dataset.field_path(n)) for n in names}
         self._closed = False
 
-    def read_into(self, name: str, offset: int, view: memoryview) -> None:
+    def read_into(self, name: str, offset: int, view: memoryview,
+                  stop: threading.Event | None = None) -> None:
+        """Fill ``view`` from field ``name``'s object at ``offset``; once ``stop`` (the
+        loader's stop event) is set, retries are abandoned."""
         if self._closed:
             raise DatasetError(f"{self._paths[name]}: read after the loader was closed")
-        self._read(self._objects[name], offset, view)
+        with cancel_on(stop):
+            self._read(self._objects[name], offset, view)
 
     def size(self, name: str) -> int:
         return self._objects[name].size

@@ -24,9 +24,10 @@ import random
 import re
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 from ..errors import DatasetError
 
@@ -47,6 +48,21 @@ ENV = (("AWS_ACCESS_KEY_ID", "access_key_id"), ("AWS_SECRET_ACCESS_KEY", "secret
        ("AWS_SESSION_TOKEN", "session_token"), ("AWS_DEFAULT_REGION", "region"),
        ("AWS_REGION", "region"), ("AWS_ENDPOINT_URL", "endpoint"))
 _STATUS = re.compile(r"status(?: code)?:? (\d{3})")
+#: Per thread: the event that abandons retries (a loader's stop event, see :func:`cancel_on`).
+_local = threading.local()
+
+
+@contextmanager
+def cancel_on(stop: threading.Event | None) -> Iterator[None]:
+    """Within this block, this thread's requests stop retrying once ``stop`` is set: a backoff
+    is cut short and no further attempt starts (the request in flight still ends by itself,
+    within ``timeout_s``)."""
+    prev = getattr(_local, "stop", None)
+    _local.stop = stop
+    try:
+        yield
+    finally:
+        _local.stop = prev
 
 
 @dataclass(frozen=True)
@@ -114,12 +130,18 @@ class S3Client:
         k = self.knobs
         attempts = int(k["max_retries"]) + 1
         last: BaseException | None = None
+        stop: threading.Event | None = getattr(_local, "stop", None)
         for attempt in range(attempts):
             if attempt:
                 with self._lock:
                     self.retries += 1
                 cap = min(k["retry_max_backoff_s"], k["retry_backoff_s"] * 2 ** (attempt - 1))
-                time.sleep(random.uniform(0, cap))  # full jitter: ranks never retry in step
+                pause = random.uniform(0, cap)  # full jitter: ranks never retry in step
+                if stop is None:
+                    time.sleep(pause)
+                elif stop.wait(pause):
+                    raise ObjectError(f"{self.url(key)}: {what} abandoned after {attempt} "
+                                      f"attempts: the loader was closed") from last
             try:
                 return fn()
             except PreconditionError as exc:
