@@ -168,6 +168,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-chunks", type=int, metavar="K", help="spatial-chunk mode: batches of "
                    "K whole chunks, every loader in the library's chunk order")
     p.add_argument("--no-gds", action="store_true", help="skip the gds loader")
+    p.add_argument("--source", choices=("local", "s3"), default="local", help="s3: loader-only "
+                   "GB/s from a local S3 server (moto) beside the local files, cold and with "
+                   "the cache warm (bench/s3_bench.py)")
     p.add_argument("-v", "--verbose", action="store_true", help="library logs to stderr")
     p.add_argument("--transform", metavar="PRESET", help="instead: Pointcept's augmentations "
                    "(preset 'semseg') batched in gds-stream vs a per-sample DataLoader (see "
@@ -197,6 +200,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.source == "s3":
+        from bench.s3_bench import run
+
+        return run(args)
     try:
         if args.transform is not None:
             from bench.transform_bench import run

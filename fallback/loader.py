@@ -67,17 +67,20 @@ class _Pending:
     work: list[tuple[Any, tuple]] = field(default_factory=list)
 
 
-def _read(reads: list[tuple[int, str, memoryview, int]], stop: threading.Event,
+def _read(reads: list[tuple[Any, str, memoryview, int]], stop: threading.Event,
           slot: Slot | None) -> None:
     """Worker task: a few positioned reads into the batch's slab, in order. Holds no reference
     to the iterator, so an abandoned iterator is collected (and closed) at once."""
     if slot is not None:
         slot.wait_free()
-    for fd, path, view, offset in reads:
+    for src, path, view, offset in reads:
         if stop.is_set():
             return
         try:
-            pread_into(fd, view, offset, path)
+            if isinstance(src, int):  # a local file's descriptor
+                pread_into(src, view, offset, path)
+            else:  # (reader, field): an object store, through gds_stream.storage
+                src[0].read_into(src[1], offset, view, stop)
         except OSError as exc:
             raise DatasetError(f"{path}: read of {len(view)} bytes at offset {offset} failed: "
                                f"{exc}") from exc
@@ -215,7 +218,8 @@ class _FallbackIterator(EpochIterator):
         self._specs = loader.specs
         files = loader.files
         assert files is not None
-        self._files = [(files.fd(s.name), files.path(s.name), ds.layout(s.name).offset)
+        self._files = [((files, s.name) if getattr(files, "remote", False) else files.fd(s.name),
+                        files.path(s.name), ds.layout(s.name).offset)
                        for s in self._specs]
         self._verifier = loader.verifier
         self._scan_mode = loader.options.scan_mode
@@ -248,7 +252,7 @@ class _FallbackIterator(EpochIterator):
         mv = memoryview(host)
         # Reads are grouped into tasks of about TASK_BYTES: few enough that the pool's per-task
         # overhead stays small, large ones split so several threads share a big batch.
-        task: list[tuple[int, str, memoryview, int]] = []
+        task: list[tuple[Any, str, memoryview, int]] = []
         task_bytes = 0
         for spec, (fd, path, base), foff in zip(self._specs, self._files, layout.field_offsets):
             pb = spec.point_bytes

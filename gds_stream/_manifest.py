@@ -77,6 +77,12 @@ def read_manifest(path: Path, cap: int, dir_fd: int | None = None) -> dict:
         raise DatasetError(f"{path}: cannot read the manifest ({os_reason(exc)})") from exc
     finally:
         os.close(fd)
+    return parse_manifest(raw, path)
+
+
+def parse_manifest(raw: bytes | bytearray, path: object) -> dict:
+    """The JSON object in a manifest's bytes (``path`` names it in messages), refused before
+    parsing when parsing would cost too much (:func:`check_expansion`)."""
     check_expansion(raw, path)
     try:
         doc = json.loads(raw)

@@ -68,7 +68,9 @@ def _parser() -> argparse.ArgumentParser:
                     "(point formats 0-10, COPC included; recognised by the 'LASF' signature), "
                     "SemanticKITTI .bin (+ .label), raw N×F .bin.")
     c.add_argument("inputs", nargs="+", help="input files or directories")
-    c.add_argument("-o", "--output", required=True, help="dataset directory to create")
+    c.add_argument("-o", "--output", required=True,
+                   help="dataset directory to create, or s3://BUCKET/PREFIX (uploaded, the "
+                        "manifest last)")
     c.add_argument("--format", default="auto",
                    help="auto, ply, las (LAS/LAZ/COPC), kitti or raw (default: auto: LAS by its "
                         "signature, else by extension)")
@@ -99,11 +101,13 @@ def _parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", parents=[common],
                        help="show a dataset's schema, points, scans, bytes, origin and CRS")
-    i.add_argument("dataset", help="dataset directory (holding manifest.json)")
+    i.add_argument("dataset", help="dataset directory (holding manifest.json) or "
+                   "s3://BUCKET/PREFIX")
 
     v = sub.add_parser("verify", parents=[common],
                        help="recompute every block checksum of a dataset")
-    v.add_argument("dataset", help="dataset directory (holding manifest.json)")
+    v.add_argument("dataset", help="dataset directory (holding manifest.json) or "
+                   "s3://BUCKET/PREFIX")
     v.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     e = sub.add_parser("env", parents=[common],

@@ -31,7 +31,7 @@ import stat
 import time
 import zlib
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -139,7 +139,7 @@ class Dataset(Closeable):
         """Read and validate the manifest and open every field file, all relative to the
         directory descriptor: together they are one snapshot of the dataset."""
         mpath = self.path / MANIFEST
-        doc = read_manifest(mpath, manifest_cap(self._dir_fd), dir_fd=self._dir_fd)
+        doc = self._read_manifest(mpath)
         _want = want
         _want(doc.get("format") == FORMAT_NAME, mpath,
               f"format is {short(doc.get('format'))}, expected {FORMAT_NAME!r}")
@@ -183,6 +183,9 @@ class Dataset(Closeable):
                   f"field {lay.spec.name!r} appears twice")
             self._layouts[lay.spec.name] = lay
 
+    def _read_manifest(self, mpath: Path) -> dict:
+        return read_manifest(mpath, manifest_cap(self._dir_fd), dir_fd=self._dir_fd)
+
     # -- validation ---------------------------------------------------------------------------
     def _validate_scans(self, doc: dict, mpath: Path) -> None:
         arr = int_list(doc.get("scan_offsets"), mpath, "scan_offsets")
@@ -212,15 +215,7 @@ class Dataset(Closeable):
         want(isinstance(fname, str) and fname != "" and "\0" not in fname, mpath,
              f"field {name!r}: file must be a non-empty string without NUL, found {short(fname)}")
         assert isinstance(fname, str)
-        root = os.path.realpath(self.path)
-        try:
-            full = os.path.realpath(os.path.join(root, fname))
-        except (OSError, ValueError) as exc:
-            raise DatasetError(f"{mpath}: field {name!r}: file {short(fname)} cannot be "
-                               f"resolved ({os_reason(exc)})") from exc
-        want(not os.path.isabs(fname) and os.path.commonpath([root, full]) == root
-             and full != root, mpath,
-             f"field {name!r}: file {short(fname)} lies outside the dataset directory")
+        rel, full = self._resolve(fname, name, mpath)
         off = fd.get("offset", 0)
         want(is_i64(off) and off % ALIGN == 0, mpath,  # type: ignore[operator]
              f"field {name!r}: offset must be a multiple of {ALIGN} in [0, 2**63), found {short(off)}")
@@ -229,7 +224,6 @@ class Dataset(Closeable):
         want(nbytes == expect and is_i64(nbytes), mpath,
              f"field {name!r}: nbytes is {short(nbytes)}, expected {expect} "
              f"({self.num_points} points × {spec.point_bytes} bytes)")
-        rel = os.path.relpath(full, root)
         self._pin(rel, full, name, mpath, off, expect)  # type: ignore[arg-type]
         sums = fd.get("checksums")
         nblocks = -(-expect // self.block_bytes)
@@ -244,6 +238,20 @@ class Dataset(Closeable):
              f"field {name!r}: checksum {bad} is {short(sums[bad] if bad is not None else None)}, "
              f"expected an integer in [0, 2**32)")
         return FieldLayout(spec, rel, off, expect, tuple(sums))  # type: ignore
+
+    def _resolve(self, fname: str, name: object, mpath: Path) -> tuple[str, str]:
+        """``(name relative to the directory, full path)`` of a field's file, which must lie
+        inside the dataset directory."""
+        root = os.path.realpath(self.path)
+        try:
+            full = os.path.realpath(os.path.join(root, fname))
+        except (OSError, ValueError) as exc:
+            raise DatasetError(f"{mpath}: field {name!r}: file {short(fname)} cannot be "
+                               f"resolved ({os_reason(exc)})") from exc
+        want(not os.path.isabs(fname) and os.path.commonpath([root, full]) == root
+             and full != root, mpath,
+             f"field {name!r}: file {short(fname)} lies outside the dataset directory")
+        return os.path.relpath(full, root), full
 
     def _pin(self, rel: str, full: str, name: object, mpath: Path, off: int, expect: int) -> None:
         """Open the file ``rel`` of field ``name`` relative to the directory descriptor (once per
@@ -353,6 +361,17 @@ class Dataset(Closeable):
                                f"to read field {name!r}")
         return fd
 
+    def open_files(self, names: Sequence[str], plan: Any = None) -> Any:
+        """The storage read interface over fields ``names`` for one loader (closed with it):
+        duplicates of this snapshot's descriptors (:mod:`gds_stream.storage`). ``plan``: the
+        loader's ``PlanSpec`` (an object store checks its cache budget against a batch)."""
+        from .storage.local import LocalFiles
+
+        return LocalFiles(self, names)
+
+    def _read_into(self, name: str, view: memoryview, offset: int) -> None:
+        pread_into(self.fileno(name), view, offset, self.field_path(name))
+
     def byte_range(self, name: str, start: int, stop: int) -> tuple[int, int]:
         """File offset and length of points ``[start, stop)`` of a field."""
         lay = self.layout(name)
@@ -371,7 +390,7 @@ class Dataset(Closeable):
         out = np.empty((stop - start) * spec.components, dtype=spec.dtype)
         off, length = self.byte_range(name, start, stop)
         if length:
-            pread_into(self.fileno(name), memoryview(out).cast("B"), off, self.field_path(name))
+            self._read_into(name, memoryview(out).cast("B"), off)
         return out.reshape(-1, spec.components) if spec.components > 1 else out
 
     def verify(self, progress: Callable[[int], None] | None = None) -> list[tuple[str, int, int, int]]:
@@ -384,15 +403,13 @@ class Dataset(Closeable):
         for name, lay in self._layouts.items():
             if not lay.checksums:
                 continue
-            fd = self.fileno(name)
-            path = self.field_path(name)
             for b, expected in enumerate(lay.checksums):
                 start = b * self.block_bytes
                 end = min(start + self.block_bytes, lay.nbytes)
                 crc, pos = 0, start
                 while pos < end:
                     view = memoryview(buf)[:min(len(buf), end - pos)]
-                    pread_into(fd, view, lay.offset + pos, path)
+                    self._read_into(name, view, lay.offset + pos)
                     crc = zlib.crc32(view, crc)
                     pos += len(view)
                 if crc != expected:
@@ -419,8 +436,17 @@ class Dataset(Closeable):
                 f"{chunks}, fields=[{fields}])")
 
 
-def open_dataset(path: str | os.PathLike) -> Dataset:
-    """Open and validate a dataset directory (raises :class:`DatasetError` on any inconsistency)."""
+def open_dataset(path: str | os.PathLike, **storage: Any) -> Dataset:
+    """Open and validate a dataset directory, or an object-store prefix given as a URL
+    (``s3://bucket/prefix``; keywords ``storage_options`` — credentials, endpoint, retry
+    budget — and ``cache_dir``/``cache_bytes``, see :mod:`gds_stream.storage`). Raises
+    :class:`DatasetError` on any inconsistency."""
+    from .storage import is_url, open_remote
+
+    if is_url(path):
+        return open_remote(path, **storage)  # type: ignore[arg-type]
+    if storage:
+        raise DatasetError(f"{path}: {', '.join(storage)} apply to object-store URLs only")
     return Dataset(path)
 
 

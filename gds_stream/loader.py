@@ -86,7 +86,7 @@ class Loader(Closeable):
             self.unit_key: str | None = "chunk" if o.unit == "chunks" else None
             self._check_yields_batches()
             self._check_window_mixes()
-            self.files = FieldFiles(self.dataset, o.fields)
+            self.files = self.dataset.open_files(o.fields, self.plan_spec)  # storage/
             if o.verify_reads:
                 self.verifier = BlockVerifier(self.dataset, self.specs, self.files)
         except BaseException:

@@ -20,6 +20,7 @@ from typing import Sequence
 
 from ..errors import ConversionError
 from ..format import Dataset, check_field_name, check_output_dir, open_dataset
+from ..storage import is_url
 from . import chunks
 from .common import Source, check_sources, expand, write_sources
 from .kitti import KittiSource
@@ -87,6 +88,13 @@ def convert(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: st
     Each input file becomes one scan. Every input is validated before anything is written; a
     failure leaves no output directory behind. Returns the opened dataset.
     """
+    if is_url(out_dir):  # object storage: convert to a local temporary directory, upload
+        from ..storage.upload import convert_to_url
+
+        return convert_to_url(lambda tmp: convert(
+            inputs, tmp, format=format, element=element, fields=fields, raw_fields=raw_fields,
+            raw_dtype=raw_dtype, xyz=xyz, progress=progress, chunk_size=chunk_size,
+            chunk_dims=chunk_dims, point_ids=point_ids), str(out_dir), overwrite)
     if format not in FORMATS:
         raise ConversionError(f"unknown format {format!r}; expected one of {', '.join(FORMATS)}")
     if xyz not in XYZ_TYPES:

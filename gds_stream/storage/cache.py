@@ -1,0 +1,244 @@
+"""The local block cache of object-store reads (``cache_dir=``, ``cache_bytes=``).
+
+Objects are cached in blocks of :data:`CACHE_BLOCK_BYTES` (the last one shorter), one file per
+block under ``cache_dir/<object>/<block>``, where ``<object>`` hashes the URL *and the ETag*: a
+replaced object never hits the blocks of its previous version.
+
+* **Atomic**: a block is streamed into ``.tmp-<pid>-<id>`` in the cache directory and renamed onto
+  its name only once complete, so a reader never sees a half-written block; temporary files of
+  processes that died (a killed run) are removed by the next cache that opens the directory.
+* **Shared**: every process and rank on a node may use one directory. A reader holds a shared
+  ``flock`` on a block while copying from it; eviction runs under the directory's exclusive lock
+  (``.lock``) and takes an exclusive, non-blocking lock on each block it removes, so a block in
+  use is skipped, never removed under a reader. Two processes missing the same block both fetch
+  it (both checked against the same ETag) and the second rename replaces the first with equal
+  bytes.
+* **Bounded**: after each new block the least recently used blocks (a hit refreshes a block's
+  mtime) are evicted until the directory holds at most ``cache_bytes``; only blocks being read
+  at that instant (at most one per reader thread) can keep it above the budget, briefly. A read
+  never waits for space, so no budget can deadlock; one below :data:`MIN_BLOCKS` blocks is
+  refused when the dataset is opened, one below a loader's largest batch when the loader is.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from ..errors import DatasetError
+
+log = logging.getLogger(__name__)
+
+#: Bytes per cached block: large enough that a cold read is a few large range GETs, small
+#: enough that a budget of some GB holds thousands of blocks to choose evictions from.
+CACHE_BLOCK_BYTES = 8 << 20
+#: The smallest budget, in blocks: below it nothing read could be kept for the next epoch.
+MIN_BLOCKS = 2
+#: A temporary file older than this is removed even if its pid lives (pid reuse).
+STALE_TMP_S = 3600.0
+_LOCK = ".lock"
+
+
+class BlockCache:
+    """One cache directory as seen by this process (thread-safe)."""
+
+    def __init__(self, directory: str | os.PathLike, budget: int,
+                 block_bytes: int | None = None):
+        self.dir = Path(directory)
+        self.block_bytes = int(block_bytes or CACHE_BLOCK_BYTES)
+        if not isinstance(budget, int) or isinstance(budget, bool) or \
+                budget < MIN_BLOCKS * self.block_bytes:
+            raise DatasetError(f"{self.dir}: cache_bytes={budget!r} is smaller than "
+                               f"{MIN_BLOCKS} cache blocks of {self.block_bytes} bytes; give at "
+                               f"least {MIN_BLOCKS * self.block_bytes} (better: a few epochs' "
+                               f"worth of the fields you read)")
+        self.budget = budget
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(self.dir / _LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise DatasetError(f"{self.dir}: cannot use the cache directory "
+                               f"({exc.strerror or exc})") from exc
+        self._mutex = threading.Lock()
+        self.hits = self.misses = self.evictions = 0
+        with self._dir_lock():
+            self._remove_stale_tmp()
+
+    # -- reads ---------------------------------------------------------------------------------
+    def read_into(self, client: Any, obj: Any, offset: int, view: memoryview) -> None:
+        """Fill ``view`` with bytes ``[offset, offset + len(view))`` of object ``obj``."""
+        pos, total, bb = 0, len(view), self.block_bytes
+        while pos < total:
+            b = (offset + pos) // bb
+            start, end = b * bb, min(b * bb + bb, obj.size)
+            lo = offset + pos - start
+            n = min(total - pos, end - start - lo)
+            self._read_block(client, obj, b, end - start, lo, view[pos:pos + n])
+            pos += n
+
+    def _block_path(self, client: Any, obj: Any, b: int) -> Path:
+        h = hashlib.sha256(f"{client.url(obj.key)}\0{obj.etag}".encode()).hexdigest()[:32]
+        return self.dir / h / f"{b:08d}"
+
+    def _read_block(self, client: Any, obj: Any, b: int, size: int, lo: int,
+                    out: memoryview) -> None:
+        path = self._block_path(client, obj, b)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self._fetch(client, obj, b, size, path, lo, out)
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # held while copying: eviction skips this block
+            if os.fstat(fd).st_size != size:
+                raise DatasetError(f"{path}: cache block holds {os.fstat(fd).st_size} bytes, "
+                                   f"expected {size}; remove the cache directory {self.dir}")
+            got = os.preadv(fd, [out], lo)
+            if got != len(out):
+                raise DatasetError(f"{path}: short read from the cache ({got} of {len(out)} "
+                                   f"bytes)")
+            try:
+                os.utime(fd)  # most recently used
+            except OSError:
+                pass
+        finally:
+            os.close(fd)
+        with self._mutex:
+            self.hits += 1
+
+    def _fetch(self, client: Any, obj: Any, b: int, size: int, path: Path, lo: int,
+               out: memoryview) -> None:
+        start = b * self.block_bytes
+        tmp = self.dir / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        try:
+            with open(tmp, "wb+") as f:
+                client.get_to_file(obj, start, start + size, f)
+                f.flush()
+                got = os.preadv(f.fileno(), [out], lo)
+                if got != len(out):
+                    raise DatasetError(f"{tmp}: short read of a block just written")
+            path.parent.mkdir(exist_ok=True)
+            os.replace(tmp, path)  # published whole, or not at all
+        except OSError as exc:
+            raise DatasetError(f"{self.dir}: cannot write a cache block for "
+                               f"{client.url(obj.key)} ({exc.strerror or exc})") from exc
+        finally:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        with self._mutex:
+            self.misses += 1
+        self._evict()
+
+    # -- eviction --------------------------------------------------------------------------------
+    def _dir_lock(self):
+        cache = self
+
+        class _Held:
+            def __enter__(self):
+                fcntl.flock(cache._lock_fd, fcntl.LOCK_EX)
+
+            def __exit__(self, *exc):
+                fcntl.flock(cache._lock_fd, fcntl.LOCK_UN)
+
+        return _Held()
+
+    def blocks(self) -> list[tuple[int, int, Path]]:
+        """``(mtime_ns, size, path)`` of every published block."""
+        out = []
+        for sub in os.scandir(self.dir):
+            if not sub.is_dir(follow_symlinks=False):
+                continue
+            for e in os.scandir(sub.path):
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                out.append((st.st_mtime_ns, st.st_size, Path(e.path)))
+        return out
+
+    def _evict(self) -> None:
+        with self._mutex, self._dir_lock():
+            entries = sorted(self.blocks())
+            total = sum(s for _, s, _ in entries)
+            for _, size, path in entries:
+                if total <= self.budget:
+                    break
+                if self._remove_unused(path):
+                    total -= size
+                    self.evictions += 1
+            if total > self.budget:
+                log.debug("%s: %d bytes cached over a budget of %d: the rest is in use",
+                          self.dir, total, self.budget)
+
+    @staticmethod
+    def _remove_unused(path: Path) -> bool:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return True  # another process evicted it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return False  # a reader is copying from it
+            raise
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(fd)
+        return True
+
+    def _remove_stale_tmp(self) -> None:
+        now = time.time()
+        for e in os.scandir(self.dir):
+            if not e.name.startswith(".tmp-"):
+                continue
+            try:
+                pid = int(e.name.split("-")[1])
+                alive = _alive(pid) and now - e.stat().st_mtime < STALE_TMP_S
+            except (ValueError, IndexError, OSError):
+                alive = False
+            if not alive:
+                try:
+                    os.unlink(e.path)
+                    log.info("%s: removed a block a stopped process left half-fetched", e.path)
+                except FileNotFoundError:
+                    pass
+
+    def stats(self) -> dict[str, int]:
+        with self._mutex:
+            return {"hits": self.hits, "misses": self.misses, "evictions": self.evictions}
+
+    def close(self) -> None:
+        fd, self._lock_fd = getattr(self, "_lock_fd", -1), -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,261 @@
+"""S3 and S3-compatible object stores (MinIO, Ceph, R2) through ``obstore`` (Rust
+``object_store``: its calls release the GIL, so reader threads fetch ranges in parallel).
+
+Configuration: the standard AWS environment — ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+``AWS_SESSION_TOKEN``, ``AWS_DEFAULT_REGION`` / ``AWS_REGION``, ``AWS_ENDPOINT_URL`` — each
+overridable by a ``storage_options`` dict (keys ``access_key_id``, ``secret_access_key``,
+``session_token``, ``region``, ``endpoint``, or any other ``obstore`` S3 config key), plus the
+fault handling keys of :data:`DEFAULTS` (``max_retries``, ``retry_backoff_s``,
+``retry_max_backoff_s``, ``timeout_s``, ``connect_timeout_s``).
+
+Faults: every request is retried here (``obstore``'s own retries are off, so the last error is
+known and named): 5xx, 429, timeouts, resets and short bodies are retried ``max_retries`` times
+with exponential backoff and full jitter, then a :class:`DatasetError` names the key, the byte
+range and the last error; 403/401 and 404 fail at once naming the key. Every range read carries
+``If-Match`` with the ETag recorded when the dataset was opened, so an object replaced since is
+an error naming the key, never bytes of two versions in one batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable, Iterator, TypeVar
+
+from ..errors import DatasetError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: The fault-handling options (``storage_options`` keys) and their defaults.
+DEFAULTS: dict[str, float] = {
+    "max_retries": 8,            # attempts after the first, per request
+    "retry_backoff_s": 0.1,      # first backoff; doubles per attempt, full jitter
+    "retry_max_backoff_s": 10.0,  # cap of one backoff
+    "timeout_s": 60.0,           # whole request (connect + response + body)
+    "connect_timeout_s": 10.0,
+}
+#: Environment variable -> ``obstore`` S3 config key (later entries win over earlier ones).
+ENV = (("AWS_ACCESS_KEY_ID", "access_key_id"), ("AWS_SECRET_ACCESS_KEY", "secret_access_key"),
+       ("AWS_SESSION_TOKEN", "session_token"), ("AWS_DEFAULT_REGION", "region"),
+       ("AWS_REGION", "region"), ("AWS_ENDPOINT_URL", "endpoint"))
+_STATUS = re.compile(r"status(?: code)?:? (\d{3})")
+#: Per thread: the event that abandons retries (a loader's stop event, see :func:`cancel_on`).
+_local = threading.local()
+
+
+@contextmanager
+def cancel_on(stop: threading.Event | None) -> Iterator[None]:
+    """Within this block, this thread's requests stop retrying once ``stop`` is set: a backoff
+    is cut short and no further attempt starts (the request in flight still ends by itself,
+    within ``timeout_s``)."""
+    prev = getattr(_local, "stop", None)
+    _local.stop = stop
+    try:
+        yield
+    finally:
+        _local.stop = prev
+
+
+@dataclass(frozen=True)
+class ObjectVersion:
+    """One object as it was when the dataset was opened."""
+    key: str
+    size: int
+    etag: str
+
+
+class ObjectError(DatasetError):
+    """A request failed for good (after the retry budget, or at once for 403/404)."""
+
+
+def _config(options: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, float]]:
+    options = dict(options or {})
+    knobs = {k: float(options.pop(k, v)) for k, v in DEFAULTS.items()}
+    config: dict[str, Any] = {}
+    for var, key in ENV:
+        if os.environ.get(var):
+            config[key] = os.environ[var]
+    config.update(options)
+    return config, knobs
+
+
+class S3Client:
+    """One bucket, shared by a dataset and its loaders' reader threads (thread-safe)."""
+
+    def __init__(self, bucket: str, storage_options: dict[str, Any] | None = None,
+                 scheme: str = "s3"):
+        try:
+            import obstore
+            from obstore.store import S3Store
+        except ImportError as exc:
+            raise DatasetError(f"{scheme}://{bucket}: reading object storage needs obstore: "
+                               f"pip install 'gds-stream[s3]' ({exc})") from exc
+        self._obs = obstore
+        self.bucket, self.scheme = bucket, scheme
+        config, self.knobs = _config(storage_options)
+        endpoint = str(config.get("endpoint", ""))
+        client = {"timeout": timedelta(seconds=self.knobs["timeout_s"]),
+                  "connect_timeout": timedelta(seconds=self.knobs["connect_timeout_s"]),
+                  "allow_http": endpoint.startswith("http://")}
+        retry = {"max_retries": 0, "retry_timeout": timedelta(seconds=1),
+                 "backoff": {"init_backoff": timedelta(milliseconds=10),
+                             "max_backoff": timedelta(milliseconds=10), "base": 2.0}}
+        try:
+            self.store = S3Store(bucket, config=config, client_options=client,
+                                 retry_config=retry)
+        except Exception as exc:  # noqa: BLE001 - obstore raises its own family, and ValueError
+            raise DatasetError(f"{scheme}://{bucket}: cannot configure the object store "
+                               f"({_first_line(exc)})") from exc
+        self._lock = threading.Lock()
+        #: Requests retried after a transient error, over this client's life.
+        self.retries = 0
+
+    def url(self, key: str) -> str:
+        return f"{self.scheme}://{self.bucket}/{key}"
+
+    # -- requests, with the retry policy --------------------------------------------------------
+    def _call(self, key: str, what: str, fn: Callable[[], T], etag: str | None = None) -> T:
+        from obstore.exceptions import (GenericError, NotFoundError, PermissionDeniedError,
+                                        PreconditionError, UnauthenticatedError)
+
+        k = self.knobs
+        attempts = int(k["max_retries"]) + 1
+        last: BaseException | None = None
+        stop: threading.Event | None = getattr(_local, "stop", None)
+        for attempt in range(attempts):
+            if attempt:
+                with self._lock:
+                    self.retries += 1
+                cap = min(k["retry_max_backoff_s"], k["retry_backoff_s"] * 2 ** (attempt - 1))
+                pause = random.uniform(0, cap)  # full jitter: ranks never retry in step
+                if stop is None:
+                    time.sleep(pause)
+                elif stop.wait(pause):
+                    raise ObjectError(f"{self.url(key)}: {what} abandoned after {attempt} "
+                                      f"attempts: the loader was closed") from last
+            try:
+                return fn()
+            except PreconditionError as exc:
+                raise ObjectError(f"{self.url(key)}: the object changed since the dataset was "
+                                  f"opened (ETag {etag} no longer matches; {what}): it was "
+                                  f"replaced; open the dataset again") from exc
+            except (NotFoundError, FileNotFoundError) as exc:
+                gone = " (removed since the dataset was opened)" if etag else ""
+                raise ObjectError(f"{self.url(key)}: no such object{gone} (404, {what})") from exc
+            except (PermissionDeniedError, UnauthenticatedError) as exc:
+                raise ObjectError(f"{self.url(key)}: access denied ({what}): "
+                                  f"{_first_line(exc)}; check the credentials "
+                                  f"(AWS_ACCESS_KEY_ID, ...) and the bucket policy") from exc
+            except (GenericError, _ShortBody, OSError) as exc:
+                status = _status(exc)
+                if status is not None and 400 <= status < 500 and status not in (408, 429):
+                    if status in (401, 403):
+                        raise ObjectError(f"{self.url(key)}: access denied ({status}, {what}): "
+                                          f"{_first_line(exc)}") from exc
+                    raise ObjectError(f"{self.url(key)}: {what} failed with status {status}: "
+                                      f"{_first_line(exc)}") from exc
+                last = exc
+                log.debug("%s: %s failed (attempt %d of %d): %s", self.url(key), what,
+                          attempt + 1, attempts, _first_line(exc))
+            except Exception as exc:  # noqa: BLE001 - any other obstore error: not retried
+                raise ObjectError(f"{self.url(key)}: {what} failed: {_first_line(exc)}") from exc
+        assert last is not None
+        raise ObjectError(f"{self.url(key)}: {what} failed {attempts} times; last error: "
+                          f"{_first_line(last)}") from last
+
+    def head(self, key: str) -> ObjectVersion:
+        meta = self._call(key, "HEAD", lambda: self._obs.head(self.store, key))
+        return ObjectVersion(key, int(meta["size"]), str(meta["e_tag"] or ""))
+
+    def get(self, obj: ObjectVersion, start: int, end: int) -> Any:
+        """Bytes ``[start, end)`` of ``obj`` (a buffer), if it still has the ETag of ``obj``."""
+        if end <= start:
+            return b""
+        what = f"read of bytes {start}..{end}"
+        opts: dict[str, Any] = {"range": (start, end)}
+        if obj.etag:
+            opts["if_match"] = obj.etag
+
+        def fetch() -> Any:
+            data = self._obs.get(self.store, obj.key, options=opts).bytes()
+            if len(data) != end - start:
+                raise _ShortBody(f"the body held {len(data)} bytes, expected {end - start}")
+            return data
+
+        return self._call(obj.key, what, fetch, obj.etag)
+
+    def get_to_file(self, obj: ObjectVersion, start: int, end: int, f: Any) -> None:
+        """Stream bytes ``[start, end)`` of ``obj`` into the binary file ``f`` (rewritten from
+        its start on every attempt), checked against the ETag like :meth:`get`."""
+        opts: dict[str, Any] = {"range": (start, end)}
+        if obj.etag:
+            opts["if_match"] = obj.etag
+
+        def fetch() -> None:
+            f.seek(0)
+            f.truncate()
+            got = 0
+            for chunk in self._obs.get(self.store, obj.key, options=opts).stream(64 << 10):
+                f.write(chunk)
+                got += len(chunk)
+            if got != end - start:
+                raise _ShortBody(f"the body held {got} bytes, expected {end - start}")
+
+        self._call(obj.key, f"read of bytes {start}..{end}", fetch, obj.etag)
+
+    def read_into(self, obj: ObjectVersion, offset: int, view: memoryview) -> None:
+        if offset + len(view) > obj.size:
+            raise ObjectError(f"{self.url(obj.key)}: read of bytes {offset}..{offset + len(view)}"
+                              f" runs past the end of the object ({obj.size} bytes)")
+        if len(view):
+            view[:] = memoryview(self.get(obj, offset, offset + len(view))).cast("B")
+
+    def list_sizes(self, prefix: str) -> int:
+        """Total bytes of the objects under ``prefix/`` (bounds the manifest, as for a local
+        directory)."""
+        def total() -> int:
+            return sum(int(m["size"]) for page in self._obs.list(self.store, prefix + "/"
+                                                                   if prefix else None)
+                       for m in page)
+        return self._call(prefix or "/", "LIST", total)
+
+    def put_file(self, key: str, path: str, multipart_bytes: int) -> str:
+        """Upload a local file (multipart above ``multipart_bytes``); returns the new ETag."""
+        from pathlib import Path
+
+        size = os.path.getsize(path)
+        res = self._call(key, "upload", lambda: self._obs.put(
+            self.store, key, Path(path), use_multipart=size > multipart_bytes,
+            chunk_size=max(5 << 20, multipart_bytes)))
+        return str(res.get("e_tag") or "")
+
+    def put_bytes(self, key: str, data: bytes) -> str:
+        res = self._call(key, "upload", lambda: self._obs.put(self.store, key, data,
+                                                              use_multipart=False))
+        return str(res.get("e_tag") or "")
+
+    def delete(self, key: str) -> None:
+        self._call(key, "DELETE", lambda: self._obs.delete(self.store, key))
+
+
+class _ShortBody(Exception):
+    """A response body shorter than the range asked for (a cut connection): retried."""
+
+
+def _status(exc: BaseException) -> int | None:
+    m = _STATUS.search(str(exc))
+    return int(m.group(1)) if m else None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]

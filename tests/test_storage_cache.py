@@ -1,0 +1,188 @@
+"""The local block cache of object-store reads (issue 19, "Local cache"): exact epochs under a
+budget smaller than the dataset, later epochs served locally, processes sharing one directory,
+and a process killed mid-fetch leaving nothing half-read."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import gds_stream
+from gds_stream.errors import DatasetError
+from gds_stream.storage import cache as cache_mod
+from helpers import batch_bytes_equal, make_dataset, run_with_timeout
+from s3_fixtures import FaultProxy, Faults, bucket, s3_server, upload  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[1]
+SCANS = [60_000, 140_000, 0, 100_000]  # 300 000 points
+BLOCK = 256 << 10
+KW = dict(fields=["pid", "x", "rgb"], batch_points=25_000, shuffle=True, seed=7,
+          shuffle_window=50_000, num_threads=2)
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("cachelocal"), SCANS, seed=5)
+
+
+@pytest.fixture
+def remote(local, bucket):
+    url = f"s3://{bucket}/c"
+    upload(local.path, url)
+    return url
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(cache_mod, "CACHE_BLOCK_BYTES", BLOCK)
+
+
+def _epochs(source, epochs=2, **kw):
+    out = []
+    with gds_stream.open_loader(source, backend="fallback", device="cpu", **kw) as ld:
+        for e in range(epochs):
+            ld.set_epoch(e)
+            out.append([{k: v.clone() for k, v in b.items()} for b in ld])
+    return out
+
+
+def _same(a, b):
+    assert [len(e) for e in a] == [len(e) for e in b]
+    for ea, eb in zip(a, b):
+        for i, (x, y) in enumerate(zip(ea, eb)):
+            assert batch_bytes_equal(x, y), f"batch {i} differs"
+
+
+def _cached_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.glob("*/*"))
+
+
+def test_budget_below_two_blocks_is_an_error_at_open(remote, tmp_path, small_blocks):
+    with pytest.raises(DatasetError, match=r"cache_bytes=1000 is smaller than 2 cache blocks"):
+        gds_stream.open_dataset(remote, cache_dir=tmp_path / "c", cache_bytes=1000)
+    with pytest.raises(DatasetError, match="give cache_dir= and cache_bytes= together"):
+        gds_stream.open_dataset(remote, cache_dir=tmp_path / "c")
+    with pytest.raises(DatasetError, match="apply to object-store URLs only"):
+        gds_stream.open_dataset(tmp_path, cache_dir=tmp_path / "c", cache_bytes=1 << 30)
+
+
+def test_budget_smaller_than_one_batch_is_an_error_at_open(remote, tmp_path, small_blocks):
+    ds = gds_stream.open_dataset(remote, cache_dir=tmp_path / "c", cache_bytes=4 * BLOCK)
+    with pytest.raises(DatasetError, match=r"cache_bytes=1048576 is smaller than one batch "
+                                           r"\(1500000 bytes of fields pid, x, rgb\)"):
+        gds_stream.open_loader(ds, backend="fallback", device="cpu",
+                               **{**KW, "batch_points": 100_000})
+    with gds_stream.open_loader(ds, backend="fallback", device="cpu", **KW) as ld:
+        assert len(ld) > 0  # 25 000 points a batch (375 000 bytes) fit
+
+
+def test_budget_smaller_than_the_dataset_evicts_and_every_epoch_is_exact(
+        local, remote, tmp_path, small_blocks):
+    want = _epochs(local.path, epochs=3, **KW)
+    budget = 4 * BLOCK  # 1 MiB; the three fields hold ~5.7 MB
+    ds = gds_stream.open_dataset(remote, cache_dir=tmp_path / "c", cache_bytes=budget)
+    got = run_with_timeout(lambda: _epochs(ds, epochs=3, **KW), 120)
+    _same(got, want)
+    st = ds.cache.stats()
+    assert st["evictions"] > 0 and st["misses"] > 0, st
+    assert _cached_bytes(tmp_path / "c") <= budget
+    assert not list((tmp_path / "c").glob(".tmp-*"))
+
+
+def test_a_warm_cache_serves_later_epochs_without_the_server(local, remote, tmp_path,
+                                                             s3_server, small_blocks):
+    want = _epochs(local.path, epochs=2, **KW)
+    with FaultProxy(s3_server, Faults()) as proxy:
+        ds = gds_stream.open_dataset(remote, storage_options={"endpoint": proxy.url,
+                                                              "max_retries": 0},
+                                     cache_dir=tmp_path / "c", cache_bytes=64 << 20)
+        first = _epochs(ds, epochs=1, **KW)
+    # the server is unreachable from here on: every read must come from the cache
+    later = run_with_timeout(lambda: _epochs(ds, epochs=2, **KW), 60)
+    _same(first, want[:1])
+    _same(later, want)
+    assert ds.cache.stats()["hits"] > 0
+
+
+def test_a_replaced_object_never_hits_the_old_blocks(tmp_path, bucket, small_blocks):
+    a = np.arange(600_000, dtype="<f4").reshape(-1, 3)
+    (tmp_path / "a.bin").write_bytes(a.tobytes())
+    (tmp_path / "b.bin").write_bytes((-a).tobytes())
+    url = f"s3://{bucket}/r"
+    c = dict(cache_dir=tmp_path / "c", cache_bytes=64 << 20)
+    gds_stream.convert(tmp_path / "a.bin", url, raw_fields=["x", "y", "z"], progress=False)
+    assert gds_stream.open_dataset(url, **c).read("x").tobytes() == a[:, 0].copy().tobytes()
+    gds_stream.convert(tmp_path / "b.bin", url, raw_fields=["x", "y", "z"], progress=False,
+                       overwrite=True)
+    assert gds_stream.open_dataset(url, **c).read("x").tobytes() == (-a[:, 0]).tobytes()
+
+
+def _worker(url, cdir, budget, epochs, out, endpoint=None):
+    args = [sys.executable, str(ROOT / "tests" / "_s3_cache_worker.py"), url, str(cdir),
+            str(budget), str(BLOCK), str(epochs), str(out)] + ([endpoint] if endpoint else [])
+    return subprocess.Popen(args, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _expected(local, epochs):
+    kw = {**KW, "fields": ["pid", "x"]}
+    return [(np.concatenate([b["pid"].numpy() for b in e]),
+             np.concatenate([b["x"].numpy() for b in e]))
+            for e in _epochs(local.path, epochs, **kw)]
+
+
+def test_two_processes_share_one_cache_directory(local, remote, tmp_path):
+    cdir, budget = tmp_path / "shared", 6 * BLOCK  # below the dataset: both evict
+    procs = [_worker(remote, cdir, budget, 2, tmp_path / f"p{k}.npz") for k in range(2)]
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("a cache-sharing process hung")
+        assert p.returncode == 0, err[-3000:]
+    want = _expected(local, 2)
+    for k in range(2):
+        r = np.load(tmp_path / f"p{k}.npz")
+        for e, (pid, x) in enumerate(want):
+            assert np.array_equal(r[f"pid{e}"], pid), f"process {k} epoch {e}: points differ"
+            assert r[f"x{e}"].tobytes() == x.tobytes(), f"process {k} epoch {e}: bytes differ"
+        assert int(r["evictions"]) > 0
+    assert _cached_bytes(cdir) <= budget
+
+
+def test_a_process_killed_mid_fetch_leaves_nothing_half_read(local, remote, tmp_path,
+                                                             s3_server):
+    cdir = tmp_path / "k"
+    faults = Faults(trickle_s=0.05)  # 64 KiB per 50 ms: a 256 KiB block takes 0.2 s
+    with FaultProxy(s3_server, faults) as proxy:
+        p = _worker(remote, cdir, 64 << 20, 1, tmp_path / "never.npz", proxy.url)
+        try:
+            deadline = time.monotonic() + 60
+            while not any(f.stat().st_size > 0 for f in cdir.glob(".tmp-*")):
+                assert p.poll() is None, p.communicate()[1][-3000:]
+                assert time.monotonic() < deadline, "no block fetch started"
+                time.sleep(0.01)
+        finally:
+            p.send_signal(signal.SIGKILL)
+            p.wait(30)
+    left = list(cdir.glob(".tmp-*"))
+    assert left, "expected the killed fetch's temporary file"
+    published = list(cdir.glob("*/*"))
+    # a new process on the same cache: removes the dead fetch's file, reads exact bytes
+    p = _worker(remote, cdir, 64 << 20, 2, tmp_path / "after.npz")
+    _, err = p.communicate(timeout=180)
+    assert p.returncode == 0, err[-3000:]
+    assert not list(cdir.glob(".tmp-*")), "the half-fetched block was not removed"
+    r = np.load(tmp_path / "after.npz")
+    for e, (pid, x) in enumerate(_expected(local, 2)):
+        assert np.array_equal(r[f"pid{e}"], pid) and r[f"x{e}"].tobytes() == x.tobytes()
+    assert int(r["hits"]) > 0 or not published
