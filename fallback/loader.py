@@ -130,6 +130,8 @@ def _read_ahead(files: list[tuple[int, str, int]], specs: Any, segments: np.ndar
     if advise is None:  # pragma: no cover - not POSIX
         return
     for spec, (fd, _, base) in zip(specs, files):
+        if not isinstance(fd, int):  # an object store's reader: no page cache to warm
+            continue
         pb = spec.point_bytes
         for a, b in segments.tolist():
             try:

@@ -15,6 +15,9 @@ Defaults depend on the device (``None`` means "the default"; explicit values are
   touches them.
 * CUDA device: ``num_threads = min(16, max(2, cores))`` (reads overlap GPU compute, the host
   cores are the readers') and ``prefetch = 4``.
+* A dataset in object storage (``s3://``): at least ``REMOTE_THREADS`` reader threads on either
+  device — a range request waits on the network, not on a core, so reading inline would
+  serialise the round trips.
 """
 
 from __future__ import annotations
@@ -62,6 +65,10 @@ def _cores() -> int:
         return len(os.sched_getaffinity(0)) or 1
     except (AttributeError, OSError):  # pragma: no cover - not Linux
         return os.cpu_count() or 1
+
+
+#: Reader threads, at least, for a dataset in object storage (requests in flight at once).
+REMOTE_THREADS = 8
 
 
 def default_num_threads(device_type: str = "cuda") -> int:
@@ -243,6 +250,8 @@ def resolve_options(ds: Dataset, options: Mapping[str, Any]) -> LoaderOptions:
         _int("prefetch", o["prefetch"], 1)
     if o["num_threads"] is None:
         num_threads = default_num_threads(dev_type)
+        if getattr(ds, "remote", False):  # object storage: reads wait on the network
+            num_threads = max(num_threads, REMOTE_THREADS)
     elif dev_type == "cpu":
         num_threads = _int("num_threads", o["num_threads"], 0,
                            "an integer >= 0 (0: read inline in next())")

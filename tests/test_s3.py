@@ -89,6 +89,19 @@ def test_loader_epochs_from_s3_equal_local(local, remote, kw):
     assert sum(len(b["pid"]) for b in got[0]) == local.num_points
 
 
+def test_loader_from_url_reads_with_threads_by_default_and_inline_on_request(local, remote):
+    """Range requests wait on the network: a remote dataset gets reader threads even where a
+    local one would read inline on a CPU whose cores torch takes; inline reads still work."""
+    from gds_stream.options import REMOTE_THREADS
+
+    with gds_stream.open_loader(remote, device="cpu", batch_points=50_000) as ld:
+        assert ld.options.num_threads >= REMOTE_THREADS
+    want = _epochs(local.path, fields=["x", "pid"], batch_points=40_000, shuffle=True, seed=2)
+    got = _epochs(remote, fields=["x", "pid"], batch_points=40_000, shuffle=True, seed=2,
+                  num_threads=0)
+    _same(got, want)
+
+
 def test_loader_from_url_reports_its_backend(remote):
     with gds_stream.open_loader(remote, device="cpu", batch_points=50_000) as ld:
         assert ld.backend == "fallback"
@@ -430,7 +443,9 @@ def test_close_during_retries_does_not_wait_for_the_retry_budget(remote, s3_serv
         box = {}
         t = threading.Thread(target=lambda: box.setdefault("r", _catch(lambda: next(it))))
         t.start()
+        deadline = time.monotonic() + 60
         while faults.counts["503"] < 3:  # retrying by now
+            assert time.monotonic() < deadline, f"no retries seen: {faults.counts}"
             time.sleep(0.01)
         run_with_timeout(ld.close, 60)  # the budget would take hours
         t.join(60)

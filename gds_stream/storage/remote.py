@@ -49,6 +49,9 @@ class RemoteDataset(Dataset):
     (:mod:`gds_stream.storage.cache`); both or neither.
     """
 
+    #: Reads wait on the network, not a core: loaders default to several reader threads.
+    remote = True
+
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None,
                  cache_dir: str | Path | None = None, cache_bytes: int | None = None):
         self._fds: dict[str, int] = {}
