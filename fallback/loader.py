@@ -265,6 +265,20 @@ class _FallbackIterator(EpochIterator):
         return unpack_slab(torch, slab, self._specs, p.layout, p.batch,
                            unit_key=self._unit_key)
 
+    def _on_loader_stream(self, make: Any) -> dict:
+        """CUDA: the batch pipeline (unpack, gather, transform, stack) queued on the copy
+        stream after the batch's copy; the consumer's stream waits on its event."""
+        torch = self._torch
+        consumer = torch.cuda.current_stream(self._device)
+        with torch.cuda.stream(self._copy_stream):
+            out = make()
+            done = copy_event(torch)
+            done.record(self._copy_stream)
+        consumer.wait_event(done)
+        for t in out.values():
+            t.record_stream(consumer)
+        return out
+
     def _request_stop(self) -> None:
         self._stop.set()
 

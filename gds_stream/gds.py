@@ -424,6 +424,19 @@ class _GDSIterator(EpochIterator):
     def _failure(self, handle: _Pending) -> BaseException | None:
         return handle.error if handle.submitted.is_set() else None
 
+    def _on_loader_stream(self, make: Any) -> dict:
+        """The batch pipeline (unpack, gather, transform, stack) queued on our stream."""
+        ops = self._ops
+        consumer = ops.current_stream()
+        with ops.use_stream(self._stream):
+            out = make()
+            done = ops.new_event()
+            done.record(self._stream)
+        consumer.wait_event(done)
+        for t in out.values():
+            ops.record_stream(t, consumer)
+        return out
+
     def _request_stop(self) -> None:
         self._stop.set()
 

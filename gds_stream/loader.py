@@ -1,13 +1,8 @@
-"""The loader core shared by both backends: options, epochs, resume, the pipelined iterator.
+"""The loader core shared by both backends: options, epochs, resume, close.
 
-A backend subclasses :class:`Loader` and :class:`EpochIterator` and implements only three things:
-start the reads of one planned batch (``_submit``), wait for them and hand the batch out
-(``_complete``), and stop everything it started (``_shutdown``; ``_request_stop`` wakes a
-consumer blocked in ``_complete`` from another thread). The core keeps at most ``prefetch``
-batches submitted but not yet yielded, so in-flight memory is bounded by ``prefetch × batch
-bytes`` plus a constant, whatever the dataset size.
-
-This module imports no backend: :mod:`gds_stream.backends` chooses one.
+One epoch is an :class:`~gds_stream.epoch.EpochIterator` (the pipelined iterator contract); a
+backend subclasses :class:`Loader` and that iterator. This module imports no backend:
+:mod:`gds_stream.backends` chooses one.
 
 Misuse never looks like a finished epoch: an iterator stopped before the end of its epoch — by
 ``close()`` (its own or the loader's, from any thread), by a newer ``iter(loader)``, by an error
@@ -21,23 +16,22 @@ import logging
 import os
 import threading
 import weakref
-from collections import deque
 from typing import Any
 
 import numpy as np
 
 from ._lifetime import Closeable, FieldFiles
-from .errors import BackendUnavailable, LoaderError
+from .epoch import POLL_S, EpochIterator
+from .errors import LoaderError
 from .format import Dataset, FieldSpec, open_dataset
 from .integrity import BlockVerifier
 from .options import LoaderOptions, check_option_names, resolve_options
-from .plan import BatchPlan, EpochPlan, PlanSpec, shuffle_block_points
+from .plan import EpochPlan, PlanSpec, shuffle_block_points
 from .stats import LoaderStats
 
 log = logging.getLogger(__name__)
 
-#: How often a waiting consumer re-checks for errors and stop requests (seconds).
-POLL_S = 0.05
+__all__ = ["Loader", "EpochIterator", "POLL_S"]
 #: state_dict config keys that do not change the batches (resume may change them).
 _RESUME_FREE = ("verify_reads",)
 
@@ -245,255 +239,3 @@ class Loader(Closeable):
                 f"fields={list(o.fields)}, device={o.device!r}, shuffle={o.shuffle}, "
                 f"rank={o.rank}/{o.world_size}, prefetch={o.prefetch}, "
                 f"num_threads={o.num_threads})")
-
-
-class EpochIterator(Closeable):
-    """One epoch of one loader: keeps ``prefetch`` batches in flight, yields them in order.
-
-    Subclasses implement ``_submit(batch) -> handle``, ``_complete(handle) -> dict`` (may raise:
-    the error is wrapped in :class:`LoaderError` with the cause chained), ``_handle_nbytes``,
-    ``_shutdown()`` (cancel and join everything; called once, by the thread that owns the
-    iterator at that moment) and optionally ``_request_stop()`` (thread-safe, non-blocking: make
-    a ``_complete`` waiting in another thread return soon).
-    """
-
-    def __init__(self, loader: Loader, plan: EpochPlan, start: int):
-        # A strong reference: ``for b in open_loader(...)`` keeps the loader alive while its
-        # epoch runs. The loader holds only a weak reference back, so there is no cycle and an
-        # abandoned iterator is collected (and closed) at once.
-        self._owner = loader
-        self._stats = loader.stats
-        self.plan = plan
-        self.prefetch = loader.options.prefetch
-        self._next_submit = start
-        self._yielded = start
-        self._inflight: deque[tuple[BatchPlan, Any, int]] = deque()
-        self._closed = False
-        self._finished = False
-        self._why: str | None = None  # why it stopped before the end of its epoch
-        self._torn_down = False
-        self._state = threading.Lock()
-        self._busy = threading.Lock()  # held by the one thread inside __next__ or teardown
-        # Shuffle windows (gds_stream.window): the backend reads windows, the core cuts batches.
-        self._windowed = plan.spec.windowed
-        self._window: tuple[int, dict, int] | None = None  # (index, tensors, bytes) resident
-        if self._windowed:
-            self._num_windows = -(-plan.num_batches // plan.spec.window_steps)
-            self._next_submit = (plan.window_index(start) if start < plan.num_batches
-                                 else self._num_windows)
-
-    def __iter__(self) -> "EpochIterator":
-        return self
-
-    def __len__(self) -> int:
-        return self.plan.num_batches - self._yielded
-
-    def _fill(self) -> None:
-        if self._windowed:  # one window read ahead of the one being consumed
-            while not self._inflight and self._next_submit < self._num_windows:
-                window, _ = self.plan.window(self._next_submit)
-                self._submit_read(window.as_batch())
-            return
-        while (len(self._inflight) < self.prefetch
-               and self._next_submit < self.plan.num_batches):
-            self._submit_read(self.plan.batch(self._next_submit))
-
-    def _submit_read(self, batch: BatchPlan) -> None:
-        handle = self._submit(batch)
-        nbytes = self._handle_nbytes(handle)
-        self._stats.submitted(nbytes)
-        self._inflight.append((batch, handle, nbytes))
-        self._next_submit += 1
-
-    def __next__(self) -> dict:
-        if not self._busy.acquire(blocking=False):
-            if self._closed:  # a close() from another thread is joining the workers: wait
-                self._busy.acquire()  # for it, then report the close below
-            else:
-                raise LoaderError(
-                    f"{self._loader_path()}: the iterator of epoch {self.plan.epoch} was used "
-                    f"from two threads at once (next() while another next() was running); "
-                    f"give each thread its own loader or serialise the calls")
-        try:
-            return self._next_locked()
-        finally:
-            self._busy.release()
-            if self._closed and not self._torn_down:
-                self._teardown_if_idle()
-
-    def _next_locked(self) -> dict:
-        if self._closed:
-            self._teardown()
-            if self._finished:
-                raise StopIteration
-            raise LoaderError(self._stopped_message())
-        try:
-            self._fill()
-            if self._windowed:
-                return self._next_windowed()
-            if not self._inflight:
-                self._finish_epoch()
-            batch, handle, nbytes = self._inflight.popleft()
-            ok = False
-            try:
-                out = self._complete(handle)
-                ok = True
-            finally:
-                self._stats.retired(nbytes, batch.num_points, yielded=ok)
-            # The handle's buffers die here, not after the next batch's buffers are allocated.
-            del handle
-            self._raise_later_failures()
-            self._yielded += 1
-            self._owner._on_yield(self.plan.epoch, self._yielded)
-            self._fill()  # start the next reads before the consumer computes on this batch
-            return out
-        except StopIteration:
-            raise
-        except BaseException as exc:
-            closed_meanwhile = self._why is not None
-            if isinstance(exc, KeyboardInterrupt):
-                self._end("interrupted by KeyboardInterrupt")
-                raise
-            self._end(f"failed at batch {self._yielded} ({type(exc).__name__})")
-            if closed_meanwhile:
-                raise LoaderError(self._stopped_message()) from exc
-            if isinstance(exc, (LoaderError, BackendUnavailable)):
-                raise
-            raise LoaderError(
-                f"{self._loader_path()}: batch {self._yielded} of epoch {self.plan.epoch} "
-                f"failed: {type(exc).__name__}: {exc}") from exc
-
-    def _finish_epoch(self) -> None:
-        """The epoch ran to its end: stop, tell the loader, and end the iteration."""
-        self._finished = True
-        self._end(None)
-        self._owner._on_epoch_end(self.plan.epoch)
-        raise StopIteration
-
-    def _next_windowed(self) -> dict:
-        """The next batch of a windowed epoch: gathered from the resident window, whose
-        successor is being read meanwhile."""
-        from .window import gather_rows
-
-        step = self._yielded
-        if step >= self.plan.num_batches:
-            self._finish_epoch()
-        batch = self.plan.batch(step)
-        assert batch.window is not None and batch.rows is not None
-        if self._window is None or self._window[0] != batch.window.index:
-            self._drop_window()
-            _, handle, nbytes = self._inflight.popleft()
-            try:
-                tensors = self._complete(handle)
-            except BaseException:
-                self._stats.retired(nbytes, 0, yielded=False)
-                raise
-            self._window = (batch.window.index, tensors, nbytes)
-            self._fill()  # read the next window while this one is consumed
-        self._raise_later_failures()  # the window being read ahead
-        out = gather_rows(self._window[1], batch.rows)
-        self._stats.counted(batch.num_points)
-        if step + 1 >= batch.window.stop_step:
-            self._drop_window()
-        self._yielded += 1
-        self._owner._on_yield(self.plan.epoch, self._yielded)
-        return out
-
-    def _drop_window(self) -> None:
-        if self._window is not None:
-            _, _, nbytes = self._window
-            self._window = None
-            self._stats.retired(nbytes, 0, yielded=False)
-
-    def _stopped_message(self) -> str:
-        why = self._why or "closed"
-        where = (f"{self._loader_path()}: the iterator of epoch {self.plan.epoch} stopped after "
-                 f"{self._yielded} of {self.plan.num_batches} batches")
-        if why == "superseded":
-            return (f"{where}: it was superseded by a newer iter(loader), which restarts the "
-                    f"epoch; use one iterator per epoch")
-        if why.startswith("closed"):
-            return f"{where}: it was {why} before the epoch finished"
-        return f"{where}: it {why}; start a new iter(loader)"
-
-    def _loader_path(self) -> str:
-        return str(self._owner.dataset.path)
-
-    # -- stopping -----------------------------------------------------------------------------
-    def _end(self, why: str | None) -> None:
-        """Mark closed (first reason wins) and tear down; the caller holds ``_busy``."""
-        with self._state:
-            if not self._closed:
-                self._closed, self._why = True, why
-        self._teardown()
-
-    def _request_close(self, why: str) -> None:
-        """Close from any thread: tear down now if no ``next()`` is running, else wake it (it
-        tears down and raises :class:`LoaderError`)."""
-        with self._state:
-            if self._closed:
-                return
-            self._closed = True
-            if not self._finished:
-                self._why = why
-        try:
-            self._request_stop()
-        finally:
-            self._teardown_if_idle()
-
-    def _teardown_if_idle(self) -> None:
-        if self._busy.acquire(blocking=False):
-            try:
-                self._teardown()
-            finally:
-                self._busy.release()
-
-    def _teardown(self) -> None:
-        if self._torn_down:
-            return
-        self._torn_down = True
-        try:
-            self._request_stop()
-            self._shutdown()
-        finally:
-            while self._inflight:
-                _, _, nbytes = self._inflight.popleft()
-                self._stats.retired(nbytes, 0, yielded=False)
-            self._drop_window()
-            self._owner._iterator_torn_down()
-
-    def close(self) -> None:
-        """Stop every read this iterator started and join its threads. Idempotent. After a
-        close before the end of the epoch, ``next()`` raises :class:`LoaderError`."""
-        if not hasattr(self, "_state"):  # half-built
-            return
-        self._request_close("closed by its close() or a with-block exit")
-
-    def _raise_later_failures(self) -> None:
-        """Raise the failure of any batch (or window) still in flight, so it surfaces at this
-        ``next()`` rather than when its turn comes."""
-        for _, handle, _ in self._inflight:
-            exc = self._failure(handle)
-            if exc is not None:
-                raise exc
-
-    # -- backend hooks ------------------------------------------------------------------------
-    def _failure(self, handle: Any) -> BaseException | None:
-        """The error of an in-flight handle whose work already failed, else None (cheap, must
-        not block)."""
-        return None
-
-    def _submit(self, batch: BatchPlan) -> Any:
-        raise NotImplementedError
-
-    def _complete(self, handle: Any) -> dict:
-        raise NotImplementedError
-
-    def _handle_nbytes(self, handle: Any) -> int:
-        raise NotImplementedError
-
-    def _request_stop(self) -> None:
-        """Wake a consumer blocked in ``_complete`` (thread-safe, must not block)."""
-
-    def _shutdown(self) -> None:
-        raise NotImplementedError

@@ -25,6 +25,7 @@ import numpy as np
 
 from .errors import LoaderError
 from .format import Dataset
+from .pipeline import Pipeline, make_pipeline
 
 #: Every option the core takes (both backends), with its default.
 CORE_OPTIONS: dict[str, Any] = {
@@ -32,7 +33,12 @@ CORE_OPTIONS: dict[str, Any] = {
     "shuffle": False, "seed": 0, "drop_last": False, "prefetch": None, "num_threads": None,
     "rank": None, "world_size": None, "verify_reads": False,
     "batch_chunks": None, "max_batch_points": None, "shuffle_window": None,
+    "transform": None, "stack": None, "dtype": None,
 }
+#: Names other libraries use, and the option meant (DataLoader's ``batch_size`` counts samples:
+#: here a batch is counted in points).
+_ALIASES = {"batch_size": "batch_points", "num_workers": "num_threads",
+            "prefetch_factor": "prefetch"}
 #: Options only the GPU-direct backend takes (ignored when ``auto`` falls back).
 GDS_ONLY_OPTIONS = ("task_size",)
 _FLAGS = ("shuffle", "drop_last", "verify_reads")
@@ -74,7 +80,8 @@ def check_option_names(names: Sequence[str], extra: Sequence[str] = GDS_ONLY_OPT
     for name in names:
         if name in known:
             continue
-        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        close = ([_ALIASES[name]] if name in _ALIASES
+                 else difflib.get_close_matches(name, known, n=1, cutoff=0.6))
         hint = f"did you mean {close[0]!r}?" if close else f"options are {', '.join(known)}"
         raise LoaderError(f"open_loader() got an unknown option {name!r}; {hint}")
 
@@ -131,6 +138,8 @@ class LoaderOptions:
     batch_chunks: int | None = None
     max_batch_points: int | None = None
     shuffle_window: int = 0
+    #: transform=/stack=/dtype=, checked (:mod:`gds_stream.pipeline`); None: nothing to do.
+    pipeline: Pipeline | None = None
 
     @property
     def unit(self) -> str:
@@ -233,8 +242,10 @@ def resolve_options(ds: Dataset, options: Mapping[str, Any]) -> LoaderOptions:
         world_size = w if world_size is None else world_size
     if world_size < 1 or not 0 <= rank < world_size:
         raise LoaderError(f"rank={rank} and world_size={world_size}: need 0 <= rank < world_size")
+    pipeline = make_pipeline(str(ds.path), tuple(ds.schema), fields, o["transform"],
+                             o["stack"], o["dtype"])
     return LoaderOptions(
-        batch_points=o["batch_points"], batch_scans=o["batch_scans"],
+        pipeline=pipeline, batch_points=o["batch_points"], batch_scans=o["batch_scans"],
         batch_chunks=o["batch_chunks"], max_batch_points=mbp, shuffle_window=window,
         fields=fields,
         device=device, seed=seed, prefetch=prefetch, num_threads=num_threads,

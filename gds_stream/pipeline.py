@@ -1,0 +1,168 @@
+"""The batch pipeline: what the loader does to a batch after its bytes are unpacked.
+
+Per yielded batch, in this order: gather/unpack (the backend) → ``transform`` → ``stack``.
+
+* ``transform(batch, generator) -> batch``: any callable taking the batch dict and a fresh
+  ``torch.Generator`` on the batch's device seeded with :func:`batch_seed` ``(seed, epoch, rank,
+  step)``, so the same arguments give bit-identical batches and a resumed epoch yields exactly
+  the batches of the uninterrupted one. A batch in points mode has no ``"offset"``: a transform
+  treats it as one unit. An exception it raises surfaces as :class:`LoaderError` at ``next()``
+  (cause chained).
+* ``stack={"feat": ["x", "y", "z", "intensity"]}``: the named tensors (1-D, or ``(n, k)``,
+  contributing ``k`` columns) are cast to ``dtype`` (default ``torch.float32``) and written
+  column by column into one ``(n, columns)`` tensor under the new key; the stacked source
+  tensors are dropped from the batch. A stack key may not shadow a field of the dataset or a
+  batch key (``offset``, ``chunk``).
+
+Where it runs: on a CPU device in the loader's pipeline thread, never in the consumer's
+``next()`` (except when the loader reads inline on the consumer's thread, see
+``loader.backend_reason``); on CUDA queued on the loader's own stream right after the batch
+lands, the consumer's stream waiting on an event.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+from .errors import LoaderError
+
+#: Keys the loader itself adds to batches (a stack key may not take them).
+BATCH_KEYS = ("offset", "chunk")
+
+_M64 = (1 << 64) - 1
+
+
+def _mix64(z: int) -> int:
+    """splitmix64's finaliser: a bijective, well-avalanching mix of 64 bits."""
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & _M64
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB & _M64
+    return z ^ (z >> 31)
+
+
+def batch_seed(seed: int, epoch: int, rank: int, step: int) -> int:
+    """The seed of one batch's transform generator: a stable 63-bit mix of its four arguments
+    (the same on every platform, Python and numpy version; distinct arguments give unrelated
+    seeds)."""
+    h = 0x6A09E667F3BCC908
+    for v in (seed, epoch, rank, step):
+        h = _mix64((h + (int(v) & _M64) + 0x9E3779B97F4A7C15) & _M64)
+    return h >> 1
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """A loader's checked ``transform``/``stack``/``dtype``; :meth:`apply` runs them on one
+    batch."""
+
+    transform: Callable[..., Any] | None
+    stack: tuple[tuple[str, tuple[str, ...]], ...]
+    dtype: Any
+    where: str  # the dataset, for messages
+
+    def apply(self, batch: dict, seed: int, epoch: int, rank: int, step: int) -> dict:
+        if self.transform is not None:
+            batch = self._transform(batch, seed, epoch, rank, step)
+        if self.stack:
+            batch = self._stack(batch, epoch, step)
+        return batch
+
+    def _transform(self, batch: dict, seed: int, epoch: int, rank: int, step: int) -> dict:
+        import torch
+
+        device = next(iter(batch.values())).device if batch else torch.device("cpu")
+        gen = torch.Generator(device=device)
+        gen.manual_seed(batch_seed(seed, epoch, rank, step))
+        name = getattr(self.transform, "__name__", type(self.transform).__name__)
+        try:
+            out = self.transform(batch, gen)
+        except LoaderError:
+            raise
+        except Exception as exc:
+            raise LoaderError(f"{self.where}: transform {name} failed on batch {step} of epoch "
+                              f"{epoch}: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(out, dict):
+            raise LoaderError(f"{self.where}: transform {name} returned a "
+                              f"{type(out).__name__} for batch {step} of epoch {epoch}; it must "
+                              f"return the batch dict (str -> torch.Tensor)")
+        return out
+
+    def _stack(self, batch: dict, epoch: int, step: int) -> dict:
+        import torch
+
+        out = dict(batch)
+        drop: set[str] = set()
+        for key, names in self.stack:
+            cols, n = [], None
+            for name in names:
+                t = batch.get(name)
+                if not isinstance(t, torch.Tensor):
+                    raise LoaderError(
+                        f"{self.where}: stack {key!r} needs {name!r}, which batch {step} of epoch "
+                        f"{epoch} does not hold (keys: {', '.join(batch)})")
+                if t.dim() not in (1, 2) or (n is not None and t.shape[0] != n):
+                    raise LoaderError(
+                        f"{self.where}: stack {key!r}: {name!r} has shape {tuple(t.shape)}; "
+                        f"stacked tensors must be (n,) or (n, k) with one n"
+                        + (f" (the first had n={n})" if n is not None else ""))
+                n = int(t.shape[0])
+                cols.append(t)
+            width = sum(1 if t.dim() == 1 else int(t.shape[1]) for t in cols)
+            dst = torch.empty((n or 0, width), dtype=self.dtype, device=cols[0].device)
+            j = 0
+            for t in cols:
+                k = 1 if t.dim() == 1 else int(t.shape[1])
+                dst[:, j:j + k].copy_(t.view(-1, 1) if t.dim() == 1 else t)
+                j += k
+            out[key] = dst
+            drop.update(names)
+        for name in drop:
+            out.pop(name, None)
+        return out
+
+
+def make_pipeline(where: str, schema: Sequence[str], fields: Sequence[str], transform: Any,
+                  stack: Any, dtype: Any) -> Pipeline | None:
+    """Check ``transform=``, ``stack=`` and ``dtype=`` (a :class:`LoaderError` naming the
+    problem); None when there is nothing to do."""
+    if transform is not None and not callable(transform):
+        raise LoaderError(f"transform= must be a callable transform(batch, generator) -> batch, "
+                          f"got {transform!r} ({type(transform).__name__})")
+    if stack is None:
+        if dtype is not None:
+            raise LoaderError("dtype= is the dtype of the stack= tensors; give stack= too "
+                              "(e.g. stack={'feat': ['x', 'y', 'z']}, dtype=torch.float32)")
+        return None if transform is None else Pipeline(transform, (), None, where)
+    if not isinstance(stack, Mapping) or not stack:
+        raise LoaderError(f"stack= must be a non-empty dict of new key -> list of field names, "
+                          f"e.g. {{'feat': ['x', 'y', 'z']}}, got {stack!r}")
+    items = []
+    for key, names in stack.items():
+        if not isinstance(key, str) or not key:
+            raise LoaderError(f"stack= keys must be non-empty strings, got {key!r}")
+        if key in schema or key in BATCH_KEYS:
+            what = "a field of the dataset" if key in schema else "a key the loader adds"
+            raise LoaderError(f"stack= key {key!r} would shadow {what}; choose another name")
+        if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names:
+            raise LoaderError(f"stack[{key!r}] must be a non-empty list of field names, "
+                              f"got {names!r}")
+        bad = [x for x in names if not isinstance(x, str)]
+        if bad:
+            raise LoaderError(f"stack[{key!r}] names fields by their names (strings), "
+                              f"got {bad[0]!r}")
+        if len(set(names)) != len(names):
+            raise LoaderError(f"stack[{key!r}] names a field twice: {list(names)}")
+        if transform is None:  # without a transform the batch holds exactly the fields
+            missing = [x for x in names if x not in fields]
+            if missing:
+                raise LoaderError(
+                    f"{where}: stack[{key!r}] names {', '.join(map(repr, missing))}, not among "
+                    f"the loaded fields ({', '.join(fields)})")
+        items.append((key, tuple(names)))
+    import torch
+
+    if dtype is None:
+        dtype = torch.float32
+    elif not isinstance(dtype, torch.dtype):
+        raise LoaderError(f"dtype= must be a torch.dtype (e.g. torch.float32), got {dtype!r}")
+    return Pipeline(transform, tuple(items), dtype, where)
