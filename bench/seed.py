@@ -111,7 +111,7 @@ class SeedPipelineVariant(QueueVariant):
         super().__init__([seed_field(path, num_points)], num_points, batch, device,
                          keep_maps=keep_map)
         self.name = REFERENCE
-        self.backend = "memmap + thread + Queue(2) + np.copy"
+        self.backend = "memmap+thread+Queue(2)+np.copy"
         self.config.update(file="N × 6 float32", layout="seed")
 
 
@@ -124,7 +124,7 @@ class StackVariant(LibraryVariant):
         super().__init__("fallback", path, batch, device, name=OURS,
                          stack={FEAT: list(FIELDS)}, dtype=torch.float32)
         self.family = OURS
-        self.backend = f"stack= in the loader; {self.backend}"
+        self.backend = f"stack= in loader; {self.backend}"
 
 
 class LoopStackVariant(Variant):
@@ -135,7 +135,7 @@ class LoopStackVariant(Variant):
 
     def __init__(self, path: Path, batch: int, device):
         self.inner = LibraryVariant("fallback", path, batch, device)
-        super().__init__(self.family, f"torch.stack in the loop; {self.inner.backend}",
+        super().__init__(self.family, f"stack in loop; {self.inner.backend}",
                          dict(self.inner.config, stack="in the training loop"))
 
     def epoch(self):
