@@ -14,6 +14,7 @@ given, and the unit tests feed it invented ones.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
@@ -60,25 +61,55 @@ def extrapolate(wall: float, first: float, batches: int, total_batches: int) -> 
     return first + per * (total_batches - 1)
 
 
+def process_age() -> float:
+    """Seconds since this process started (so a budget counts the interpreter's start and the
+    imports too), from /proc; 0.0 where that can't be read."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 @dataclass
 class Estimates:
     """Seconds per epoch for each loader: ``e2e[name]`` end to end, ``lo[name]`` loader-only
-    (absent for a loader without a loader-only run). :meth:`observe` keeps the slowest measured
-    epoch, so an estimate only ever grows once real epochs have run."""
+    (absent for a loader without a loader-only run), first from the calibration pass.
+    :meth:`observe` replaces a loader's estimate by its slowest measured epoch, and scales the
+    estimates of epochs not measured yet by how much slower than calibrated the latest measured
+    epoch ran (the machine got busier), never below the calibration."""
 
     e2e: dict[str, float] = field(default_factory=dict)
     lo: dict[str, float] = field(default_factory=dict)
     measured: set[tuple[str, str]] = field(default_factory=set)
+    slowdown: float = 1.0
+    calibrated: dict[tuple[str, str], float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for kind, table in (("e2e", self.e2e), ("lo", self.lo)):
+            for name, v in table.items():
+                self.calibrated.setdefault((name, kind), v)
 
     def observe(self, name: str, kind: str, wall: float) -> None:
         table = self.e2e if kind == "e2e" else self.lo
         key = (name, kind)
+        cal = self.calibrated.get(key)
+        if cal:
+            self.slowdown = max(1.0, wall / cal)
         table[name] = max(table[name], wall) if key in self.measured else wall
         self.measured.add(key)
 
+    def get(self, name: str, kind: str) -> float:
+        table = self.e2e if kind == "e2e" else self.lo
+        v = table.get(name, 0.0)
+        return v if (name, kind) in self.measured else v * self.slowdown
+
     def loader(self, name: str, lo_runs: int) -> float:
         """One loader's share of a repetition: one end-to-end and ``lo_runs`` loader-only."""
-        return self.e2e.get(name, 0.0) + lo_runs * self.lo.get(name, 0.0)
+        return self.get(name, "e2e") + lo_runs * self.get(name, "lo")
 
     def repetition(self, names: Iterable[str], lo_runs: int, margin: float = MARGIN) -> float:
         return margin * sum(self.loader(n, lo_runs) for n in names)

@@ -71,7 +71,7 @@ from bench.measure import (Device, Stats, check_results, other_load, paired_spee
 from bench.plot import plot  # noqa: E402
 from bench.report import document, environment, render  # noqa: E402
 from bench import seed as seedmod  # noqa: E402
-from bench.budget import Budget, Estimates, extrapolate, plan_runs  # noqa: E402
+from bench.budget import Budget, Estimates, extrapolate, plan_runs, process_age  # noqa: E402
 from bench.schedule import run_schedule, sweep_task_sizes  # noqa: E402
 from bench.variants import (ComputeOnlyVariant, LibraryVariant, QueueVariant,  # noqa: E402
                             SequentialVariant, TorchDataLoaderVariant, Variant, field_files,
@@ -283,6 +283,7 @@ def _main(args: argparse.Namespace) -> int:
     cuda = dev.cuda
     budget = Budget(args.budget or (GPU_BUDGET_S if cuda else CPU_BUDGET_S),
                     reserve=REPORT_RESERVE_S + (PLOT_RESERVE_S if args.plot else 0.0))
+    budget.start -= process_age()  # the interpreter's start and the imports count too
     args.budget = budget.seconds
     seed_layout = args.layout == "seed"
     batch = args.batch_points or (SMOKE_BATCH if args.smoke else GPU_BATCH if cuda else CPU_BATCH)
@@ -378,7 +379,7 @@ def _main(args: argparse.Namespace) -> int:
             cache.record(*residency(paths))
         snap0 = CpuSnapshot.take()
         sched = run_schedule(variants, stats, dev, make_step, args.repeat, lo_runs, args.retries,
-                             budget, progress, prepare_run, est)
+                             budget, progress, prepare_run, est, essential)
     finally:
         for v in variants:
             v.close()
@@ -389,6 +390,12 @@ def _main(args: argparse.Namespace) -> int:
     if load is not None:
         load["retried_runs"], load["retries_allowed"] = sched.retried, args.retries
         load["retries_refused_for_budget"] = sched.retries_refused
+
+    for v in [v for v in variants if not stats[v.name].runs]:  # the budget skipped every run
+        skipped[v.name] = (f"skipped in all {sched.done} repetition(s): the budget had no room "
+                           f"for it beside the essential loaders")
+        del stats[v.name]
+    variants = [v for v in variants if v.name in stats]
 
     # -- correctness first -----------------------------------------------------------------
     ref_checksum = check_results(list(stats.values()), n)
@@ -435,7 +442,9 @@ def _main(args: argparse.Namespace) -> int:
     env["layout"] = args.layout
     env["speedup_reference"] = variants[0].name
     env["schedule"] = {"requested": sched.requested, "done": sched.done, "stopped": sched.stopped,
-                       "plan": plan.describe(), "cuts": plan.cuts}
+                       "plan": plan.describe(), "cuts": plan.cuts + [
+                           f"{k} skipped in {c} repetition(s)"
+                           for k, c in sched.skipped_runs.items() if k in stats]}
     if planner is not None:
         env["batch_chunks"] = args.batch_chunks
         env["dataset"].update(chunks=planner.num_chunks, chunk_size=ds.chunk_size,

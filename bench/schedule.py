@@ -12,9 +12,9 @@ one per retry with the reason, and one when the budget stops the repetitions.
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from bench.backbone import Step
 from bench.budget import MARGIN, Budget, Estimates
@@ -32,6 +32,7 @@ class ScheduleResult:
     retried: int = 0  # extra attempts spent on disturbed runs
     retries_refused: int = 0  # disturbed runs kept because the budget had no room to rerun them
     stopped: str | None = None  # why repetitions stopped early (the budget), else None
+    skipped_runs: dict[str, int] = field(default_factory=dict)  # loader → repetitions skipped
 
 
 def _timed(v: Variant, dev: Device, step: Callable[[], Step | None], retries: int,
@@ -68,27 +69,33 @@ def run_schedule(variants: Sequence[Variant], stats: dict[str, Stats], dev: Devi
                  make_step: Callable[[], Step], repeat: int, lo_runs: int, retries: int,
                  budget: Budget, say: Say,
                  prepare: Callable[[], float | None] = lambda: None,
-                 est: Estimates | None = None) -> ScheduleResult:
+                 est: Estimates | None = None,
+                 essential: Iterable[str] | None = None) -> ScheduleResult:
     """Fill ``stats`` with up to ``repeat`` repetitions. The first always runs (the plan made
     it fit or said by how much it will not); each later one starts only when its estimate —
-    the slowest measured epoch of every loader, times the margin — fits in what is left.
-    ``est`` (from the calibration pass) is updated with every measured epoch."""
+    the slowest measured epoch of every loader, times the margin — fits in what is left. Within
+    a repetition a loader not in ``essential`` (default: all are) is skipped, and said so, when
+    it and the essential loaders still to come no longer fit. ``est`` (from the calibration
+    pass) is updated with every measured epoch."""
     res = ScheduleResult(requested=repeat, done=0)
     est = est if est is not None else Estimates()
     names = [v.name for v in variants]
+    ess = set(names if essential is None else essential)
     lo_of = {v.name: (lo_runs if v.family != "compute-only" else 0) for v in variants}
 
-    def left_of(order: Sequence[Variant], i: int, lo_done: int = 0) -> float:
-        """Estimated seconds of ``order[i:]`` (the current loader's remaining loader-only
-        epochs after ``lo_done``), margin included."""
-        s = sum(est.e2e.get(v.name, 0.0) + lo_of[v.name] * est.lo.get(v.name, 0.0)
-                for v in order[i + 1:])
-        v = order[i]
-        s += max(0, lo_of[v.name] - lo_done) * est.lo.get(v.name, 0.0)
+    def cost(name: str, lo_done: int = 0) -> float:
+        return (est.get(name, "e2e") if lo_done == 0 else 0.0) \
+            + max(0, lo_of[name] - lo_done) * est.get(name, "lo")
+
+    def rest(order: Sequence[Variant], i: int, lo_done: int, only_essential: bool = False) -> float:
+        """Estimated seconds of ``order[i + 1:]`` plus the current loader's loader-only epochs
+        after ``lo_done``, margin included."""
+        s = sum(cost(v.name) for v in order[i + 1:] if not only_essential or v.name in ess)
+        s += max(0, lo_of[order[i].name] - lo_done) * est.get(order[i].name, "lo")
         return MARGIN * s
 
     for rep in range(repeat):
-        need = MARGIN * sum(est.e2e.get(n, 0.0) + lo_of[n] * est.lo.get(n, 0.0) for n in names)
+        need = MARGIN * sum(cost(n) for n in names)
         if rep and not budget.fits(need):
             res.stopped = (f"the {budget.seconds:.0f} s budget: {budget.elapsed():.0f} s used, "
                            f"another repetition needs ~{need:.0f} s (slowest measured epochs, "
@@ -101,8 +108,16 @@ def run_schedule(variants: Sequence[Variant], stats: dict[str, Stats], dev: Devi
         order = list(variants[shift:]) + list(variants[:shift])
         for i, v in enumerate(order):
             st = stats[v.name]
+            if v.name not in ess:
+                need_v = MARGIN * cost(v.name) + rest(order, i, lo_of[v.name], True)
+                if not budget.fits(need_v):
+                    res.skipped_runs[v.name] = res.skipped_runs.get(v.name, 0) + 1
+                    say(f"[rep {rep + 1}/{repeat}] {v.name:<34} skipped: ~{need_v:.0f} s with "
+                        f"the essential loaders still to come, {max(0.0, budget.left()):.0f} s "
+                        f"left in the budget")
+                    continue
             e2e = _timed(v, dev, make_step, retries, budget, prepare, say, "end-to-end", res,
-                         left_of(order, i))
+                         rest(order, i, 0))
             est.observe(v.name, "e2e", e2e.wall)
             st.runs.append(e2e)
             line = (f"[rep {rep + 1}/{repeat}] {v.name:<34} end-to-end {e2e.wall:7.3f} s "
@@ -111,7 +126,7 @@ def run_schedule(variants: Sequence[Variant], stats: dict[str, Stats], dev: Devi
                 los = []
                 for j in range(lo_of[v.name]):
                     r = _timed(v, dev, lambda: None, retries, budget, prepare, say,
-                               "loader-only", res, left_of(order, i, j + 1))
+                               "loader-only", res, rest(order, i, j + 1))
                     est.observe(v.name, "lo", r.wall)
                     los.append(r)
                 st.loader_only.extend(los)

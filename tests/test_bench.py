@@ -931,3 +931,36 @@ def test_seed_layout_refuses_what_the_seed_pipeline_cannot_do(extra, message):
     proc = subprocess.run([sys.executable, "-m", "bench.compare", "--layout", "seed", *extra],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_an_optional_loader_is_skipped_mid_repetition_when_the_machine_slowed_down(monkeypatch):
+    """Calibrated at 1 s each, the first loader takes 3 s: the estimates of the loaders not yet
+    measured grow with it, the optional one no longer fits beside the essential one still to
+    come, and is skipped (said so) instead of overrunning the budget."""
+    from bench.budget import Budget
+    from bench.measure import Device, Stats
+    from bench.schedule import run_schedule
+
+    clock = _Clock()
+    _fake_epochs(monkeypatch, clock, lambda name, kind, call: 3.0)
+    variants = [_Tiny("a"), _Tiny("b"), _Tiny("c")]
+    stats = {v.name: Stats(v.name, v.family, v.backend, {}) for v in variants}
+    est = _est({"a": 1.0, "b": 1.0, "c": 1.0}, {})
+    budget = Budget(10.0, clock=clock)
+    said: list[str] = []
+    res = run_schedule(variants, stats, Device("cpu"), lambda: None, repeat=3, lo_runs=0,
+                       retries=0, budget=budget, say=said.append, est=est,
+                       essential={"a", "c"})
+    assert res.skipped_runs == {"b": 1} and res.done == 1
+    assert [len(stats[n].runs) for n in "abc"] == [1, 0, 1]
+    assert any(s.startswith("[rep 1/3] b") and "skipped" in s for s in said)
+    assert est.get("b", "e2e") == pytest.approx(3.0)  # scaled by the measured slowdown
+    assert budget.elapsed() <= budget.seconds
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_the_budget_counts_from_the_process_start():
+    from bench.budget import process_age
+
+    age = process_age()
+    assert age > 0.0  # this interpreter started (and imported torch) before the call
