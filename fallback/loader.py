@@ -2,6 +2,11 @@
 
 * CPU device: each batch is read into a fresh host buffer that is handed out through DLPack, so a
   yielded batch is never written again (contract point 5) and there is no copy beyond the read.
+  With ``num_threads=0`` (the default where torch's threads take every core) the reads run
+  inline, in ``next()`` on the consumer's thread — the same plan, buffers and ownership — and
+  the kernel reads the batches submitted ahead in the background (``posix_fadvise(WILLNEED)``):
+  on a CPU nothing runs asynchronously to hide a reader thread behind, so a thread of ours would
+  only compete with the training step for its cores.
 * CUDA device: batches are read into a ring of ``prefetch`` pinned slots; each slot is copied to a
   new device buffer on a side stream, the consumer's current stream waits on that copy's event,
   and a slot is refilled only after the event of its previous copy completed.
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +60,8 @@ class _Pending:
     host: np.ndarray  # uint8 view of the slab
     slot: Slot | None
     futures: list[cf.Future] = field(default_factory=list)
+    #: Inline reads: the worker tasks, run in ``_complete`` on the consumer's thread.
+    work: list[tuple[Any, tuple]] = field(default_factory=list)
 
 
 def _read(reads: list[tuple[int, str, memoryview, int]], stop: threading.Event,
@@ -95,6 +103,35 @@ def _fill_meta(batch: BatchPlan, layout: SlabLayout, host: np.ndarray, stop: thr
         host[at:at + ids.nbytes] = ids.view(np.uint8)
 
 
+def _read_reason(o: Any, inline: bool, cuda: bool) -> str:
+    if cuda:
+        return f"{o.num_threads} reader threads into a pinned ring, copies on a side stream"
+    if not inline:
+        return f"{o.num_threads} reader thread(s) ahead of the consumer"
+    import torch
+
+    from gds_stream.options import _cores
+
+    why = (f"torch's {torch.get_num_threads()} threads take all {_cores()} cores, so a reader "
+           f"thread would only compete with the training step" if o.num_threads == 0 else "")
+    return ("reads inline in next() on the consumer's thread (num_threads=0), the kernel "
+            "reading the next batches ahead" + (f": {why}" if why else ""))
+
+
+def _read_ahead(files: list[tuple[int, str, int]], specs: Any, segments: np.ndarray) -> None:
+    """Ask the kernel to read a batch's ranges into the page cache in the background."""
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is None:  # pragma: no cover - not POSIX
+        return
+    for spec, (fd, _, base) in zip(specs, files):
+        pb = spec.point_bytes
+        for a, b in segments.tolist():
+            try:
+                advise(fd, base + a * pb, (b - a) * pb, os.POSIX_FADV_WILLNEED)
+            except OSError:  # a hint only: the read itself reports real errors
+                return
+
+
 def copy_stream(torch: Any, device: Any) -> Any:
     """The side stream of host→device copies: a pool stream (non-blocking with respect to the
     legacy default stream, so a copy never waits for the consumer's queued kernels)."""
@@ -127,7 +164,20 @@ class FallbackLoader(Loader):
         elif self._device.type != "cpu":
             raise LoaderError(f"device={self.options.device!r}: the fallback supports cpu and cuda")
         self._ring: PinnedRing | None = None
-        log.debug("%r", self)
+        #: Reads inline in ``next()`` (a CPU device with ``num_threads=0``), no thread of ours.
+        self.inline_reads = not self._cuda and self.options.num_threads == 0
+        self.read_reason = _read_reason(self.options, self.inline_reads, self._cuda)
+        log.debug("%r: %s", self, self.read_reason)
+
+    @property
+    def backend_reason(self) -> str:
+        """Why this backend (as ``open_loader`` chose it), and how it reads."""
+        return "; ".join(r for r in (self.__dict__.get("_choice_reason", ""),
+                                     self.__dict__.get("read_reason", "")) if r)
+
+    @backend_reason.setter
+    def backend_reason(self, reason: str) -> None:
+        self._choice_reason = reason
 
     def _make_iterator(self, plan: EpochPlan, start: int) -> "_FallbackIterator":
         if self._cuda:
@@ -169,8 +219,9 @@ class _FallbackIterator(EpochIterator):
         self._ring = loader._ring
         self._copy_stream = loader._copy_stream if self._cuda else None
         self._stop = threading.Event()
-        self._pool = cf.ThreadPoolExecutor(loader.options.num_threads,
-                                           thread_name_prefix="gds-stream-fallback")
+        self._inline = loader.inline_reads
+        self._pool = None if self._inline else cf.ThreadPoolExecutor(
+            loader.options.num_threads, thread_name_prefix="gds-stream-fallback")
 
     # -- reads --------------------------------------------------------------------------------
     def _submit(self, batch: BatchPlan) -> _Pending:
@@ -200,23 +251,35 @@ class _FallbackIterator(EpochIterator):
                     task.append((fd, path, mv[dst + c:dst + c + m], off + c))
                     task_bytes += m
                     if task_bytes >= TASK_BYTES:
-                        p.futures.append(self._pool.submit(_read, task, self._stop, slot))
+                        self._start(p, _read, task, self._stop, slot)
                         task, task_bytes = [], 0
                 dst += length
         if task:
-            p.futures.append(self._pool.submit(_read, task, self._stop, slot))
+            self._start(p, _read, task, self._stop, slot)
         if self._verifier is not None:
-            p.futures.append(self._pool.submit(_verify, self._verifier, batch.segments,
-                                               self._stop))
+            self._start(p, _verify, self._verifier, batch.segments, self._stop)
         if batch.perm_key is not None or batch.scan_sizes is not None:
-            p.futures.append(self._pool.submit(_fill_meta, batch, layout, host, self._stop, slot))
+            self._start(p, _fill_meta, batch, layout, host, self._stop, slot)
+        if self._inline:
+            _read_ahead(self._files, self._specs, batch.segments)
         return p
+
+    def _start(self, p: _Pending, fn: Any, *args: Any) -> None:
+        """Hand a task to the reader threads, or keep it for ``_complete`` (inline reads)."""
+        if self._pool is None:
+            p.work.append((fn, args))
+        else:
+            p.futures.append(self._pool.submit(fn, *args))
 
     def _handle_nbytes(self, handle: _Pending) -> int:
         return handle.layout.nbytes
 
     def _wait(self, p: _Pending) -> None:
-        """Wait for batch ``p``; a failure in *any* in-flight batch is raised at once."""
+        """Wait for batch ``p``; a failure in *any* in-flight batch is raised at once.
+        Inline reads run here, on the calling thread."""
+        work, p.work = p.work, []
+        for fn, args in work:
+            fn(*args)
         pending = set(p.futures)
         while pending:
             done, pending = cf.wait(pending, timeout=POLL_S, return_when=cf.FIRST_EXCEPTION)
@@ -284,7 +347,8 @@ class _FallbackIterator(EpochIterator):
 
     def _shutdown(self) -> None:
         self._stop.set()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
         # A slot whose reads were cancelled goes back to the ring without a pending copy.
         if self._ring is not None:
             for _, p, _ in self._inflight:

@@ -6,10 +6,13 @@ and the value. An unknown keyword names ``open_loader`` and suggests the closest
 
 Defaults depend on the device (``None`` means "the default"; explicit values are respected):
 
-* CPU device: ``num_threads = max(1, cores - torch.get_num_threads())`` — torch's intra-op pool
+* CPU device: ``num_threads = max(0, cores - torch.get_num_threads())`` — torch's intra-op pool
   already uses ``torch.get_num_threads()`` cores for the training step, and reader threads
-  competing with it for those cores slow both down — and ``prefetch = 2``: a deeper queue only
-  pushes batches out of the CPU caches before the consumer touches them.
+  competing with it for those cores slow both down. ``0`` (the default where torch takes every
+  core) reads inline: each batch is read in ``next()`` on the consumer's thread, with the kernel
+  reading the next batches ahead (``posix_fadvise(WILLNEED)``), no thread of ours at all. And
+  ``prefetch = 2``: a deeper queue only pushes batches out of the CPU caches before the consumer
+  touches them.
 * CUDA device: ``num_threads = min(16, max(2, cores))`` (reads overlap GPU compute, the host
   cores are the readers') and ``prefetch = 4``.
 """
@@ -65,7 +68,7 @@ def default_num_threads(device_type: str = "cuda") -> int:
     if device_type == "cpu":
         import torch
 
-        return max(1, min(MAX_THREADS, cores - torch.get_num_threads()))
+        return max(0, min(MAX_THREADS, cores - torch.get_num_threads()))
     return max(2, min(MAX_THREADS, cores))
 
 
@@ -230,8 +233,14 @@ def resolve_options(ds: Dataset, options: Mapping[str, Any]) -> LoaderOptions:
     seed = _int("seed", o["seed"], 0)
     prefetch = default_prefetch(dev_type) if o["prefetch"] is None else \
         _int("prefetch", o["prefetch"], 1)
-    num_threads = default_num_threads(dev_type) if o["num_threads"] is None else \
-        _int("num_threads", o["num_threads"], 1)
+    if o["num_threads"] is None:
+        num_threads = default_num_threads(dev_type)
+    elif dev_type == "cpu":
+        num_threads = _int("num_threads", o["num_threads"], 0,
+                           "an integer >= 0 (0: read inline in next())")
+    else:
+        num_threads = _int("num_threads", o["num_threads"], 1,
+                           "an integer >= 1 on a CUDA device (0, inline reads, is for the CPU)")
     rank, world_size = o["rank"], o["world_size"]
     for name, v in (("rank", rank), ("world_size", world_size)):
         if v is not None:

@@ -93,7 +93,7 @@ def options(draw):
                                                 max_size=len(NAMES), unique=True)))
     kw.update(fields=fields, shuffle=draw(st.booleans()), seed=draw(st.integers(0, 2**31)),
               drop_last=draw(st.booleans()), world_size=draw(st.integers(1, 4)),
-              prefetch=draw(st.integers(1, 4)), num_threads=draw(st.integers(1, 3)))
+              prefetch=draw(st.integers(1, 4)), num_threads=draw(st.integers(0, 3)))
     return kw
 
 
@@ -550,11 +550,13 @@ def test_ctrl_c_while_waiting_for_a_batch(ds, monkeypatch):
     ld.close()
 
 
+@pytest.mark.parametrize("threads", [0, 2], ids=["inline", "threaded"])
 @pytest.mark.parametrize("when", ["before_iter", "mid_epoch"])
-def test_truncated_file_is_an_error_naming_it(tmp_path, when):
+def test_truncated_file_is_an_error_naming_it(tmp_path, when, threads):
     d = make_dataset(tmp_path, [70_000, 30_000, 100_000])
     baseline = set(threading.enumerate())
-    ld = loader(d, batch_points=16_384, prefetch=2, fields=["pid", "x", "label"])
+    ld = loader(d, batch_points=16_384, prefetch=2, fields=["pid", "x", "label"],
+                num_threads=threads)
     path = d.field_path("x")
     if when == "before_iter":
         os.truncate(path, 4096)
@@ -748,7 +750,7 @@ def test_epoch_advances_and_set_epoch_overrides(ds, ref):
     (dict(batch_points=10, rank=-1, world_size=2), "rank=-1"),
     (dict(batch_points=10, rank=0, world_size=0), "world_size=0"),
     (dict(batch_points=10, prefetch=0), "prefetch must be an integer >= 1"),
-    (dict(batch_points=10, num_threads=0), "num_threads must be an integer >= 1"),
+    (dict(batch_points=10, num_threads=-1), "num_threads must be an integer >= 0 (0: read inline"),
     (dict(batch_points=10, device="meta"), "the fallback supports cpu and cuda"),
 ])
 def test_option_errors(ds, kw, words):

@@ -35,7 +35,8 @@ def test_unnamed_loader_runs_a_full_epoch(tmp_path):
 
 def test_abandoned_iterator_of_unnamed_loader_joins_its_threads(tmp_path):
     base = set(threading.enumerate())
-    it = iter(open_loader(_tiny(tmp_path), backend="fallback", device="cpu", batch_points=100))
+    it = iter(open_loader(_tiny(tmp_path), backend="fallback", device="cpu", batch_points=100,
+                          num_threads=2))
     next(it)
     assert set(threading.enumerate()) - base  # workers run
     del it
@@ -50,12 +51,14 @@ def test_cpu_defaults_leave_torchs_cores_to_torch(tmp_path, monkeypatch):
     from gds_stream import options
 
     path = _tiny(tmp_path)
-    for cores, torch_threads, want in ((8, 6, 2), (2, 2, 1), (4, 1, 3), (64, 4, 16)):
+    for cores, torch_threads, want in ((8, 6, 2), (2, 2, 0), (4, 1, 3), (64, 4, 16), (4, 8, 0)):
         monkeypatch.setattr(options, "_cores", lambda c=cores: c)
         monkeypatch.setattr(torch, "get_num_threads", lambda t=torch_threads: t)
         with open_loader(path, backend="fallback", device="cpu", batch_points=999) as ld:
             got = (ld.options.num_threads, ld.options.prefetch)
             assert got == (want, 2), (cores, torch_threads)
+            assert ld.inline_reads == (want == 0)
+            assert ("inline" in ld.backend_reason) == (want == 0), ld.backend_reason
     with open_loader(path, backend="fallback", device="cpu", batch_points=999, num_threads=5,
                      prefetch=7) as ld:  # explicit values are respected
         assert (ld.options.num_threads, ld.options.prefetch) == (5, 7)

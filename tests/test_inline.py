@@ -1,0 +1,124 @@
+"""Inline reads on a CPU device (``num_threads=0``, the default where torch's threads take every
+core): the same batches as the threaded path, no thread of ours, kernel read-ahead, errors."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from gds_stream.backends import open_loader
+from gds_stream.errors import LoaderError
+from helpers import make_dataset
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("inline"), [3000, 0, 40_001, 517, 9_000])
+
+
+CONFIGS = [
+    dict(batch_points=7_000),
+    dict(batch_points=7_000, shuffle=True, seed=2),
+    dict(batch_points=7_000, shuffle=True, seed=2, shuffle_window=0),
+    dict(batch_points=4_000, shuffle=True, seed=5, shuffle_window=15_000, rank=1, world_size=2),
+    dict(batch_scans=2, shuffle=True, seed=1),
+    dict(batch_points=9_000, verify_reads=True, drop_last=True),
+]
+
+
+def _batches(ds, **kw):
+    with open_loader(ds, backend="fallback", device="cpu", **kw) as ld:
+        ld.set_epoch(3)
+        return [dict(b) for b in ld]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=str)
+def test_inline_reads_yield_the_threaded_batches_without_a_thread(ds, cfg):
+    want = _batches(ds, num_threads=2, **cfg)
+    base = set(threading.enumerate())
+    got = []
+    with open_loader(ds, backend="fallback", device="cpu", num_threads=0, **cfg) as ld:
+        assert ld.inline_reads and "inline" in ld.backend_reason
+        ld.set_epoch(3)
+        for b in ld:
+            assert set(threading.enumerate()) == base  # no reader, no pipeline thread
+            got.append(b)
+    assert len(got) == len(want) and got
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys()
+        for k in g:
+            assert torch.equal(g[k], w[k]), k
+
+
+def test_inline_pipeline_runs_in_next_on_the_consumers_thread(ds):
+    names = []
+
+    def where(batch, gen):
+        names.append(threading.current_thread().name)
+        return batch
+
+    with open_loader(ds, backend="fallback", device="cpu", num_threads=0, batch_points=9_000,
+                     transform=where, stack={"xy": ["x", "y"]}) as ld:
+        n = sum(1 for _ in ld)
+    assert names == [threading.current_thread().name] * n
+
+
+def test_inline_reads_ask_the_kernel_for_the_batches_submitted_ahead(ds, monkeypatch):
+    hints, reads = [], []
+    real_fadvise, real_preadv = os.posix_fadvise, os.preadv
+
+    def fadvise(fd, off, length, advice):
+        hints.append((fd, off, length, advice))
+        return real_fadvise(fd, off, length, advice)
+
+    def preadv(fd, bufs, off):
+        reads.append((fd, off, len(hints)))
+        return real_preadv(fd, bufs, off)
+
+    monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    monkeypatch.setattr(os, "preadv", preadv)
+    with open_loader(ds, backend="fallback", device="cpu", num_threads=0, prefetch=2,
+                     batch_points=10_000, fields=["pid"]) as ld:
+        next(iter(ld))
+        fd = ld.files.fd("pid")
+        base = ld.dataset.layout("pid").offset
+    assert all(h[3] == os.POSIX_FADV_WILLNEED for h in hints)
+    # both batches submitted before the first read were announced before it
+    assert (fd, base, 80_000, os.POSIX_FADV_WILLNEED) in hints[:2]
+    assert (fd, base + 80_000, 80_000, os.POSIX_FADV_WILLNEED) in hints[:2]
+    assert reads and reads[0][2] >= 2
+
+
+def test_num_threads_zero_is_for_a_cpu_device(ds):
+    with pytest.raises(LoaderError, match="num_threads must be an integer >= 1 on a CUDA device"):
+        open_loader(ds, backend="fallback", device="cuda", num_threads=0, batch_points=100)
+
+
+def test_an_interrupted_inline_read_leaves_a_stopped_iterator(ds, monkeypatch):
+    real = os.preadv
+    calls = []
+
+    def preadv(fd, bufs, off):
+        calls.append(off)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(fd, bufs, off)
+
+    with open_loader(ds, backend="fallback", device="cpu", num_threads=0,
+                     batch_points=5_000, fields=["pid"]) as ld:
+        it = iter(ld)
+        monkeypatch.setattr(os, "preadv", preadv)
+        with pytest.raises(KeyboardInterrupt):
+            for _ in it:
+                pass
+        monkeypatch.setattr(os, "preadv", real)
+        with pytest.raises(LoaderError, match="interrupted by KeyboardInterrupt"):
+            next(it)
+        state = ld.state_dict()
+        ld.load_state_dict(state)  # resume where the interrupted loop stood
+        got = np.concatenate([b["pid"].numpy() for b in ld])
+    assert np.array_equal(got, np.arange(state["batches_done"] * 5_000, ds.num_points))
