@@ -3,7 +3,7 @@
     python -m bench.compare [--dataset DIR | --points N] [--backbone mlp|linear] [--train]
                             [--cold] [--shuffle] [--repeat 3] [--budget S] [--json PATH]
                             [--plot PATH] [--task-sizes 1,4,8,16] [--smoke]
-                            [--chunk-size S --batch-chunks K]
+                            [--chunk-size S --batch-chunks K] [--layout dales|seed]
 
 Loaders (one rank, the same ``batch_points``, ``drop_last=False``; baselines in file order):
 
@@ -25,15 +25,26 @@ Spatial-chunk mode (``--batch-chunks K``, on a dataset chunked by ``--chunk-size
 in the same order, shuffled too with ``--shuffle``), each batch the concatenation of its chunks'
 point ranges for every field. The table adds chunks/s.
 
+Seed layout (``--layout seed``, ``bench.seed``): the seed project's workload — N × 6 float32 in
+one file read by its ``numpy.memmap`` + one thread + ``Queue(2)`` + ``np.copy`` pipeline into a
+``Linear(6,64)-ReLU-Linear(64,3)`` backbone — against ``open_loader(backend="fallback",
+stack={"feat": [the six fields]}, dtype=torch.float32)`` on the same points, with paired
+end-to-end and loader-only ratios.
+
 Each loader also runs loader-only (iterate, touch nothing, synchronise on CUDA at the end: the
 I/O floor). Every end-to-end run checksums every point it consumed (exact integer sums of the raw
 bits, on the device; independent of order); all checksums must agree before any speed is
 printed, else exit 3. A run disturbed by other load, or one where compute-only is not the floor,
-gets an INCONCLUSIVE verdict that says why. ``--budget`` bounds the run's wall time.
+gets an INCONCLUSIVE verdict that says why. ``--budget`` bounds the run's wall time, counted
+from the process start: the untimed warm-up pass is timed as a calibration, each loader's epoch
+extrapolated from it, and the run planned to fit (``bench.budget``): fewer loader-only epochs,
+then fewer repetitions, then optional loaders left out — each cut said at the start, every
+later repetition and retry re-checked against the measured epochs.
 
-This module is the command line only; the work is in ``variants`` (loaders), ``limits``
-(physical limits, page cache), ``measure`` (epochs, load, statistics), ``schedule`` (repetitions,
-retries, budget), ``goals`` (verdicts), ``report`` (text, JSON) and ``plot`` (PNG).
+This module is the command line only; the work is in ``variants`` (loaders), ``seed`` (the seed
+layout), ``limits`` (physical limits, page cache), ``measure`` (epochs, load, statistics),
+``budget`` (the plan), ``schedule`` (repetitions, retries), ``goals`` (verdicts), ``report``
+(text, JSON) and ``plot`` (PNG).
 """
 
 from __future__ import annotations
@@ -44,7 +55,6 @@ import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -67,12 +77,12 @@ from bench.backbone import FIELDS, LABEL, ChecksumMismatch, Step, build_backbone
 from bench.goals import assess, evaluate_goals  # noqa: E402
 from bench.limits import CacheState, drop_pages, measure_limits, residency  # noqa: E402
 from bench.measure import (Device, Stats, check_results, other_load, paired_speedup,  # noqa: E402
-                           run_epoch, summarize, CpuSnapshot)
+                           summarize, CpuSnapshot)
 from bench.plot import plot  # noqa: E402
 from bench.report import document, environment, render  # noqa: E402
 from bench import seed as seedmod  # noqa: E402
-from bench.budget import Budget, Estimates, extrapolate, plan_runs, process_age  # noqa: E402
-from bench.schedule import run_schedule, sweep_task_sizes  # noqa: E402
+from bench.budget import Budget, plan_runs, process_age  # noqa: E402
+from bench.schedule import calibrate, run_schedule, sweep_task_sizes  # noqa: E402
 from bench.variants import (ComputeOnlyVariant, LibraryVariant, QueueVariant,  # noqa: E402
                             SequentialVariant, TorchDataLoaderVariant, Variant, field_files,
                             tdl_grid)
@@ -258,26 +268,6 @@ def _build_variants(args, ds, files, batch: int, dev: Device, cap, grid_cfgs: li
     return variants
 
 
-def _calibrate(variants: Sequence[Variant], dev: Device, make_step, num_batches: int,
-               prepare) -> Estimates:
-    """The untimed warm-up pass, timed: ``WARMUP_BATCHES`` batches of every loader, end to end
-    and loader-only, extrapolated to a full epoch of ``num_batches`` batches (plus the cost of
-    preparing a run: the page-cache drop with --cold)."""
-    est = Estimates()
-    for v in variants:
-        for kind in ("e2e", "lo"):
-            if kind == "lo" and v.family == "compute-only":
-                continue
-            t = time.perf_counter()
-            prepare()
-            extra = time.perf_counter() - t
-            r = run_epoch(v, dev, make_step() if kind == "e2e" else None,
-                          limit_batches=WARMUP_BATCHES)
-            table = est.e2e if kind == "e2e" else est.lo
-            table[v.name] = extra + extrapolate(r.wall, r.first, r.batches, num_batches)
-    return est
-
-
 def _main(args: argparse.Namespace) -> int:
     dev = Device(args.device)
     cuda = dev.cuda
@@ -355,8 +345,8 @@ def _main(args: argparse.Namespace) -> int:
     snap0 = None
     try:
         progress(f"warm-up and calibration ({WARMUP_BATCHES} batches of each loader) …")
-        est = _calibrate(variants, dev, make_step, num_batches, prepare_run if args.cold
-                         else (lambda: None))
+        est = calibrate(variants, dev, make_step, num_batches, WARMUP_BATCHES,
+                        prepare_run if args.cold else (lambda: None))
         if args.cold:
             cache.checks.clear()
         plan = plan_runs(est, [v.name for v in variants], essential, args.repeat, lo_runs,
@@ -453,20 +443,10 @@ def _main(args: argparse.Namespace) -> int:
     if seed_layout:
         env["dataset"]["seed_file"] = str(seed_path)
         goals = seedmod.seed_goals(by_family, quality, args.cold)
-        ratios = [seedmod.ratio_line(by_family.get(seedmod.OURS), by_family.get(seedmod.REFERENCE),
-                                     f"{seedmod.OURS} vs {seedmod.REFERENCE}"),
-                  seedmod.ratio_line(by_family.get("fallback-loopstack"),
-                                     by_family.get(seedmod.REFERENCE),
-                                     f"fallback-loopstack vs {seedmod.REFERENCE}")]
     else:
         goals = evaluate_goals(by_family, limits, cuda, args.backbone, args.cold,
                                skipped.get("gds"), quality)
-        ratios = [seedmod.ratio_line(by_family.get("fallback"), by_family.get("sequential"),
-                                     "fallback vs sequential")]
-        if "gds" in by_family:
-            ratios.append(seedmod.ratio_line(by_family["gds"], by_family.get("sequential"),
-                                             "gds vs sequential"))
-    ratios = [r for r in ratios if r]
+    ratios = seedmod.paired_ratios(by_family, seed_layout)
     print(render(env, limits, rows, grid, skipped, goals, bpp, ref_checksum, quality, task_sizes,
                  ratios))
     elapsed = budget.elapsed()

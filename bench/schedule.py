@@ -1,6 +1,7 @@
 """The order of the timed runs, their retries, and the budget checks between them.
 
-Owns: :func:`run_schedule` (round-robin over the loaders within each repetition, one loader
+Owns: :func:`calibrate` (the untimed warm-up pass, timed: each loader's epoch extrapolated from
+its first batches), :func:`run_schedule` (round-robin over the loaders within each repetition, one loader
 later each repetition; a disturbed run is repeated while retries allow and the retry plus the
 rest of its repetition still fit; a repetition after the first starts only when the slowest
 estimate of it still fits) and :func:`sweep_task_sizes` (the gds loader, loader-only, at several
@@ -12,17 +13,18 @@ one per retry with the reason, and one when the budget stops the repetitions.
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from bench.backbone import Step
-from bench.budget import MARGIN, Budget, Estimates
+from bench.budget import MARGIN, Budget, Estimates, extrapolate
 from bench.measure import Device, RunResult, Stats, disturbance, disturbed, run_epoch
 from bench.variants import LibraryVariant, Variant
 
 Say = Callable[[str], None]
-__all__ = ["Budget", "ScheduleResult", "run_schedule", "sweep_task_sizes"]
+__all__ = ["Budget", "ScheduleResult", "calibrate", "run_schedule", "sweep_task_sizes"]
 
 
 @dataclass
@@ -63,6 +65,27 @@ def _timed(v: Variant, dev: Device, step: Callable[[], Step | None], retries: in
     assert best is not None
     res.retried += tries - 1
     return best
+
+
+def calibrate(variants: Sequence[Variant], dev: Device, make_step: Callable[[], Step],
+              num_batches: int, warmup_batches: int,
+              prepare: Callable[[], object] = lambda: None) -> Estimates:
+    """The untimed warm-up pass, timed: ``warmup_batches`` batches of every loader, end to end
+    and loader-only, extrapolated to a full epoch of ``num_batches`` batches (plus the cost of
+    preparing a run: the page-cache drop with --cold)."""
+    est = Estimates()
+    for v in variants:
+        for kind in ("e2e", "lo"):
+            if kind == "lo" and v.family == "compute-only":
+                continue
+            t = time.perf_counter()
+            prepare()
+            extra = time.perf_counter() - t
+            r = run_epoch(v, dev, make_step() if kind == "e2e" else None,
+                          limit_batches=warmup_batches)
+            table = est.e2e if kind == "e2e" else est.lo
+            table[v.name] = extra + extrapolate(r.wall, r.first, r.batches, num_batches)
+    return est
 
 
 def run_schedule(variants: Sequence[Variant], stats: dict[str, Stats], dev: Device,

@@ -199,6 +199,17 @@ def ratio_line(row: dict | None, ref: dict | None, label: str) -> dict | None:
     return out
 
 
+def paired_ratios(by_family: dict[str, dict], seed_layout: bool) -> list[dict]:
+    """The ratios the goals are stated in: ours against the seed pipeline (and the loop-stack
+    reference), or the fallback (and gds) against the sequential baseline."""
+    if seed_layout:
+        pairs = [(OURS, REFERENCE), ("fallback-loopstack", REFERENCE)]
+    else:
+        pairs = [("fallback", "sequential"), ("gds", "sequential")]
+    out = [ratio_line(by_family.get(a), by_family.get(b), f"{a} vs {b}") for a, b in pairs]
+    return [r for r in out if r]
+
+
 def seed_goals(rows: dict[str, dict], quality: dict, cold: bool) -> list[dict]:
     ours, ref = rows.get(OURS), rows.get(REFERENCE)
     cache = "cold" if cold else "warm"

@@ -346,7 +346,9 @@ class LibraryVariant(Variant):
         if batch_chunks is not None:
             cfg["batch_chunks"] = batch_chunks
         cfg.update({k: str(v) for k, v in options.items()})
-        label = (f"{backend}, {cfg['num_threads']} thr, prefetch {cfg['prefetch']}"
+        reads = ("inline reads" if cfg["num_threads"] == 0  # read in next(), no reader thread
+                 else f"{cfg['num_threads']} thr")
+        label = (f"{backend}, {reads}, prefetch {cfg['prefetch']}"
                  + (", shuffled" if shuffle else ""))
         super().__init__(name or family, label, cfg)
 
