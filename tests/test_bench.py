@@ -299,7 +299,7 @@ def test_a_loader_that_consumes_other_points_fails_the_run_before_any_speed(
 def chunk_smoke(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench-chunks")
     cmd = [sys.executable, "-m", "bench.compare", "--smoke", "--retries", "0", "--points", "60000",
-           "--chunk-size", "100", "--batch-chunks", "4", "--shuffle", "--seed", "5",
+           "--chunk-size", "100", "--batch-chunks", "4", "--shuffle", "--seed", "5", "--cold",
            "--json", str(tmp / "c.json"), "--workdir", str(tmp)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     doc = json.loads((tmp / "c.json").read_text()) if proc.returncode == 0 else None
@@ -326,6 +326,11 @@ def test_chunk_smoke_runs_every_loader_on_whole_chunks(chunk_smoke):
             lo = r["loader_only"]
             assert lo["chunks_per_s"] == pytest.approx(ds["chunks"] / lo["wall_s"]), name
     assert rows["fallback"]["config"]["batch_chunks"] == 4
+    # --cold (the default layout's cold path: pages dropped before every run, maps closed)
+    assert doc["page_cache"]["mode"] == "cold"
+    assert doc["page_cache"]["drop_method"] == "posix_fadvise(DONTNEED)"
+    assert doc["limits"]["read_cold_bytes_per_s"] > 0
+    assert rows["queue"]["config"]["memmaps_kept_across_epochs"] is False
     for v in doc["all_variants"]:
         for cs in v["checksums"]:
             assert cs == doc["checksum"] and cs["points"] == 60_000, v["name"]
