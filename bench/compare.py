@@ -219,8 +219,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, from_process_start: bool = False) -> int:
+    """``from_process_start``: the budget counts the interpreter's start and imports too (the
+    command line; not a call from a longer-lived process)."""
     args = parse_args(argv)
+    args.from_process_start = from_process_start
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
@@ -273,7 +276,8 @@ def _main(args: argparse.Namespace) -> int:
     cuda = dev.cuda
     budget = Budget(args.budget or (GPU_BUDGET_S if cuda else CPU_BUDGET_S),
                     reserve=REPORT_RESERVE_S + (PLOT_RESERVE_S if args.plot else 0.0))
-    budget.start -= process_age()  # the interpreter's start and the imports count too
+    if getattr(args, "from_process_start", False):
+        budget.start -= process_age()  # the interpreter's start and the imports count too
     args.budget = budget.seconds
     seed_layout = args.layout == "seed"
     batch = args.batch_points or (SMOKE_BATCH if args.smoke else GPU_BATCH if cuda else CPU_BATCH)
@@ -464,4 +468,4 @@ def _main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(from_process_start=True))

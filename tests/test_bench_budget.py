@@ -1,8 +1,10 @@
-"""The benchmark's time budget: the plan from measured costs, the schedule's checks (invented
-costs and a fake clock: nothing is timed)."""
+"""The benchmark's time budget: the plan from measured costs and the schedule's checks (invented
+costs and a fake clock: no timed assertion), and one tiny run through the command line."""
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -255,3 +257,22 @@ def test_the_budget_counts_from_the_process_start():
 
     age = process_age()
     assert age > 0.0  # this interpreter started (and imported torch) before the call
+
+
+def test_a_budget_too_small_for_anything_says_so_and_runs_only_the_essential_loaders(tmp_path):
+    """The command line: a 1 s budget is spent before the calibration ends (the interpreter's
+    start counts). The run says at the start that it will overrun and by about how much, leaves
+    out every optional loader with the reason, and still reports the essential ones."""
+    proc = subprocess.run([sys.executable, "-m", "bench.compare", "--smoke", "--retries", "0",
+                           "--budget", "1", "--points", "60000", "--workdir", str(tmp_path),
+                           "--json", str(tmp_path / "b.json")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plan = next(line for line in proc.stderr.splitlines() if line.startswith("plan: "))
+    assert "NOT EVEN ONE repetition of the essential loaders fits" in plan
+    assert "expected to exceed the budget by" in plan and "left out" in plan
+    doc = json.loads((tmp_path / "b.json").read_text())
+    assert {r["family"] for r in doc["loaders"]} == {"sequential", "fallback", "compute-only"}
+    for name in ("queue", "torch-dataloader[w=0,pin=0]"):
+        assert "left out to fit the budget" in doc["skipped"][name]["reason"]
+    assert "queue" in proc.stdout and "left out to fit the budget" in proc.stdout
