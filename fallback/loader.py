@@ -41,7 +41,7 @@ from gds_stream.errors import DatasetError, LoaderError
 from gds_stream.format import Dataset, pread_into
 from gds_stream.integrity import BlockVerifier
 from gds_stream.loader import POLL_S, EpochIterator, Loader
-from gds_stream.slab import GATHER_INT, SLAB_ALIGN, SlabLayout
+from gds_stream.slab import SLAB_ALIGN, SlabLayout, int_rows
 from gds_stream.plan import BatchPlan, EpochPlan
 
 from .hostmem import anon_buffer, permutation_into
@@ -387,16 +387,16 @@ def unpack_slab(torch: Any, slab: Any, specs, layout: SlabLayout, batch: BatchPl
         if perm is None:
             t = region.view(torch_dtype(torch, spec.dtype))
         else:
-            bits = torch_dtype(torch, np.dtype(GATHER_INT[spec.dtype.itemsize]))
-            src = region.view(bits).view(n, spec.components)
+            # one integer per point where it fits: torch's fast 1-D gather, bit for bit
+            src = int_rows(torch, region.view(n, spec.point_bytes))
             if gathered is None:
                 t = src.index_select(0, perm)
             else:
                 nb = n * spec.point_bytes
-                t = gathered[pos:pos + nb].view(bits).view(n, spec.components)
+                t = gathered[pos:pos + nb].view(src.dtype).view(src.shape)
                 torch.index_select(src, 0, perm, out=t)
                 pos += -(-nb // SLAB_ALIGN) * SLAB_ALIGN
-            t = t.view(torch_dtype(torch, spec.dtype))
+            t = t.view(torch.uint8).view(torch_dtype(torch, spec.dtype))
         out[spec.name] = t.view(n, spec.components) if spec.components > 1 else t.view(n)
     if batch.scan_sizes is not None:
         k, oo = len(batch.scan_sizes), layout.offsets_offset

@@ -120,9 +120,19 @@ class Loader(Closeable):
         return self.plan_spec.num_steps(self.epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch the next ``iter()`` runs (shuffle order depends on it)."""
-        self.epoch = _epoch_value(epoch, "set_epoch()")
-        self._resume_step = 0
+        """Choose the epoch the next ``iter()`` runs (shuffle order depends on it).
+
+        After :meth:`load_state_dict`, ``set_epoch`` of the resumed epoch keeps the resume
+        position (the usual ``for epoch in range(start, n): loader.set_epoch(epoch)`` loop
+        resumes mid-epoch); another epoch drops it, with a warning naming both."""
+        epoch = _epoch_value(epoch, "set_epoch()")
+        if self._resume_step and epoch != self.epoch:
+            log.warning("%s: set_epoch(%d) drops the resume position loaded by "
+                        "load_state_dict() (epoch %d at batch %d): epoch %d starts from its "
+                        "first batch", self.dataset.path, epoch, self.epoch, self._resume_step,
+                        epoch)
+            self._resume_step = 0
+        self.epoch = epoch
 
     def epoch_plan(self, epoch: int | None = None) -> EpochPlan:
         return EpochPlan(self.plan_spec, self.epoch if epoch is None else epoch)

@@ -47,6 +47,31 @@ class SlabLayout:
         return SlabLayout(tuple(offs), perm, oo, max(pos, SLAB_ALIGN))
 
 
+def int_rows(torch: Any, t: Any) -> Any:
+    """``t`` (contiguous, rows along dim 0) as integers that move its rows bit for bit: one
+    integer per row when a row is 1, 2, 4 or 8 bytes — a 1-D ``index_select``, torch's fast
+    path (the 2-D one costs several times more on a CPU) — else ``(n, k)`` integers of the
+    element's size. :func:`from_int_rows` turns a gather of it back."""
+    n = int(t.shape[0])
+    k = 1
+    for d in t.shape[1:]:
+        k *= int(d)
+    es = t.element_size()
+    b = t.reshape(n, k).view(torch.uint8)
+    if k * es in GATHER_INT:
+        return b.view(_torch_int(torch, k * es)).view(n)
+    return b.view(_torch_int(torch, es))
+
+
+def from_int_rows(torch: Any, g: Any, dtype: Any, row_shape: tuple[int, ...]) -> Any:
+    """The rows gathered from :func:`int_rows` as ``dtype`` of shape ``(m, *row_shape)``."""
+    return g.view(torch.uint8).view(dtype).view((int(g.shape[0]), *row_shape))
+
+
+def _torch_int(torch: Any, nbytes: int) -> Any:
+    return {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[nbytes]
+
+
 def _round(n: int) -> int:
     return -(-n // SLAB_ALIGN) * SLAB_ALIGN
 

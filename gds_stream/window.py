@@ -21,11 +21,9 @@ from typing import Any
 import numpy as np
 
 from ._hostmem import anon_buffer
-from .slab import gather_field_rows
+from .slab import from_int_rows, gather_field_rows, int_rows
 
 _ALIGN = 4096
-#: Element size → the torch integer dtype a gather moves values as (bit for bit, any dtype).
-_BITS = {1: "int8", 2: "int16", 4: "int32", 8: "int64"}
 
 
 def gather_rows(window: dict[str, Any], rows: np.ndarray) -> dict[str, Any]:
@@ -47,22 +45,17 @@ def gather_rows(window: dict[str, Any], rows: np.ndarray) -> dict[str, Any]:
             [t.reshape(n, -1).view(torch.uint8) for t in window.values()], idx)
         return {name: g.view(t.dtype).view((m, *t.shape[1:]))
                 for (name, t), g in zip(window.items(), gathered)}
-    else:
-        sizes = [_aligned(len(rows) * t[:1].numel() * t.element_size()) for t in window.values()]
-        buf = torch.from_numpy(anon_buffer(sum(sizes)))
+    sizes = [_aligned(len(rows) * t[:1].numel() * t.element_size()) for t in window.values()]
+    buf = torch.from_numpy(anon_buffer(sum(sizes)))
     out, pos = {}, 0
+    m = len(rows)
     for name, t in window.items():
-        bits = getattr(torch, _BITS[t.element_size()])
-        src = t.view(bits)
-        if buf is None:
-            g = src.index_select(0, idx)
-        else:
-            shape = (len(rows), *src.shape[1:])
-            nbytes = len(rows) * src[:1].numel() * t.element_size()
-            g = buf[pos:pos + nbytes].view(bits).view(shape)
-            torch.index_select(src, 0, idx, out=g)
-            pos += _aligned(nbytes)
-        out[name] = g.view(t.dtype)
+        src = int_rows(torch, t)  # one integer per row where it fits: torch's fast 1-D gather
+        nbytes = m * src[:1].numel() * src.element_size()
+        g = buf[pos:pos + nbytes].view(src.dtype).view((m, *src.shape[1:]))
+        torch.index_select(src, 0, idx, out=g)
+        pos += _aligned(nbytes)
+        out[name] = from_int_rows(torch, g, t.dtype, tuple(t.shape[1:]))
     return out
 
 

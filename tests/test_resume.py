@@ -1,0 +1,75 @@
+"""Resume in the usual training loop: ``load_state_dict`` then ``set_epoch``."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from gds_stream.backends import open_loader
+from helpers import make_dataset
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("resume"), [5000, 12_001, 3000],
+                        block_bytes=4096)
+
+
+OPTS = [dict(batch_points=1_000, shuffle=True, seed=3, fields=["pid"]),
+        dict(batch_scans=1, shuffle=True, seed=1, fields=["pid"]),
+        dict(batch_points=700, shuffle=True, shuffle_window=0, fields=["pid"])]
+
+
+def _pids(loader):
+    return [b["pid"].numpy().copy() for b in loader]
+
+
+@pytest.mark.parametrize("opts", OPTS, ids=str)
+def test_set_epoch_of_the_resumed_epoch_keeps_the_position(ds, opts, caplog):
+    with open_loader(ds, backend="fallback", device="cpu", **opts) as ld:
+        want = {}
+        for e in range(3):
+            ld.set_epoch(e)
+            want[e] = _pids(ld)
+        ld.set_epoch(1)
+        it = iter(ld)
+        cut = len(want[1]) // 2
+        for _ in range(cut):
+            next(it)
+        ckpt = ld.state_dict()
+        it.close()
+    with caplog.at_level(logging.WARNING), open_loader(ds, backend="fallback", device="cpu",
+                                                       **opts) as ld:
+        ld.load_state_dict(ckpt)
+        got = {}
+        for epoch in range(ckpt["epoch"], 3):  # the usual loop
+            ld.set_epoch(epoch)
+            got[epoch] = _pids(ld)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(got[1]) == len(want[1]) - cut  # no batch seen before the checkpoint again
+    assert all(np.array_equal(a, b) for a, b in zip(got[1], want[1][cut:]))
+    assert all(np.array_equal(a, b) for a, b in zip(got[2], want[2]))
+
+
+def test_set_epoch_of_another_epoch_drops_the_resume_position_with_a_warning(ds, caplog):
+    opts = OPTS[0]
+    with open_loader(ds, backend="fallback", device="cpu", **opts) as ld:
+        ld.set_epoch(2)
+        it = iter(ld)
+        next(it), next(it)
+        ckpt = ld.state_dict()
+        it.close()
+        ld.set_epoch(0)
+        want0 = _pids(ld)
+    with caplog.at_level(logging.WARNING), open_loader(ds, backend="fallback", device="cpu",
+                                                       **opts) as ld:
+        ld.load_state_dict(ckpt)
+        ld.set_epoch(0)
+        got0 = _pids(ld)
+    assert len(got0) == len(want0) and all(np.array_equal(a, b) for a, b in zip(got0, want0))
+    msgs = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(msgs) == 1
+    assert "set_epoch(0) drops the resume position" in msgs[0]
+    assert "epoch 2 at batch 2" in msgs[0]
