@@ -273,9 +273,11 @@ def _other(r: dict) -> str:
 
 
 def _repeat_line(env: dict) -> str:
-    line = (f"median of {env['repeat']} end-to-end and {env['loader_only_repeat']} loader-only "
-            f"epochs per loader, after a short untimed warm-up pass")
     sched = env.get("schedule") or {}
+    done = sched.get("done", env["repeat"]) or env["repeat"]
+    lo = env["loader_only_repeat"] // max(1, env["repeat"]) * done
+    line = (f"median of {done} end-to-end and {lo} loader-only epochs per loader, after a short "
+            f"untimed warm-up pass")
     if sched.get("done") is not None and sched["done"] < sched.get("requested", 0):
         line += f" — ONLY {sched['done']} of {sched['requested']} ran"
         if sched.get("stopped"):
