@@ -1,12 +1,12 @@
-"""Host buffers whose memory goes back to the OS the moment the last view dies.
+"""Host memory of the fallback's CPU path: batch buffers and the in-place permutation.
 
-Batches are large (tens to hundreds of MiB) and short-lived. Allocated through ``malloc`` (numpy,
-torch's CPU allocator), glibc serves them by ``mmap`` only above its *dynamic* threshold, which
-rises to the size of every mmapped chunk freed (up to 32 MiB): after the first batches, buffers
-of a few MiB to 32 MiB come from the heaps of whichever threads allocated them, and freed ones
-stay there, fragmented, so the process's peak grows to several batches beyond the in-flight
-ones. An anonymous ``mmap`` per buffer has no such heuristic: ``munmap`` when the last numpy or
-torch view is collected. Page faults are the same as for any fresh large ``malloc``.
+Buffers come from :func:`gds_stream._hostmem.anon_buffer`: each an anonymous mapping of its own
+(not ``malloc``, whose heaps keep freed multi-MiB batches fragmented and let a process's peak
+creep up), recycled through a small pool — at most 6 buffers and 256 MiB — once every numpy or
+torch view of it died, so the next batch of a similar size reuses it without page faults; what
+the pool cannot keep is unmapped. A buffer is reused only after its last view died, so a batch
+the consumer holds is never written again. :func:`permutation_into` writes a batch's
+within-batch permutation into its slab without an int64 temporary.
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ __all__ = ["anon_buffer", "permutation_into"]
 
 #: Points written per step when the permutation is built in place (bounds the temporary).
 _ARANGE_STEP = 1 << 20
-
-
 
 
 def permutation_into(batch: BatchPlan, out: np.ndarray) -> bool:

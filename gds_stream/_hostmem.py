@@ -6,11 +6,17 @@ torch's CPU allocator), glibc serves them by ``mmap`` only above its *dynamic* t
 rises to the size of every mmapped chunk freed (up to 32 MiB); after a few batches, buffers of a
 few MiB to 32 MiB come from thread heaps, and freed ones stay there, fragmented, so a process's
 peak grows to several batches beyond the ones alive. Each buffer here is an anonymous mapping of
-its own instead, and when the last numpy or torch view of it dies (a ``weakref.finalize`` on the
+its own instead, and when the last numpy or torch view of it dies (a weak reference to the
 array the views keep alive) it returns to a small pool: the next batch of a similar size reuses it
 — no page faults, which on a VM cap filling fresh memory at ~2 GB/s — and whatever the pool cannot
 keep is unmapped at once. A buffer is reused only after every view of it died, so a batch the
 consumer holds is never written again.
+
+The weak reference's callback is a C function (``deque.append`` of the reference): no Python
+code runs when a buffer dies, so a Ctrl-C can never land in (and be swallowed by) a finalizer of
+ours — a ``weakref.finalize`` runs Python code, and a ``KeyboardInterrupt`` raised there is only
+printed as "Exception ignored". The returned buffers are moved to the pool (or unmapped) by the
+next allocation, and by :func:`drain` when a loader closes.
 
 Fresh buffers use ordinary pages. Transparent huge pages (``MADV_HUGEPAGE``) fill a fresh buffer
 about 4× faster on the development VM, but where the kernel compacts memory on such a fault
@@ -37,9 +43,11 @@ _FIT = 0.5
 
 _lock = threading.Lock()
 _free: list[mmap.mmap] = []
-#: Buffers whose last view died, handed over without a lock: the finalizer may run inside a
-#: garbage collection triggered while ``_lock`` is held by the same thread (deque appends are
-#: atomic), and is drained under the lock.
+#: Buffers alive, by ``id`` of the weak reference to their array: (reference, mapping).
+_live: dict[int, tuple[weakref.ref, mmap.mmap]] = {}
+#: Weak references whose array died, appended by the C-level callback without a lock (it may
+#: run inside a garbage collection triggered while ``_lock`` is held by the same thread; deque
+#: appends are atomic) and drained under the lock.
 _returned: collections.deque = collections.deque()
 
 
@@ -51,7 +59,8 @@ def anon_buffer(nbytes: int) -> np.ndarray:
     if mm is None:
         mm = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     arr = np.frombuffer(mm, dtype=np.uint8, count=nbytes)
-    weakref.finalize(arr, _returned.append, mm)
+    ref = weakref.ref(arr, _returned.append)  # a C callback: no Python code when it dies
+    _live[id(ref)] = (ref, mm)
     return arr
 
 
@@ -72,7 +81,10 @@ def _drain() -> list[mmap.mmap]:
     """Move returned buffers to the pool (caller holds ``_lock``); return those beyond its
     bounds, newest kept, to unmap outside the lock."""
     while _returned:
-        _free.append(_returned.popleft())
+        # absent: a Ctrl-C ended anon_buffer() between the reference and its record
+        got = _live.pop(id(_returned.popleft()), None)
+        if got is not None:
+            _free.append(got[1])
     extra = []
     while len(_free) > POOL_BUFFERS or sum(len(m) for m in _free) > POOL_BYTES:
         extra.append(_free.pop(0))
@@ -85,6 +97,13 @@ def _unmap(buffers: list[mmap.mmap]) -> None:
             old.close()
         except BufferError:  # pragma: no cover - a view outlived its finalizer
             pass
+
+
+def drain() -> None:
+    """Recycle (or unmap, beyond the pool's bounds) the buffers whose last view died."""
+    with _lock:
+        extra = _drain()
+    _unmap(extra)
 
 
 def pooled_bytes() -> int:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
+import threading
 from typing import Any, Sequence, TypeVar
 
 from .errors import DatasetError
@@ -30,8 +33,41 @@ class Closeable:
     def __del__(self) -> None:
         try:
             self.close()
+        except KeyboardInterrupt:
+            # Raised in a finalizer, it would only be printed ("Exception ignored in ..."):
+            # the next next() of a loader raises it in the main code instead.
+            PENDING_INTERRUPT.append(True)
         except Exception:  # noqa: BLE001 - interpreter shutdown or a half-built object
             pass
+
+
+def import_torch() -> Any:
+    """``import torch``, collecting the reference cycle its first import leaves behind.
+
+    torch's first import in a process runs ``torch.fx``'s ``wrap()``, which keeps
+    ``inspect.currentframe()`` in a local: a cycle through a frame whose ``f_back`` chain reaches
+    the frame that imported torch — and, through it, every caller up the stack. Imported while a
+    loader is built, that keeps the loader (its threads, descriptors and buffers) alive until the
+    cyclic garbage collector happens to run. One collection right after the first import frees
+    the cycle while those frames are still running."""
+    mod = sys.modules.get("torch")
+    if mod is not None:
+        return mod
+    import torch
+
+    gc.collect()
+    return torch
+
+
+#: A Ctrl-C that landed in a ``__del__`` of ours, to raise at the next ``next()`` of a loader.
+PENDING_INTERRUPT: list[bool] = []
+
+
+def raise_pending_interrupt() -> None:
+    """Raise the ``KeyboardInterrupt`` a finalizer of ours caught (main thread only)."""
+    if PENDING_INTERRUPT and threading.current_thread() is threading.main_thread():
+        PENDING_INTERRUPT.clear()
+        raise KeyboardInterrupt
 
 
 class FieldFiles(Closeable):

@@ -20,6 +20,7 @@ import os
 from typing import Any
 
 from . import capability
+from ._lifetime import import_torch
 from .errors import BackendUnavailable, LoaderError
 from .format import Dataset
 from .loader import Loader
@@ -56,6 +57,7 @@ def open_loader(dataset: Dataset | str | os.PathLike, backend: str = "auto",
     :class:`BackendUnavailable` with the reason if it cannot run) or ``"fallback"``. Options:
     see :mod:`gds_stream.options`; ``task_size`` is taken by the GPU-direct backend only.
     """
+    import_torch()  # before a loader exists on this stack (see import_torch)
     if backend not in BACKENDS:
         raise LoaderError(f"backend must be 'auto', 'gds' or 'fallback', got {backend!r}")
     check_option_names(list(options), extra=GDS_ONLY_OPTIONS)

@@ -22,7 +22,7 @@ import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
-from ._lifetime import Closeable
+from ._lifetime import Closeable, raise_pending_interrupt
 from .errors import BackendUnavailable, LoaderError
 from .plan import BatchPlan, EpochPlan
 
@@ -105,6 +105,7 @@ class EpochIterator(Closeable):
         self._next_submit += 1
 
     def __next__(self) -> dict:
+        raise_pending_interrupt()  # a Ctrl-C that landed in a finalizer of ours
         if not self._busy.acquire(blocking=False):
             if self._closed:  # a close() from another thread is joining the workers: wait
                 self._busy.acquire()  # for it, then report the close below
@@ -356,13 +357,16 @@ class _Producer:
         """The next batch (consumer's thread); a failure of the pipeline thread first."""
         while True:
             if self.error is not None:
-                raise self.error
+                # handed over once (the iterator then stops): its traceback holds the iterator
+                err, self.error = self.error, None
+                raise err
             try:
                 kind, value = self.queue.get(timeout=POLL_S)
             except queue.Empty:
                 if it._closed and it._why is not None:
                     raise LoaderError(it._stopped_message()) from None
-                if not self.thread.is_alive() and self.queue.empty() and self.error is None:
+                if (not self.thread.is_alive() and self.queue.empty()
+                        and self.error is None):
                     raise LoaderError("the pipeline thread stopped unexpectedly") from None
                 continue
             if kind == "end":

@@ -20,12 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from ._lifetime import Closeable, FieldFiles
+from ._hostmem import drain as drain_returned_buffers
+from ._lifetime import Closeable, FieldFiles, import_torch
 from .epoch import POLL_S, EpochIterator
 from .errors import LoaderError
 from .format import Dataset, FieldSpec, open_dataset
 from .integrity import BlockVerifier
-from .options import LoaderOptions, check_option_names, resolve_options
+from .options import (DEFAULT_SHUFFLE_WINDOW, LoaderOptions, check_option_names,
+                      resolve_options)
 from .plan import EpochPlan, PlanSpec, shuffle_block_points
 from .stats import LoaderStats
 
@@ -57,6 +59,7 @@ class Loader(Closeable):
     backend_reason: str = "built directly, not through open_loader"
 
     def __init__(self, dataset: Dataset | str | os.PathLike, **options: Any):
+        import_torch()  # before anything refers to this loader (see import_torch)
         self._closed = False
         self._released = False
         self._active: weakref.ref[EpochIterator] | None = None
@@ -82,6 +85,7 @@ class Loader(Closeable):
             #: The batch key of the unit ids ("chunk" in chunk mode), or None.
             self.unit_key: str | None = "chunk" if o.unit == "chunks" else None
             self._check_yields_batches()
+            self._check_window_mixes()
             self.files = FieldFiles(self.dataset, o.fields)
             if o.verify_reads:
                 self.verifier = BlockVerifier(self.dataset, self.specs, self.files)
@@ -112,6 +116,21 @@ class Loader(Closeable):
             f"{ds.path}: {opt}={o.batch_size} with drop_last=True yields no batch: the dataset "
             f"has {units} {unit}{ranks}, fewer than one full batch per rank "
             f"({o.batch_size * w} needed); {fix}")
+
+    def _check_window_mixes(self) -> None:
+        """Warn when ``shuffle_window`` is too small to mix: a window no larger than a shuffle
+        block or a batch draws each batch from one or two blocks, as if there were no window."""
+        o, ps = self.options, self.plan_spec
+        share = self.dataset.num_points // max(1, o.world_size)
+        floor = max(ps.block_points, o.batch_size)
+        if not (o.shuffle and o.unit == "points" and 0 < o.shuffle_window <= floor < share):
+            return
+        what = (f"a shuffle block ({ps.block_points} points)" if ps.block_points >= o.batch_size
+                else f"a batch (batch_points={o.batch_size})")
+        log.warning("%s: shuffle_window=%d is no larger than %s: each batch then holds points of "
+                    "one or two blocks, and what shares a batch barely changes between epochs; "
+                    "use a window of many blocks (the default is %d points)", self.dataset.path,
+                    o.shuffle_window, what, DEFAULT_SHUFFLE_WINDOW)
 
     # -- the contract -------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -231,6 +250,7 @@ class Loader(Closeable):
         try:
             self._release()
         finally:
+            drain_returned_buffers()
             if self.files is not None:
                 self.files.close()
             if getattr(self, "_owns_dataset", False) and getattr(self, "dataset", None) is not None:

@@ -253,3 +253,28 @@ def test_gather_field_rows_leaves_uneven_or_separate_fields_alone():
     assert runs(s[0:100].view(25, 4), s[50:150].view(25, 4)) == [[0], [1]]  # overlap
     assert runs(s[0:100].view(25, 4), s[200:300].view(25, 4),
                 s[300:400].view(25, 4)) == [[0, 1], [2]]  # uneven: the first two together
+
+
+# -- a window too small to mix ----------------------------------------------------------------
+@pytest.mark.parametrize("window, batch, warned", [
+    (32_768, 1_000, "no larger than a shuffle block"),     # one block: 262,144 points of x
+    (300_000, 400_000, "no larger than a batch (batch_points=400000)"),
+    (1 << 22, 100_000, None),                               # the default mixes
+    (0, 1_000, None),                                       # explicitly off: the user's choice
+    (2_000_000, 1_000, None),                               # the window holds the whole share
+])
+def test_a_window_too_small_to_mix_is_warned_about(tmp_path, caplog, window, batch, warned):
+    import logging
+
+    path = tmp_path / "ds"
+    with DatasetWriter(path, [FieldSpec("x", np.dtype("<f4"))]) as w:
+        w.append({"x": np.zeros(1_200_000, np.float32)})
+        w.end_scan("gen")
+    with caplog.at_level(logging.WARNING):
+        open_loader(path, backend="fallback", device="cpu", batch_points=batch, shuffle=True,
+                    shuffle_window=window).close()
+    msgs = [r.getMessage() for r in caplog.records if "shuffle_window" in r.getMessage()]
+    if warned is None:
+        assert not msgs
+    else:
+        assert len(msgs) == 1 and warned in msgs[0] and f"shuffle_window={window}" in msgs[0]

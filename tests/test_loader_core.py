@@ -319,3 +319,35 @@ def test_host_buffer_pool_is_bounded_in_bytes_and_safe_inside_a_collection():
     with _hostmem._lock:
         gc.collect()
     assert _hostmem.pooled_bytes() >= 1 << 20
+
+
+def test_the_first_abandoned_loader_of_a_process_closes_at_once(tmp_path):
+    # torch's first import leaves a reference cycle through frames (torch.fx keeps
+    # inspect.currentframe() in a local) whose f_back chain held the loader being built, so its
+    # descriptors stayed open until the cyclic collector ran. A fresh process, the collector off.
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    script = textwrap.dedent("""
+        import gc, os, sys
+        gc.disable()
+        sys.path.insert(0, sys.argv[1])
+        import gds_stream
+        assert "torch" not in sys.modules
+        def fds():
+            return len(os.listdir("/proc/self/fd"))
+        def epoch_start(path):
+            it = iter(gds_stream.open_loader(path, batch_points=100, shuffle=True, seed=1))
+            return next(it)["pid"].numel()
+        for kw in ({}, {}):
+            base = fds()
+            assert epoch_start(sys.argv[2]) == 100
+            print(fds() - base)
+    """)
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-c", script, str(root), str(_tiny(tmp_path))],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["0", "0"], (r.stdout, r.stderr[-1000:])

@@ -246,3 +246,12 @@ def test_epochs_state_dicts_devices_and_field_names_are_checked(tmp_path):
     for bad in ([["x"]], [1]):
         with pytest.raises(LoaderError, match="names"):
             open_loader(ds, backend="fallback", device="cpu", batch_points=10, fields=bad)
+
+
+@pytest.mark.parametrize("name, meant", [("batch_size", "batch_points"),
+                                         ("num_workers", "num_threads"),
+                                         ("prefetch_factor", "prefetch")])
+def test_names_from_other_loaders_suggest_ours(ds, name, meant):
+    # difflib alone suggested 'batch_scans' for batch_size
+    with pytest.raises(LoaderError, match=f"unknown option '{name}'; did you mean '{meant}'"):
+        open_loader(ds, backend="fallback", device="cpu", **{name: 10})

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from gds_stream.format import ALIGN
 from gds_stream.plan import MIN_READ_BYTES, EpochPlan, PlanSpec, shuffle_block_points
+from _mixing import pairs_shared
 
 SETTINGS = settings(max_examples=75, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -393,17 +394,6 @@ def test_window_reads_are_the_rank_share_in_few_ranges(spec, epoch):
             assert np.array_equal(np.sort(rows), np.arange(w.num_points))
 
 
-def _pairs_shared(a: list[np.ndarray], b: list[np.ndarray], n: int) -> float:
-    """Fraction of point pairs that share a batch in both epochs ``a`` and ``b``."""
-    ida, idb = np.empty(n, np.int64), np.empty(n, np.int64)
-    for k, idx in enumerate(a):
-        ida[idx] = k
-    for k, idx in enumerate(b):
-        idb[idx] = k
-    _, counts = np.unique(ida * len(b) + idb, return_counts=True)
-    return float((counts * (counts - 1) // 2).sum()) / (n * (n - 1) // 2)
-
-
 def _epoch_batches(spec: PlanSpec, epoch: int) -> list[np.ndarray]:
     p = EpochPlan(spec, epoch)
     return [p.batch(i).point_indices() for i in range(p.num_batches)]
@@ -420,11 +410,11 @@ def test_window_mixes_like_a_random_permutation():
                 block_points=bp)
     random_pairs = ((b - 1) / (n - 1)) ** 2
     windowed = PlanSpec(**base, shuffle_window=win)
-    got = np.mean([_pairs_shared(_epoch_batches(windowed, e), _epoch_batches(windowed, e + 1), n)
+    got = np.mean([pairs_shared(_epoch_batches(windowed, e), _epoch_batches(windowed, e + 1), n)
                    for e in range(3)])
     assert got < 2 * random_pairs, (got, random_pairs)
     blocks_only = PlanSpec(**base)
-    old = _pairs_shared(_epoch_batches(blocks_only, 0), _epoch_batches(blocks_only, 1), n)
+    old = pairs_shared(_epoch_batches(blocks_only, 0), _epoch_batches(blocks_only, 1), n)
     assert old > 20 * random_pairs
 
 
