@@ -70,7 +70,10 @@ def build_backbone(kind: str, num_classes: int, in_channels: int = len(FIELDS),
 
 
 def features(batch: Mapping[str, torch.Tensor], fields: Sequence[str] = FIELDS) -> torch.Tensor:
-    """(n, len(fields)) float32, cast where the batch lives (on the device)."""
+    """(n, len(fields)) float32, cast where the batch lives (on the device); a single (n, k)
+    field is the features already (a stacked batch)."""
+    if len(fields) == 1 and batch[fields[0]].dim() == 2:
+        return batch[fields[0]].to(torch.float32)
     return torch.stack([batch[f].to(torch.float32) for f in fields], dim=1)
 
 

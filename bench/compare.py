@@ -3,7 +3,7 @@
     python -m bench.compare [--dataset DIR | --points N] [--backbone mlp|linear] [--train]
                             [--cold] [--shuffle] [--repeat 3] [--budget S] [--json PATH]
                             [--plot PATH] [--task-sizes 1,4,8,16] [--smoke]
-                            [--chunk-size S --batch-chunks K]
+                            [--chunk-size S --batch-chunks K] [--layout dales|seed]
 
 Loaders (one rank, the same ``batch_points``, ``drop_last=False``; baselines in file order):
 
@@ -25,15 +25,26 @@ Spatial-chunk mode (``--batch-chunks K``, on a dataset chunked by ``--chunk-size
 in the same order, shuffled too with ``--shuffle``), each batch the concatenation of its chunks'
 point ranges for every field. The table adds chunks/s.
 
+Seed layout (``--layout seed``, ``bench.seed``): the seed project's workload — N × 6 float32 in
+one file read by its ``numpy.memmap`` + one thread + ``Queue(2)`` + ``np.copy`` pipeline into a
+``Linear(6,64)-ReLU-Linear(64,3)`` backbone — against ``open_loader(backend="fallback",
+stack={"feat": [the six fields]}, dtype=torch.float32)`` on the same points, with paired
+end-to-end and loader-only ratios.
+
 Each loader also runs loader-only (iterate, touch nothing, synchronise on CUDA at the end: the
 I/O floor). Every end-to-end run checksums every point it consumed (exact integer sums of the raw
 bits, on the device; independent of order); all checksums must agree before any speed is
 printed, else exit 3. A run disturbed by other load, or one where compute-only is not the floor,
-gets an INCONCLUSIVE verdict that says why. ``--budget`` bounds the run's wall time.
+gets an INCONCLUSIVE verdict that says why. ``--budget`` bounds the run's wall time, counted
+from the process start: the untimed warm-up pass is timed as a calibration, each loader's epoch
+extrapolated from it, and the run planned to fit (``bench.budget``): fewer loader-only epochs,
+then fewer repetitions, then optional loaders left out — each cut said at the start, every
+later repetition and retry re-checked against the measured epochs.
 
-This module is the command line only; the work is in ``variants`` (loaders), ``limits``
-(physical limits, page cache), ``measure`` (epochs, load, statistics), ``schedule`` (repetitions,
-retries, budget), ``goals`` (verdicts), ``report`` (text, JSON) and ``plot`` (PNG).
+This module is the command line only; the work is in ``variants`` (loaders), ``seed`` (the seed
+layout), ``limits`` (physical limits, page cache), ``measure`` (epochs, load, statistics),
+``budget`` (the plan), ``schedule`` (repetitions, retries), ``goals`` (verdicts), ``report``
+(text, JSON) and ``plot`` (PNG).
 """
 
 from __future__ import annotations
@@ -66,10 +77,12 @@ from bench.backbone import FIELDS, LABEL, ChecksumMismatch, Step, build_backbone
 from bench.goals import assess, evaluate_goals  # noqa: E402
 from bench.limits import CacheState, drop_pages, measure_limits, residency  # noqa: E402
 from bench.measure import (Device, Stats, check_results, other_load, paired_speedup,  # noqa: E402
-                           run_epoch, summarize, CpuSnapshot)
+                           summarize, CpuSnapshot)
 from bench.plot import plot  # noqa: E402
 from bench.report import document, environment, render  # noqa: E402
-from bench.schedule import Budget, run_schedule, sweep_task_sizes  # noqa: E402
+from bench import seed as seedmod  # noqa: E402
+from bench.budget import Budget, plan_runs, process_age  # noqa: E402
+from bench.schedule import calibrate, run_schedule, sweep_task_sizes  # noqa: E402
 from bench.variants import (ComputeOnlyVariant, LibraryVariant, QueueVariant,  # noqa: E402
                             SequentialVariant, TorchDataLoaderVariant, Variant, field_files,
                             tdl_grid)
@@ -92,7 +105,12 @@ GPU_BUDGET_S = 900
 #: times per repetition (warm cache only).
 LOADER_ONLY_FACTOR = 5
 TASK_SIZE_RUNS = 3
-WARMUP_BATCHES = 2
+#: The untimed warm-up (and calibration) pass: this many batches of every loader, end to end and
+#: loader-only; the full epoch's cost is extrapolated from them (see bench.budget).
+WARMUP_BATCHES = 3
+#: Seconds of the budget kept for the report (and the plot with --plot), and the share of the
+#: budget the limit measurements may take before they stop repeating.
+REPORT_RESERVE_S, PLOT_RESERVE_S, LIMITS_SHARE = 2.0, 4.0, 0.1
 EXIT_MISMATCH = 3
 EXIT_USAGE = 2
 
@@ -140,15 +158,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    f"{GPU_POINTS:,} with CUDA, {CPU_POINTS:,} on CPU)")
     p.add_argument("--batch-points", type=int, help=f"default {GPU_BATCH:,} with CUDA, "
                    f"{CPU_BATCH:,} on CPU")
-    p.add_argument("--backbone", choices=("mlp", "linear"), default="mlp")
+    p.add_argument("--backbone", choices=("mlp", "linear"), help="default: mlp (linear with "
+                   "--layout seed)")
     p.add_argument("--train", action="store_true", help="a full training step per batch "
                    "(default: inference under no_grad)")
     p.add_argument("--repeat", type=int, help="timed epochs per loader (default 3; 1 with --smoke)")
-    p.add_argument("--budget", type=float, help=f"seconds of wall time for the whole run: no "
-                   f"repetition (after the first) or retry starts that would not fit (default "
-                   f"{CPU_BUDGET_S} on CPU, {GPU_BUDGET_S} with CUDA)")
+    p.add_argument("--budget", type=float, help=f"seconds of wall time for the whole run, "
+                   f"dataset generation included: the runs are planned from a calibration pass "
+                   f"and cut (loader-only epochs, repetitions, then optional loaders) to fit, and "
+                   f"the run says what it cut (default {CPU_BUDGET_S} on CPU, {GPU_BUDGET_S} with "
+                   f"CUDA)")
     p.add_argument("--cold", action="store_true", help="drop the dataset's pages before every "
-                   "run (and check that it worked)")
+                   "timed run with posix_fadvise(DONTNEED) (the kernel's page cache only, "
+                   "unmapped pages only) and check with fincore that it worked")
+    p.add_argument("--layout", choices=("dales", "seed"), default="dales", help="dales: six "
+                   "fields, every loader (default); seed: the seed project's workload, N × 6 "
+                   "float32 in one file read by its memmap + thread + Queue(2) pipeline, against "
+                   "gds-stream's fallback with stack= (Linear(6,64)-ReLU-Linear(64,3))")
     p.add_argument("--shuffle", action="store_true", help="gds and fallback shuffle (the same "
                    "seed, so the same order); the baselines stay in file order")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed (default %(default)s)")
@@ -193,11 +219,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.dataset is not None and args.points is not None:
         p.error("--points sizes a generated dataset; it can't be combined with --dataset")
     check_chunk_args(p, args)
+    seedmod.check_seed_args(p, args)
+    if args.backbone is None:
+        args.backbone = "linear" if args.layout == "seed" else "mlp"
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, from_process_start: bool = False) -> int:
+    """``from_process_start``: the budget counts the interpreter's start and imports too (the
+    command line; not a call from a longer-lived process)."""
     args = parse_args(argv)
+    args.from_process_start = from_process_start
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.source == "s3":
@@ -255,8 +287,12 @@ def _build_variants(args, ds, files, batch: int, dev: Device, cap, grid_cfgs: li
 def _main(args: argparse.Namespace) -> int:
     dev = Device(args.device)
     cuda = dev.cuda
-    budget = Budget(args.budget or (GPU_BUDGET_S if cuda else CPU_BUDGET_S))
+    budget = Budget(args.budget or (GPU_BUDGET_S if cuda else CPU_BUDGET_S),
+                    reserve=REPORT_RESERVE_S + (PLOT_RESERVE_S if args.plot else 0.0))
+    if getattr(args, "from_process_start", False):
+        budget.start -= process_age()  # the interpreter's start and the imports count too
     args.budget = budget.seconds
+    seed_layout = args.layout == "seed"
     batch = args.batch_points or (SMOKE_BATCH if args.smoke else GPU_BATCH if cuda else CPU_BATCH)
     if args.dataset is not None:
         path = args.dataset
@@ -278,32 +314,44 @@ def _main(args: argparse.Namespace) -> int:
     files = field_files(ds, FIELDS)
     paths = sorted({ff.path for ff in files})
     n = ds.num_points
+    num_batches = len(planner.segments(0)) if planner is not None else -(-n // batch)
     nbytes = sum(ff.nbytes for ff in files)
     bpp = sum(ff.point_bytes for ff in files)
-    lab = ds.read(LABEL) if n else np.zeros(0, np.int32)  # the head's width: every class in range
-    num_classes = int(lab.max()) + 1 if n and lab.max() >= 0 else 1
-    del lab
+    if seed_layout:
+        progress("writing the seed layout's N × 6 float32 file …")
+        seed_path = seedmod.ensure_seed_file(ds)
+        paths.append(str(seed_path))
+        num_classes = seedmod.SEED_CLASSES
+        bpp = 6 * seedmod.ROW.itemsize
+        nbytes = n * bpp
+    else:
+        lab = ds.read(LABEL) if n else np.zeros(0, np.int32)  # the head's width: every class
+        num_classes = int(lab.max()) + 1 if n and lab.max() >= 0 else 1
+        del lab
     model_desc = build_backbone(args.backbone, num_classes).describe()
     cap = probe_gds()
     cache = CacheState("cold" if args.cold else "warm")
 
     progress("measuring limits …")
-    limits = measure_limits(files, paths, cache, args.repeat, args.cold, dev.device)
+    limits = measure_limits(files, paths, cache, args.repeat, args.cold, dev.device,
+                            allowance_s=LIMITS_SHARE * budget.seconds)
 
     progress("building loaders …")
-    grid_cfgs = tdl_grid(cuda, args.smoke)
+    grid_cfgs = [] if seed_layout else tdl_grid(cuda, args.smoke)
     skipped: dict[str, str] = {}
-    variants = _build_variants(args, ds, files, batch, dev, cap, grid_cfgs, skipped, planner)
-    stats = {v.name: Stats(v.name, v.family, v.backend, v.config) for v in variants}
+    if seed_layout:
+        variants = seedmod.build_variants(ds, seed_path, batch, dev.device, args.cold)
+        essential = set(seedmod.ESSENTIAL)
+    else:
+        variants = _build_variants(args, ds, files, batch, dev, cap, grid_cfgs, skipped,
+                                   planner)
+        essential = {"sequential", "fallback", "gds", "compute-only"}
     lo_runs = lo_factor(args, cuda)
-    progress(f"plan: {len(variants)} loaders ({', '.join(v.name for v in variants)}); "
-             f"{args.repeat} repetition(s) of 1 end-to-end + {lo_runs} loader-only epoch(s) each "
-             f"(compute-only: end-to-end only), up to {args.retries} retries of a disturbed run; "
-             f"budget {budget.seconds:.0f} s, {budget.elapsed():.0f} s used so far"
-             + (f"; gds skipped: {skipped['gds']}" if "gds" in skipped else ""))
+    fields = variants[0].fields
 
     def make_step() -> Step:
-        return Step(build_backbone(args.backbone, num_classes, device=dev.device), args.train)
+        return Step(build_backbone(args.backbone, num_classes, device=dev.device), args.train,
+                    fields=fields)
 
     def prepare_run() -> float | None:
         if args.cold:
@@ -313,16 +361,32 @@ def _main(args: argparse.Namespace) -> int:
 
     snap0 = None
     try:
-        progress("warm-up …")
-        for v in variants:
-            run_epoch(v, dev, make_step(), limit_batches=WARMUP_BATCHES)
-            if v.family != "compute-only":
-                run_epoch(v, dev, None, limit_batches=WARMUP_BATCHES)
+        progress(f"warm-up and calibration ({WARMUP_BATCHES} batches of each loader) …")
+        est = calibrate(variants, dev, make_step, num_batches, WARMUP_BATCHES,
+                        prepare_run if args.cold else (lambda: None))
+        if args.cold:
+            cache.checks.clear()
+        plan = plan_runs(est, [v.name for v in variants], essential, args.repeat, lo_runs,
+                         budget.left())
+        tdl = [v for v in variants if v.family == "torch-dataloader"]
+        grid_cfgs = [c for c, v in zip(grid_cfgs, tdl) if v.name in plan.keep]
+        for v in [v for v in variants if v.name not in plan.keep]:
+            skipped[v.name] = plan.dropped[v.name]
+            v.close()
+        variants = [v for v in variants if v.name in plan.keep]
+        stats = {v.name: Stats(v.name, v.family, v.backend, v.config) for v in variants}
+        lo_runs = plan.lo_runs
+        progress(f"plan: {len(variants)} loaders ({', '.join(v.name for v in variants)}); "
+                 f"{args.repeat} repetition(s) requested of 1 end-to-end + {lo_runs} loader-only "
+                 f"epoch(s) each (compute-only: end-to-end only), up to {args.retries} retries of "
+                 f"a disturbed run; budget {budget.seconds:.0f} s ({budget.elapsed():.0f} s used "
+                 f"so far, {budget.reserve:.0f} s kept for the report): {plan.describe()}"
+                 + "".join(f"; {k} skipped: {why}" for k, why in skipped.items()))
         if not args.cold:
             cache.record(*residency(paths))
         snap0 = CpuSnapshot.take()
         sched = run_schedule(variants, stats, dev, make_step, args.repeat, lo_runs, args.retries,
-                             budget, progress, prepare_run)
+                             budget, progress, prepare_run, est, essential)
     finally:
         for v in variants:
             v.close()
@@ -333,6 +397,12 @@ def _main(args: argparse.Namespace) -> int:
     if load is not None:
         load["retried_runs"], load["retries_allowed"] = sched.retried, args.retries
         load["retries_refused_for_budget"] = sched.retries_refused
+
+    for v in [v for v in variants if not stats[v.name].runs]:  # the budget skipped every run
+        skipped[v.name] = (f"skipped in all {sched.done} repetition(s): the budget had no room "
+                           f"for it beside the essential loaders")
+        del stats[v.name]
+    variants = [v for v in variants if v.name in stats]
 
     # -- correctness first -----------------------------------------------------------------
     ref_checksum = check_results(list(stats.values()), n)
@@ -345,17 +415,18 @@ def _main(args: argparse.Namespace) -> int:
             progress(f"KvikIO task_size sweep: {args.task_sizes} MiB …")
             task_sizes = {"rows": sweep_task_sizes(ds.path, batch, dev, args.task_sizes,
                                                    TASK_SIZE_RUNS, nbytes, args.shuffle,
-                                                   args.seed, progress, args.batch_chunks)}
+                                                   args.seed, progress, args.batch_chunks,
+                                                   budget, est.lo.get("gds", 0.0))}
 
     # -- numbers ---------------------------------------------------------------------------
     compute_wall = stats["compute-only"].wall
     summaries = {name: summarize(st, n, nbytes, compute_wall) for name, st in stats.items()}
     if planner is not None:
         add_chunk_rates(summaries.values(), planner.num_chunks)
-    seq_row = summaries["sequential"]
+    ref_row = summaries[variants[0].name]  # sequential, or the seed pipeline
     for srow in summaries.values():
         if srow.get("wall_s"):
-            srow["speedup_vs_sequential"], srow["speedup_spread"] = paired_speedup(srow, seq_row)
+            srow["speedup_vs_sequential"], srow["speedup_spread"] = paired_speedup(srow, ref_row)
     grid = [summaries[v.name] for v in variants if v.family == "torch-dataloader"]
     best = min(grid, key=lambda g: g["wall_s"]) if grid else None
     for g in grid:
@@ -375,20 +446,32 @@ def _main(args: argparse.Namespace) -> int:
                 if g_cfg else None)
     env = environment(dev, cap, args, ds, nbytes, batch, model_desc, cache, grid_cfgs, load,
                       lo_runs, thp_state(), gds_mode)
-    env["schedule"] = {"requested": sched.requested, "done": sched.done, "stopped": sched.stopped}
+    env["layout"] = args.layout
+    env["speedup_reference"] = variants[0].name
+    env["schedule"] = {"requested": sched.requested, "done": sched.done, "stopped": sched.stopped,
+                       "plan": plan.describe(), "cuts": plan.cuts + [
+                           f"{k} skipped in {c} repetition(s)"
+                           for k, c in sched.skipped_runs.items() if k in stats]}
     if planner is not None:
         env["batch_chunks"] = args.batch_chunks
         env["dataset"].update(chunks=planner.num_chunks, chunk_size=ds.chunk_size,
                               chunk_points_min_median_max=list(planner.chunk_points))
     quality = assess(by_family, load, env["schedule"])
-    goals = evaluate_goals(by_family, limits, cuda, args.backbone, args.cold, skipped.get("gds"),
-                           quality)
-    print(render(env, limits, rows, grid, skipped, goals, bpp, ref_checksum, quality, task_sizes))
+    if seed_layout:
+        env["dataset"]["seed_file"] = str(seed_path)
+        goals = seedmod.seed_goals(by_family, quality, args.cold)
+    else:
+        goals = evaluate_goals(by_family, limits, cuda, args.backbone, args.cold,
+                               skipped.get("gds"), quality)
+    ratios = seedmod.paired_ratios(by_family, seed_layout)
+    print(render(env, limits, rows, grid, skipped, goals, bpp, ref_checksum, quality, task_sizes,
+                 ratios))
     elapsed = budget.elapsed()
     print(f"\n(total run time {elapsed:.0f} s of a {budget.seconds:.0f} s budget)")
     if args.json:
         doc = document(env, limits, bpp, num_classes, rows, grid, list(summaries.values()),
                        skipped, ref_checksum, cache, goals, quality, task_sizes, elapsed)
+        doc["paired_ratios"] = ratios
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(doc, indent=1, default=str) + "\n")
     if args.plot:
@@ -398,4 +481,4 @@ def _main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(from_process_start=True))

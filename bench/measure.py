@@ -132,6 +132,7 @@ class RunResult:
     resident: float | None = None
     other: dict | None = None  # other processes' CPU during this run (see other_load)
     attempts: int = 1
+    first: float = 0.0  # seconds until the first batch was done (the epoch's start cost)
 
 
 def disturbance(r: "RunResult") -> float:
@@ -149,8 +150,10 @@ def run_epoch(variant: Variant, dev: Device, step: Step | None,
     """One epoch (or its first ``limit_batches``). ``step=None`` is loader-only: touch nothing.
     Stall is host time spent getting the next batch (iterator creation included). On CUDA
     the loop synchronises only at the start and the end, so the clock reads finished work."""
-    cs = Checksum(FIELDS, dev.device) if step is not None else None
+    fields = getattr(variant, "fields", FIELDS)
+    cs = Checksum(fields, dev.device) if step is not None else None
     points = batches = 0
+    first = 0.0
     dev.sync()
     snap = CpuSnapshot.take()
     t0 = time.perf_counter()
@@ -165,12 +168,14 @@ def run_epoch(variant: Variant, dev: Device, step: Step | None,
                 stall += time.perf_counter() - t
                 break
             stall += time.perf_counter() - t
-            points += int(batch[FIELDS[0]].shape[0])
+            points += int(batch[fields[0]].shape[0])
             batches += 1
             if step is not None:
                 step(batch)
                 cs.update(batch)
             del batch
+            if batches == 1:
+                first = time.perf_counter() - t0
             if limit_batches is not None and batches >= limit_batches:
                 break
     finally:
@@ -181,7 +186,7 @@ def run_epoch(variant: Variant, dev: Device, step: Step | None,
     wall = time.perf_counter() - t0
     other = other_load(snap, CpuSnapshot.take())
     return RunResult(wall, stall, points, batches, cs.result() if cs is not None else None,
-                     other=other)
+                     other=other, first=first)
 
 
 @dataclass

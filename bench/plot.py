@@ -46,6 +46,8 @@ def build_figure(env: dict, rows: list[dict], limits: dict, quality: dict | None
 
     # -- end-to-end: seconds per epoch, linear ----------------------------------------------
     top = 0.0
+    labels1: list = []
+    labels2: list = []
     for yi, r in zip(y, rows):
         runs = r.get("wall_s_runs") or [r["wall_s"]]
         lo, hi, med = min(runs), max(runs), r["wall_s"]
@@ -58,26 +60,25 @@ def build_figure(env: dict, rows: list[dict], limits: dict, quality: dict | None
         a1.errorbar(med, yi, xerr=[[max(0.0, med - lo)], [max(0.0, hi - med)]], fmt="none",
                     ecolor="black",
                     capsize=4, lw=1, gid=f"whisker:{r['name']}")
-        text = f"  {med:.3g} s"
+        text = f" {med:.3g} s"
         if r.get("stall_fraction") is not None and not compute:
             text += f" · stall {100 * r['stall_fraction']:.0f} %"
         if bad:
-            text += f" · DISTURBED ({r['disturbed_runs']} run(s), other load " \
-                    f"{100 * (r.get('other_load_max') or 0):.0f} %)"
-        a1.annotate(text, (hi, yi), va="center", ha="left", fontsize=8,
-                    color=RED if bad else "black")
+            text += f"\n DISTURBED: {r['disturbed_runs']} run(s),\n other load " \
+                    f"{100 * (r.get('other_load_max') or 0):.0f} %"
+        labels1.append(a1.annotate(text, (hi, yi), va="center", ha="left", fontsize=8,
+                                   color=RED if bad else "black", gid=f"label:{r['name']}"))
         del bar
     c = next((r for r in rows if r["family"] == "compute-only"), None)
     ylim = (-0.6, len(rows) - 0.1)
     if c is not None:
         a1.axvline(c["wall_s"], color="#555555", ls="--", lw=1.2, gid="floor",
                    label=f"compute-only floor: {c['wall_s']:.3g} s")
-        a1.annotate(f"compute-only floor {c['wall_s']:.3g} s\n(batches already resident)",
-                    (c["wall_s"], ylim[1]), ha="center", va="top", fontsize=8, color="#333333",
-                    bbox={"boxstyle": "round", "fc": "white", "ec": "#999999"})
+        labels1.append(a1.annotate(
+            f"compute-only floor {c['wall_s']:.3g} s\n(batches already resident)",
+            (c["wall_s"], ylim[1]), ha="left", va="top", fontsize=8, color="#333333",
+            bbox={"boxstyle": "round", "fc": "white", "ec": "#999999"}, gid="label:floor"))
     a1.set_ylim(*ylim)
-    wide = 2.0 if any(r.get("disturbed_runs") for r in rows) else 1.55  # room for the labels
-    a1.set_xlim(0, top * wide if top > 0 else 1)
     a1.set_yticks(y, names, fontsize=9)
     a1.set_xlabel("seconds per epoch (shorter is better)")
     reps = max((len(r.get("wall_s_runs") or [1]) for r in rows), default=1)
@@ -91,6 +92,7 @@ def build_figure(env: dict, rows: list[dict], limits: dict, quality: dict | None
     # -- loader-only: % of the measured read limit ------------------------------------------
     bw, what = _read_limit(limits, env.get("page_cache") == "cold")
     lo_rows = [(yi, r) for yi, r in zip(y, rows) if r.get("loader_only")]
+    top2 = 100.0  # the limit line is always shown
     if bw:
         for yi, r in lo_rows:
             lo = r["loader_only"]
@@ -105,26 +107,27 @@ def build_figure(env: dict, rows: list[dict], limits: dict, quality: dict | None
                 a2.errorbar(pct, yi, xerr=[[max(0.0, pct - p_lo)], [max(0.0, p_hi - pct)]],
                             fmt="none",
                             ecolor="black", capsize=3, lw=1)
-            note = " (reads nothing: zero-copy views)" if zero else ""
+            note = "\n reads nothing:\n zero-copy views" if zero else ""
             at = min(LO_CAP_PCT, pct if zero else max(pct, p_hi))
             note += " ▸ (off the axis)" if pct > LO_CAP_PCT else ""
-            a2.annotate(f" {pct:.0f} %{note}", (at, yi), va="center",
-                        ha="left", fontsize=8)
+            if not zero and pct > 100:  # the limit is a measurement too: say so, don't hide it
+                note += "\n above the measured limit"
+            labels2.append(a2.annotate(f" {pct:.0f} %{note}", (at, yi), va="center",
+                                       ha="left", fontsize=8, gid=f"label:{r['name']}"))
+            top2 = max(top2, at)
         for yi, r in zip(y, rows):
             if not r.get("loader_only"):
                 a2.annotate(" n/a (no loader)", (0, yi), va="center", fontsize=8, color=GREY)
         a2.axvline(100, color=GREEN, ls="--", lw=1.2, gid="read-limit",
                    label=f"100 % = measured read limit, {bw / 1e9:.2f} GB/s ({what})")
-        a2.annotate(f"100 % = measured read limit\n{bw / 1e9:.2f} GB/s ({what})",
-                    (100, ylim[1]), ha="center", va="top", fontsize=8, color=GREEN,
-                    bbox={"boxstyle": "round", "fc": "white", "ec": GREEN})
-        a2.set_xlim(0, LO_CAP_PCT + 45)
     else:
         a2.text(0.5, 0.5, "no read limit measured", ha="center", transform=a2.transAxes)
     a2.set_yticks(y, names, fontsize=9)
     a2.set_ylim(*ylim)
     a2.set_xlabel("loader-only throughput, % of the read limit (longer is better)")
-    a2.set_title("Loader alone (no model): share of the read limit", fontsize=10)
+    a2.set_title("Loader alone (no model): share of the read limit"
+                 + (f"\n100 % = {bw / 1e9:.2f} GB/s ({what},\nthe faster of preadv and a "
+                    f"memmap copy)" if bw else ""), fontsize=9)
     a2.grid(axis="x", alpha=0.3)
 
     # -- title: device, verdict, command -----------------------------------------------------
@@ -145,8 +148,29 @@ def build_figure(env: dict, rows: list[dict], limits: dict, quality: dict | None
     foot += [f"{name}: skipped — {why}" for name, why in skipped.items()]
     fig.text(0.01, 0.005, textwrap.shorten(" · ".join(foot), 260), fontsize=7.5, color="#444444",
              gid="command")
+    for t in labels1 + labels2:
+        t.set_in_layout(False)  # placed by _fit_xlim below, not by squeezing the axes
     fig.tight_layout(rect=(0, 0.03, 1, 0.93))
+    _fit_xlim(fig, a1, labels1, top)
+    _fit_xlim(fig, a2, labels2, top2)
     return fig
+
+
+def _fit_xlim(fig: Any, ax: Any, labels: list, data_max: float, pad_px: float = 6.0) -> None:
+    """The smallest x range (from 0) that shows ``data_max`` and every label whole: a label
+    anchored at data x = a, ``w`` pixels wide, ends inside an axes ``W`` pixels wide when the
+    right limit is at least a·W / (W − w − pad)."""
+    renderer = fig.canvas.get_renderer()
+    width = ax.get_window_extent(renderer).width
+    need = max(data_max, 1e-9) * 1.04
+    for t in labels:
+        w = t.get_window_extent(renderer).width
+        room = width - w - pad_px
+        a = t.xy[0]
+        if room <= 0.25 * width:  # a label wider than three quarters of the axes: pin it
+            room = 0.25 * width
+        need = max(need, a * width / room)
+    ax.set_xlim(0, need)
 
 
 def plot(path: Path, env: dict, rows: list[dict], limits: dict, quality: dict | None = None,

@@ -102,7 +102,8 @@ def _load_line(load: dict | None) -> str:
 
 def render(env: dict, limits: dict, rows: list[dict], grid: list[dict], skipped: dict,
            goals: list[dict], bytes_per_point: int, checksum: dict,
-           quality: dict | None = None, task_sizes: dict | None = None) -> str:
+           quality: dict | None = None, task_sizes: dict | None = None,
+           ratios: list[dict] | None = None) -> str:
     L = []
     L.append("gds-stream benchmark")
     L.append("=" * 20)
@@ -154,12 +155,18 @@ def render(env: dict, limits: dict, rows: list[dict], grid: list[dict], skipped:
     cached = limits.get("read_cached_chunk_bytes")
     if ring and cached and "read_chunk_bytes" in limits:
         sizes = "/".join(str(c >> 20) for c in limits["read_chunk_bytes"])
-        L.append(f"  read → memory: best of {sizes} MiB preadv into "
-                 f"{ring / 2**20:.0f} MiB of reused buffers (every byte lands in "
-                 f"memory, as batches do; the goals use it);")
-        L.append(f"  read → cache-hot: {cached >> 20} MiB preadv into "
-                 f"one {cached >> 20} MiB buffer per thread that stays "
-                 f"in the CPU caches (reference only).")
+        by = [f"{m} {limits[k] / GB:.2f}" for m in limits.get("read_methods", ())
+              if (k := f"read_warm_{m.replace('-', '_')}_bytes_per_s") in limits]
+        L.append(f"  read → memory: the faster of preadv and a copy out of a numpy.memmap "
+                 f"({', '.join(by)} GB/s), {sizes} MiB pieces")
+        L.append(f"    into {ring / 2**20:.0f} MiB of reused buffers: every byte lands in "
+                 f"memory, as batches do; the goals use it.")
+        L.append(f"  read → cache-hot: {cached >> 20} MiB preadv into one {cached >> 20} MiB "
+                 f"buffer per thread that stays in the CPU caches (reference only).")
+        cut = limits.get("read_warm_passes_min")
+        if cut is not None and cut < limits.get("read_repeats", 0):
+            L.append(f"  (the limit measurements stopped repeating at their share of the budget: "
+                     f"best of {cut} pass(es) at the least)")
     L.append("")
     chunked = bool(env.get("batch_chunks"))
     head = (f"{'loader':<18} {'backend / config':<30} {'wall s':>8} {'±%':>5} {'Mpts/s':>8} "
@@ -200,8 +207,8 @@ def render(env: dict, limits: dict, rows: list[dict], grid: list[dict], skipped:
              "also waits there for queued compute);")
     L.append("  overlap = max(compute-only, this loader's loader-only) / wall (1.00 = perfect "
              "overlap);")
-    L.append("  speedup = median over repetitions of sequential wall / this wall, each pair run "
-             "back to back (cancels the machine's drift).")
+    L.append(f"  speedup = median over repetitions of {env.get('speedup_reference', 'sequential')}"
+             f" wall / this wall, each pair run back to back (cancels the machine's drift).")
     L.append("  other% = the largest share of the machine that other processes or the hypervisor "
              f"took during one of this loader's end-to-end runs; '!' = a kept run was disturbed "
              f"(> {DISTURBED:.0%}).")
@@ -226,6 +233,11 @@ def render(env: dict, limits: dict, rows: list[dict], grid: list[dict], skipped:
                      f"{_fmt(lo.get('wall_s'), '9.4f'):>9} {_fmt(lo.get('gb_per_s'), '7.3f'):>7}"
                      f"{best}")
     L.extend(_task_size_lines(task_sizes))
+    if ratios:
+        from bench.seed import ratio_text
+
+        L.append("")
+        L.extend(ratio_text(ratios))
     L.append("")
     L.append("goals" + ("" if not quality or quality["verdict"] == "clean" else
                         " (INCONCLUSIVE measurement: see above)"))
@@ -261,11 +273,17 @@ def _other(r: dict) -> str:
 
 
 def _repeat_line(env: dict) -> str:
-    line = (f"median of {env['repeat']} end-to-end and {env['loader_only_repeat']} loader-only "
-            f"epochs per loader, after a short untimed warm-up pass")
     sched = env.get("schedule") or {}
+    done = sched.get("done", env["repeat"]) or env["repeat"]
+    lo = env["loader_only_repeat"] // max(1, env["repeat"]) * done
+    line = (f"median of {done} end-to-end and {lo} loader-only epochs per loader, after a short "
+            f"untimed warm-up pass")
     if sched.get("done") is not None and sched["done"] < sched.get("requested", 0):
-        line += f" — ONLY {sched['done']} of {sched['requested']} ran: {sched.get('stopped')}"
+        line += f" — ONLY {sched['done']} of {sched['requested']} ran"
+        if sched.get("stopped"):
+            line += f": {sched['stopped']}"
+    if sched.get("cuts"):
+        line += "; cut to fit the budget: " + "; ".join(sched["cuts"])
     if env.get("budget_s"):
         line += f"; budget {env['budget_s']:.0f} s"
     return line
@@ -293,6 +311,8 @@ def _task_size_lines(ts: dict | None) -> list[str]:
     for r in ts.get("rows", []):
         if "error" in r:
             L.append(f"  {r['task_size_mib']:>4} MiB  failed: {r['error']}")
+        elif "skipped" in r:
+            L.append(f"  {r['task_size_mib']:>4} MiB  skipped: {r['skipped']}")
         else:
             L.append(f"  {r['task_size_mib']:>4} MiB  {r['wall_s']:8.3f} s  {r['gb_per_s']:7.2f} GB/s"
                      f"  (best {r['best_gb_per_s']:.2f} GB/s; {r['backend']})")

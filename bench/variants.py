@@ -91,6 +91,8 @@ class Variant:
     """One loader configuration: ``epoch()`` returns a fresh iterator of device batches."""
 
     family = "?"
+    #: The keys every batch holds: the first counts the points, all of them are checksummed.
+    fields: tuple[str, ...] = FIELDS
 
     def __init__(self, name: str, backend: str = "", config: dict | None = None):
         self.name = name
@@ -319,7 +321,8 @@ class LibraryVariant(Variant):
 
     def __init__(self, family: str, path: Path, batch: int, device: torch.device,
                  shuffle: bool = False, seed: int = 0, task_size: int | None = None,
-                 name: str | None = None, batch_chunks: int | None = None):
+                 name: str | None = None, batch_chunks: int | None = None, **options):
+        """``options``: further ``open_loader`` options (e.g. ``stack=``, ``dtype=``)."""
         from gds_stream import open_loader
 
         self.family = family
@@ -329,7 +332,7 @@ class LibraryVariant(Variant):
         self._epochs = None if batch_chunks is None else 0
         self.loader = open_loader(path, backend=family, fields=list(FIELDS),
                                   device=str(device), shuffle=shuffle, seed=seed,
-                                  drop_last=False, rank=0, world_size=1, **extra)
+                                  drop_last=False, rank=0, world_size=1, **extra, **options)
         o = self.loader.options
         backend = str(getattr(self.loader, "backend", family))
         reason = getattr(self.loader, "backend_reason", None)
@@ -342,7 +345,10 @@ class LibraryVariant(Variant):
             cfg["task_size"] = task_size
         if batch_chunks is not None:
             cfg["batch_chunks"] = batch_chunks
-        label = (f"{backend}, {cfg['num_threads']} thr, prefetch {cfg['prefetch']}"
+        cfg.update({k: str(v) for k, v in options.items()})
+        reads = ("inline reads" if cfg["num_threads"] == 0  # read in next(), no reader thread
+                 else f"{cfg['num_threads']} thr")
+        label = (f"{backend}, {reads}, prefetch {cfg['prefetch']}"
                  + (", shuffled" if shuffle else ""))
         super().__init__(name or family, label, cfg)
 

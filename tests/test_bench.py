@@ -17,6 +17,7 @@ if str(ROOT) not in sys.path:  # bench/ is a program beside the package, not ins
 
 from bench.backbone import FIELDS, Checksum, ChecksumMismatch, compare_checksums  # noqa: E402
 from bench.goals import STATUSES  # noqa: E402
+from bench_synthetic import _row  # noqa: E402
 LOADERS = ("sequential", "queue", "torch-dataloader", "fallback", "compute-only")
 
 
@@ -210,23 +211,6 @@ def test_script_form_runs():
 
 
 # -- the GPU-only reporting paths, fed synthetic numbers (they can't run on a CPU machine) ----
-def _row(family, wall, lo_wall=None, name=None, spread=0.02):
-    nbytes = 24 * 36_831_590
-    runs = [wall * (1 - spread / 2), wall, wall * (1 + spread / 2)]
-    r = {"name": name or family, "family": family, "backend": family, "config": {},
-         "wall_s": wall, "wall_s_runs": runs, "wall_spread": spread,
-         "points_per_s": 36_831_590 / wall,
-         "gb_per_s": nbytes / wall / 1e9, "stall_s": 0.1 * wall, "stall_fraction": 0.1,
-         "speedup_vs_sequential": 1.0, "other_load_max": 0.0}
-    if lo_wall is not None:
-        r["loader_only"] = {"wall_s": lo_wall, "gb_per_s": nbytes / lo_wall / 1e9,
-                            "wall_s_runs": [lo_wall] * 3, "wall_spread": spread,
-                            "best_gb_per_s": nbytes / lo_wall / 1e9 * 1.05,
-                            "points_per_s": 36_831_590 / lo_wall}
-        r["overlap_efficiency"] = 0.9
-    return r
-
-
 def test_gpu_goals_are_evaluated_with_their_numbers():
     from bench.goals import evaluate_goals
 
@@ -310,235 +294,12 @@ def test_a_loader_that_consumes_other_points_fails_the_run_before_any_speed(
     assert doc["checksums_equal"] is False and "queue" in doc["error"]
 
 
-# -- verdicts: a measurement that can't be trusted says so (synthetic numbers) -----------------
-def _cpu_rows(compute_wall=2.0, spread=0.02):
-    return {"sequential": _row("sequential", 4.0, 3.5, spread=spread),
-            "fallback": _row("fallback", 3.0, 0.25, spread=spread),
-            "compute-only": _row("compute-only", compute_wall, spread=spread)}
-
-
-CPU_LIMITS = {"read_warm_bytes_per_s": 3.0e9}
-QUIET = {"other_fraction": 0.01, "steal_fraction": 0.0}
-
-
-def test_a_clean_run_gives_firm_verdicts():
-    from bench.goals import assess, evaluate_goals
-
-    rows = _cpu_rows()
-    q = assess(rows, QUIET)
-    assert q == {"verdict": "clean", "reasons": [], "summary": "", "notes": []}
-    goals = evaluate_goals(rows, CPU_LIMITS, False, "mlp", False, None, q)
-    assert [g["status"] for g in goals] == ["met", "met"]  # 1.33×; 3.54 GB/s ≥ 80 % of 3.0
-
-
-def test_compute_only_slower_than_a_loader_makes_every_verdict_inconclusive():
-    from bench.goals import assess, evaluate_goals
-
-    rows = _cpu_rows(compute_wall=7.56)  # slower than fallback (3.0 s) and sequential (4.0 s)
-    q = assess(rows, QUIET)
-    assert q["verdict"] == "inconclusive"
-    assert any("compute-only" in r and "fallback" in r for r in q["reasons"])
-    goals = evaluate_goals(rows, CPU_LIMITS, False, "mlp", False, None, q)
-    assert goals and all(g["status"] == "inconclusive" for g in goals)
-    assert goals[0]["leaning"] == "met"
-    assert "compute-only slower than sequential, fallback" in goals[0]["reasons"][0]
-    assert "impossible in a clean run" in q["reasons"][0]
-
-
-def test_compute_only_a_little_slower_within_noise_is_not_flagged():
-    from bench.goals import assess
-
-    rows = _cpu_rows(compute_wall=3.25, spread=0.10)  # 8 % over fallback, spread 10 %
-    assert assess(rows, QUIET)["verdict"] == "clean"
-    rows = _cpu_rows(compute_wall=3.25, spread=0.0)  # the same, but beyond a 5 % floor
-    assert assess(rows, QUIET)["verdict"] == "inconclusive"
-
-
-def test_other_load_above_the_threshold_makes_the_run_inconclusive():
-    from bench.goals import LOAD_THRESHOLD, assess, evaluate_goals
-
-    busy = {"other_fraction": 0.40, "steal_fraction": 0.03}
-    q = assess(_cpu_rows(), busy)
-    assert q["verdict"] == "inconclusive" and "43.0%" in q["reasons"][0]
-    goals = evaluate_goals(_cpu_rows(), CPU_LIMITS, False, "mlp", False, None, q)
-    assert all(g["status"] == "inconclusive" for g in goals)
-    edge = {"other_fraction": LOAD_THRESHOLD - 0.01, "steal_fraction": 0.0}
-    assert assess(_cpu_rows(), edge)["verdict"] == "clean"
-
-
-def test_a_margin_smaller_than_the_spread_is_inconclusive_not_met():
-    from bench.goals import assess, evaluate_goals
-
-    rows = _cpu_rows(spread=0.74)
-    rows["fallback"] = _row("fallback", 3.8, 0.25, spread=0.74)
-    rows["fallback"]["wall_s_runs"] = [2.0, 3.8, 5.0]  # paired with sequential's 3.96/4.0/4.04
-    q = assess(rows, QUIET)
-    goals = {g["goal"]: g for g in evaluate_goals(rows, CPU_LIMITS, False, "mlp", False, None, q)}
-    g = goals["fallback end-to-end not slower than sequential"]
-    assert g["status"] == "inconclusive" and "within the run-to-run spread" in g["reasons"][0]
-
-
-def test_a_disturbed_row_or_a_single_repetition_is_inconclusive():
-    from bench.goals import assess, evaluate_goals
-
-    rows = _cpu_rows()
-    rows["fallback"]["disturbed_runs"], rows["fallback"]["other_load_max"] = 2, 0.43
-    goals = evaluate_goals(rows, CPU_LIMITS, False, "mlp", False, None, assess(rows, QUIET))
-    assert goals[0]["status"] == "inconclusive" and "2 of 3" in goals[0]["reasons"][0]
-    one = _cpu_rows()
-    for r in one.values():
-        r["wall_s_runs"], r["wall_spread"] = r["wall_s_runs"][:1], None
-    goals = evaluate_goals(one, CPU_LIMITS, False, "mlp", False, None, assess(one, QUIET))
-    assert goals[0]["status"] == "inconclusive" and "single repetition" in goals[0]["reasons"][0]
-
-
-def test_the_report_prints_the_inconclusive_verdict_and_why():
-    from bench.goals import assess, evaluate_goals
-    from bench.report import render
-
-    rows = _cpu_rows(compute_wall=7.56)
-    q = assess(rows, {"other_fraction": 0.43, "steal_fraction": 0.0})
-    goals = evaluate_goals(rows, CPU_LIMITS, False, "mlp", False, None, q)
-    text = render(_env(), CPU_LIMITS, list(rows.values()), [], {}, goals, 24,
-                  {"points": 1, "rows": 1}, q)
-    assert "measurement: INCONCLUSIVE" in text and "43.0%" in text
-    assert "[inconclusive ]" in text and "leaning met" in text
-    assert text.index("checksums: all equal") < text.index("measurement: INCONCLUSIVE")
-
-
-# -- the plot: built through the function, checked by its elements ---------------------------
-def _env():
-    return {"device": "CPU: test", "gpu_direct": "-", "versions": {
-        "python": "3", "torch": "2", "torch_cuda": None, "numpy": "2", "cupy": "-",
-        "kvikio": "-"}, "cpu_count": 2, "torch_threads": 2,
-        "dataset": {"path": "d", "points": 3_500_000, "scans": 4, "bytes_selected": 84_000_000,
-                    "fields": list(FIELDS)}, "batch_points": 250_000,
-        "backbone": "mlp (6→64→9)", "mode": "inference", "page_cache": "warm",
-        "page_cache_check": "warm", "repeat": 3, "loader_only_repeat": 15, "torch_cpu_thp": "-",
-        "other_load": None, "command": "python -m bench.compare --plot x.png"}
-
-
-def test_plot_has_linear_epoch_times_a_compute_floor_and_the_read_limit(tmp_path):
-    import matplotlib.pyplot as plt
-
-    from bench.goals import assess
-    from bench.plot import build_figure, plot
-
-    rows = list(_cpu_rows().values())
-    rows[1]["disturbed_runs"], rows[1]["other_load_max"] = 1, 0.2
-    fig = build_figure(_env(), rows, CPU_LIMITS, assess(_cpu_rows(), QUIET), {"gds": "no GPU"})
-    try:
-        e2e, lo = fig.axes[0], fig.axes[1]
-        assert e2e.get_xscale() == "linear" and "seconds per epoch" in e2e.get_xlabel()
-        gids = {a.get_gid() for ax in fig.axes for a in ax.get_children()} | {
-            t.get_gid() for t in fig.texts}
-        assert {"e2e:sequential", "e2e:fallback", "e2e:compute-only", "floor",
-                "lo:sequential", "lo:fallback", "read-limit", "verdict", "command"} <= gids
-        assert "lo:compute-only" not in gids
-        floor = next(a for a in e2e.get_lines() if a.get_gid() == "floor")
-        assert floor.get_xdata()[0] == pytest.approx(2.0)
-        limit = next(a for a in lo.get_lines() if a.get_gid() == "read-limit")
-        assert limit.get_xdata()[0] == 100 and "3.00 GB/s" in limit.get_label()
-        bars = {p.get_gid(): p for p in lo.patches}
-        fb_pct = 100 * rows[1]["loader_only"]["gb_per_s"] * 1e9 / 3.0e9
-        assert bars["lo:fallback"].get_width() == pytest.approx(min(fb_pct, 150))
-        e2e_bars = {p.get_gid(): p for p in e2e.patches}
-        assert e2e_bars["e2e:fallback"].get_hatch() == "xx"  # disturbed
-        assert e2e_bars["e2e:sequential"].get_hatch() is None
-        texts = [t.get_text() for t in fig.texts]
-        assert "clean measurement" in texts and any("--plot x.png" in t for t in texts)
-        assert "CPU: test" in fig._suptitle.get_text()
-        assert any("DISTURBED" in t.get_text() for t in e2e.texts)
-    finally:
-        plt.close(fig)
-    bad = assess(_cpu_rows(compute_wall=7.56), QUIET)
-    fig = build_figure(_env(), list(_cpu_rows(compute_wall=7.56).values()), CPU_LIMITS, bad, {})
-    try:
-        assert any(t.get_text().startswith("INCONCLUSIVE") for t in fig.texts)
-    finally:
-        plt.close(fig)
-    plot(tmp_path / "p.png", _env(), rows, CPU_LIMITS, bad, {})
-    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
-
-
-# -- the budget: a tiny one stops the repetitions and says so ---------------------------------
-class _Tiny:
-    """A loader of three small CPU batches."""
-
-    family = "tiny"
-
-    def __init__(self, name):
-        self.name, self.backend, self.config = name, name, {}
-
-    def epoch(self):
-        return iter([{f: torch.ones(10, dtype=torch.int32 if f in FIELDS[4:] else torch.float32)
-                      for f in FIELDS} for _ in range(3)])
-
-    def close(self):
-        pass
-
-
-def test_a_tiny_budget_stops_repeating_and_says_so():
-    from bench.backbone import Step, build_backbone
-    from bench.measure import Device, Stats
-    from bench.schedule import Budget, run_schedule
-
-    variants = [_Tiny("a"), _Tiny("b")]
-    stats = {v.name: Stats(v.name, v.family, v.backend, {}) for v in variants}
-    said: list[str] = []
-    res = run_schedule(variants, stats, Device("cpu"),
-                       lambda: Step(build_backbone("linear", 2), False), repeat=3, lo_runs=2,
-                       retries=2, budget=Budget(0.0), say=said.append)
-    assert (res.requested, res.done) == (3, 1) and "1 of 3 repetitions" in res.stopped
-    assert any(s.startswith("budget:") for s in said)
-    assert sum("[rep 1/3]" in s for s in said) == 2  # a progress line per loader
-    assert all(len(st.runs) == 1 and len(st.loader_only) == 2 for st in stats.values())
-    from bench.goals import assess
-    q = assess({}, None, {"requested": 3, "done": 1, "stopped": res.stopped})
-    assert "1 of 3 repetitions ran" in q["notes"][0]
-    full = run_schedule(variants, {v.name: Stats(v.name, v.family, v.backend, {})
-                                   for v in variants}, Device("cpu"),
-                        lambda: Step(build_backbone("linear", 2), False), 3, 1, 0,
-                        Budget(600.0), said.append)
-    assert full.done == 3 and full.stopped is None
-
-
-def test_a_disturbed_run_is_retried_saying_why_unless_the_budget_is_spent(monkeypatch):
-    import bench.schedule as schedule
-    from bench.backbone import Step, build_backbone
-    from bench.measure import Device, Stats
-
-    real = schedule.run_epoch
-
-    def busy(variant, dev, step, limit_batches=None):
-        r = real(variant, dev, step, limit_batches)
-        r.other = {"other_fraction": 0.4, "steal_fraction": 0.0}
-        return r
-
-    monkeypatch.setattr(schedule, "run_epoch", busy)
-    monkeypatch.setattr(schedule, "disturbed", lambda r: True)
-    for budget, retried, refused in ((600.0, 2, 0), (0.0, 0, 1)):
-        said: list[str] = []
-        v = _Tiny("a")
-        stats = {"a": Stats("a", v.family, v.backend, {})}
-        res = schedule.run_schedule([v], stats, Device("cpu"),
-                                    lambda: Step(build_backbone("linear", 2), False), 1, 0, 2,
-                                    schedule.Budget(budget), said.append)
-        assert (res.retried, res.retries_refused) == (retried, refused)
-        assert len(stats["a"].runs) == 1  # the least disturbed attempt is the one kept
-        if retried:
-            assert sum("disturbed (other processes took 40% of the machine); running it again"
-                       in s for s in said) == 2
-        else:
-            assert any("no budget left to run it again" in s for s in said)
-
-
 # -- spatial-chunk mode ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def chunk_smoke(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench-chunks")
     cmd = [sys.executable, "-m", "bench.compare", "--smoke", "--retries", "0", "--points", "60000",
-           "--chunk-size", "100", "--batch-chunks", "4", "--shuffle", "--seed", "5",
+           "--chunk-size", "100", "--batch-chunks", "4", "--shuffle", "--seed", "5", "--cold",
            "--json", str(tmp / "c.json"), "--workdir", str(tmp)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     doc = json.loads((tmp / "c.json").read_text()) if proc.returncode == 0 else None
@@ -565,6 +326,11 @@ def test_chunk_smoke_runs_every_loader_on_whole_chunks(chunk_smoke):
             lo = r["loader_only"]
             assert lo["chunks_per_s"] == pytest.approx(ds["chunks"] / lo["wall_s"]), name
     assert rows["fallback"]["config"]["batch_chunks"] == 4
+    # --cold (the default layout's cold path: pages dropped before every run, maps closed)
+    assert doc["page_cache"]["mode"] == "cold"
+    assert doc["page_cache"]["drop_method"] == "posix_fadvise(DONTNEED)"
+    assert doc["limits"]["read_cold_bytes_per_s"] > 0
+    assert rows["queue"]["config"]["memmaps_kept_across_epochs"] is False
     for v in doc["all_variants"]:
         for cs in v["checksums"]:
             assert cs == doc["checksum"] and cs["points"] == 60_000, v["name"]
