@@ -110,6 +110,8 @@ _REPLACER = textwrap.dedent("""
                    "--chunk-size", size, "--overwrite", "--no-progress"])
         assert rc == 0, rc
         i += 1
+        with open(stop + ".count", "w") as f:  # how many so far, for the reading side
+            f.write(str(i))
     print("replacements", i, flush=True)
 """)
 
@@ -129,8 +131,19 @@ def test_loaders_opened_by_path_while_convert_overwrite_replaces_in_a_loop(tmp_p
     sizes_seen = set()
     try:
         deadline = time.monotonic() + 60
+        count = tmp_path / "stop.count"
+
+        def replaced_so_far() -> int:
+            try:
+                return int(count.read_text() or 0)
+            except (OSError, ValueError):
+                return 0
+
+        # read for as long as the replacer runs: epochs, both chunkings and several
+        # replacements, whichever side is faster on this machine
         while (proc.poll() is None and time.monotonic() < deadline
-               and not (epochs >= 25 and sizes_seen == set(SIZES))):
+               and not (epochs >= 25 and sizes_seen == set(SIZES)
+                        and replaced_so_far() >= 4)):
             try:
                 with open_loader(out, backend="fallback", device="cpu", batch_chunks=9,
                                  shuffle=epochs % 2 == 1) as ld:
