@@ -55,35 +55,15 @@ class ColumnFile:
         return [memoryview(cols[s.name][a:b].reshape(-1).view(np.uint8)) for s in self.specs]
 
     def _pwritev(self, bufs: list[memoryview], offset: int) -> None:
-        bufs = [b for b in bufs if len(b)]
         try:
-            while bufs:
-                done = os.pwritev(self.fd, bufs, offset)
-                if done <= 0:
-                    raise OSError(0, "no progress")
-                offset += done
-                while bufs and done >= len(bufs[0]):
-                    done -= len(bufs[0])
-                    bufs.pop(0)
-                if bufs and done:
-                    bufs[0] = bufs[0][done:]
+            _all_of(os.pwritev, self.fd, bufs, offset, "no progress")
         except OSError as exc:
             raise os_failure(self.path, f"writing {sum(len(b) for b in bufs)} bytes", exc,
                              self.where) from exc
 
     def _preadv(self, bufs: list[memoryview], offset: int) -> None:
-        bufs = [b for b in bufs if len(b)]
         try:
-            while bufs:
-                done = os.preadv(self.fd, bufs, offset)
-                if done <= 0:
-                    raise OSError(0, "the file ended early")
-                offset += done
-                while bufs and done >= len(bufs[0]):
-                    done -= len(bufs[0])
-                    bufs.pop(0)
-                if bufs and done:
-                    bufs[0] = bufs[0][done:]
+            _all_of(os.preadv, self.fd, bufs, offset, "the file ended early")
         except OSError as exc:
             raise os_failure(self.path, "reading temporary data", exc, self.where) from exc
 
@@ -259,3 +239,19 @@ def ordered_map(pool: Executor, fn: Callable, items: Iterable, ahead: int) -> It
                     f.result()
                 except Exception:  # already failing or stopped: the first error wins
                     pass
+
+
+def _all_of(op, fd: int, bufs: list[memoryview], offset: int, short: str) -> None:
+    """``os.pwritev``/``os.preadv`` until every byte of ``bufs`` moved (they may stop short);
+    an op that moves nothing raises ``OSError(short)``."""
+    bufs = [b for b in bufs if len(b)]
+    while bufs:
+        done = op(fd, bufs, offset)
+        if done <= 0:
+            raise OSError(0, short)
+        offset += done
+        while bufs and done >= len(bufs[0]):
+            done -= len(bufs[0])
+            bufs.pop(0)
+        if bufs and done:
+            bufs[0] = bufs[0][done:]
