@@ -174,16 +174,6 @@ class FallbackLoader(Loader):
         self.read_reason = _read_reason(self.options, self.inline_reads, self._cuda)
         log.debug("%r: %s", self, self.read_reason)
 
-    @property
-    def backend_reason(self) -> str:
-        """Why this backend (as ``open_loader`` chose it), and how it reads."""
-        return "; ".join(r for r in (self.__dict__.get("_choice_reason", ""),
-                                     self.__dict__.get("read_reason", "")) if r)
-
-    @backend_reason.setter
-    def backend_reason(self, reason: str) -> None:
-        self._choice_reason = reason
-
     def _make_iterator(self, plan: EpochPlan, start: int) -> "_FallbackIterator":
         if self._cuda:
             import torch

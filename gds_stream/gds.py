@@ -152,7 +152,7 @@ class GDSLoader(Loader):
                 reasons.append(why)
         self.backend = "gds" if all(r == "gds" for r in self.routes) else "gds-compat"
         #: Why some files are not read through GPUDirect Storage ("" when all are).
-        self.route_reason = "; ".join(reasons)
+        self.route_reason = self.read_reason = "; ".join(reasons)
         log.debug("GDSLoader: %s (routes %s)%s", self.backend, self.routes,
                   f": {self.route_reason}" if self.route_reason else "")
         # The loader's own streams (not torch's pool), kept for its life, destroyed in close().
@@ -163,16 +163,6 @@ class GDSLoader(Loader):
         ops = self._ops
         self._ring = PinnedRing(self.options.prefetch, 0,
                                 lambda nbytes: ops.pinned_empty(nbytes, torch.uint8))
-
-    @property
-    def backend_reason(self) -> str:
-        """Why this backend (as ``open_loader`` chose it), and why files read in compat mode."""
-        return "; ".join(r for r in (self.__dict__.get("_choice_reason", ""),
-                                     self.__dict__.get("route_reason", "")) if r)
-
-    @backend_reason.setter
-    def backend_reason(self, reason: str) -> None:
-        self._choice_reason = reason
 
     def _make_iterator(self, plan: EpochPlan, start: int) -> "_GDSIterator":
         return _GDSIterator(self, plan, start)

@@ -55,8 +55,19 @@ class Loader(Closeable):
 
     #: Set by subclasses: "fallback", "gds" or "gds-compat".
     backend: str = "?"
-    #: Why this backend: set by :func:`gds_stream.backends.open_loader`.
-    backend_reason: str = "built directly, not through open_loader"
+    #: How this backend reads, in its own words (subclasses; follows the choice in
+    #: :attr:`backend_reason`).
+    read_reason: str = ""
+
+    @property
+    def backend_reason(self) -> str:
+        """Why this backend (set by :func:`gds_stream.backends.open_loader`), then how it reads."""
+        return "; ".join(r for r in (self.__dict__.get("_choice_reason", ""), self.read_reason)
+                         if r)
+
+    @backend_reason.setter
+    def backend_reason(self, reason: str) -> None:
+        self._choice_reason = reason
 
     def __init__(self, dataset: Dataset | str | os.PathLike, **options: Any):
         import_torch()  # before anything refers to this loader (see import_torch)
