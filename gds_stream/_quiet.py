@@ -48,7 +48,7 @@ class Held(logging.Handler):
 
     def show(self, stream) -> None:
         for r in self.records:
-            print(self.format(r), file=stream)
+            stream.write(self.format(r) + "\n")
         self.records.clear()
 
 
