@@ -128,6 +128,43 @@ def batch_bytes_equal(a: dict, b: dict) -> bool:
                for k in a)
 
 
+def kept_epoch(loader, epoch: int = 0) -> list[dict]:
+    """Every batch of ``epoch``, cloned (kept past the loader's next batch)."""
+    loader.set_epoch(epoch)
+    return [{k: v.clone() for k, v in b.items()} for b in loader]
+
+
+def assert_same_batches(a: list[dict], b: list[dict]) -> None:
+    """Two lists of batches: the same keys, dtypes and values, batch by batch."""
+    import torch
+
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]), k
+
+
+def state_after(loader, epoch: int, batches: int) -> dict:
+    """``loader.state_dict()`` after taking ``batches`` batches of ``epoch``."""
+    loader.set_epoch(epoch)
+    it = iter(loader)
+    for _ in range(batches):
+        next(it)
+    state = loader.state_dict()
+    it.close()
+    return state
+
+
+def error_chain(exc: BaseException | None) -> list[BaseException]:
+    """``exc`` and its causes/contexts, outermost first (each once)."""
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return seen
+
+
 def wait_threads(baseline: set[threading.Thread], timeout: float = 5.0) -> list[threading.Thread]:
     """Poll until every live thread was alive at ``baseline``; return the extra ones left."""
     deadline = time.monotonic() + timeout

@@ -26,7 +26,7 @@ from gds_stream.errors import LoaderError
 from gds_stream.format import FieldSpec
 from fallback import FallbackLoader
 from helpers import (DEFAULT_FIELDS, Reference, assert_batch_equal, batch_bytes_equal,
-                     make_dataset, run_with_timeout, wait_threads)
+                     error_chain, make_dataset, run_with_timeout, wait_threads)
 
 # Scans of every awkward kind: empty ones, single points, sizes around block/alignment edges.
 SCANS = [0, 1, 4096, 131071, 0, 2, 65536, 100000, 3, 0, 77777, 41514]
@@ -411,14 +411,6 @@ class _Injected:
         return self.real(*a, **kw)
 
 
-def _chain(exc):
-    seen = []
-    while exc is not None and exc not in seen:
-        seen.append(exc)
-        exc = exc.__cause__ or exc.__context__
-    return seen
-
-
 @pytest.mark.parametrize("k", [1, 4, 17])
 @pytest.mark.parametrize("kind", ["oserror", "runtime"])
 @pytest.mark.parametrize("consumer_sleep", [0.0, 0.05])
@@ -451,7 +443,7 @@ def test_worker_error_reaches_consumer(ds, monkeypatch, k, kind, consumer_sleep,
     assert n < len(ld), "a silently short epoch would look like this"
     assert inj.t is not None
     assert t_raise - inj.t < 1.0 + 0.25, f"error surfaced {t_raise - inj.t:.2f} s late"
-    assert any(e is exc for e in _chain(err)), "the injected exception is not chained"
+    assert any(e is exc for e in error_chain(err)), "the injected exception is not chained"
     assert err.__cause__ is not None
     _assert_joined(baseline)
     with pytest.raises(LoaderError, match="failed at batch"):  # stays failed, never "finished"
@@ -508,7 +500,7 @@ def test_worker_error_surfaces_while_an_earlier_batch_is_still_reading(ds, monke
     assert err is not None and late < 1.0 + 0.25, (
         f"the consumer got {'an error' if err else 'batch 0'} {late:.2f} s after batch 1 "
         f"failed; the contract allows a second")
-    assert any(e is inj.exc for e in _chain(err))
+    assert any(e is inj.exc for e in error_chain(err))
     _assert_joined(baseline)
     ld.close()
 

@@ -14,7 +14,7 @@ import torch
 from gds_stream.backends import open_loader
 from gds_stream.errors import LoaderError
 from gds_stream.pipeline import batch_seed
-from helpers import make_dataset
+from helpers import assert_same_batches as _same, kept_epoch as _epoch, make_dataset, state_after
 from test_gds import _write, simulated_gpu  # noqa: F401 - the simulated CUDA fixture
 
 
@@ -30,19 +30,6 @@ def jitter(batch, gen):
     out = {k: v[keep] for k, v in batch.items() if k not in ("offset", "chunk")}
     out["x"] = out["x"] + torch.randn(out["x"].shape, generator=gen, device=out["x"].device)
     return out
-
-
-def _epoch(ld, epoch=0):
-    ld.set_epoch(epoch)
-    return [{k: v.clone() for k, v in b.items()} for b in ld]
-
-
-def _same(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for k in x:
-            assert x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]), k
 
 
 # threaded CPU (num_threads given) and every batch unit
@@ -78,12 +65,7 @@ def test_random_transform_is_deterministic_and_resumes_bit_identically(ds, cfg):
         assert sums != [float(x["x"].double().sum()) for x in _epoch(b, 2)]  # epochs differ
     for cut in (1, len(full) // 2, len(full) - 1):
         with loader() as a:
-            a.set_epoch(1)
-            it = iter(a)
-            for _ in range(cut):
-                next(it)
-            state = a.state_dict()
-            it.close()
+            state = state_after(a, 1, cut)
         with loader() as b:
             b.load_state_dict(state)
             _same(full[cut:], [{k: v.clone() for k, v in x.items()} for x in b])

@@ -15,7 +15,7 @@ import pytest
 
 import gds_stream
 from gds_stream.errors import DatasetError, LoaderError
-from helpers import batch_bytes_equal, make_dataset, run_with_timeout
+from helpers import batch_bytes_equal, error_chain, make_dataset, run_with_timeout
 from s3_fixtures import FaultProxy, Faults, bucket, s3_client, s3_server, upload  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,7 +156,7 @@ def test_denied_after_open_is_a_loader_error_at_next(remote, s3_server):
                                     batch_points=50_000) as ld:
             with pytest.raises(LoaderError) as ei:
                 run_with_timeout(lambda: next(iter(ld)), 30)
-    chain = _chain(ei.value)
+    chain = error_chain(ei.value)
     assert any("access denied" in str(e) and "/data-" in str(e) for e in chain), chain
 
 
@@ -181,14 +181,6 @@ def test_manifest_is_validated_like_a_local_one(local, bucket, s3_server):
 
 
 # -- faults ---------------------------------------------------------------------------------
-def _chain(exc):
-    seen = []
-    while exc is not None and exc not in seen:
-        seen.append(exc)
-        exc = exc.__cause__ or exc.__context__
-    return seen
-
-
 def test_faults_are_retried_and_every_epoch_is_exact(local, remote, s3_server):
     kw = dict(fields=["pid", "x", "rgb"], batch_points=20_000, shuffle=True, seed=11,
               shuffle_window=40_000, num_threads=4, prefetch=3, epochs=3)
@@ -254,7 +246,7 @@ def test_object_replaced_mid_epoch_is_an_error_never_mixed_bytes(local, remote, 
     assert len(got) < len(want), "the epoch ended without noticing the replaced object"
     for i, b in enumerate(got):  # what was handed out came whole from the old version
         assert batch_bytes_equal(b, want[i]), f"batch {i} mixes versions"
-    msg = " | ".join(str(e) for e in _chain(ei.value))
+    msg = " | ".join(str(e) for e in error_chain(ei.value))
     assert f"{key}: the object changed since the dataset was opened" in msg, msg
 
 

@@ -15,6 +15,7 @@ from gds_stream.backends import open_loader
 from gds_stream.errors import LoaderError
 from gds_stream.pipeline import batch_seed
 from gds_stream.transforms import Compose, GridSample, RandomRotate, SphereCrop, ToPointcept
+from helpers import assert_same_batches, kept_epoch as _epoch, state_after
 
 FIELDS = ["x", "y", "z", "intensity", "sem_class"]
 
@@ -33,17 +34,9 @@ def _loader(path, **kw):
     return open_loader(path, **opts)
 
 
-def _epoch(ld, epoch):
-    ld.set_epoch(epoch)
-    return [{k: v.clone() for k, v in b.items()} for b in ld]
-
-
 def _same(a, b):
-    assert len(a) == len(b) and a
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for k in x:
-            assert x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]), k
+    assert a  # never two empty lists
+    assert_same_batches(a, b)
 
 
 def test_preset_runs_in_the_pipeline_thread_and_equals_the_standalone_transform(chunked):
@@ -79,12 +72,7 @@ def test_transformed_epochs_are_deterministic_and_resume_bit_identically(chunked
         assert [x["coord"].sum() for x in full] != [x["coord"].sum() for x in other]
     for cut in (1, len(full) - 2):
         with _loader(chunked, transform=t, num_threads=threads) as a:
-            a.set_epoch(1)
-            it = iter(a)
-            for _ in range(cut):
-                next(it)
-            state = a.state_dict()
-            it.close()
+            state = state_after(a, 1, cut)
         with _loader(chunked, transform=t, num_threads=threads) as b:
             b.load_state_dict(state)
             _same(full[cut:], [{k: v.clone() for k, v in x.items()} for x in b])
