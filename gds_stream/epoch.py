@@ -75,7 +75,8 @@ class EpochIterator(Closeable):
         self._producer: _Producer | None = None
         # Shuffle windows (gds_stream.window): the backend reads windows, the core cuts batches.
         self._windowed = plan.spec.windowed
-        self._window: tuple[int, dict, int] | None = None  # (index, tensors, bytes) resident
+        self._window: tuple[int, Any, int] | None = None  # (index, tensors, bytes) resident
+        self._spare: Any = None  # a consumed packed window, packed into again (CPU)
         if self._windowed:
             self._num_windows = -(-plan.num_batches // plan.spec.window_steps)
             self._next_submit = (plan.window_index(start) if start < plan.num_batches
@@ -90,7 +91,7 @@ class EpochIterator(Closeable):
     def _fill(self) -> None:
         if self._windowed:  # one window read ahead of the one being consumed
             while not self._inflight and self._next_submit < self._num_windows:
-                window, _ = self.plan.window(self._next_submit)
+                window = self.plan.window_plan(self._next_submit)
                 self._submit_read(window.as_batch())
             return
         while (len(self._inflight) < self.prefetch
@@ -193,14 +194,15 @@ class EpochIterator(Closeable):
     def _produce_windowed(self, step: int) -> dict:
         """A batch of a windowed epoch: gathered from the resident window, whose successor is
         being read meanwhile."""
-        from .window import gather_rows
+        from .window import gather_rows, pack_window
 
         if step >= self.plan.num_batches:
             raise _EpochEnd
         self._fill()
-        batch = self.plan.batch(step)
-        assert batch.window is not None and batch.rows is not None
-        if self._window is None or self._window[0] != batch.window.index:
+        index = self.plan.window_index(step)
+        # The window is taken (read, packed) before its rows are asked for: its permutation is
+        # drawn on another thread meanwhile (EpochPlan.window_plan).
+        if self._window is None or self._window[0] != index:
             self._drop_window()
             _, handle, nbytes = self._inflight.popleft()
             try:
@@ -208,9 +210,15 @@ class EpochIterator(Closeable):
             except BaseException:
                 self._stats.retired(nbytes, 0, yielded=False)
                 raise
-            self._window = (batch.window.index, tensors, nbytes)
+            if not self._cuda:  # one cache line per point for the random gathers
+                tensors = pack_window(tensors, reuse=self._spare)
+            self._spare = None
+            self._window = (index, tensors, nbytes)
+            del handle, tensors  # a packed window's read buffer is free for the next read
             self._fill()  # read the next window while this one is consumed
         self._raise_later_failures()  # the window being read ahead
+        batch = self.plan.batch(step)
+        assert batch.window is not None and batch.rows is not None
         tensors, rows = self._window[1], batch.rows
         if self._pipe is None:
             out = gather_rows(tensors, rows)
@@ -230,10 +238,16 @@ class EpochIterator(Closeable):
         self._owner._on_epoch_end(self.plan.epoch)
         raise StopIteration
 
-    def _drop_window(self) -> None:
+    def _drop_window(self, keep: bool = True) -> None:
+        """Drop the resident window; a packed one stays as ``_spare``, the memory the next
+        window of the epoch is packed into (unless ``keep`` is false: the epoch ends)."""
+        if not keep:
+            self._spare = None
         if self._window is not None:
-            _, _, nbytes = self._window
+            _, tensors, nbytes = self._window
             self._window = None
+            if keep and not isinstance(tensors, dict):
+                self._spare = tensors
             self._stats.retired(nbytes, 0, yielded=False)
 
     def _stopped_message(self) -> str:
@@ -292,7 +306,7 @@ class EpochIterator(Closeable):
             while self._inflight:
                 _, _, nbytes = self._inflight.popleft()
                 self._stats.retired(nbytes, 0, yielded=False)
-            self._drop_window()
+            self._drop_window(keep=False)
             self._owner._iterator_torn_down()
 
     def close(self) -> None:

@@ -59,8 +59,8 @@ def int_rows(torch: Any, t: Any) -> Any:
     es = t.element_size()
     b = t.reshape(n, k).view(torch.uint8)
     if k * es in GATHER_INT:
-        return b.view(_torch_int(torch, k * es)).view(n)
-    return b.view(_torch_int(torch, es))
+        return b.view(torch_int(torch, k * es)).view(n)
+    return b.view(torch_int(torch, es))
 
 
 def from_int_rows(torch: Any, g: Any, dtype: Any, row_shape: tuple[int, ...]) -> Any:
@@ -68,7 +68,8 @@ def from_int_rows(torch: Any, g: Any, dtype: Any, row_shape: tuple[int, ...]) ->
     return g.view(torch.uint8).view(dtype).view((int(g.shape[0]), *row_shape))
 
 
-def _torch_int(torch: Any, nbytes: int) -> Any:
+def torch_int(torch: Any, nbytes: int) -> Any:
+    """The signed torch integer dtype of ``nbytes`` bytes."""
     return {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[nbytes]
 
 

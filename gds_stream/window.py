@@ -9,9 +9,16 @@ gather per field on the batch's device, by the plan's rows. The gathered tensors
 consumer owns them, and the window is dropped after its last batch. Both backends read the same
 bytes and gather by the same rows, so their batches are bit-identical.
 
-Memory: the window being consumed and the next one, read ahead, each with its int32 row
-permutation: ``2 × shuffle_window × (bytes per point + 4)``, plus the batch being gathered and
-the batches the consumer holds.
+On a CPU a window of several fields is first packed into rows (:func:`pack_window`): the
+fields of a point side by side, a row padded to 1, 2, 4, 8 or a multiple of 16 bytes. A batch is
+then one gather of whole rows — one cache line per point instead of one per field, which is what
+a random gather over a window far larger than the caches costs — and one streaming split of the
+gathered rows into the batch's fields.
+
+Memory: the window being consumed (packed on a CPU: ``shuffle_window × row bytes``) and the next
+one, read ahead, each with its row permutation (int32 below 2³¹ rows): about
+``2 × shuffle_window × (row bytes + 4)``, plus the batch being gathered and the batches the
+consumer holds.
 """
 
 from __future__ import annotations
@@ -21,21 +28,131 @@ from typing import Any
 import numpy as np
 
 from ._hostmem import anon_buffer
-from .slab import from_int_rows, gather_field_rows, int_rows
+from .slab import torch_int, from_int_rows, gather_field_rows, int_rows
 
 _ALIGN = 4096
 
 
-def gather_rows(window: dict[str, Any], rows: np.ndarray) -> dict[str, Any]:
-    """The batch made of ``rows`` of every tensor of ``window`` (torch tensors of one device).
+class PackedWindow:
+    """A CPU window's fields packed side by side into rows (see the module docstring).
+
+    ``rows`` is a ``(n, width)`` uint8 tensor; each field sits at a byte offset that is a
+    multiple of its element size (fields placed widest element first), so every field is a
+    strided integer view of ``rows``. A row of up to 16 bytes moves as one integer (complex128
+    for 16), through torch's fast 1-D gather; a wider one as a numpy void item."""
+
+    __slots__ = ("rows", "fields", "names")
+
+    def __init__(self, rows: Any, fields: list[tuple[str, Any, tuple[int, ...], int, int]],
+                 names: list[str]):
+        self.rows = rows
+        #: (name, dtype, row shape, byte offset in the row, element size), in packing order
+        self.fields = fields
+        #: the window's field names in their original order (a batch's key order)
+        self.names = names
+
+
+def pack_window(window: dict[str, Any], reuse: Any = None) -> "PackedWindow | dict[str, Any]":
+    """``window`` (CPU torch tensors, rows along dim 0) packed into rows; a window of one field
+    is returned as it is (its gather already touches one cache line per point). ``reuse``: the
+    previous window of the epoch, no longer used — its rows' memory is packed into again when
+    it is large enough (batches are copies, nothing else views it)."""
+    import torch
+
+    if len(window) < 2:
+        return window
+    n = int(next(iter(window.values())).shape[0])
+    if n == 0:
+        return window
+    order = sorted(window.items(), key=lambda kv: -kv[1].element_size())
+    fields, pos = [], 0
+    for name, t in order:
+        es = t.element_size()
+        fields.append((name, t.dtype, tuple(t.shape[1:]), pos, es))
+        pos += t[:1].numel() * es
+    width = next((w for w in (1, 2, 4, 8, 16) if pos <= w), -(-pos // 16) * 16)
+    if isinstance(reuse, PackedWindow) and reuse.rows.numel() >= n * width:
+        rows = reuse.rows.view(-1)[:n * width].view(n, width)
+    else:
+        rows = torch.from_numpy(anon_buffer(n * width)).view(n, width)
+    views = []
+    for (name, dtype, shape, off, es), (_, t) in zip(fields, order):
+        k = t[:1].numel()
+        as_int = torch_int(torch, es)
+        views.append((rows.view(as_int).view(n, width // es)[:, off // es:off // es + k],
+                      t.reshape(n, k).view(as_int)))
+    # block by block, every field: a block of rows stays in cache while its fields land
+    block = max(1, _PACK_BYTES // width)
+    for a in range(0, n, block):
+        for dst, src in views:
+            dst[a:a + block].copy_(src[a:a + block])
+    return PackedWindow(rows, fields, list(window))
+
+
+#: Bytes of rows packed at a time (all fields of a block land while it is in cache).
+_PACK_BYTES = 1 << 20
+
+
+def _gather_packed(win: PackedWindow, rows: np.ndarray) -> dict[str, Any]:
+    """The batch of ``rows`` of a packed window, a block of rows at a time: whole rows gathered
+    into a small scratch that stays in cache, then each field copied out of it into one
+    anonymous mapping of the batch's own (from the recycled pool: no allocator heap grows)."""
+    import torch
+
+    n, width = (int(d) for d in win.rows.shape)
+    m = len(rows)
+    sizes = [_aligned(m * _numel(shape) * es) for _, _, shape, _, es in win.fields]
+    buf = torch.from_numpy(anon_buffer(sum(sizes)))
+    dsts, pos = [], 0
+    for (name, dtype, shape, off, es), size in zip(win.fields, sizes):
+        k = _numel(shape)
+        dsts.append(buf[pos:pos + m * k * es].view(torch_int(torch, es)).view(m, k))
+        pos += size
+    block = max(1, _PACK_BYTES // width)
+    scratch = torch.empty((min(block, m), width), dtype=torch.uint8)
+    idx = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+    if width <= 16:  # a row is one integer (complex128 for 16 bytes): torch's fast 1-D gather
+        one = torch.complex128 if width == 16 else torch_int(torch, width)
+        src, dst_one = win.rows.view(one).view(n), scratch.view(one).view(-1)
+    else:  # a row is one numpy void item
+        void = np.dtype((np.void, width))
+        src_np = win.rows.numpy().view(void).reshape(n)
+        dst_np = scratch.numpy().view(void).reshape(-1)
+    for a in range(0, m, block):
+        b = min(m, a + block)
+        got = scratch[:b - a]
+        if width <= 16:
+            torch.index_select(src, 0, idx[a:b], out=dst_one[:b - a])
+        else:
+            np.take(src_np, rows[a:b], out=dst_np[:b - a])
+        for (name, dtype, shape, off, es), dst in zip(win.fields, dsts):
+            k = dst.shape[1]
+            dst[a:b].copy_(got.view(dst.dtype).view(b - a, width // es)[:, off // es:off // es + k])
+    out = {name: dst.view(dtype).view((m, *shape))
+           for (name, dtype, shape, _, _), dst in zip(win.fields, dsts)}
+    return {name: out[name] for name in win.names}
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    k = 1
+    for d in shape:
+        k *= d
+    return k
+
+
+def gather_rows(window: "dict[str, Any] | PackedWindow", rows: np.ndarray) -> dict[str, Any]:
+    """The batch made of ``rows`` of every tensor of ``window`` (torch tensors of one device,
+    or a CPU window packed by :func:`pack_window`), in the window's field order.
 
     On CUDA the index goes to the device from pinned memory asynchronously, and the gathers
     run on the current stream, so nothing here waits for the device. On the CPU the batch is
     gathered into one anonymous mapping of its own (freed as soon as the consumer drops it)."""
     import torch
 
-    first = next(iter(window.values()))
+    if isinstance(window, PackedWindow):
+        return _gather_packed(window, rows)
     idx = torch.from_numpy(np.ascontiguousarray(rows))
+    first = next(iter(window.values()))
     cuda = first.device.type == "cuda"
     if cuda:
         idx = idx.pin_memory().to(first.device, non_blocking=True)
