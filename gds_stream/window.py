@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ._hostmem import anon_buffer
-from .slab import torch_int, from_int_rows, gather_field_rows, int_rows
+from .slab import from_int_rows, gather_field_rows, int_rows, torch_int
 
 _ALIGN = 4096
 
@@ -36,17 +36,18 @@ _ALIGN = 4096
 class PackedWindow:
     """A CPU window's fields packed side by side into rows (see the module docstring).
 
-    ``rows`` is a ``(n, width)`` uint8 tensor; each field sits at a byte offset that is a
+    ``rows`` is an ``(n, width)`` uint8 array; each field sits at a byte offset that is a
     multiple of its element size (fields placed widest element first), so every field is a
-    strided integer view of ``rows``. A row of up to 16 bytes moves as one integer (complex128
-    for 16), through torch's fast 1-D gather; a wider one as a numpy void item."""
+    strided integer view of ``rows``. All copies here are numpy's, on the calling thread: many
+    small torch copies would each wake torch's intra-op threads, which on a loaded machine
+    costs more than the copy."""
 
     __slots__ = ("rows", "fields", "names")
 
-    def __init__(self, rows: Any, fields: list[tuple[str, Any, tuple[int, ...], int, int]],
+    def __init__(self, rows: np.ndarray, fields: list[tuple[str, Any, tuple[int, ...], int, int]],
                  names: list[str]):
         self.rows = rows
-        #: (name, dtype, row shape, byte offset in the row, element size), in packing order
+        #: (name, torch dtype, row shape, byte offset in the row, element size), packing order
         self.fields = fields
         #: the window's field names in their original order (a batch's key order)
         self.names = names
@@ -71,65 +72,65 @@ def pack_window(window: dict[str, Any], reuse: Any = None) -> "PackedWindow | di
         fields.append((name, t.dtype, tuple(t.shape[1:]), pos, es))
         pos += t[:1].numel() * es
     width = next((w for w in (1, 2, 4, 8, 16) if pos <= w), -(-pos // 16) * 16)
-    if isinstance(reuse, PackedWindow) and reuse.rows.numel() >= n * width:
-        rows = reuse.rows.view(-1)[:n * width].view(n, width)
+    if isinstance(reuse, PackedWindow) and reuse.rows.size >= n * width:
+        rows = reuse.rows.reshape(-1)[:n * width].reshape(n, width)
     else:
-        rows = torch.from_numpy(anon_buffer(n * width)).view(n, width)
+        rows = anon_buffer(n * width).reshape(n, width)
     views = []
     for (name, dtype, shape, off, es), (_, t) in zip(fields, order):
         k = t[:1].numel()
-        as_int = torch_int(torch, es)
-        views.append((rows.view(as_int).view(n, width // es)[:, off // es:off // es + k],
-                      t.reshape(n, k).view(as_int)))
+        src = t.reshape(n, k).view(torch_int(torch, es)).numpy()
+        views.append((_columns(rows, off, es, k), src))
     # block by block, every field: a block of rows stays in cache while its fields land
     block = max(1, _PACK_BYTES // width)
     for a in range(0, n, block):
         for dst, src in views:
-            dst[a:a + block].copy_(src[a:a + block])
+            dst[a:a + block] = src[a:a + block]
     return PackedWindow(rows, fields, list(window))
 
 
-#: Bytes of rows packed at a time (all fields of a block land while it is in cache).
+def _columns(rows: np.ndarray, off: int, es: int, k: int) -> np.ndarray:
+    """The ``k`` items of ``es`` bytes at byte ``off`` of every row, as an integer view."""
+    width = rows.shape[1]
+    return rows.view(f"<i{es}").reshape(rows.shape[0], width // es)[:, off // es:off // es + k]
+
+
+#: Bytes of rows moved at a time (all fields of a block land, or leave, while it is in cache).
 _PACK_BYTES = 1 << 20
 
 
 def _gather_packed(win: PackedWindow, rows: np.ndarray) -> dict[str, Any]:
     """The batch of ``rows`` of a packed window, a block of rows at a time: whole rows gathered
-    into a small scratch that stays in cache, then each field copied out of it into one
-    anonymous mapping of the batch's own (from the recycled pool: no allocator heap grows)."""
+    (one item of ``width`` bytes each) into a small scratch that stays in cache, then each
+    field copied out of it into one anonymous mapping of the batch's own (from the recycled
+    pool: no allocator heap grows)."""
     import torch
 
-    n, width = (int(d) for d in win.rows.shape)
+    n, width = win.rows.shape
     m = len(rows)
     sizes = [_aligned(m * _numel(shape) * es) for _, _, shape, _, es in win.fields]
-    buf = torch.from_numpy(anon_buffer(sum(sizes)))
+    buf = anon_buffer(sum(sizes))
     dsts, pos = [], 0
     for (name, dtype, shape, off, es), size in zip(win.fields, sizes):
         k = _numel(shape)
-        dsts.append(buf[pos:pos + m * k * es].view(torch_int(torch, es)).view(m, k))
+        dsts.append(buf[pos:pos + m * k * es].view(f"<i{es}").reshape(m, k))
         pos += size
     block = max(1, _PACK_BYTES // width)
-    scratch = torch.empty((min(block, m), width), dtype=torch.uint8)
-    idx = torch.from_numpy(np.asarray(rows, dtype=np.int64))
-    if width <= 16:  # a row is one integer (complex128 for 16 bytes): torch's fast 1-D gather
-        one = torch.complex128 if width == 16 else torch_int(torch, width)
-        src, dst_one = win.rows.view(one).view(n), scratch.view(one).view(-1)
-    else:  # a row is one numpy void item
-        void = np.dtype((np.void, width))
-        src_np = win.rows.numpy().view(void).reshape(n)
-        dst_np = scratch.numpy().view(void).reshape(-1)
+    item = np.dtype((np.void, width))
+    src = win.rows.view(item).reshape(n)
+    scratch = np.empty((min(block, m), width), dtype=np.uint8)
     for a in range(0, m, block):
         b = min(m, a + block)
         got = scratch[:b - a]
-        if width <= 16:
-            torch.index_select(src, 0, idx[a:b], out=dst_one[:b - a])
-        else:
-            np.take(src_np, rows[a:b], out=dst_np[:b - a])
+        np.take(src, rows[a:b], out=got.view(item).reshape(b - a))
         for (name, dtype, shape, off, es), dst in zip(win.fields, dsts):
-            k = dst.shape[1]
-            dst[a:b].copy_(got.view(dst.dtype).view(b - a, width // es)[:, off // es:off // es + k])
-    out = {name: dst.view(dtype).view((m, *shape))
-           for (name, dtype, shape, _, _), dst in zip(win.fields, dsts)}
+            dst[a:b] = _columns(got, off, es, dst.shape[1])
+    flat = torch.from_numpy(buf)
+    out, pos = {}, 0
+    for (name, dtype, shape, off, es), size in zip(win.fields, sizes):
+        nbytes = m * _numel(shape) * es
+        out[name] = flat[pos:pos + nbytes].view(dtype).view((m, *shape))
+        pos += size
     return {name: out[name] for name in win.names}
 
 

@@ -430,3 +430,18 @@ def test_batch_chunks_on_an_unchunked_dataset_is_one_clear_error(chunked_ds):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "needs a spatially chunked dataset" in proc.stderr
     assert str(chunked_ds[1]) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_shuffle_epoch_bench_runs_and_counts_every_point(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bench.shuffle_epoch", "--points", "60000",
+                           "--batch-points", "7000", "--epochs", "2", "--window", "20000",
+                           "--workdir", str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "60,000 points; batches of 7,000; shuffle_window 20,000" in out
+    assert out.count("epoch ") == 2 and "epoch 1: 60,000 points in" in out
+    assert "best after the first:" in out and "reads inline" in out
+    bad = subprocess.run([sys.executable, "-m", "bench.shuffle_epoch", "--epochs", "0"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "must be positive" in bad.stderr
