@@ -228,6 +228,15 @@ class S3Client:
                        for m in page)
         return self._call(prefix or "/", "LIST", total)
 
+    def list_objects(self, prefix: str) -> list[ObjectVersion]:
+        """Every object under ``prefix/`` (the whole bucket for an empty prefix), with its size
+        and ETag, in key order."""
+        def objects() -> list[ObjectVersion]:
+            return [ObjectVersion(str(m["path"]), int(m["size"]), str(m.get("e_tag") or ""))
+                    for page in self._obs.list(self.store, prefix + "/" if prefix else None)
+                    for m in page]
+        return sorted(self._call(prefix or "/", "LIST", objects), key=lambda o: o.key)
+
     def put_file(self, key: str, path: str, multipart_bytes: int) -> str:
         """Upload a local file (multipart above ``multipart_bytes``); returns the new ETag."""
         from pathlib import Path
