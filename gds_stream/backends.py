@@ -65,7 +65,9 @@ def open_loader(dataset: Dataset | str | os.PathLike, backend: str = "auto",
     ``backend``: ``"auto"`` (GPU-direct only through GPUDirect Storage proper on a CUDA device,
     else the CPU fallback), ``"gds"`` (KvikIO, compat mode included; raises
     :class:`BackendUnavailable` with the reason if it cannot run) or ``"fallback"``. Options:
-    see :mod:`gds_stream.options`; ``task_size`` is taken by the GPU-direct backend only.
+    see :mod:`gds_stream.options`; ``task_size`` is taken by the GPU-direct backend only;
+    ``storage_options``, ``cache_dir``, ``cache_bytes`` configure a dataset given as an
+    object-store URL (see :func:`gds_stream.open_dataset`).
     """
     import_torch()  # before a loader exists on this stack (see import_torch)
     if backend not in BACKENDS:

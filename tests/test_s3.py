@@ -450,3 +450,30 @@ def _catch(fn):
         return fn()
     except BaseException as exc:  # noqa: BLE001 - handed to the test
         return exc
+
+
+# -- storage keywords of open_loader ----------------------------------------------------------
+def test_open_loader_takes_storage_options_and_a_cache_for_a_url(local, remote, s3_server,
+                                                                  tmp_path):
+    faults = Faults(error503=0.3)
+    with FaultProxy(s3_server, faults) as proxy:
+        kw = dict(batch_points=50_000, shuffle=True, seed=4)
+        got = _epochs(remote, storage_options={"endpoint": proxy.url, **FAST},
+                      cache_dir=tmp_path / "cache", cache_bytes=64 << 20, **kw)
+        assert faults.counts["503"] > 0  # the loader really went through the given endpoint
+    _same(_epochs(local, **kw), got)
+    assert any((tmp_path / "cache").rglob("*")), "no block landed in the cache"
+
+
+def test_storage_keywords_with_a_local_path_or_an_open_dataset_are_refused(local, remote):
+    with pytest.raises(LoaderError, match="apply to object-store URLs"):
+        gds_stream.open_loader(local.path, device="cpu", batch_points=1000,
+                               storage_options={"region": "x"})
+    ds = gds_stream.open_dataset(remote)
+    with pytest.raises(LoaderError, match="cache_dir=, cache_bytes=.*already open; pass them "
+                                          "to open_dataset"):
+        gds_stream.open_loader(ds, device="cpu", batch_points=1000, cache_dir="c",
+                               cache_bytes=1 << 30)
+    with pytest.raises(DatasetError, match="storage_options must be a dict"):
+        gds_stream.open_loader(remote, device="cpu", batch_points=1000,
+                               storage_options="endpoint=http://x")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from .._lifetime import Closeable
 from .._manifest import (MANIFEST_ABS_MAX_BYTES, MANIFEST_BASE_BYTES, MANIFEST_DATA_RATIO,
@@ -61,6 +61,9 @@ class RemoteDataset(Dataset):
         self._prefix = prefix
         self.path = ObjectPath(f"{scheme}://{bucket}" + (f"/{prefix}" if prefix else ""))
         self._objects: dict[str, ObjectVersion] = {}
+        if storage_options is not None and not isinstance(storage_options, Mapping):
+            raise DatasetError(f"{self.path}: storage_options must be a dict of settings "
+                               f"(endpoint, region, max_retries, ...), got {storage_options!r}")
         self.client = S3Client(bucket, storage_options, scheme)
         self.cache = None
         if (cache_dir is None) != (cache_bytes is None):
