@@ -349,7 +349,8 @@ def test_bench_compare_source_s3_smoke(tmp_path):
     import json
 
     r = subprocess.run([sys.executable, "-m", "bench.compare", "--source", "s3", "--smoke",
-                        "--workdir", str(tmp_path / "data"), "--json", str(tmp_path / "r.json")],
+                        "--workdir", str(tmp_path / "data"), "--json", str(tmp_path / "r.json"),
+                        "--range-sizes", "1,2"],
                        capture_output=True, text=True, timeout=300, cwd=str(ROOT),
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stderr[-3000:]
@@ -358,6 +359,13 @@ def test_bench_compare_source_s3_smoke(tmp_path):
     assert doc["checksums_equal"] and [row["source"] for row in doc["rows"]] == [
         "local", "s3 (no cache)", "s3 (cache warm)"]
     assert doc["cache"]["hits"] > 0
+    sweep = doc["range_sweep"]
+    assert [row["range_mib"] for row in sweep] == [1, 2]
+    assert all(row["no_cache_gb_s"] > 0 and row["cache_cold_gb_s"] > 0 for row in sweep)
+    r = subprocess.run([sys.executable, "-m", "bench.compare", "--range-sizes", "1"],
+                       capture_output=True, text=True, timeout=300, cwd=str(ROOT),
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 2 and "it goes with --source s3" in r.stderr, r.stderr
 
 
 def test_cli_refusals_on_urls_are_one_line(bucket):
