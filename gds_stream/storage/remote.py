@@ -181,6 +181,7 @@ class RemoteFiles(Closeable):
 
     def __init__(self, dataset: RemoteDataset, names: Sequence[str]):
         self.client = dataset.client
+        self._dataset = dataset
         self._read = dataset.read_object
         self._objects = {n: dataset.version(n) for n in names}
         self._paths = {n: str(dataset.field_path(n)) for n in names}
@@ -209,9 +210,30 @@ class RemoteFiles(Closeable):
                            f"object-store datasets (every range read is checked against the "
                            f"object's ETag instead)")
 
+    def kvikio_unavailable(self) -> str | None:
+        """Why KvikIO cannot read these objects (see :mod:`.kvikio_remote`), or None."""
+        from .kvikio_remote import unavailable
+
+        return unavailable(self._dataset)
+
+    def open_kvikio(self, name: str, kvikio: Any):
+        """Field ``name``'s object opened with ``kvikio.RemoteFile`` (a ``CuFile``-like
+        ``pread``), for the GPU-direct backend's ``remote`` route."""
+        from .kvikio_remote import KvikioObject
+
+        obj = self._objects[name]
+        return KvikioObject(kvikio, self.client.bucket, obj.key, obj.size, self._paths[name])
+
+    def version_check(self):
+        """What the GPU-direct backend runs after each batch's KvikIO reads: every object
+        still has its ETag of open (KvikIO sends no ``If-Match``)."""
+        from .kvikio_remote import VersionCheck
+
+        return VersionCheck(self.client, self._objects)
+
     def reopen_path(self, name: str) -> str:
-        raise BackendUnavailable(f"{self._paths[name]}: the GPU-direct backend reads local "
-                                 f"files only; object-store datasets read through the fallback")
+        raise BackendUnavailable(f"{self._paths[name]}: an object has no local path; the "
+                                 f"GPU-direct backend opens it with open_kvikio()")
 
     def close(self) -> None:
         self._closed = True

@@ -102,6 +102,8 @@ class S3Client:
         self._obs = obstore
         self.bucket, self.scheme = bucket, scheme
         config, self.knobs = _config(storage_options)
+        #: The settings ``storage_options`` gave beyond the environment (not the fault knobs).
+        self.overrides = sorted(set(storage_options or {}) - set(DEFAULTS))
         endpoint = str(config.get("endpoint", ""))
         client = {"timeout": timedelta(seconds=self.knobs["timeout_s"]),
                   "connect_timeout": timedelta(seconds=self.knobs["connect_timeout_s"]),
