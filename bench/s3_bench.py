@@ -15,10 +15,12 @@ flight (``num_threads``).
 
 ``--range-sizes 1,4,8,16,32`` also sweeps the size of one ranged GET: for each size S (MiB) the
 fallback's reader tasks are split at S and the block cache fetches blocks of S, and it times
-loader-only epochs of one batch holding every point (so each field is read in GETs of S, or the
-field's size where that is smaller) from the bucket without a cache, and through a cache that
-starts empty each epoch ("cache cold"). Every size's first epoch is checksummed against the
-local dataset first.
+loader-only epochs of one batch holding every point from the bucket without a cache, and through
+a cache that starts empty each epoch ("cache cold"). In file order each field is one range,
+read in GETs of S (or the field's size where that is smaller); with ``--shuffle`` the batch is
+the shuffled ≥ 1 MiB blocks, so uncached GETs are those blocks and a cold cache fetches the
+blocks of S they fall in (reader threads missing the same block fetch it twice). Every size's
+first epoch is checksummed against the local dataset first.
 """
 
 from __future__ import annotations
@@ -75,8 +77,7 @@ def _sweep(url: str, opts: dict, local: Any, nbytes: int, args: argparse.Namespa
     import gds_stream
     from gds_stream.storage import cache as cache_mod
 
-    batch = local.num_points
-    args = argparse.Namespace(**{**vars(args), "shuffle": False})  # one range per field
+    batch = local.num_points  # without --shuffle: one range per field, split at the size
     ref_one = _epoch(local, batch, args, 0, True)[2]
     saved = fallback_loader.TASK_BYTES, cache_mod.CACHE_BLOCK_BYTES
     rows = []
@@ -186,8 +187,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"cache: {cache}")
     if sweep is not None:
         print(f"range size sweep: one batch of {local.num_points:,} points per epoch, "
-              f"no shuffle, repeat {args.repeat} (median GB/s; checksums equal at every size)")
-        print(f"{'range MiB':<11}{'no cache':>10}{'cache cold':>12}   GETs per epoch (no cache)")
+              f"shuffle={args.shuffle}, repeat {args.repeat} (median GB/s; checksums equal at "
+              f"every size)")
+        print(f"{'range MiB':<11}{'no cache':>10}{'cache cold':>12}   GETs per epoch (no cache"
+              f"{', file order' if args.shuffle else ''})")
         for r in sweep:
             print(f"{r['range_mib']:<11}{r['no_cache_gb_s']:>10.3f}{r['cache_cold_gb_s']:>12.3f}"
                   f"   {r['gets']}")

@@ -54,7 +54,9 @@ def s3_server():
 
 def readme_env(request, buckets=("my-bucket",)) -> dict[str, str]:
     """For the README's "Object storage" examples: a moto server until the test ends, the
-    ``buckets`` created, and the ``AWS_*`` environment that reaches it."""
+    ``buckets`` created, the scratch directory's ``tiles/`` (the test's ``tmp_path``) uploaded
+    under ``s3://my-bucket/tiles/`` (the example of object-store inputs), and the ``AWS_*``
+    environment that reaches it."""
     srv = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     srv.start()
     request.addfinalizer(srv.stop)
@@ -62,6 +64,9 @@ def readme_env(request, buckets=("my-bucket",)) -> dict[str, str]:
     url = f"http://{host}:{port}"
     for b in buckets:
         make_bucket(url, b)
+    tiles = Path(request.getfixturevalue("tmp_path")) / "tiles"
+    for p in sorted(tiles.glob("*")) if "my-bucket" in buckets else ():
+        s3_client(url).upload_file(str(p), "my-bucket", f"tiles/{p.name}")
     return {**ENV, "AWS_ENDPOINT_URL": url}
 
 

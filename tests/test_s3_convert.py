@@ -68,6 +68,8 @@ def test_a_prefix_of_las_and_laz_objects_converts_like_the_local_files(tmp_path,
     cl = s3_client(s3_server)
     cl.put_object(Bucket=bucket, Key="tiles/notes.txt", Body=b"not a point cloud")
     cl.put_object(Bucket=bucket, Key="tiles/.hidden.las", Body=b"skipped")
+    cl.put_object(Bucket=bucket, Key="tiles/old/manifest.json", Body=b"{}")  # a dataset: skipped
+    cl.put_object(Bucket=bucket, Key="tiles/old/data-1/x.bin", Body=bytes(64))
     from gds_stream.storage import s3 as s3mod
 
     real, staged_at_fetch = s3mod.S3Client.get_to_file, []
