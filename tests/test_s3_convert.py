@@ -4,8 +4,10 @@ into a local temporary file, one at a time, and converts exactly what the local 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ import pytest
 
 import gds_stream
 from gds_stream.errors import DatasetError
-from s3_fixtures import bucket, s3_client, s3_server  # noqa: F401
+from s3_fixtures import FaultProxy, Faults, bucket, s3_client, s3_server  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,6 +119,19 @@ def test_one_key_is_one_file_and_inputs_mix_with_local_paths(tmp_path, tiles, bu
                                                str(tiles / "a.las")]
 
 
+def test_storage_options_reach_the_inputs_and_faulty_fetches_are_retried(tmp_path, tiles,
+                                                                         bucket, s3_server):
+    _put_tree(s3_server, bucket, tiles, "tiles")
+    faults = Faults(only="/tiles/", error503=0.3, reset=0.1, truncate=0.1, seed=4)
+    with FaultProxy(s3_server, faults) as proxy:
+        got = gds_stream.convert(f"s3://{bucket}/tiles/", tmp_path / "o", progress=False,
+                                 storage_options={"endpoint": proxy.url, "timeout_s": 10.0,
+                                                  "retry_backoff_s": 0.01,
+                                                  "retry_max_backoff_s": 0.05})
+    assert faults.counts["503"] + faults.counts["reset"] + faults.counts["truncate"] > 0
+    _same_data(gds_stream.convert(tiles, tmp_path / "w", progress=False), got)
+
+
 def test_semantickitti_frames_bring_their_labels(tmp_path, make_kitti, bucket, s3_server):
     paths, _ = make_kitti(tmp_path / "seq", [1000, 10, 500], layout="semantickitti")
     _put_tree(s3_server, bucket, tmp_path / "seq", "kitti/seq")
@@ -172,6 +187,33 @@ def test_ctrl_c_while_fetching_removes_the_temporary_files(tmp_path, tiles, buck
         gds_stream.convert(f"s3://{bucket}/tiles/", tmp_path / "o", progress=False)
     assert len(calls) == 5 and list(tmpdir_env.iterdir()) == []
     assert not (tmp_path / "o").exists()
+
+
+def test_sigint_during_a_fetch_is_exit_130_and_removes_the_temporary_files(tmp_path, tiles,
+                                                                          bucket, s3_server):
+    _put_tree(s3_server, bucket, tiles, "tiles")
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    with FaultProxy(s3_server, Faults(only="/tiles/", trickle_s=0.5)) as proxy:  # slow bodies
+        p = subprocess.Popen(
+            [sys.executable, "-m", "gds_stream", "convert", f"s3://{bucket}/tiles/", "-o",
+             str(tmp_path / "out"), "--no-progress"], cwd=str(ROOT), text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(staging),
+                 "AWS_ENDPOINT_URL": proxy.url})
+        try:
+            deadline = time.monotonic() + 120
+            while not any(f.is_file() and f.stat().st_size for f in staging.rglob("*")):
+                assert p.poll() is None and time.monotonic() < deadline, p.poll()
+                time.sleep(0.02)
+            p.send_signal(signal.SIGINT)  # an object half-fetched
+            _, err = p.communicate(timeout=120)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert p.returncode == 130 and "gds-stream: interrupted" in err, err
+    assert list(staging.iterdir()) == [] and not (tmp_path / "out").exists()
 
 
 def test_an_object_replaced_between_validation_and_conversion_is_named(tmp_path, tiles, bucket,
