@@ -167,6 +167,10 @@ def environment_report() -> list[tuple[str, str]]:
     if cap.available:
         rows.append(("cuFile allow_compat_mode", cufile_allow_compat()))
     rows.append(("backend auto", auto_choice(cap)))
+    ok, why = probe_remote()
+    rows.append(("object storage", "KvikIO's RemoteFile on a CUDA device (settings from the AWS "
+                 "environment, no block cache), else the fallback through obstore" if ok else
+                 f"the fallback through obstore (KvikIO's RemoteFile unavailable: {why})"))
     return rows
 
 

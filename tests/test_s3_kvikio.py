@@ -162,6 +162,15 @@ def test_the_remote_probe_is_false_without_cuda(monkeypatch):
     assert capability.probe_remote() == (False, "no CUDA device")
 
 
+def test_env_says_how_object_storage_is_read(remote_kvikio, monkeypatch):
+    row = dict(capability.environment_report())["object storage"]
+    assert row.startswith("KvikIO's RemoteFile on a CUDA device"), row
+    monkeypatch.setattr(remote_kvikio, "is_remote_file_available", lambda: False)
+    row = dict(capability.environment_report())["object storage"]
+    assert row.startswith("the fallback through obstore (KvikIO's RemoteFile unavailable: "
+                          "kvikio simulated was built without remote-file support"), row
+
+
 def _gpu_remote_reason() -> str | None:
     ok, why = capability.probe_remote()
     return None if ok else why
