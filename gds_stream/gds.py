@@ -169,7 +169,7 @@ class GDSLoader(Loader):
         self.backend = ("gds" if all(r == "gds" for r in self.routes)
                         else "gds-remote" if remote else "gds-compat")
         if remote:  # KvikIO sends no If-Match: every batch's objects are checked after it
-            self.verifier = self.files.version_check()
+            self.verifier = self.files.version_check(self.verifier)
         #: Why some files are not read through GPUDirect Storage ("" when all are).
         self.route_reason = self.read_reason = "; ".join(reasons)
         log.debug("GDSLoader: %s (routes %s)%s", self.backend, self.routes,

@@ -100,6 +100,21 @@ def s3_client(endpoint: str):
                         aws_secret_access_key=ENV["AWS_SECRET_ACCESS_KEY"])
 
 
+def corrupt_label_object(url: str, endpoint: str) -> str:
+    """Flip a byte of the ``label`` field's object of the dataset at ``url`` (a new version:
+    a dataset opened after this sees the new ETag and the corrupt block); returns its key."""
+    from gds_stream.storage import split_url
+
+    _, bkt, prefix = split_url(url)
+    cl = s3_client(endpoint)
+    key = next(o["Key"] for o in cl.list_objects_v2(Bucket=bkt, Prefix=prefix)["Contents"]
+               if o["Key"].endswith("/label.bin"))
+    body = bytearray(cl.get_object(Bucket=bkt, Key=key)["Body"].read())
+    body[100] ^= 0xFF
+    cl.put_object(Bucket=bkt, Key=key, Body=bytes(body))
+    return key
+
+
 # -- the fault-injecting proxy -----------------------------------------------------------------
 @dataclass
 class Faults:

@@ -16,7 +16,8 @@ import pytest
 import gds_stream
 from gds_stream.errors import DatasetError, LoaderError
 from helpers import batch_bytes_equal, error_chain, make_dataset, run_with_timeout
-from s3_fixtures import FaultProxy, Faults, bucket, s3_client, s3_server, upload  # noqa: F401
+from s3_fixtures import (FaultProxy, Faults, bucket, corrupt_label_object,  # noqa: F401
+                         s3_client, s3_server, upload)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCANS = [70_000, 0, 130_000, 45_000, 90_000]  # 335 000 points: ~7 MiB over the default fields
@@ -377,21 +378,23 @@ def test_cli_refusals_on_urls_are_one_line(bucket):
 
 
 def test_verify_finds_a_corrupt_block_in_an_object(local, remote, s3_server):
-    _, bkt, prefix = gds_stream.storage.split_url(remote)
-    cl = s3_client(s3_server)
-    key = next(o["Key"] for o in cl.list_objects_v2(Bucket=bkt, Prefix=prefix)["Contents"]
-               if o["Key"].endswith("/label.bin"))
-    body = bytearray(cl.get_object(Bucket=bkt, Key=key)["Body"].read())
-    body[100] ^= 0xFF
-    cl.put_object(Bucket=bkt, Key=key, Body=bytes(body))
+    r = _cli("verify", remote, "--no-progress")
+    assert r.returncode == 0 and f"{remote}: all" in r.stdout and "blocks ok" in r.stdout, r
+    key = corrupt_label_object(remote, s3_server)
     r = _cli("verify", remote, "--no-progress")
     assert r.returncode == 1 and f"{key}: field 'label' block 0" in r.stderr, r.stderr
 
 
-def test_verify_reads_is_refused_clearly_for_object_storage(remote):
-    with pytest.raises(DatasetError, match="verify_reads is not available for object-store"):
-        gds_stream.open_loader(remote, backend="fallback", device="cpu", batch_points=1000,
-                               verify_reads=True)
+def test_verify_reads_checks_object_blocks(local, remote, s3_server, tmp_path):
+    kw = dict(batch_points=50_000, shuffle=True, seed=1)
+    _same(_epochs(local, epochs=1, **kw), _epochs(remote, epochs=1, verify_reads=True, **kw))
+    key = corrupt_label_object(remote, s3_server)
+    for cache in ({}, {"cache_dir": tmp_path / "c", "cache_bytes": 64 << 20}):
+        with gds_stream.open_loader(remote, backend="fallback", device="cpu", verify_reads=True,
+                                    fields=["label"], batch_points=50_000, **cache) as ld:
+            with pytest.raises(LoaderError) as info:
+                list(ld)
+        assert f"{key}: field 'label' block 0" in " ".join(map(str, error_chain(info.value)))
 
 
 def test_a_dataset_replaced_while_being_opened_is_opened_again(local, tmp_path, bucket,

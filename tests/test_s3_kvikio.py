@@ -14,7 +14,8 @@ import gds_stream
 from gds_stream import capability
 from gds_stream.errors import BackendUnavailable, LoaderError
 from helpers import batch_bytes_equal, error_chain, make_dataset
-from s3_fixtures import bucket, s3_client, s3_server, upload  # noqa: F401
+from s3_fixtures import (bucket, corrupt_label_object, s3_client, s3_server,  # noqa: F401
+                         upload)
 from test_gds import simulated_gpu  # noqa: F401 - the fixture
 
 SCANS = [40_000, 0, 90_000, 25_000]
@@ -126,6 +127,16 @@ def test_an_object_replaced_mid_epoch_is_an_error_never_mixed_bytes(local, remot
     assert batch_bytes_equal({k: v.cpu() for k, v in first.items()}, want[0])
     assert f"{key}: the object changed since the dataset was opened" in " ".join(
         map(str, error_chain(info.value)))
+
+
+def test_verify_reads_runs_after_the_etag_check(remote, s3_server, remote_kvikio):
+    key = corrupt_label_object(remote, s3_server)
+    with gds_stream.open_loader(remote, device="cuda", num_threads=2, verify_reads=True,
+                                fields=["label"], batch_points=30_000) as g:
+        assert g.backend == "gds-remote"
+        with pytest.raises(LoaderError) as info:
+            list(g)
+    assert f"{key}: field 'label' block 0" in " ".join(map(str, error_chain(info.value)))
 
 
 def test_a_cache_or_storage_options_keep_the_fallback_and_say_why(remote, tmp_path,

@@ -72,9 +72,10 @@ class VersionCheck:
     """The GPU-direct backend's check after each batch (its ``verifier`` slot): every field
     object still has the ETag recorded when the dataset was opened."""
 
-    def __init__(self, client: Any, objects: dict[str, Any]):
+    def __init__(self, client: Any, objects: dict[str, Any], then: Any = None):
         self._client = client
         self._objects = dict(objects)
+        self._then = then  # the verify_reads block verifier, checked after the ETags
 
     def check(self, segments: Any = None) -> None:
         for obj in self._objects.values():
@@ -83,3 +84,5 @@ class VersionCheck:
                 raise ObjectError(f"{self._client.url(obj.key)}: the object changed since the "
                                   f"dataset was opened (ETag {obj.etag}, now {now.etag}); it "
                                   f"was replaced; open the dataset again")
+        if self._then is not None:
+            self._then.check(segments)

@@ -206,9 +206,8 @@ class RemoteFiles(Closeable):
         return self._paths[name]
 
     def fd(self, name: str) -> int:
-        raise DatasetError(f"{self._paths[name]}: verify_reads is not available for "
-                           f"object-store datasets (every range read is checked against the "
-                           f"object's ETag instead)")
+        raise DatasetError(f"{self._paths[name]}: an object has no file descriptor; read it "
+                           f"through read_into()")
 
     def kvikio_unavailable(self) -> str | None:
         """Why KvikIO cannot read these objects (see :mod:`.kvikio_remote`), or None."""
@@ -224,12 +223,13 @@ class RemoteFiles(Closeable):
         obj = self._objects[name]
         return KvikioObject(kvikio, self.client.bucket, obj.key, obj.size, self._paths[name])
 
-    def version_check(self):
+    def version_check(self, then: Any = None):
         """What the GPU-direct backend runs after each batch's KvikIO reads: every object
-        still has its ETag of open (KvikIO sends no ``If-Match``)."""
+        still has its ETag of open (KvikIO sends no ``If-Match``); then ``then.check`` (the
+        ``verify_reads`` block verifier), if given."""
         from .kvikio_remote import VersionCheck
 
-        return VersionCheck(self.client, self._objects)
+        return VersionCheck(self.client, self._objects, then)
 
     def reopen_path(self, name: str) -> str:
         raise BackendUnavailable(f"{self._paths[name]}: an object has no local path; the "
