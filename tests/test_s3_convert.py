@@ -93,6 +93,14 @@ def test_a_prefix_of_las_and_laz_objects_converts_like_the_local_files(tmp_path,
     assert len(staged_at_fetch) >= 6, staged_at_fetch
     assert all(on_disk == [name] for name, on_disk in staged_at_fetch), staged_at_fetch
     assert list(tmpdir_env.iterdir()) == []  # the temporary directory is gone
+    from gds_stream.convert.remote_inputs import RemoteInputs
+
+    with RemoteInputs() as remote:
+        path = remote.expand([f"s3://{bucket}/tiles/a.las"], (".las",))[0]
+        assert path.read_bytes()[:4] == b"LASF" and str(path) == f"s3://{bucket}/tiles/a.las"
+    with pytest.raises(DatasetError, match=f"s3://{bucket}/tiles/a.las: read after the conv"):
+        path.read_bytes()  # never fetched again once the conversion ended
+    assert list(tmpdir_env.iterdir()) == []
 
 
 def test_s3_to_s3_through_the_cli_is_bit_exact_against_a_local_convert(tmp_path, tiles, bucket,
@@ -230,3 +238,18 @@ def test_an_object_replaced_between_validation_and_conversion_is_named(tmp_path,
     monkeypatch.setattr(common.DatasetWriter, "__init__", writer_init)
     with pytest.raises(DatasetError, match=f"s3://{bucket}/tiles/b.laz: the object changed"):
         gds_stream.convert(f"s3://{bucket}/tiles/", tmp_path / "o", progress=False)
+
+
+def test_too_little_temporary_space_is_refused_naming_the_object(tmp_path, tiles, bucket,
+                                                                  s3_server, monkeypatch):
+    import collections
+
+    from gds_stream.convert import remote_inputs
+
+    _put_tree(s3_server, bucket, tiles, "tiles")
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(remote_inputs.shutil, "disk_usage", lambda p: usage(1 << 20, 0, 1000))
+    with pytest.raises(DatasetError, match=f"s3://{bucket}/tiles/a.las: needs \\d+ bytes of "
+                                           f"local temporary space.*point TMPDIR"):
+        gds_stream.convert(f"s3://{bucket}/tiles/", tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()

@@ -98,6 +98,7 @@ class RemoteInputs(contextlib.AbstractContextManager):
         self._count = 0
         self._current: type | None = None
         self._lock = threading.Lock()
+        self._closed = False
 
     # -- expansion ------------------------------------------------------------------------------
     def expand(self, inputs: Iterable[str | os.PathLike], exts: tuple[str, ...]) -> list[Path]:
@@ -181,16 +182,18 @@ class RemoteInputs(contextlib.AbstractContextManager):
         with self._lock:
             if self._current is staged:
                 return
-            self._drop()
             fetch = staged._fetch_list
+            url = fetch[0][0].url(fetch[0][1].key)
+            if self._closed:
+                raise ConversionError(f"{url}: read after the conversion that fetched it ended")
+            self._drop()
             local = fetch[0][2].parent
             local.mkdir(parents=True, exist_ok=True)
             need, free = sum(obj.size for _, obj, _ in fetch), shutil.disk_usage(local).free
             if need > free:
-                raise ConversionError(
-                    f"{fetch[0][0].url(fetch[0][1].key)}: needs {need} bytes of local temporary "
-                    f"space to be read, and {local} has {free} free; point TMPDIR at a larger "
-                    f"disk")
+                raise ConversionError(f"{url}: needs {need} bytes of local temporary space to be "
+                                      f"read, and {local} has {free} free; point TMPDIR at a "
+                                      f"larger disk")
             self._current = staged  # from here on, _drop removes what was written
             for client, obj, dest in fetch:
                 dest.parent.mkdir(parents=True, exist_ok=True)
@@ -209,7 +212,7 @@ class RemoteInputs(contextlib.AbstractContextManager):
                 dest.unlink()
 
     def close(self) -> None:
-        self._current = None
+        self._closed, self._current = True, None
         tmp, self._tmp = self._tmp, None
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
