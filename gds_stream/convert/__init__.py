@@ -8,7 +8,8 @@ bounded whatever the file size (a 2 GB PLY converts in well under 500 MB of RSS)
 
 One module per input format (:mod:`.ply`, :mod:`.las`, :mod:`.kitti`, :mod:`.raw`); what they
 share — the source contract, field selection, schema checks and the streaming driver — is in
-:mod:`.common`.
+:mod:`.common`. Inputs given as object-store URLs are streamed into local temporary files one
+at a time by :mod:`.remote_inputs`.
 """
 
 from __future__ import annotations
