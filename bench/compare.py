@@ -197,6 +197,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--source", choices=("local", "s3"), default="local", help="s3: loader-only "
                    "GB/s from a local S3 server (moto) beside the local files, cold and with "
                    "the cache warm (bench/s3_bench.py)")
+    p.add_argument("--range-sizes", type=_mib_list, metavar="MIB,…", help="with --source s3: "
+                   "also sweep the range size of a GET (reader task and cache block), e.g. "
+                   "1,4,8,16,32, one batch per epoch")
     p.add_argument("-v", "--verbose", action="store_true", help="library logs to stderr")
     p.add_argument("--transform", metavar="PRESET", help="instead: Pointcept's augmentations "
                    "(preset 'semseg') batched in gds-stream vs a per-sample DataLoader (see "
@@ -220,6 +223,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--points sizes a generated dataset; it can't be combined with --dataset")
     check_chunk_args(p, args)
     seedmod.check_seed_args(p, args)
+    if args.range_sizes and args.source != "s3":
+        p.error("--range-sizes sweeps object-store reads; it goes with --source s3")
     if args.backbone is None:
         args.backbone = "linear" if args.layout == "seed" else "mlp"
     return args

@@ -12,6 +12,15 @@ A local moto server measures the client's overhead (request handling, copies, th
 cloud link: moto answers from memory on the same machine and copies a whole object for each
 ranged GET. Throughput to a real bucket depends on the network and on how many ranges are in
 flight (``num_threads``).
+
+``--range-sizes 1,4,8,16,32`` also sweeps the size of one ranged GET: for each size S (MiB) the
+fallback's reader tasks are split at S and the block cache fetches blocks of S, and it times
+loader-only epochs of one batch holding every point from the bucket without a cache, and through
+a cache that starts empty each epoch ("cache cold"). In file order each field is one range,
+read in GETs of S (or the field's size where that is smaller); with ``--shuffle`` the batch is
+the shuffled ≥ 1 MiB blocks, so uncached GETs are those blocks and a cold cache fetches the
+blocks of S they fall in (reader threads missing the same block fetch it twice). Every size's
+first epoch is checksummed against the local dataset first.
 """
 
 from __future__ import annotations
@@ -55,6 +64,46 @@ def _epoch(ds: Any, batch: int, args: argparse.Namespace, epoch: int,
                     memoryview(b[f].contiguous().numpy()).cast("B") for f in FIELDS)))
         wall = time.perf_counter() - t
     return wall, points, sums
+
+
+class _Mismatch(Exception):
+    """A source yielded other bytes than the local dataset."""
+
+
+def _sweep(url: str, opts: dict, local: Any, nbytes: int, args: argparse.Namespace,
+           tmp: Path) -> list[dict]:
+    """Loader-only GB/s at each range size of ``args.range_sizes`` (see the module docstring)."""
+    import fallback.loader as fallback_loader
+    import gds_stream
+    from gds_stream.storage import cache as cache_mod
+
+    batch = local.num_points  # without --shuffle: one range per field, split at the size
+    ref_one = _epoch(local, batch, args, 0, True)[2]
+    saved = fallback_loader.TASK_BYTES, cache_mod.CACHE_BLOCK_BYTES
+    rows = []
+    try:
+        for mib in args.range_sizes:
+            fallback_loader.TASK_BYTES = cache_mod.CACHE_BLOCK_BYTES = mib << 20
+            ds = gds_stream.open_dataset(url, storage_options=opts)
+            if _epoch(ds, batch, args, 0, True)[2] != ref_one:
+                raise _Mismatch(f"range size {mib} MiB: the bucket yielded other bytes than "
+                                f"the local dataset")
+            gets = sum(-(-local.layout(f).nbytes // (mib << 20)) for f in FIELDS)
+            plain = [_epoch(ds, batch, args, 1 + rep, False)[0] for rep in range(args.repeat)]
+            cold = []
+            for rep in range(args.repeat):
+                cdir = tmp / f"sweep-{mib}-{rep}"
+                cds = gds_stream.open_dataset(url, storage_options=opts, cache_dir=cdir,
+                                              cache_bytes=2 * nbytes + (2 * mib << 20))
+                cold.append(_epoch(cds, batch, args, 1 + rep, False)[0])
+                shutil.rmtree(cdir, ignore_errors=True)
+            rows.append({"range_mib": mib, "gets": gets, "no_cache_s": plain,
+                         "cache_cold_s": cold,
+                         "no_cache_gb_s": nbytes / statistics.median(plain) / 1e9,
+                         "cache_cold_gb_s": nbytes / statistics.median(cold) / 1e9})
+    finally:
+        fallback_loader.TASK_BYTES, cache_mod.CACHE_BLOCK_BYTES = saved
+    return rows
 
 
 def run(args: argparse.Namespace) -> int:
@@ -118,6 +167,11 @@ def run(args: argparse.Namespace) -> int:
             rows.append({"source": name, "wall_s": walls, "median_s": med,
                          "gb_s": nbytes / med / 1e9, "mpoints_s": local.num_points / med / 1e6})
         cache = sources["s3 (cache warm)"].cache.stats()  # type: ignore[union-attr]
+        sweep = (_sweep(url, opts, local, nbytes, args, tmp)
+                 if getattr(args, "range_sizes", None) else None)
+    except _Mismatch as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_MISMATCH
     finally:
         srv.stop()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -131,6 +185,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"{r['source']:<18}{r['gb_s']:>8.3f}{r['mpoints_s']:>9.2f}   "
               + ", ".join(f"{w:.3f}" for w in r["wall_s"]))
     print(f"cache: {cache}")
+    if sweep is not None:
+        print(f"range size sweep: one batch of {local.num_points:,} points per epoch, "
+              f"shuffle={args.shuffle}, repeat {args.repeat} (median GB/s; checksums equal at "
+              f"every size)")
+        print(f"{'range MiB':<11}{'no cache':>10}{'cache cold':>12}   GETs per epoch (no cache"
+              f"{', file order' if args.shuffle else ''})")
+        for r in sweep:
+            print(f"{r['range_mib']:<11}{r['no_cache_gb_s']:>10.3f}{r['cache_cold_gb_s']:>12.3f}"
+                  f"   {r['gets']}")
     print(f"note: {STATEMENT}.")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -138,5 +201,5 @@ def run(args: argparse.Namespace) -> int:
             "source": "s3", "note": STATEMENT, "dataset": str(path),
             "num_points": local.num_points, "nbytes": nbytes, "batch_points": batch,
             "shuffle": args.shuffle, "upload_s": upload_s, "checksums_equal": True,
-            "rows": rows, "cache": cache}, indent=1) + "\n")
+            "rows": rows, "cache": cache, "range_sweep": sweep}, indent=1) + "\n")
     return 0

@@ -79,6 +79,25 @@ def probe_gds() -> GDSCapability:
     return GDSCapability("gds-compat", compat_reason, versions)
 
 
+def probe_remote() -> tuple[bool, str]:
+    """Can KvikIO read object-store ranges here (``kvikio.RemoteFile``)? ``(True, "")``, or
+    ``(False, why not)``: it needs what the GPU-direct backend needs (a CUDA device, kvikio)
+    and a KvikIO built with remote-file support. Never true on a CPU-only machine."""
+    cap = probe_gds()
+    if not cap.available:
+        return False, cap.reason
+    try:
+        import kvikio
+
+        version = getattr(kvikio, "__version__", "?")
+        ok = bool(kvikio.is_remote_file_available())
+    except Exception as exc:  # noqa: BLE001 - an older kvikio has no such probe
+        return False, f"this kvikio cannot read remote files ({exc})"
+    if not ok:
+        return False, f"kvikio {version} was built without remote-file support (libcurl)"
+    return True, ""
+
+
 def _compat_reason(kvikio) -> str | None:
     """None when KvikIO will use GPUDirect Storage proper, else why it runs in compat mode."""
     setting = os.environ.get("KVIKIO_COMPAT_MODE", "").upper()
@@ -148,6 +167,10 @@ def environment_report() -> list[tuple[str, str]]:
     if cap.available:
         rows.append(("cuFile allow_compat_mode", cufile_allow_compat()))
     rows.append(("backend auto", auto_choice(cap)))
+    ok, why = probe_remote()
+    rows.append(("object storage", "KvikIO's RemoteFile on a CUDA device (settings from the AWS "
+                 "environment, no block cache), else the fallback through obstore" if ok else
+                 f"the fallback through obstore (KvikIO's RemoteFile unavailable: {why})"))
     return rows
 
 

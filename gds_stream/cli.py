@@ -67,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
                     "file becomes one scan). Inputs: PLY (ascii and binary), LAS and LAZ 1.0-1.4 "
                     "(point formats 0-10, COPC included; recognised by the 'LASF' signature), "
                     "SemanticKITTI .bin (+ .label), raw N×F .bin.")
-    c.add_argument("inputs", nargs="+", help="input files or directories")
+    c.add_argument("inputs", nargs="+", help="input files or directories, or s3://BUCKET/PREFIX "
+                   "(every supported object under it) or s3://BUCKET/KEY (one object)")
     c.add_argument("-o", "--output", required=True,
                    help="dataset directory to create, or s3://BUCKET/PREFIX (uploaded, the "
                         "manifest last)")

@@ -100,9 +100,10 @@ class GDSLoader(Loader):
     """KvikIO → torch loader; same options and contract as ``FallbackLoader``.
 
     Extra keyword: ``task_size`` (bytes, default 4 MiB), KvikIO's unit of parallel work.
-    ``backend`` is "gds" when every file reads through GPUDirect Storage, else "gds-compat";
-    ``backend_reason`` says why. Raises :class:`BackendUnavailable` (with the reason) where the
-    GPU-direct path can't run.
+    ``backend`` is "gds" when every file reads through GPUDirect Storage, "gds-remote" for
+    a dataset in object storage (``kvikio.RemoteFile``, see
+    :mod:`gds_stream.storage.kvikio_remote`), else "gds-compat"; ``backend_reason`` says why.
+    Raises :class:`BackendUnavailable` (with the reason) where the GPU-direct path can't run.
     """
 
     def __init__(self, dataset: Dataset | str, *, task_size: int = DEFAULT_TASK_SIZE,
@@ -141,16 +142,34 @@ class GDSLoader(Loader):
         self._files: list = []
         self.routes: list[str] = []
         reasons: list[str] = []
+        remote = getattr(self.files, "remote", False)  # object storage: kvikio.RemoteFile
+        why_not = None
+        if remote:
+            ok, why_not = capability.probe_remote()
+            why_not = (self.files.kvikio_unavailable() if ok  # type: ignore[union-attr]
+                       else f"KvikIO cannot read remote files: {why_not}")
+        if why_not:
+            self.close()
+            raise BackendUnavailable(why_not)
         for s in self.specs:
             path = str(ds.field_path(s.name))
-            # the pinned snapshot, opened again through its descriptor (KvikIO opens paths)
-            f, route, why = capability.open_for_route(cap, kvikio, path,
-                                                      open_path=self.files.reopen_path(s.name))
+            if remote:  # read into the pinned ring like the host route (storage/kvikio_remote)
+                try:
+                    f, route, why = self.files.open_kvikio(s.name, kvikio), "remote", ""
+                except BaseException:
+                    self.close()  # the objects opened so far too
+                    raise
+            else:  # the pinned snapshot, opened again through its descriptor (KvikIO: paths)
+                f, route, why = capability.open_for_route(
+                    cap, kvikio, path, open_path=self.files.reopen_path(s.name))
             self._files.append(f)
             self.routes.append(route)
             if why and why not in reasons:
                 reasons.append(why)
-        self.backend = "gds" if all(r == "gds" for r in self.routes) else "gds-compat"
+        self.backend = ("gds" if all(r == "gds" for r in self.routes)
+                        else "gds-remote" if remote else "gds-compat")
+        if remote:  # KvikIO sends no If-Match: every batch's objects are checked after it
+            self.verifier = self.files.version_check(self.verifier)
         #: Why some files are not read through GPUDirect Storage ("" when all are).
         self.route_reason = self.read_reason = "; ".join(reasons)
         log.debug("GDSLoader: %s (routes %s)%s", self.backend, self.routes,

@@ -9,7 +9,9 @@ read several times the batch), plus a crc32 over them (~1-2 GB/s per thread). A 
 :class:`DatasetError` naming the file, the field, the block, its byte range and both checksums.
 
 The check reads the file, not the batch's memory: it proves the stored blocks still hold what
-was written, which is what a silently corrupted or replaced file breaks.
+was written, which is what a silently corrupted or replaced file breaks. An object-store
+dataset's blocks are read again with ranged GETs (:mod:`gds_stream.storage`), through the block
+cache when there is one (which then proves the cached copy).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class _Field:
     offset: int  # file offset of the field's first byte
     nbytes: int
     checksums: tuple[int, ...]
-    fd: int
+    fd: int | None  # None: an object-store reader, read through its read_into
     path: str
 
 
@@ -56,9 +58,9 @@ class BlockVerifier:
         self._fields = []
         for s in specs:
             lay = dataset.layout(s.name)
+            fd = None if getattr(self._files, "remote", False) else self._files.fd(s.name)
             self._fields.append(_Field(s.name, s.point_bytes, lay.offset, lay.nbytes,
-                                       lay.checksums, self._files.fd(s.name),
-                                       self._files.path(s.name)))
+                                       lay.checksums, fd, self._files.path(s.name)))
         self._local = threading.local()
         self._lock = threading.Lock()
         self.blocks_checked = 0
@@ -90,7 +92,10 @@ class BlockVerifier:
                 start = int(b) * self.block_bytes
                 n = min(self.block_bytes, f.nbytes - start)
                 view = memoryview(buf)[:n]
-                pread_into(f.fd, view, f.offset + start, f.path)
+                if f.fd is None:  # object storage: ranged GETs (retries, ETag checked)
+                    self._files.read_into(f.name, f.offset + start, view)
+                else:
+                    pread_into(f.fd, view, f.offset + start, f.path)
                 found = zlib.crc32(view)
                 want = f.checksums[int(b)]
                 if found != want:

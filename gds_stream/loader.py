@@ -24,10 +24,10 @@ from ._hostmem import drain as drain_returned_buffers
 from ._lifetime import Closeable, FieldFiles, import_torch
 from .epoch import POLL_S, EpochIterator
 from .errors import LoaderError
-from .format import Dataset, FieldSpec, open_dataset
+from .format import Dataset, FieldSpec
 from .integrity import BlockVerifier
-from .options import (DEFAULT_SHUFFLE_WINDOW, LoaderOptions, check_option_names,
-                      resolve_options)
+from .options import (DEFAULT_SHUFFLE_WINDOW, STORAGE_OPTIONS, LoaderOptions,
+                      check_option_names, open_source, resolve_options)
 from .plan import EpochPlan, PlanSpec, shuffle_block_points
 from .stats import LoaderStats
 
@@ -77,9 +77,10 @@ class Loader(Closeable):
         self._lock = threading.Lock()
         self.files: FieldFiles | None = None
         self.verifier: BlockVerifier | None = None
+        storage = {k: options.pop(k) for k in STORAGE_OPTIONS if k in options}
         check_option_names(list(options), extra=())
         self._owns_dataset = not isinstance(dataset, Dataset)
-        self.dataset = dataset if isinstance(dataset, Dataset) else open_dataset(dataset)
+        self.dataset = open_source(dataset, storage)  # a URL: storage_options=, cache_dir=...
         try:
             self.options: LoaderOptions = resolve_options(self.dataset, options)
             o = self.options

@@ -49,6 +49,8 @@ _ALIASES = {"batch_size": "batch_points", "num_workers": "num_threads",
 OUTPUTS = ("torch", "cupy")
 #: Options only the GPU-direct backend takes (ignored when ``auto`` falls back).
 GDS_ONLY_OPTIONS = ("task_size",)
+#: Options of the dataset an object-store URL opens (see :func:`open_source`).
+STORAGE_OPTIONS = ("storage_options", "cache_dir", "cache_bytes")
 _FLAGS = ("shuffle", "drop_last", "verify_reads")
 
 #: Points permuted together in a shuffled points-mode epoch (see :mod:`gds_stream.plan`).
@@ -88,7 +90,7 @@ def default_prefetch(device_type: str) -> int:
 def check_option_names(names: Sequence[str], extra: Sequence[str] = GDS_ONLY_OPTIONS) -> None:
     """An unknown keyword is a :class:`LoaderError` naming ``open_loader`` and the closest
     option."""
-    known = sorted(set(CORE_OPTIONS) | set(extra))
+    known = sorted(set(CORE_OPTIONS) | set(extra) | set(STORAGE_OPTIONS))
     for name in names:
         if name in known:
             continue
@@ -96,6 +98,26 @@ def check_option_names(names: Sequence[str], extra: Sequence[str] = GDS_ONLY_OPT
                  else difflib.get_close_matches(name, known, n=1, cutoff=0.6))
         hint = f"did you mean {close[0]!r}?" if close else f"options are {', '.join(known)}"
         raise LoaderError(f"open_loader() got an unknown option {name!r}; {hint}")
+
+
+def open_source(dataset: Dataset | str | os.PathLike, storage: Mapping[str, Any]) -> Dataset:
+    """The dataset a loader reads: ``dataset`` itself, or the one its path or URL opens.
+    ``storage`` (``storage_options``, ``cache_dir``, ``cache_bytes``) configures an
+    object-store URL; with a local path or an already opened dataset it is a
+    :class:`LoaderError` saying where it goes instead."""
+    from .format import open_dataset
+    from .storage import is_url
+
+    names = ", ".join(f"{k}=" for k in storage)
+    if isinstance(dataset, Dataset):
+        if storage:
+            raise LoaderError(f"{dataset.path}: {names} configure how a URL is opened, and this "
+                              f"dataset is already open; pass them to open_dataset()")
+        return dataset
+    if storage and not is_url(dataset):
+        raise LoaderError(f"{dataset}: {names} apply to object-store URLs (s3://bucket/prefix) "
+                          f"only; a local dataset is read from its files directly")
+    return open_dataset(dataset, **storage)
 
 
 def _is_int(v: object) -> bool:

@@ -54,7 +54,9 @@ def s3_server():
 
 def readme_env(request, buckets=("my-bucket",)) -> dict[str, str]:
     """For the README's "Object storage" examples: a moto server until the test ends, the
-    ``buckets`` created, and the ``AWS_*`` environment that reaches it."""
+    ``buckets`` created, the scratch directory's ``tiles/`` (the test's ``tmp_path``) uploaded
+    under ``s3://my-bucket/tiles/`` (the example of object-store inputs), and the ``AWS_*``
+    environment that reaches it."""
     srv = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     srv.start()
     request.addfinalizer(srv.stop)
@@ -62,6 +64,9 @@ def readme_env(request, buckets=("my-bucket",)) -> dict[str, str]:
     url = f"http://{host}:{port}"
     for b in buckets:
         make_bucket(url, b)
+    tiles = Path(request.getfixturevalue("tmp_path")) / "tiles"
+    for p in sorted(tiles.glob("*")) if "my-bucket" in buckets else ():
+        s3_client(url).upload_file(str(p), "my-bucket", f"tiles/{p.name}")
     return {**ENV, "AWS_ENDPOINT_URL": url}
 
 
@@ -93,6 +98,21 @@ def s3_client(endpoint: str):
     return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
                         aws_access_key_id=ENV["AWS_ACCESS_KEY_ID"],
                         aws_secret_access_key=ENV["AWS_SECRET_ACCESS_KEY"])
+
+
+def corrupt_label_object(url: str, endpoint: str) -> str:
+    """Flip a byte of the ``label`` field's object of the dataset at ``url`` (a new version:
+    a dataset opened after this sees the new ETag and the corrupt block); returns its key."""
+    from gds_stream.storage import split_url
+
+    _, bkt, prefix = split_url(url)
+    cl = s3_client(endpoint)
+    key = next(o["Key"] for o in cl.list_objects_v2(Bucket=bkt, Prefix=prefix)["Contents"]
+               if o["Key"].endswith("/label.bin"))
+    body = bytearray(cl.get_object(Bucket=bkt, Key=key)["Body"].read())
+    body[100] ^= 0xFF
+    cl.put_object(Bucket=bkt, Key=key, Body=bytes(body))
+    return key
 
 
 # -- the fault-injecting proxy -----------------------------------------------------------------

@@ -16,7 +16,8 @@ import pytest
 import gds_stream
 from gds_stream.errors import DatasetError, LoaderError
 from helpers import batch_bytes_equal, error_chain, make_dataset, run_with_timeout
-from s3_fixtures import FaultProxy, Faults, bucket, s3_client, s3_server, upload  # noqa: F401
+from s3_fixtures import (FaultProxy, Faults, bucket, corrupt_label_object,  # noqa: F401
+                         s3_client, s3_server, upload)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCANS = [70_000, 0, 130_000, 45_000, 90_000]  # 335 000 points: ~7 MiB over the default fields
@@ -349,7 +350,8 @@ def test_bench_compare_source_s3_smoke(tmp_path):
     import json
 
     r = subprocess.run([sys.executable, "-m", "bench.compare", "--source", "s3", "--smoke",
-                        "--workdir", str(tmp_path / "data"), "--json", str(tmp_path / "r.json")],
+                        "--workdir", str(tmp_path / "data"), "--json", str(tmp_path / "r.json"),
+                        "--range-sizes", "1,2"],
                        capture_output=True, text=True, timeout=300, cwd=str(ROOT),
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stderr[-3000:]
@@ -358,6 +360,13 @@ def test_bench_compare_source_s3_smoke(tmp_path):
     assert doc["checksums_equal"] and [row["source"] for row in doc["rows"]] == [
         "local", "s3 (no cache)", "s3 (cache warm)"]
     assert doc["cache"]["hits"] > 0
+    sweep = doc["range_sweep"]
+    assert [row["range_mib"] for row in sweep] == [1, 2]
+    assert all(row["no_cache_gb_s"] > 0 and row["cache_cold_gb_s"] > 0 for row in sweep)
+    r = subprocess.run([sys.executable, "-m", "bench.compare", "--range-sizes", "1"],
+                       capture_output=True, text=True, timeout=300, cwd=str(ROOT),
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 2 and "it goes with --source s3" in r.stderr, r.stderr
 
 
 def test_cli_refusals_on_urls_are_one_line(bucket):
@@ -369,21 +378,23 @@ def test_cli_refusals_on_urls_are_one_line(bucket):
 
 
 def test_verify_finds_a_corrupt_block_in_an_object(local, remote, s3_server):
-    _, bkt, prefix = gds_stream.storage.split_url(remote)
-    cl = s3_client(s3_server)
-    key = next(o["Key"] for o in cl.list_objects_v2(Bucket=bkt, Prefix=prefix)["Contents"]
-               if o["Key"].endswith("/label.bin"))
-    body = bytearray(cl.get_object(Bucket=bkt, Key=key)["Body"].read())
-    body[100] ^= 0xFF
-    cl.put_object(Bucket=bkt, Key=key, Body=bytes(body))
+    r = _cli("verify", remote, "--no-progress")
+    assert r.returncode == 0 and f"{remote}: all" in r.stdout and "blocks ok" in r.stdout, r
+    key = corrupt_label_object(remote, s3_server)
     r = _cli("verify", remote, "--no-progress")
     assert r.returncode == 1 and f"{key}: field 'label' block 0" in r.stderr, r.stderr
 
 
-def test_verify_reads_is_refused_clearly_for_object_storage(remote):
-    with pytest.raises(DatasetError, match="verify_reads is not available for object-store"):
-        gds_stream.open_loader(remote, backend="fallback", device="cpu", batch_points=1000,
-                               verify_reads=True)
+def test_verify_reads_checks_object_blocks(local, remote, s3_server, tmp_path):
+    kw = dict(batch_points=50_000, shuffle=True, seed=1)
+    _same(_epochs(local, epochs=1, **kw), _epochs(remote, epochs=1, verify_reads=True, **kw))
+    key = corrupt_label_object(remote, s3_server)
+    for cache in ({}, {"cache_dir": tmp_path / "c", "cache_bytes": 64 << 20}):
+        with gds_stream.open_loader(remote, backend="fallback", device="cpu", verify_reads=True,
+                                    fields=["label"], batch_points=50_000, **cache) as ld:
+            with pytest.raises(LoaderError) as info:
+                list(ld)
+        assert f"{key}: field 'label' block 0" in " ".join(map(str, error_chain(info.value)))
 
 
 def test_a_dataset_replaced_while_being_opened_is_opened_again(local, tmp_path, bucket,
@@ -450,3 +461,30 @@ def _catch(fn):
         return fn()
     except BaseException as exc:  # noqa: BLE001 - handed to the test
         return exc
+
+
+# -- storage keywords of open_loader ----------------------------------------------------------
+def test_open_loader_takes_storage_options_and_a_cache_for_a_url(local, remote, s3_server,
+                                                                  tmp_path):
+    faults = Faults(error503=0.3)
+    with FaultProxy(s3_server, faults) as proxy:
+        kw = dict(batch_points=50_000, shuffle=True, seed=4)
+        got = _epochs(remote, storage_options={"endpoint": proxy.url, **FAST},
+                      cache_dir=tmp_path / "cache", cache_bytes=64 << 20, **kw)
+        assert faults.counts["503"] > 0  # the loader really went through the given endpoint
+    _same(_epochs(local, **kw), got)
+    assert any((tmp_path / "cache").rglob("*")), "no block landed in the cache"
+
+
+def test_storage_keywords_with_a_local_path_or_an_open_dataset_are_refused(local, remote):
+    with pytest.raises(LoaderError, match="apply to object-store URLs"):
+        gds_stream.open_loader(local.path, device="cpu", batch_points=1000,
+                               storage_options={"region": "x"})
+    ds = gds_stream.open_dataset(remote)
+    with pytest.raises(LoaderError, match="cache_dir=, cache_bytes=.*already open; pass them "
+                                          "to open_dataset"):
+        gds_stream.open_loader(ds, device="cpu", batch_points=1000, cache_dir="c",
+                               cache_bytes=1 << 30)
+    with pytest.raises(DatasetError, match="storage_options must be a dict"):
+        gds_stream.open_loader(remote, device="cpu", batch_points=1000,
+                               storage_options="endpoint=http://x")

@@ -8,7 +8,8 @@ bounded whatever the file size (a 2 GB PLY converts in well under 500 MB of RSS)
 
 One module per input format (:mod:`.ply`, :mod:`.las`, :mod:`.kitti`, :mod:`.raw`); what they
 share — the source contract, field selection, schema checks and the streaming driver — is in
-:mod:`.common`.
+:mod:`.common`. Inputs given as object-store URLs are streamed into local temporary files one
+at a time by :mod:`.remote_inputs`.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from ..errors import ConversionError
 from ..format import Dataset, check_field_name, check_output_dir, open_dataset
 from ..storage import is_url
 from . import chunks
-from .common import Source, check_sources, expand, write_sources
+from .common import Source, check_sources, write_sources
 from .kitti import KittiSource
 from .las import LasSource, choose_origin, is_las
 from .ply import PlySource
 from .raw import RawSource, raw_dtype as parse_raw_dtype
+from .remote_inputs import RemoteInputs
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +65,16 @@ def convert(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: st
             fields: Sequence[str] | None = None, raw_fields: Sequence[str] | None = None,
             raw_dtype: str = "float32", xyz: str = "auto", overwrite: bool = False,
             progress: bool | None = None, chunk_size: float | None = None,
-            chunk_dims: int = 2, point_ids: bool = False) -> Dataset:
+            chunk_dims: int = 2, point_ids: bool = False,
+            storage_options: dict | None = None) -> Dataset:
     """Convert ``inputs`` (files or directories) into the dataset directory ``out_dir``.
+
+    Inputs and ``out_dir`` may also be object-store URLs (``s3://bucket/prefix``): an input URL
+    names one object, or a prefix (every object under it with a supported extension); each is
+    streamed into a local temporary file one at a time (:mod:`.remote_inputs`). An output URL is
+    written locally, then uploaded, the manifest last (:mod:`gds_stream.storage.upload`).
+    ``storage_options``: credentials, endpoint and retry budget for those URLs (see
+    :mod:`gds_stream.storage.s3`; the standard AWS environment supplies what it does not set).
 
     ``format``: ``auto`` (a file starting with ``LASF``, ``.las`` or ``.laz`` → las; ``.ply`` →
     ply; ``.bin`` → raw when ``raw_fields`` is given, else SemanticKITTI), ``ply``, ``las``
@@ -94,7 +104,8 @@ def convert(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: st
         return convert_to_url(lambda tmp: convert(
             inputs, tmp, format=format, element=element, fields=fields, raw_fields=raw_fields,
             raw_dtype=raw_dtype, xyz=xyz, progress=progress, chunk_size=chunk_size,
-            chunk_dims=chunk_dims, point_ids=point_ids), str(out_dir), overwrite)
+            chunk_dims=chunk_dims, point_ids=point_ids, storage_options=storage_options),
+            str(out_dir), overwrite, storage_options)
     if format not in FORMATS:
         raise ConversionError(f"unknown format {format!r}; expected one of {', '.join(FORMATS)}")
     if xyz not in XYZ_TYPES:
@@ -133,34 +144,35 @@ def convert(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: st
     out = Path(out_dir)
     check_output_dir(out, overwrite)
 
-    sources: list[Source] = []
-    warned: set = set()
-    for path in expand(inputs, _EXTENSIONS[format]):
-        kind = _format_of(path, format, raw_fields)
-        if kind == "ply":
-            src: Source = PlySource(path, element, fields, warned)
-        elif kind == "las":
-            src = LasSource(path, fields, xyz)
-        elif kind == "kitti":
-            src = KittiSource(path, fields)
-        else:
-            assert raw_fields is not None and dtype is not None
-            src = RawSource(path, raw_fields, dtype, fields)
-        sources.append(src)
-        check_sources(sources)
+    with RemoteInputs(storage_options) as remote:  # URLs: one temporary file at a time
+        sources: list[Source] = []
+        warned: set = set()
+        for path in remote.expand(inputs, _EXTENSIONS[format]):
+            kind = _format_of(path, format, raw_fields)
+            if kind == "ply":
+                src: Source = PlySource(path, element, fields, warned)
+            elif kind == "las":
+                src = LasSource(path, fields, xyz)
+            elif kind == "kitti":
+                src = KittiSource(path, fields)
+            else:
+                assert raw_fields is not None and dtype is not None
+                src = RawSource(path, raw_fields, dtype, fields)
+            sources.append(src)
+            check_sources(sources)
 
-    las = [s for s in sources if isinstance(s, LasSource)]
-    if xyz != "auto" and len(las) != len(sources):
-        raise ConversionError(f"--xyz {xyz} applies to LAS/LAZ input; {sources[0].path} keeps "
-                              f"its own stored types")
-    options = {}
-    if las:
-        origin = choose_origin(las, xyz)
-        if origin.any():
-            log.info("dataset origin %s (x, y, z are stored relative to it)", origin.tolist())
-            options["origin"] = origin
-    if chunk_size is not None:  # before anything is written
-        chunks.check_schema(sources[0].schema, sources[0].path)
-    write_sources(sources, out, overwrite=overwrite, progress=progress, writer_options=options,
-                  chunk_size=chunk_size, chunk_dims=chunk_dims, point_ids=point_ids)
+        las = [s for s in sources if isinstance(s, LasSource)]
+        if xyz != "auto" and len(las) != len(sources):
+            raise ConversionError(f"--xyz {xyz} applies to LAS/LAZ input; {sources[0].path} keeps "
+                                  f"its own stored types")
+        options = {}
+        if las:
+            origin = choose_origin(las, xyz)
+            if origin.any():
+                log.info("dataset origin %s (x, y, z are stored relative to it)", origin.tolist())
+                options["origin"] = origin
+        if chunk_size is not None:  # before anything is written
+            chunks.check_schema(sources[0].schema, sources[0].path)
+        write_sources(sources, out, overwrite=overwrite, progress=progress, writer_options=options,
+                      chunk_size=chunk_size, chunk_dims=chunk_dims, point_ids=point_ids)
     return open_dataset(out)

@@ -10,12 +10,16 @@ Backends read a field's bytes through a *field reader* (one per loader, closed w
 
 Local readers also expose ``fd(name)`` (a duplicate of the snapshot's descriptor): the fallback
 reads local files with positioned reads on it and the GPU-direct backend reopens it for KvikIO;
-readers with ``remote = True`` are read only through ``read_into``.
+readers with ``remote = True`` are read only through ``read_into`` (or, by the GPU-direct
+backend, through the KvikIO objects their ``open_kvikio`` returns).
 
 :mod:`.local` reads the descriptors a local :class:`~gds_stream.format.Dataset` pinned;
 :mod:`.s3` reads objects through ``obstore`` (imported only when an ``s3://`` URL is opened, so
 ``import gds_stream`` never imports it); :mod:`.remote` is the dataset opened from a URL and
-:mod:`.cache` its local block cache; :mod:`.upload` publishes a converted dataset to a URL.
+:mod:`.cache` its local block cache; :mod:`.upload` publishes a converted dataset to a URL;
+:mod:`.kvikio_remote` is how the GPU-direct backend reads objects with KvikIO's ``RemoteFile`` on
+a CUDA device. Object-store *inputs* of a conversion are staged by
+:mod:`gds_stream.convert.remote_inputs`.
 """
 
 from __future__ import annotations

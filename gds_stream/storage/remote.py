@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from .._lifetime import Closeable
 from .._manifest import (MANIFEST_ABS_MAX_BYTES, MANIFEST_BASE_BYTES, MANIFEST_DATA_RATIO,
@@ -61,6 +61,9 @@ class RemoteDataset(Dataset):
         self._prefix = prefix
         self.path = ObjectPath(f"{scheme}://{bucket}" + (f"/{prefix}" if prefix else ""))
         self._objects: dict[str, ObjectVersion] = {}
+        if storage_options is not None and not isinstance(storage_options, Mapping):
+            raise DatasetError(f"{self.path}: storage_options must be a dict of settings "
+                               f"(endpoint, region, max_retries, ...), got {storage_options!r}")
         self.client = S3Client(bucket, storage_options, scheme)
         self.cache = None
         if (cache_dir is None) != (cache_bytes is None):
@@ -178,6 +181,7 @@ class RemoteFiles(Closeable):
 
     def __init__(self, dataset: RemoteDataset, names: Sequence[str]):
         self.client = dataset.client
+        self._dataset = dataset
         self._read = dataset.read_object
         self._objects = {n: dataset.version(n) for n in names}
         self._paths = {n: str(dataset.field_path(n)) for n in names}
@@ -202,13 +206,34 @@ class RemoteFiles(Closeable):
         return self._paths[name]
 
     def fd(self, name: str) -> int:
-        raise DatasetError(f"{self._paths[name]}: verify_reads is not available for "
-                           f"object-store datasets (every range read is checked against the "
-                           f"object's ETag instead)")
+        raise DatasetError(f"{self._paths[name]}: an object has no file descriptor; read it "
+                           f"through read_into()")
+
+    def kvikio_unavailable(self) -> str | None:
+        """Why KvikIO cannot read these objects (see :mod:`.kvikio_remote`), or None."""
+        from .kvikio_remote import unavailable
+
+        return unavailable(self._dataset)
+
+    def open_kvikio(self, name: str, kvikio: Any):
+        """Field ``name``'s object opened with ``kvikio.RemoteFile`` (a ``CuFile``-like
+        ``pread``), for the GPU-direct backend's ``remote`` route."""
+        from .kvikio_remote import KvikioObject
+
+        obj = self._objects[name]
+        return KvikioObject(kvikio, self.client.bucket, obj.key, obj.size, self._paths[name])
+
+    def version_check(self, then: Any = None):
+        """What the GPU-direct backend runs after each batch's KvikIO reads: every object
+        still has its ETag of open (KvikIO sends no ``If-Match``); then ``then.check`` (the
+        ``verify_reads`` block verifier), if given."""
+        from .kvikio_remote import VersionCheck
+
+        return VersionCheck(self.client, self._objects, then)
 
     def reopen_path(self, name: str) -> str:
-        raise BackendUnavailable(f"{self._paths[name]}: the GPU-direct backend reads local "
-                                 f"files only; object-store datasets read through the fallback")
+        raise BackendUnavailable(f"{self._paths[name]}: an object has no local path; the "
+                                 f"GPU-direct backend opens it with open_kvikio()")
 
     def close(self) -> None:
         self._closed = True

@@ -102,6 +102,8 @@ class S3Client:
         self._obs = obstore
         self.bucket, self.scheme = bucket, scheme
         config, self.knobs = _config(storage_options)
+        #: The settings ``storage_options`` gave beyond the environment (not the fault knobs).
+        self.overrides = sorted(set(storage_options or {}) - set(DEFAULTS))
         endpoint = str(config.get("endpoint", ""))
         client = {"timeout": timedelta(seconds=self.knobs["timeout_s"]),
                   "connect_timeout": timedelta(seconds=self.knobs["connect_timeout_s"]),
@@ -227,6 +229,15 @@ class S3Client:
                                                                    if prefix else None)
                        for m in page)
         return self._call(prefix or "/", "LIST", total)
+
+    def list_objects(self, prefix: str) -> list[ObjectVersion]:
+        """Every object under ``prefix/`` (the whole bucket for an empty prefix), with its size
+        and ETag, in key order."""
+        def objects() -> list[ObjectVersion]:
+            return [ObjectVersion(str(m["path"]), int(m["size"]), str(m.get("e_tag") or ""))
+                    for page in self._obs.list(self.store, prefix + "/" if prefix else None)
+                    for m in page]
+        return sorted(self._call(prefix or "/", "LIST", objects), key=lambda o: o.key)
 
     def put_file(self, key: str, path: str, multipart_bytes: int) -> str:
         """Upload a local file (multipart above ``multipart_bytes``); returns the new ETag."""
