@@ -4,8 +4,11 @@ once installed)."""
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib", reason="tomllib is Python 3.11+")
 
 ROOT = Path(__file__).resolve().parent.parent
 
