@@ -79,11 +79,11 @@ def _sweep(url: str, opts: dict, local: Any, nbytes: int, args: argparse.Namespa
 
     batch = local.num_points  # without --shuffle: one range per field, split at the size
     ref_one = _epoch(local, batch, args, 0, True)[2]
-    saved = fallback_loader.TASK_BYTES, cache_mod.CACHE_BLOCK_BYTES
+    saved = fallback_loader.REMOTE_TASK_BYTES, cache_mod.CACHE_BLOCK_BYTES
     rows = []
     try:
         for mib in args.range_sizes:
-            fallback_loader.TASK_BYTES = cache_mod.CACHE_BLOCK_BYTES = mib << 20
+            fallback_loader.REMOTE_TASK_BYTES = cache_mod.CACHE_BLOCK_BYTES = mib << 20
             ds = gds_stream.open_dataset(url, storage_options=opts)
             if _epoch(ds, batch, args, 0, True)[2] != ref_one:
                 raise _Mismatch(f"range size {mib} MiB: the bucket yielded other bytes than "
@@ -102,7 +102,7 @@ def _sweep(url: str, opts: dict, local: Any, nbytes: int, args: argparse.Namespa
                          "no_cache_gb_s": nbytes / statistics.median(plain) / 1e9,
                          "cache_cold_gb_s": nbytes / statistics.median(cold) / 1e9})
     finally:
-        fallback_loader.TASK_BYTES, cache_mod.CACHE_BLOCK_BYTES = saved
+        fallback_loader.REMOTE_TASK_BYTES, cache_mod.CACHE_BLOCK_BYTES = saved
     return rows
 
 

@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 
 #: Reads are grouped into (and large ones split into) worker tasks of about this size.
 TASK_BYTES = 8 << 20
+#: The same for an object store, where each task is one ranged GET: 16 MiB read 1.23× faster
+#: than 8 MiB from a local S3 server, 32 MiB no faster (README, "Object storage").
+REMOTE_TASK_BYTES = 16 << 20
 
 
 @dataclass
@@ -213,6 +216,7 @@ class _FallbackIterator(EpochIterator):
         self._files = [((files, s.name) if getattr(files, "remote", False) else files.fd(s.name),
                         files.path(s.name), ds.layout(s.name).offset)
                        for s in self._specs]
+        self._task_bytes = REMOTE_TASK_BYTES if getattr(files, "remote", False) else TASK_BYTES
         self._verifier = loader.verifier
         self._scan_mode = loader.options.scan_mode
         self._unit_key = loader.unit_key
@@ -251,11 +255,11 @@ class _FallbackIterator(EpochIterator):
             dst = foff
             for a, b in batch.segments:
                 off, length = base + int(a) * pb, int(b - a) * pb
-                for c in range(0, length, TASK_BYTES):
-                    m = min(TASK_BYTES, length - c)
+                for c in range(0, length, self._task_bytes):
+                    m = min(self._task_bytes, length - c)
                     task.append((fd, path, mv[dst + c:dst + c + m], off + c))
                     task_bytes += m
-                    if task_bytes >= TASK_BYTES:
+                    if task_bytes >= self._task_bytes:
                         self._start(p, _read, task, self._stop, slot)
                         task, task_bytes = [], 0
                 dst += length

@@ -488,3 +488,25 @@ def test_storage_keywords_with_a_local_path_or_an_open_dataset_are_refused(local
     with pytest.raises(DatasetError, match="storage_options must be a dict"):
         gds_stream.open_loader(remote, device="cpu", batch_points=1000,
                                storage_options="endpoint=http://x")
+
+
+def test_object_store_reads_split_at_the_remote_task_size(local, remote, monkeypatch):
+    """Ranged GETs are split at REMOTE_TASK_BYTES (chosen by measurement for object stores),
+    not at the local files' TASK_BYTES; the epoch is unchanged."""
+    from fallback import loader as fb
+    from gds_stream.storage.remote import RemoteFiles
+
+    monkeypatch.setattr(fb, "REMOTE_TASK_BYTES", 64 << 10)
+    monkeypatch.setattr(fb, "TASK_BYTES", 1 << 20)
+    sizes: list[int] = []
+    real = RemoteFiles.read_into
+
+    def spy(self, name, offset, view, stop):
+        sizes.append(len(view))
+        return real(self, name, offset, view, stop)
+
+    monkeypatch.setattr(RemoteFiles, "read_into", spy)
+    want = _epochs(local.path, fields=["x", "pid"], batch_points=200_000)
+    got = _epochs(remote, fields=["x", "pid"], batch_points=200_000)
+    _same(got, want)
+    assert sizes and max(sizes) == 64 << 10
