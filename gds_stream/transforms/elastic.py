@@ -62,16 +62,50 @@ class ElasticDistortion(Transform):
         dmax = dims.max(0).values.tolist()
         padded = u * dmax[0] * dmax[1] * dmax[2]
         if padded <= 2 * total + DENSE_SLACK:    # units of similar extent (chunks): one block
-            noise, base, strides = _dense_noise(dims, dmax, generator, dev)
+            noise = _dense_noise(dims, dmax, generator, dev)
+            acc = _sample_dense(xyz, units, lo, noise, granularity)
         else:                                    # very unequal units: grids end to end
             noise, base, strides = _flat_noise(dims, cells, total, generator, dev)
-        # trilinear sampling, in blocks of points on a CPU (intermediates stay in cache)
-        block = units.n if xyz.is_cuda else CPU_BLOCK
-        acc = torch.cat([_interp(xyz[a:a + block], units.ids[a:a + block], lo, dims, base,
-                                 strides, noise, granularity)
-                         for a in range(0, units.n, block)])
+            # trilinear sampling, in blocks of points on a CPU (intermediates stay in cache)
+            block = units.n if xyz.is_cuda else CPU_BLOCK
+            acc = torch.cat([_interp(xyz[a:a + block], units.ids[a:a + block], lo, dims, base,
+                                     strides, noise, granularity)
+                             for a in range(0, units.n, block)])
         on = units.expand(apply)[:, None]                       # skipped units: unchanged
         return torch.where(on, xyz + (acc * magnitude).to(xyz.dtype), xyz)
+
+
+def _sample_dense(xyz, units, lo, noise, granularity):
+    """Trilinear sample of the float64 (3, D2, D1, U, D0) ``noise`` volume (:func:`_dense_noise`)
+    at each point, one fused ``grid_sample`` for the whole batch: the units' grids side by side
+    along x, unit u's cell i at x = u·D0 + i. A point's continuous cell
+    index t = (coord − lo) / granularity + 1 lies in [1, dims − 1) of its own unit, so its 8
+    corners are its own unit's cells (a corner one past them has weight 0); float64 keeps the
+    normalised coordinates exact to ~1e-13 cells however many units sit side by side. On a CPU
+    the points are split into one part per intra-op thread (grid_sample parallelises over its
+    batch dimension; the volume is expanded, not copied)."""
+    d2, d1, u, d0 = noise.shape[1:]
+    dev, n, f64 = xyz.device, units.n, torch.float64
+    size = torch.tensor([u * d0, d1, d2], dtype=f64, device=dev)
+    scale = 2 / (size - 1)                                   # cell index -> [-1, 1]
+    shift = torch.zeros((u, 3), dtype=f64, device=dev)
+    shift[:, 0] = torch.arange(u, dtype=f64, device=dev) * d0
+    # t = (c - lo) / g + 1 (+ u·D0 on x); normalised: t * scale - 1 = c * a + b[unit]
+    a = scale / granularity
+    b = (shift + 1 - lo.to(f64) / granularity) * scale - 1
+    parts = 1 if xyz.is_cuda else max(1, min(torch.get_num_threads(), n // PART_POINTS))
+    per = -(-n // parts)
+    grid = torch.zeros((parts * per, 3), dtype=f64, device=dev)
+    torch.addcmul(units.expand(b), xyz.to(f64), a, out=grid[:n])
+    out = torch.nn.functional.grid_sample(
+        noise.view(1, 3, d2, d1, u * d0).expand(parts, -1, -1, -1, -1),
+        grid.view(parts, per, 1, 1, 3), mode="bilinear", padding_mode="zeros",
+        align_corners=True)                                  # (parts, 3, per, 1, 1)
+    return out.view(parts, 3, per).transpose(1, 2).reshape(-1, 3)[:n]
+
+
+#: Fewest points per part of the fused sampling worth a thread of its own.
+PART_POINTS = 1 << 14
 
 
 #: Points per block of the trilinear sampling on a CPU.
@@ -103,33 +137,42 @@ DENSE_SLACK = 1 << 16
 
 
 def _dense_noise(dims, dmax, generator, dev):
-    """Every unit's grid padded to the largest dims: one (U, D0, D1, D2, 3) block, zero outside
-    each unit's own grid. Along each axis the two box passes are one 5-tap filter
+    """Every unit's grid, smoothed, in the layout of the fused sampling: a float64
+    (3, D2, D1, U, D0) volume (channel, z, y, unit, x; each unit padded to the largest dims),
+    zero outside each unit's own grid. The noise is drawn as (U, D0, D1, D2, 3), the generator's
+    stream in Pointcept's order. Along each axis the two box passes are one 5-tap filter
     [1, 2, 3, 2, 1] / 9 whose end cells lose x_end / 9 (the second pass sees zeros, not the first
     pass's spill, beyond the ends); filters along different axes commute, so x, x, y, y, z, z
-    equals Pointcept's x, y, z, x, y, z."""
+    equals Pointcept's x, y, z, x, y, z. The spill of a pass lands beyond the unit's grid along
+    that axis only, where the later passes along other axes never read it; the one final mask
+    clears it (with the 1 / 9³ of the three filters and the cast to float64)."""
     u = dims.shape[0]
-    noise = torch.randn((u, *dmax, 3), generator=generator, device=dev, dtype=torch.float32)
-    masks, edges = [], []
-    for a in range(3):
-        shape = [u, 1, 1, 1, 1]
-        shape[a + 1] = dmax[a]
-        i = torch.arange(dmax[a], device=dev)[None, :]
-        masks.append((i < dims[:, a:a + 1]).view(shape).to(torch.float32))
-        edges.append(((i == 0) | (i == dims[:, a:a + 1] - 1)).view(shape).to(torch.float32))
-    noise = noise * (masks[0] * masks[1] * masks[2])
-    for a in range(3):
-        ax, n = a + 1, noise.shape[a + 1]
-        out = noise * 3
+    d0, d1, d2 = dmax
+    noise = torch.randn((u, d0, d1, d2, 3), generator=generator, device=dev,
+                        dtype=torch.float32)
+    ar = torch.arange(u, device=dev)
+    inside = [(torch.arange(d, device=dev)[None, :] < dims[:, a:a + 1]) for a, d in
+              enumerate(dmax)]                                # (U, Da) each
+    mask = (inside[2].t()[:, None, :, None] & inside[1].t()[None, :, :, None]
+            & inside[0][None, None, :, :])                    # (D2, D1, U, D0)
+    x = torch.empty((3, d2, d1, u, d0), dtype=torch.float32, device=dev)
+    torch.mul(noise.permute(4, 3, 2, 0, 1), mask, out=x)
+    last = (dims - 1).clamp(min=0)                           # each unit's end cell, per axis
+    for dim in (4, 2, 1):                                     # x, y, z
+        n = x.shape[dim]
+        out = x * 3
         for k, wgt in ((1, 2), (2, 1)):
             if n > k:
-                out.narrow(ax, k, n - k).add_(noise.narrow(ax, 0, n - k), alpha=wgt)
-                out.narrow(ax, 0, n - k).add_(noise.narrow(ax, k, n - k), alpha=wgt)
-        noise = out.sub_(noise * edges[a]).mul_(masks[a] / 9)
-    d1, d2 = dmax[1], dmax[2]
-    base = torch.arange(u, device=dev, dtype=torch.int64) * (dmax[0] * d1 * d2)
-    strides = torch.tensor([[d1 * d2, d2]], device=dev, dtype=torch.int64).repeat(u, 1)
-    return noise.reshape(-1, 3), base, strides
+                out.narrow(dim, k, n - k).add_(x.narrow(dim, 0, n - k), alpha=wgt)
+                out.narrow(dim, 0, n - k).add_(x.narrow(dim, k, n - k), alpha=wgt)
+        out.narrow(dim, 0, 1).sub_(x.narrow(dim, 0, 1))
+        end = last[:, {4: 0, 2: 1, 1: 2}[dim]]
+        at = [slice(None)] * 5
+        at[3], at[dim] = ar, end
+        out[tuple(at)] -= x[tuple(at)]
+        x = out
+    vol = torch.empty(x.shape, dtype=torch.float64, device=dev)
+    return torch.mul(x, mask.to(torch.float64) / 729, out=vol)
 
 
 def _flat_noise(dims, cells, total, generator, dev):
