@@ -429,6 +429,47 @@ def test_elastic_unequal_units_equal_reference_with_the_same_noise(monkeypatch):
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_elastic_dense_units_equal_reference_with_the_same_noise(monkeypatch, dtype):
+    """Units of similar extent share one padded noise block (drawn as (U, D0, D1, D2, 3)) and
+    are sampled side by side in one volume: each unit still equals the reference fed its own
+    corner of the block, also units of one point (the smallest grid) and an empty unit, and
+    a unit the 0.95 draw skips is unchanged."""
+    sizes = (400, 1, 0, 300, 250)
+    b = make_batch(sizes, dtype=dtype, extent=(3.0, 2.5, 1.2), seed=5)
+    gran, mag = 0.4, 1.6
+    from gds_stream.transforms import elastic
+    calls = []
+    dense = elastic._dense_noise
+    monkeypatch.setattr(elastic, "_dense_noise", lambda *a: calls.append(1) or dense(*a))
+    seed = next(s for s in range(100) if not bool(
+        (torch.rand(5, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+         < 0.95)[4]) and bool((torch.rand(5, generator=torch.Generator().manual_seed(s),
+                                          dtype=torch.float64) < 0.95)[:4].all()))
+    out = ElasticDistortion([[gran, mag], [2 * gran, mag]])(b, torch.Generator().manual_seed(seed))
+    assert calls == [1, 1]                                    # the padded layout ran, twice
+    g = torch.Generator().manual_seed(seed)
+    apply = (torch.rand(5, generator=g, dtype=torch.float64) < 0.95).tolist()
+    units = [xyz.astype(np.float64 if dtype == torch.float64 else np.float32).copy()
+             for _, xyz in units_of(b)]
+    for gr in (gran, 2 * gran):
+        dims = [((x - x.min(0)).max(0) // gr).astype(int) + 3 if len(x) else np.array([3, 3, 3])
+                for x in units]
+        dims = [d if a else np.zeros(3, int) for d, a in zip(dims, apply)]
+        dmax = np.max(dims, 0)
+        noise = torch.randn((5, *dmax, 3), generator=g).numpy()
+        for u, (x, d) in enumerate(zip(units, dims)):
+            if apply[u] and len(x):
+                units[u] = ref.elastic_distortion(x, gr, mag, None,
+                                                  noise=noise[u, :d[0], :d[1], :d[2]])
+    for u, ((_, got), want) in enumerate(zip(units_of(out), units)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 if dtype == torch.float64
+                                   else 2e-5)
+    _, skipped = units_of(out)[4]
+    assert np.array_equal(skipped, units_of(b)[4][1])
+
+
 # -- the package ------------------------------------------------------------------------------
 
 def test_importing_gds_stream_does_not_import_the_transforms():
