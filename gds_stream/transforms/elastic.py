@@ -12,6 +12,7 @@ faster layout: one (units, D0, D1, D2) block padded to the largest grid, filtere
 
 from __future__ import annotations
 
+import threading
 from typing import Sequence
 
 import torch
@@ -47,12 +48,13 @@ class ElasticDistortion(Transform):
         apply = rand(units.num, generator, xyz.device) < APPLY_P
         if units.n == 0 or not bool(apply.any()):
             return batch
+        rows = []                     # each point's row in the padded (U, Pmax) layout, once
         for granularity, magnitude in self.distortion_params:
-            xyz = self._distort(xyz, units, apply, granularity, magnitude, generator)
+            xyz = self._distort(xyz, units, apply, granularity, magnitude, generator, rows)
         return set_coord(batch, self.coord, xyz)
 
     @staticmethod
-    def _distort(xyz, units, apply, granularity, magnitude, generator):
+    def _distort(xyz, units, apply, granularity, magnitude, generator, rows):
         dev, u = xyz.device, units.num
         lo, hi = segment_bbox(xyz, units)
         dims = torch.div(hi - lo, granularity, rounding_mode="floor").to(torch.int64) + 3
@@ -63,7 +65,16 @@ class ElasticDistortion(Transform):
         padded = u * dmax[0] * dmax[1] * dmax[2]
         if padded <= 2 * total + DENSE_SLACK:    # units of similar extent (chunks): one block
             noise = _dense_noise(dims, dmax, generator, dev)
-            acc = _sample_dense(xyz, units, lo, noise, granularity)
+            if not rows:
+                pmax = int(units.counts.max())
+                rows.append((pmax, torch.arange(units.n, device=dev) + units.expand(
+                    torch.arange(u, device=dev) * pmax - units.starts)))
+            acc = _sample_dense(xyz, units, lo, noise, granularity, *rows[0])
+            # the 1 / 9 of the six box passes, folded into the magnitude
+            acc = acc * (magnitude / 729)
+            if bool(apply.all()):
+                return xyz + acc.to(xyz.dtype)
+            return torch.where(units.expand(apply)[:, None], xyz + acc.to(xyz.dtype), xyz)
         else:                                    # very unequal units: grids end to end
             noise, base, strides = _flat_noise(dims, cells, total, generator, dev)
             # trilinear sampling, in blocks of points on a CPU (intermediates stay in cache)
@@ -71,41 +82,35 @@ class ElasticDistortion(Transform):
             acc = torch.cat([_interp(xyz[a:a + block], units.ids[a:a + block], lo, dims, base,
                                      strides, noise, granularity)
                              for a in range(0, units.n, block)])
+            acc = acc * magnitude
         on = units.expand(apply)[:, None]                       # skipped units: unchanged
-        return torch.where(on, xyz + (acc * magnitude).to(xyz.dtype), xyz)
+        return torch.where(on, xyz + acc.to(xyz.dtype), xyz)
 
 
-def _sample_dense(xyz, units, lo, noise, granularity):
-    """Trilinear sample of the float64 (3, D2, D1, U, D0) ``noise`` volume (:func:`_dense_noise`)
-    at each point, one fused ``grid_sample`` for the whole batch: the units' grids side by side
-    along x, unit u's cell i at x = u·D0 + i. A point's continuous cell
-    index t = (coord − lo) / granularity + 1 lies in [1, dims − 1) of its own unit, so its 8
-    corners are its own unit's cells (a corner one past them has weight 0); float64 keeps the
-    normalised coordinates exact to ~1e-13 cells however many units sit side by side. On a CPU
-    the points are split into one part per intra-op thread (grid_sample parallelises over its
-    batch dimension; the volume is expanded, not copied)."""
-    d2, d1, u, d0 = noise.shape[1:]
-    dev, n, f64 = xyz.device, units.n, torch.float64
-    size = torch.tensor([u * d0, d1, d2], dtype=f64, device=dev)
-    scale = 2 / (size - 1)                                   # cell index -> [-1, 1]
-    shift = torch.zeros((u, 3), dtype=f64, device=dev)
-    shift[:, 0] = torch.arange(u, dtype=f64, device=dev) * d0
-    # t = (c - lo) / g + 1 (+ u·D0 on x); normalised: t * scale - 1 = c * a + b[unit]
-    a = scale / granularity
-    b = (shift + 1 - lo.to(f64) / granularity) * scale - 1
-    parts = 1 if xyz.is_cuda else max(1, min(torch.get_num_threads(), n // PART_POINTS))
-    per = -(-n // parts)
-    grid = torch.zeros((parts * per, 3), dtype=f64, device=dev)
-    torch.addcmul(units.expand(b), xyz.to(f64), a, out=grid[:n])
-    out = torch.nn.functional.grid_sample(
-        noise.view(1, 3, d2, d1, u * d0).expand(parts, -1, -1, -1, -1),
-        grid.view(parts, per, 1, 1, 3), mode="bilinear", padding_mode="zeros",
-        align_corners=True)                                  # (parts, 3, per, 1, 1)
-    return out.view(parts, 3, per).transpose(1, 2).reshape(-1, 3)[:n]
-
-
-#: Fewest points per part of the fused sampling worth a thread of its own.
-PART_POINTS = 1 << 14
+def _sample_dense(xyz, units, lo, noise, granularity, pmax, rows):
+    """Trilinear sample of the smoothed ``noise`` block (:func:`_dense_noise`) at each point:
+    linear along z between two bilinear (x, y) samples, all of them from one 2-D ``grid_sample``
+    (vectorised on a CPU) over the batch. Each unit is one image of the grid_sample batch: its z
+    slices side by side along the image's width (cell (x, y, z) at column z·D0 + x, row y),
+    the block's memory as it is, no copy; each point is one pair of samples, at its slices z0
+    and z0 + 1, in the unit's row of ``pmax`` pairs (``rows``: each point's row; the rows past a
+    unit's points sample anything and are not read). A point's continuous cell index
+    t = (coord − lo) / granularity + 1 lies in [1, dims − 1) of its own unit, so every corner
+    with a weight is one of its own unit's cells (a corner past them has weight 0)."""
+    u, d0, d1, d2 = noise.shape[:4]
+    dev, n, f32 = xyz.device, units.n, torch.float32
+    img = noise.permute(0, 4, 2, 3, 1).reshape(u, 3, d1, d2 * d0)       # a view
+    t = (xyz - units.expand(lo)).to(f32).mul_(1 / granularity).add_(1)
+    z0 = torch.floor(t[:, 2]).clamp_(0, d2 - 2)
+    sx, sy = 2 / (d2 * d0 - 1), 2 / (d1 - 1)                 # cell index -> [-1, 1]
+    gx = torch.addcmul(t[:, 0], z0, torch.tensor(float(d0), device=dev)).mul_(sx).sub_(1)
+    gy = t[:, 1].mul(sy).sub_(1)
+    pair = torch.zeros((u * pmax, 4), dtype=f32, device=dev)  # rows past a unit: centre
+    pair.index_copy_(0, rows, torch.stack([gx, gy, gx + d0 * sx, gy], 1))
+    out = torch.nn.functional.grid_sample(img, pair.view(u, 1, 2 * pmax, 2), mode="bilinear",
+                                          padding_mode="zeros", align_corners=True)
+    v = out.view(u, 3, 2 * pmax).transpose(1, 2).reshape(u * pmax, 6).index_select(0, rows)
+    return torch.lerp(v[:, :3], v[:, 3:], t[:, 2].sub_(z0)[:, None])
 
 
 #: Points per block of the trilinear sampling on a CPU.
@@ -137,42 +142,72 @@ DENSE_SLACK = 1 << 16
 
 
 def _dense_noise(dims, dmax, generator, dev):
-    """Every unit's grid, smoothed, in the layout of the fused sampling: a float64
-    (3, D2, D1, U, D0) volume (channel, z, y, unit, x; each unit padded to the largest dims),
-    zero outside each unit's own grid. The noise is drawn as (U, D0, D1, D2, 3), the generator's
-    stream in Pointcept's order. Along each axis the two box passes are one 5-tap filter
-    [1, 2, 3, 2, 1] / 9 whose end cells lose x_end / 9 (the second pass sees zeros, not the first
-    pass's spill, beyond the ends); filters along different axes commute, so x, x, y, y, z, z
-    equals Pointcept's x, y, z, x, y, z. The spill of a pass lands beyond the unit's grid along
-    that axis only, where the later passes along other axes never read it; the one final mask
-    clears it (with the 1 / 9³ of the three filters and the cast to float64)."""
+    """Every unit's grid padded to the largest dims: one (U, D0, D1, D2, 3) block, zero outside
+    each unit's own grid before filtering, drawn in that order (the generator's stream:
+    Pointcept's order per unit). Along each axis the two box passes are one 5-tap filter
+    [1, 2, 3, 2, 1] (÷ 9, left to the caller) whose end cells lose x_end (the second pass sees
+    zeros, not the first pass's spill, beyond the ends); filters along different axes commute,
+    so x, x, y, y, z, z equals Pointcept's x, y, z, x, y, z. The spill of a pass lands beyond
+    the unit's grid along that axis only, where the passes along the other axes never read it,
+    and the sampling gives it no weight. The last pass writes the block with memory ordered
+    (U, D1, D2, D0, 3), the layout :func:`_sample_dense` reads as images; returned as the
+    (U, D0, D1, D2, 3) view, × 9³."""
     u = dims.shape[0]
     d0, d1, d2 = dmax
-    noise = torch.randn((u, d0, d1, d2, 3), generator=generator, device=dev,
-                        dtype=torch.float32)
-    ar = torch.arange(u, device=dev)
-    inside = [(torch.arange(d, device=dev)[None, :] < dims[:, a:a + 1]) for a, d in
-              enumerate(dmax)]                                # (U, Da) each
-    mask = (inside[2].t()[:, None, :, None] & inside[1].t()[None, :, :, None]
-            & inside[0][None, None, :, :])                    # (D2, D1, U, D0)
-    x = torch.empty((3, d2, d1, u, d0), dtype=torch.float32, device=dev)
-    torch.mul(noise.permute(4, 3, 2, 0, 1), mask, out=x)
+    shape, k = (u, d0, d1, d2, 3), u * d0 * d1 * d2 * 3
+    bufs = [b[:k] for b in _scratch(k, dev)]
+    x = torch.randn(shape, generator=generator, device=dev, dtype=torch.float32,
+                    out=bufs[0].view(shape))
+    ins = [(torch.arange(d, device=dev)[None, :] < dims[:, a:a + 1]) for a, d in enumerate(dmax)]
+    inside = (ins[0][:, :, None, None] & ins[1][:, None, :, None]
+              & ins[2][:, None, None, :])[..., None]
     last = (dims - 1).clamp(min=0)                           # each unit's end cell, per axis
-    for dim in (4, 2, 1):                                     # x, y, z
-        n = x.shape[dim]
-        out = x * 3
+    outs = [bufs[1].view(shape), bufs[0].view(shape),        # ping-pong, then the layout
+            bufs[1].view(u, d1, d2, d0, 3).permute(0, 3, 1, 2, 4)]
+    # a CPU filters a few units at a time (their block stays in cache through the 3 passes)
+    group = u if x.device.type != "cpu" else max(1, round(CPU_BLOCK_FLOATS / (k // max(u, 1))))
+    for g in range(0, u, group):
+        _filter(x[g:g + group], inside[g:g + group], last[g:g + group],
+                [o[g:g + group] for o in outs])
+    return outs[2]
+
+
+#: Floats of the noise block a CPU filters at a time (about 2 MB of working set: 3 buffers).
+CPU_BLOCK_FLOATS = 1 << 17
+
+
+def _filter(x, inside, last, outs):
+    """The three 5-tap passes of :func:`_dense_noise` on a few units' blocks, ``outs[a]`` the
+    output of the pass along axis a."""
+    x.mul_(inside)
+    ar = torch.arange(x.shape[0], device=x.device)
+    for a in range(3):
+        dim, n, out = a + 1, x.shape[a + 1], outs[a]
+        torch.mul(x, 3, out=out)
         for k, wgt in ((1, 2), (2, 1)):
             if n > k:
                 out.narrow(dim, k, n - k).add_(x.narrow(dim, 0, n - k), alpha=wgt)
                 out.narrow(dim, 0, n - k).add_(x.narrow(dim, k, n - k), alpha=wgt)
         out.narrow(dim, 0, 1).sub_(x.narrow(dim, 0, 1))
-        end = last[:, {4: 0, 2: 1, 1: 2}[dim]]
-        at = [slice(None)] * 5
-        at[3], at[dim] = ar, end
+        at = [ar] + [slice(None)] * a + [last[:, a]]
         out[tuple(at)] -= x[tuple(at)]
         x = out
-    vol = torch.empty(x.shape, dtype=torch.float64, device=dev)
-    return torch.mul(x, mask.to(torch.float64) / 729, out=vol)
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(numel: int, dev: torch.device) -> list[torch.Tensor]:
+    """Two flat float32 buffers of at least ``numel`` for the noise block's passes. On a CPU they
+    are kept per thread from one call to the next: the block is megabytes, and a fresh
+    allocation that large pays its page faults on every batch, as much time as the arithmetic.
+    Elsewhere (CUDA's caching allocator) they are fresh."""
+    if torch.device(dev).type != "cpu":
+        return [torch.empty(numel, device=dev) for _ in range(2)]
+    bufs = getattr(_SCRATCH, "bufs", None)
+    if bufs is None or bufs[0].numel() < numel:
+        bufs = _SCRATCH.bufs = [torch.empty(numel) for _ in range(2)]
+    return bufs
 
 
 def _flat_noise(dims, cells, total, generator, dev):
