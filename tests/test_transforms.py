@@ -181,6 +181,15 @@ def test_grid_sample_train_one_point_per_voxel(hash_, sizes):
         np.testing.assert_array_equal(out["grid_coord"][inv].numpy(), grid)
 
 
+
+@pytest.mark.parametrize("hash_", ["fnv", "ravel"])
+def test_grid_sample_more_than_256_units(hash_):
+    """Past 256 units the unit sort key widens (uint8 -> int16): still the reference's voxels,
+    order and parts, unit by unit."""
+    sizes = tuple([4] * 300 + [0, 9])
+    test_grid_sample_train_one_point_per_voxel(hash_, sizes)
+    test_grid_sample_test_parts_equal_reference(hash_, sizes)
+
 def test_grid_sample_choice_is_uniform_chi_square():
     """4 points in each of 2000 voxels (two units): the chosen point's rank in its voxel is
     uniform (chi-square, 3 degrees of freedom, p = 0.001 bound 16.27; seed fixed)."""

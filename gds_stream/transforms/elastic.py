@@ -88,29 +88,30 @@ class ElasticDistortion(Transform):
 
 
 def _sample_dense(xyz, units, lo, noise, granularity, pmax, rows):
-    """Trilinear sample of the smoothed ``noise`` block (:func:`_dense_noise`) at each point:
-    linear along z between two bilinear (x, y) samples, all of them from one 2-D ``grid_sample``
-    (vectorised on a CPU) over the batch. Each unit is one image of the grid_sample batch: its z
-    slices side by side along the image's width (cell (x, y, z) at column z·D0 + x, row y),
-    the block's memory as it is, no copy; each point is one pair of samples, at its slices z0
-    and z0 + 1, in the unit's row of ``pmax`` pairs (``rows``: each point's row; the rows past a
-    unit's points sample anything and are not read). A point's continuous cell index
+    """Trilinear sample of the smoothed (U, D0, D1, D2, 3) ``noise`` block (:func:`_dense_noise`)
+    at each point: linear along y between two bilinear (x, z) samples, all of them from one 2-D
+    ``grid_sample`` (vectorised on a CPU) over the batch. Each unit is one image of the
+    grid_sample batch: its y slices side by side along the image's width (cell (x, y, z) at row
+    x, column y·D2 + z: the block's memory as it is, no copy); each point is one pair of samples,
+    at its slices y0 and y0 + 1, in the unit's row of ``pmax`` pairs (``rows``: each point's
+    row; the rows past a unit's points sample the image's centre and are not read). Float32:
+    a normalised column carries ~D1·D2·3e-8 cells of rounding, ~1e-5 of a cell for chunks. A point's continuous cell index
     t = (coord − lo) / granularity + 1 lies in [1, dims − 1) of its own unit, so every corner
     with a weight is one of its own unit's cells (a corner past them has weight 0)."""
     u, d0, d1, d2 = noise.shape[:4]
     dev, n, f32 = xyz.device, units.n, torch.float32
-    img = noise.permute(0, 4, 2, 3, 1).reshape(u, 3, d1, d2 * d0)       # a view
+    img = noise.view(u, d0, d1 * d2, 3).permute(0, 3, 1, 2)             # a view
     t = (xyz - units.expand(lo)).to(f32).mul_(1 / granularity).add_(1)
-    z0 = torch.floor(t[:, 2]).clamp_(0, d2 - 2)
-    sx, sy = 2 / (d2 * d0 - 1), 2 / (d1 - 1)                 # cell index -> [-1, 1]
-    gx = torch.addcmul(t[:, 0], z0, torch.tensor(float(d0), device=dev)).mul_(sx).sub_(1)
-    gy = t[:, 1].mul(sy).sub_(1)
+    y0 = torch.floor(t[:, 1]).clamp_(0, d1 - 2)
+    sw, sh = 2 / (d1 * d2 - 1), 2 / (d0 - 1)                 # cell index -> [-1, 1]
+    gw = torch.addcmul(t[:, 2], y0, torch.tensor(float(d2), device=dev)).mul_(sw).sub_(1)
+    gh = t[:, 0].mul(sh).sub_(1)
     pair = torch.zeros((u * pmax, 4), dtype=f32, device=dev)  # rows past a unit: centre
-    pair.index_copy_(0, rows, torch.stack([gx, gy, gx + d0 * sx, gy], 1))
+    pair.index_copy_(0, rows, torch.stack([gw, gh, gw + d2 * sw, gh], 1))
     out = torch.nn.functional.grid_sample(img, pair.view(u, 1, 2 * pmax, 2), mode="bilinear",
                                           padding_mode="zeros", align_corners=True)
     v = out.view(u, 3, 2 * pmax).transpose(1, 2).reshape(u * pmax, 6).index_select(0, rows)
-    return torch.lerp(v[:, :3], v[:, 3:], t[:, 2].sub_(z0)[:, None])
+    return torch.lerp(v[:, :3], v[:, 3:], t[:, 1].sub_(y0)[:, None])
 
 
 #: Points per block of the trilinear sampling on a CPU.
@@ -149,26 +150,30 @@ def _dense_noise(dims, dmax, generator, dev):
     zeros, not the first pass's spill, beyond the ends); filters along different axes commute,
     so x, x, y, y, z, z equals Pointcept's x, y, z, x, y, z. The spill of a pass lands beyond
     the unit's grid along that axis only, where the passes along the other axes never read it,
-    and the sampling gives it no weight. The last pass writes the block with memory ordered
-    (U, D1, D2, D0, 3), the layout :func:`_sample_dense` reads as images; returned as the
-    (U, D0, D1, D2, 3) view, × 9³."""
+    and the sampling gives it no weight. Returned × 9³ (a view of a scratch buffer)."""
     u = dims.shape[0]
     d0, d1, d2 = dmax
     shape, k = (u, d0, d1, d2, 3), u * d0 * d1 * d2 * 3
     bufs = [b[:k] for b in _scratch(k, dev)]
     x = torch.randn(shape, generator=generator, device=dev, dtype=torch.float32,
                     out=bufs[0].view(shape))
-    ins = [(torch.arange(d, device=dev)[None, :] < dims[:, a:a + 1]) for a, d in enumerate(dmax)]
-    inside = (ins[0][:, :, None, None] & ins[1][:, None, :, None]
-              & ins[2][:, None, None, :])[..., None]
+    # zero outside each unit's grid: skipped units whole, the others' slabs past their ends
+    applied = dims[:, 0] > 0
+    if not bool(applied.all()):
+        x.index_fill_(0, torch.nonzero(~applied).flatten(), 0)
+    for a, d in enumerate(dmax):
+        lo = int(dims[applied, a].min())
+        if lo < d:
+            keep = torch.arange(lo, d, device=dev)[None, :] < dims[:, a:a + 1]   # (U, d - lo)
+            shape_a = [u, 1, 1, 1, 1]
+            shape_a[a + 1] = d - lo
+            x.narrow(a + 1, lo, d - lo).masked_fill_(~keep.view(shape_a), 0)
     last = (dims - 1).clamp(min=0)                           # each unit's end cell, per axis
-    outs = [bufs[1].view(shape), bufs[0].view(shape),        # ping-pong, then the layout
-            bufs[1].view(u, d1, d2, d0, 3).permute(0, 3, 1, 2, 4)]
+    outs = [bufs[1].view(shape), bufs[0].view(shape), bufs[1].view(shape)]  # ping-pong
     # a CPU filters a few units at a time (their block stays in cache through the 3 passes)
     group = u if x.device.type != "cpu" else max(1, round(CPU_BLOCK_FLOATS / (k // max(u, 1))))
     for g in range(0, u, group):
-        _filter(x[g:g + group], inside[g:g + group], last[g:g + group],
-                [o[g:g + group] for o in outs])
+        _filter(x[g:g + group], last[g:g + group], [o[g:g + group] for o in outs])
     return outs[2]
 
 
@@ -176,11 +181,9 @@ def _dense_noise(dims, dmax, generator, dev):
 CPU_BLOCK_FLOATS = 1 << 17
 
 
-def _filter(x, inside, last, outs):
+def _filter(x, last, outs):
     """The three 5-tap passes of :func:`_dense_noise` on a few units' blocks, ``outs[a]`` the
-    output of the pass along axis a."""
-    x.mul_(inside)
-    ar = torch.arange(x.shape[0], device=x.device)
+    output of the pass along axis a; ``last``: each unit's end cell per axis."""
     for a in range(3):
         dim, n, out = a + 1, x.shape[a + 1], outs[a]
         torch.mul(x, 3, out=out)
@@ -189,8 +192,11 @@ def _filter(x, inside, last, outs):
                 out.narrow(dim, k, n - k).add_(x.narrow(dim, 0, n - k), alpha=wgt)
                 out.narrow(dim, 0, n - k).add_(x.narrow(dim, k, n - k), alpha=wgt)
         out.narrow(dim, 0, 1).sub_(x.narrow(dim, 0, 1))
-        at = [ar] + [slice(None)] * a + [last[:, a]]
-        out[tuple(at)] -= x[tuple(at)]
+        out.narrow(dim, n - 1, 1).sub_(x.narrow(dim, n - 1, 1))  # (padding for shorter units)
+        short = torch.nonzero(last[:, a] < n - 1).flatten()
+        if short.numel():
+            at = [short] + [slice(None)] * a + [last[short, a]]
+            out[tuple(at)] -= x[tuple(at)]
         x = out
 
 

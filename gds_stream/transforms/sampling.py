@@ -29,6 +29,20 @@ def fnv_hash(grid: torch.Tensor) -> torch.Tensor:
     return h
 
 
+def _unit_hash_order(h: torch.Tensor, units: Units) -> torch.Tensor:
+    """The stable order of the points by (unit, unsigned hash): a stable sort by hash, then a
+    stable sort by unit on the narrowest integer type that holds the unit ids (a radix sort's
+    cost grows with the key's bytes; uint8 sorts ~4x faster than int32 on a CPU). One int64 key
+    cannot hold both: FNV-1a's last step XORs z into the low bits, so any truncation of the
+    hash merges voxels that differ in z."""
+    order = torch.sort(torch.bitwise_xor(h, _INT64_MIN), stable=True).indices
+    if units.num > 1:
+        dt = (torch.uint8 if units.num <= 256 else torch.int16 if units.num <= 1 << 15
+              else torch.int32)
+        order = order[torch.sort(units.ids[order].to(dt), stable=True).indices]
+    return order
+
+
 class GridSample(Transform):
     """Voxelise each unit on a grid of edge ``grid_size``: voxel = floor(coord / grid_size) −
     the unit's minimum voxel.
@@ -65,8 +79,8 @@ class GridSample(Transform):
         dev, n = xyz.device, units.n
         # min of floor(c / g) is floor(min c / g): the per-unit minimum on the floats
         lo = torch.floor(segment_bbox(xyz, units)[0].to(torch.float64) / self.grid_size)
-        grid = (torch.floor(xyz.to(torch.float64) / self.grid_size)
-                - units.expand(lo)).to(torch.int64)
+        grid = torch.floor_(xyz.to(torch.float64) / self.grid_size).to(torch.int64).sub_(
+            units.expand(lo.to(torch.int64)))
         if n == 0:
             order = torch.zeros(0, dtype=torch.int64, device=dev)
             first = torch.zeros(0, dtype=torch.bool, device=dev)
@@ -83,9 +97,7 @@ class GridSample(Transform):
             first[1:] = skey[1:] != skey[:-1]
         else:
             h = fnv_hash(grid)
-            order = torch.sort(torch.bitwise_xor(h, _INT64_MIN), stable=True).indices
-            if units.num > 1:
-                order = order[torch.sort(units.ids[order].to(torch.int32), stable=True).indices]
+            order = _unit_hash_order(h, units)
             hs, us = h[order], units.ids          # sorted by unit: units keep their ranges
             first = torch.ones(n, dtype=torch.bool, device=dev)
             first[1:] = (hs[1:] != hs[:-1]) | (us[1:] != us[:-1])
