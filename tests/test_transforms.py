@@ -439,12 +439,14 @@ def test_elastic_unequal_units_equal_reference_with_the_same_noise(monkeypatch):
 
 
 
+@pytest.mark.parametrize("image_rows", [None, 0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_elastic_dense_units_equal_reference_with_the_same_noise(monkeypatch, dtype):
+def test_elastic_dense_units_equal_reference_with_the_same_noise(monkeypatch, dtype, image_rows):
     """Units of similar extent share one padded noise block (drawn as (U, D0, D1, D2, 3)) and
-    are sampled side by side in one volume: each unit still equals the reference fed its own
-    corner of the block, also units of one point (the smallest grid) and an empty unit, and
-    a unit the 0.95 draw skips is unchanged."""
+    are sampled together (one image for the batch, or with ``IMAGE_ROWS`` 0 one image per unit
+    and padded point rows): each unit still equals the reference fed its own corner of the
+    block, also units of one point (the smallest grid) and an empty unit, and a unit the 0.95
+    draw skips is unchanged."""
     sizes = (400, 1, 0, 300, 250)
     b = make_batch(sizes, dtype=dtype, extent=(3.0, 2.5, 1.2), seed=5)
     gran, mag = 0.4, 1.6
@@ -452,6 +454,8 @@ def test_elastic_dense_units_equal_reference_with_the_same_noise(monkeypatch, dt
     calls = []
     dense = elastic._dense_noise
     monkeypatch.setattr(elastic, "_dense_noise", lambda *a: calls.append(1) or dense(*a))
+    if image_rows is not None:
+        monkeypatch.setattr(elastic, "IMAGE_ROWS", image_rows)
     seed = next(s for s in range(100) if not bool(
         (torch.rand(5, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
          < 0.95)[4]) and bool((torch.rand(5, generator=torch.Generator().manual_seed(s),

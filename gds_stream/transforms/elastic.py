@@ -48,7 +48,16 @@ class ElasticDistortion(Transform):
         apply = rand(units.num, generator, xyz.device) < APPLY_P
         if units.n == 0 or not bool(apply.any()):
             return batch
-        rows = []                     # each point's row in the padded (U, Pmax) layout, once
+        memo = []
+
+        def rows():                   # each point's row in the padded (U, Pmax) layout, once
+            if not memo:
+                pmax = int(units.counts.max())
+                dev = xyz.device
+                memo.append((pmax, torch.arange(units.n, device=dev) + units.expand(
+                    torch.arange(units.num, device=dev) * pmax - units.starts)))
+            return memo[0]
+
         for granularity, magnitude in self.distortion_params:
             xyz = self._distort(xyz, units, apply, granularity, magnitude, generator, rows)
         return set_coord(batch, self.coord, xyz)
@@ -65,11 +74,7 @@ class ElasticDistortion(Transform):
         padded = u * dmax[0] * dmax[1] * dmax[2]
         if padded <= 2 * total + DENSE_SLACK:    # units of similar extent (chunks): one block
             noise = _dense_noise(dims, dmax, generator, dev)
-            if not rows:
-                pmax = int(units.counts.max())
-                rows.append((pmax, torch.arange(units.n, device=dev) + units.expand(
-                    torch.arange(u, device=dev) * pmax - units.starts)))
-            acc = _sample_dense(xyz, units, lo, noise, granularity, *rows[0])
+            acc = _sample_dense(xyz, units, lo, noise, granularity, rows)
             # the 1 / 9 of the six box passes, folded into the magnitude
             acc = acc * (magnitude / 729)
             if bool(apply.all()):
@@ -87,31 +92,54 @@ class ElasticDistortion(Transform):
         return torch.where(on, xyz + acc.to(xyz.dtype), xyz)
 
 
-def _sample_dense(xyz, units, lo, noise, granularity, pmax, rows):
+def _sample_dense(xyz, units, lo, noise, granularity, rows):
     """Trilinear sample of the smoothed (U, D0, D1, D2, 3) ``noise`` block (:func:`_dense_noise`)
     at each point: linear along y between two bilinear (x, z) samples, all of them from one 2-D
-    ``grid_sample`` (vectorised on a CPU) over the batch. Each unit is one image of the
-    grid_sample batch: its y slices side by side along the image's width (cell (x, y, z) at row
-    x, column y·D2 + z: the block's memory as it is, no copy); each point is one pair of samples,
-    at its slices y0 and y0 + 1, in the unit's row of ``pmax`` pairs (``rows``: each point's
-    row; the rows past a unit's points sample the image's centre and are not read). Float32:
-    a normalised column carries ~D1·D2·3e-8 cells of rounding, ~1e-5 of a cell for chunks. A point's continuous cell index
-    t = (coord − lo) / granularity + 1 lies in [1, dims − 1) of its own unit, so every corner
-    with a weight is one of its own unit's cells (a corner past them has weight 0)."""
+    ``grid_sample`` (vectorised on a CPU). The image is the block's memory as it lies, no copy:
+    each y slice of a unit side by side along the width (cell (x, y, z) at column y·D2 + z),
+    and the units one below the other (row u·D0 + x), one image for the batch while it has at
+    most ``IMAGE_ROWS`` rows; else each unit is one image of the grid_sample batch, and each
+    point a pair of samples in its unit's row of Pmax pairs (``rows()``: Pmax and each point's
+    row; the rows past a unit's points sample the image's centre and are not read). Each point
+    is one pair of samples, at its slices y0 and y0 + 1. Float32: a normalised coordinate
+    carries ~3e-8 × (its axis' cells) of rounding: ~2e-5 of a cell for 16 chunks' images.
+
+    A point's continuous cell index t = (coord − lo) / granularity + 1 lies in [1, dims − 1) of
+    its own unit, so every corner with a weight is one of its own unit's cells (a corner past
+    them has weight 0)."""
     u, d0, d1, d2 = noise.shape[:4]
     dev, n, f32 = xyz.device, units.n, torch.float32
-    img = noise.view(u, d0, d1 * d2, 3).permute(0, 3, 1, 2)             # a view
-    t = (xyz - units.expand(lo)).to(f32).mul_(1 / granularity).add_(1)
+    one = u * d0 <= IMAGE_ROWS
+    start = torch.ones((u, 3), dtype=xyz.dtype, device=dev)  # t of the unit's lo: cell 1
+    if one:
+        start[:, 0] += torch.arange(u, device=dev) * d0       # the unit's rows in the image
+    e = units.expand(torch.cat([lo, start], 1))
+    t = torch.add(e[:, 3:], xyz - e[:, :3], alpha=1 / granularity).to(f32)
     y0 = torch.floor(t[:, 1]).clamp_(0, d1 - 2)
-    sw, sh = 2 / (d1 * d2 - 1), 2 / (d0 - 1)                 # cell index -> [-1, 1]
+    sw, sh = 2 / (d1 * d2 - 1), 2 / ((u if one else 1) * d0 - 1)   # cell index -> [-1, 1]
     gw = torch.addcmul(t[:, 2], y0, torch.tensor(float(d2), device=dev)).mul_(sw).sub_(1)
     gh = t[:, 0].mul(sh).sub_(1)
+    g = torch.stack([gw, gh, gw + d2 * sw, gh], 1)
+    wy = t[:, 1].sub_(y0)
+    if one:
+        img = noise.view(1, u * d0, d1 * d2, 3).permute(0, 3, 1, 2)
+        out = torch.nn.functional.grid_sample(img, g.view(1, 1, 2 * n, 2), mode="bilinear",
+                                              padding_mode="zeros", align_corners=True)
+        v = out.view(3, n, 2)
+        return torch.lerp(v[:, :, 0], v[:, :, 1], wy).t()
+    pmax, at = rows()
+    img = noise.view(u, d0, d1 * d2, 3).permute(0, 3, 1, 2)
     pair = torch.zeros((u * pmax, 4), dtype=f32, device=dev)  # rows past a unit: centre
-    pair.index_copy_(0, rows, torch.stack([gw, gh, gw + d2 * sw, gh], 1))
+    pair.index_copy_(0, at, g)
     out = torch.nn.functional.grid_sample(img, pair.view(u, 1, 2 * pmax, 2), mode="bilinear",
                                           padding_mode="zeros", align_corners=True)
-    v = out.view(u, 3, 2 * pmax).transpose(1, 2).reshape(u * pmax, 6).index_select(0, rows)
-    return torch.lerp(v[:, :3], v[:, 3:], t[:, 1].sub_(y0)[:, None])
+    v = out.view(u, 3, 2 * pmax).transpose(1, 2).reshape(u * pmax, 6).index_select(0, at)
+    return torch.lerp(v[:, :3], v[:, 3:], wy[:, None])
+
+
+#: Most rows (units × D0 cells) of one image holding every unit: each row more rounds a
+#: normalised coordinate by ~1.5e-8 of a cell (float32).
+IMAGE_ROWS = 2048
 
 
 #: Points per block of the trilinear sampling on a CPU.
