@@ -39,7 +39,8 @@ def _unit_hash_order(h: torch.Tensor, units: Units) -> torch.Tensor:
     if units.num > 1:
         dt = (torch.uint8 if units.num <= 256 else torch.int16 if units.num <= 1 << 15
               else torch.int32)
-        order = order[torch.sort(units.ids[order].to(dt), stable=True).indices]
+        by_unit = torch.sort(units.ids.to(dt).index_select(0, order), stable=True).indices
+        order = order.index_select(0, by_unit)
     return order
 
 
@@ -98,7 +99,7 @@ class GridSample(Transform):
         else:
             h = fnv_hash(grid)
             order = _unit_hash_order(h, units)
-            hs, us = h[order], units.ids          # sorted by unit: units keep their ranges
+            hs, us = h.index_select(0, order), units.ids   # by unit: units keep their ranges
             first = torch.ones(n, dtype=torch.bool, device=dev)
             first[1:] = (hs[1:] != hs[:-1]) | (us[1:] != us[:-1])
         vstart = torch.nonzero(first).flatten()
@@ -108,7 +109,7 @@ class GridSample(Transform):
     def __call__(self, batch: Batch, generator: torch.Generator | None = None):
         grid, units, order, first, vstart, vcount = self._voxels(batch)
         dev, n = grid.device, units.n
-        vunit = units.ids[vstart] if n else vstart
+        vunit = units.ids.index_select(0, vstart) if n else vstart
         per_unit = torch.bincount(vunit, minlength=units.num)
         inverse = None
         if self.return_inverse:
@@ -117,7 +118,8 @@ class GridSample(Transform):
         if self.mode == "train":
             r = rand(vstart.shape[0], generator, dev)
             pick = vstart + torch.minimum((r * vcount).to(torch.int64), vcount - 1)
-            return self._out(batch, order[pick], per_unit, grid, units, inverse)
+            return self._out(batch, order.index_select(0, pick), per_unit, grid, units,
+                             inverse)
         # test mode: Pointcept's parts, a Python loop over parts (the largest voxel's count)
         vmax = segment_reduce(vcount, vunit, units.num, "amax")
         parts = []
@@ -132,7 +134,7 @@ class GridSample(Transform):
     def _out(self, batch, idx, counts, grid, units, inverse) -> Batch:
         out = gather(batch, idx, counts, units.n, units)
         if self.return_grid_coord:
-            out["grid_coord"] = grid[idx]
+            out["grid_coord"] = grid.index_select(0, idx)
         if inverse is not None:
             out["inverse"] = inverse
         return out
