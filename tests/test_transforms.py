@@ -527,3 +527,22 @@ def test_cuda_gives_the_cpu_results():
                     ElasticDistortion(), SphereCrop(200), RandomDropout()])(cb, gen)
     check_consistent(b, {k: v.cpu() for k, v in full.items() if k not in "xyz"} | {
         c: b[c][full["point_id"].cpu()] for c in "xyz"})
+
+
+def test_coordinates_pass_between_transforms_as_one_tensor():
+    """A transform writes x, y, z as the columns of one (n, 3) tensor; the next one takes that
+    tensor as it is (no stack), and the values are those of separate fields."""
+    from gds_stream.transforms._batch import get_coord
+    b = make_batch((40, 0, 25))
+    out = RandomScale(scale=[2, 2])(b)
+    base = get_coord(out, ("x", "y", "z"), "t")
+    assert all(out[c].untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+               for c in "xyz")
+    sep = {k: (v.clone() if k in "xyz" else v) for k, v in out.items()}
+    assert get_coord(sep, ("x", "y", "z"), "t").untyped_storage().data_ptr() != \
+        sep["x"].untyped_storage().data_ptr()                 # separate fields: stacked
+    for t in (CenterShift(), RandomRotate(angle=[0.3, 0.3], always_apply=True),
+              GridSample(0.5, return_grid_coord=True)):
+        a, c = t(out, torch.Generator().manual_seed(1)), t(sep, torch.Generator().manual_seed(1))
+        assert all(torch.equal(a[k], c[k]) for k in c), t
+    assert torch.equal(torch.stack([out[c] for c in "xyz"], 1), torch.stack([b[c] * 2 for c in "xyz"], 1))
