@@ -117,16 +117,24 @@ def _sample_dense(xyz, units, lo, noise, granularity, rows):
     t = torch.add(e[:, 3:], xyz - e[:, :3], alpha=1 / granularity).to(f32)
     y0 = torch.floor(t[:, 1]).clamp_(0, d1 - 2)
     sw, sh = 2 / (d1 * d2 - 1), 2 / ((u if one else 1) * d0 - 1)   # cell index -> [-1, 1]
-    gw = torch.addcmul(t[:, 2], y0, torch.tensor(float(d2), device=dev)).mul_(sw).sub_(1)
-    gh = t[:, 0].mul(sh).sub_(1)
-    g = torch.stack([gw, gh, gw + d2 * sw, gh], 1)
+    if one:     # grid (1, 2, n, 2): row 0 the y0 samples, row 1 the y0 + 1 ones
+        g = torch.empty((2, n, 2), dtype=f32, device=dev)
+        gw, gh = g[0, :, 0], g[0, :, 1]
+    else:       # (n, 4): each point's pair, to be laid in its unit's row
+        g = torch.empty((n, 4), dtype=f32, device=dev)
+        gw, gh = g[:, 0], g[:, 1]
+    torch.addcmul(t[:, 2], y0, torch.tensor(float(d2), device=dev), out=gw).mul_(sw).sub_(1)
+    torch.mul(t[:, 0], sh, out=gh).sub_(1)
     wy = t[:, 1].sub_(y0)
     if one:
+        torch.add(gw, d2 * sw, out=g[1, :, 0])
+        g[1, :, 1] = gh
         img = noise.view(1, u * d0, d1 * d2, 3).permute(0, 3, 1, 2)
-        out = torch.nn.functional.grid_sample(img, g.view(1, 1, 2 * n, 2), mode="bilinear",
+        out = torch.nn.functional.grid_sample(img, g.view(1, 2, n, 2), mode="bilinear",
                                               padding_mode="zeros", align_corners=True)
-        v = out.view(3, n, 2)
-        return torch.lerp(v[:, :, 0], v[:, :, 1], wy).t()
+        return torch.lerp(out[0, :, 0], out[0, :, 1], wy).t()            # (3, n) -> (n, 3)
+    torch.add(gw, d2 * sw, out=g[:, 2])
+    g[:, 3] = gh
     pmax, at = rows()
     img = noise.view(u, d0, d1 * d2, 3).permute(0, 3, 1, 2)
     pair = torch.zeros((u * pmax, 4), dtype=f32, device=dev)  # rows past a unit: centre
