@@ -76,10 +76,12 @@ class ElasticDistortion(Transform):
             noise = _dense_noise(dims, dmax, generator, dev)
             acc = _sample_dense(xyz, units, lo, noise, granularity, rows)
             # the 1 / 9 of the six box passes, folded into the magnitude
-            acc = acc * (magnitude / 729)
             if bool(apply.all()):
-                return xyz + acc.to(xyz.dtype)
-            return torch.where(units.expand(apply)[:, None], xyz + acc.to(xyz.dtype), xyz)
+                return xyz + (acc * (magnitude / 729)).to(xyz.dtype)
+            # a skipped unit's points sample whatever lies where its grid would be (finite):
+            # × 0, its coordinates stay as they are
+            scale = apply.to(acc.dtype) * (magnitude / 729)
+            return xyz + (acc * units.expand(scale)[:, None]).to(xyz.dtype)
         else:                                    # very unequal units: grids end to end
             noise, base, strides = _flat_noise(dims, cells, total, generator, dev)
             # trilinear sampling, in blocks of points on a CPU (intermediates stay in cache)
