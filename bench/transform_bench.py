@@ -281,8 +281,10 @@ def measure(pipe, dev, repeat: int, classes: int, points: int) -> dict:
             "stall_share": e2e["stall_s"] / e2e["wall_s"]}
 
 
-def solo_preset_ms(dev: Device, points: int, seed: int) -> float:
-    """The whole preset on one resident batch of ``points`` points in 16 chunks, median ms."""
+def solo_preset_ms(dev: Device, points: int, seed: int) -> tuple[float, dict[str, float]]:
+    """The whole preset on one resident batch of ``points`` points in 16 chunks: median ms of 5
+    runs (after one warm-up), and each transform's median ms (timed one by one in the same
+    runs, the device synchronised around each)."""
     g = torch.Generator().manual_seed(seed)
     side = CHUNK_SIZE_M
     b = {"x": torch.rand(points, generator=g) * side * 4, "y": torch.rand(points, generator=g)
@@ -294,16 +296,27 @@ def solo_preset_ms(dev: Device, points: int, seed: int) -> float:
     b = {k: v[order].to(dev.device) for k, v in b.items()}
     b["offset"] = torch.cumsum(torch.bincount(cell, minlength=16), 0).to(dev.device)
     t = semseg(lib=True, point_max=points)
+    names = [f"{type(x).__name__}" for x in t.transforms]
+    names = [n if names.count(n) == 1 else f"{n} {names[:i + 1].count(n)}"
+             for i, n in enumerate(names)]
     gen = torch.Generator(device=dev.device)
-    times = []
+    times, each = [], {n: [] for n in names}
     for i in range(6):
         gen.manual_seed(i)
-        dev.sync()
-        t0 = time.perf_counter()
-        t(b, gen)
-        dev.sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:]) * 1e3
+        x, total = b, 0.0
+        for name, step in zip(names, t.transforms):
+            dev.sync()
+            t0 = time.perf_counter()
+            x = step(x, gen)
+            dev.sync()
+            dt = time.perf_counter() - t0
+            total += dt
+            if i:
+                each[name].append(dt)
+        if i:
+            times.append(total)
+    return (statistics.median(times) * 1e3,
+            {n: statistics.median(v) * 1e3 for n, v in each.items()})
 
 
 def run(args) -> int:
@@ -368,7 +381,7 @@ def run(args) -> int:
             lib.close()
         step = TrainStep(dev.device, classes)
         co = _median_run([run_epoch(lambda: resident, dev, step) for _ in range(args.repeat)])
-        solo = solo_preset_ms(dev, min(SOLO_POINTS, max(points, 1000)), args.seed)
+        solo, solo_each = solo_preset_ms(dev, min(SOLO_POINTS, max(points, 1000)), args.seed)
     finally:
         planner.close()
         ds.close()
@@ -378,7 +391,8 @@ def run(args) -> int:
                        "chunk_size_m": chunk, "batch_chunks": k},
            "rows": rows, "grid": grid, "library_grid": libs, "compute_only": co,
            "ratio_points_per_s": ratio,
-           "solo_preset_ms": solo, "solo_points": min(SOLO_POINTS, max(points, 1000))}
+           "solo_preset_ms": solo, "solo_transform_ms": solo_each,
+           "solo_points": min(SOLO_POINTS, max(points, 1000))}
     print(render(doc))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -407,4 +421,7 @@ def render(doc: dict) -> str:
                  f"{doc['ratio_points_per_s']:.2f}x")
     lines.append(f"the preset alone on one resident batch of {doc['solo_points']:,} points: "
                  f"{doc['solo_preset_ms']:.1f} ms")
+    each = doc.get("solo_transform_ms") or {}
+    if each:
+        lines.append("  per transform (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in each.items()))
     return "\n".join(lines)

@@ -38,6 +38,11 @@ def test_transform_bench_smoke(tmp_path):
         assert 0.5 * pts < row["loader_only"]["out_points"] <= pts
     assert len(doc["grid"]) >= 2 and doc["ratio_points_per_s"] > 0
     assert "ratio gds-stream / best per-sample DataLoader" in r.stdout
+    # the preset alone, transform by transform: every step of the preset timed
+    each = doc["solo_transform_ms"]
+    assert {"ElasticDistortion", "GridSample", "CenterShift 1", "CenterShift 2"} <= set(each)
+    assert all(v > 0 for v in each.values()) and doc["solo_preset_ms"] > 0
+    assert "per transform (ms): CenterShift 1 " in r.stdout
 
 
 def test_unknown_transform_preset_is_one_line_exit_2(tmp_path):

@@ -545,4 +545,5 @@ def test_coordinates_pass_between_transforms_as_one_tensor():
               GridSample(0.5, return_grid_coord=True)):
         a, c = t(out, torch.Generator().manual_seed(1)), t(sep, torch.Generator().manual_seed(1))
         assert all(torch.equal(a[k], c[k]) for k in c), t
-    assert torch.equal(torch.stack([out[c] for c in "xyz"], 1), torch.stack([b[c] * 2 for c in "xyz"], 1))
+    assert torch.equal(torch.stack([out[c] for c in "xyz"], 1),
+                       torch.stack([b[c] * 2 for c in "xyz"], 1))
