@@ -3,11 +3,15 @@
 Pointcept's recipe, per unit and per (granularity, magnitude): a Gaussian noise grid of
 ``floor(extent / granularity) + 3`` cells per axis (3 channels) with its first cell one
 granularity below the unit's minimum, smoothed twice by a 3-cell box filter along x, y and z
-(zeros outside the grid), then sampled trilinearly at every point and added × magnitude. The
-grids of all units (of different sizes) are laid end to end in one flat tensor; the box filter
-reads each cell's neighbours through per-cell strides, so the cost is proportional to the cells
-and points of the batch, whatever the number of units. Units of similar extent (chunks) use the
-faster layout: one (units, D0, D1, D2) block padded to the largest grid, filtered by slicing.
+(zeros outside the grid), then sampled trilinearly at every point and added × magnitude.
+
+Units of similar extent (chunks, the usual case) share one (units, D0, D1, D2, 3) block padded
+to the largest grid, filtered by slicing (on a CPU a few units at a time, in reused buffers)
+and sampled by one 2-D ``grid_sample`` for the whole batch (:func:`_sample_dense`). Units of
+very different extent lay their grids end to end in one flat tensor instead (the padding would
+dwarf them); its box filter reads each cell's neighbours through per-cell strides and the
+sampling gathers the 8 corners, so its cost too is proportional to the cells and points of the
+batch, whatever the number of units.
 """
 
 from __future__ import annotations
