@@ -547,3 +547,22 @@ def test_coordinates_pass_between_transforms_as_one_tensor():
         assert all(torch.equal(a[k], c[k]) for k in c), t
     assert torch.equal(torch.stack([out[c] for c in "xyz"], 1),
                        torch.stack([b[c] * 2 for c in "xyz"], 1))
+
+
+def test_elastic_keeps_scratch_buffers_only_up_to_a_bound(monkeypatch):
+    """The noise block's buffers are kept per thread between batches, up to a bound: a larger
+    block gets fresh buffers and leaves the kept ones as they were."""
+    from gds_stream.transforms import elastic
+    monkeypatch.setattr(elastic, "_SCRATCH", __import__("threading").local())
+    small = elastic._scratch(1000, torch.device("cpu"))
+    assert elastic._scratch(500, torch.device("cpu"))[0] is small[0]        # kept, reused
+    monkeypatch.setattr(elastic, "SCRATCH_KEEP_FLOATS", 4000)
+    big = elastic._scratch(5000, torch.device("cpu"))
+    assert big[0].numel() >= 5000 and big[0] is not small[0]
+    assert elastic._SCRATCH.bufs[0] is small[0]                             # not kept
+    b = make_batch((300, 200))
+    monkeypatch.setattr(elastic, "SCRATCH_KEEP_FLOATS", 0)                  # always fresh
+    fresh = ElasticDistortion()(b, torch.Generator().manual_seed(2))
+    monkeypatch.setattr(elastic, "SCRATCH_KEEP_FLOATS", 1 << 24)
+    kept = ElasticDistortion()(b, torch.Generator().manual_seed(2))
+    assert all(torch.equal(fresh[c], kept[c]) for c in "xyz")

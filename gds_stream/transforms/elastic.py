@@ -238,14 +238,17 @@ def _filter(x, last, outs):
 
 
 _SCRATCH = threading.local()
+#: Largest noise block (floats) whose two buffers a thread keeps between batches: 2 × 64 MiB.
+SCRATCH_KEEP_FLOATS = 1 << 24
 
 
 def _scratch(numel: int, dev: torch.device) -> list[torch.Tensor]:
     """Two flat float32 buffers of at least ``numel`` for the noise block's passes. On a CPU they
     are kept per thread from one call to the next: the block is megabytes, and a fresh
     allocation that large pays its page faults on every batch, as much time as the arithmetic.
-    Elsewhere (CUDA's caching allocator) they are fresh."""
-    if torch.device(dev).type != "cpu":
+    Blocks past ``SCRATCH_KEEP_FLOATS`` (fine granularities on large units) get fresh buffers,
+    not kept between batches; so do other devices (CUDA's caching allocator)."""
+    if torch.device(dev).type != "cpu" or numel > SCRATCH_KEEP_FLOATS:
         return [torch.empty(numel, device=dev) for _ in range(2)]
     bufs = getattr(_SCRATCH, "bufs", None)
     if bufs is None or bufs[0].numel() < numel:
