@@ -127,8 +127,9 @@ class Units:
         self._ids: torch.Tensor | None = None
 
     def expand(self, per_unit: torch.Tensor) -> torch.Tensor:
-        """``per_unit`` (U, ...) repeated for every point of its unit: (n, ...)."""
-        return torch.repeat_interleave(per_unit, self.counts, dim=0, output_size=self.n)
+        """``per_unit`` (U, ...) repeated for every point of its unit: (n, ...); a gather by the
+        (cached) unit ids, one pass, where ``repeat_interleave`` would rebuild them each time."""
+        return per_unit.index_select(0, self.ids)
 
     @property
     def ids(self) -> torch.Tensor:
