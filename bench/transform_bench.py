@@ -27,8 +27,8 @@ NormalizeColor (colour fields only: the DALES-like data has none). The elastic g
 magnitudes are Pointcept's indoor defaults ([[0.2, 0.4], [0.8, 1.6]], for rooms of ~5 m) × 10
 for chunks of 50 m: the same distortion relative to the scene, and a noise grid of a few cells
 per point (2–4 on the 1 M-point dataset's chunks of ~5 000 points; the defaults would draw
-hundreds of times more). SphereCrop's 12 000 points bound a chunk as Pointcept's crop bounds each sample
-(the 1 M-point dataset's chunks are smaller: it keeps them whole).
+hundreds of times more). SphereCrop's 12 000 points bound a chunk as Pointcept's crop bounds
+each sample (the 1 M-point dataset's chunks are smaller: it keeps them whole).
 """
 
 from __future__ import annotations
