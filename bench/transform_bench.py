@@ -13,9 +13,11 @@ the same dict (``coord``, ``feat`` = coord + intensity, ``segment``, ``grid_coor
 Reported per pipeline: transformed points/s (input points of the epoch / wall time, loader
 only), and in a training loop (a small per-point MLP, SGD) the epoch's wall time and its stall —
 the time ``next()`` kept the loop waiting. ``compute-only`` runs the same steps on batches
-already transformed and resident: the floor. Transforms are random, so the two pipelines'
-outputs are not comparable point for point; the tests prove each transform equal to the
-reference unit by unit.
+already transformed and resident: the floor. The run is planned to fit ``--budget`` like the
+rest of the comparison (:mod:`bench.transform_plan`: the pipelines the ratio needs first, the
+rest of both grids and the preset alone while the budget lasts, cuts reported). Transforms are
+random, so the two pipelines' outputs are not comparable point for point; the tests prove each
+transform equal to the reference unit by unit.
 
 The preset (semseg), on the DALES-like data in metres (aerial, about 7 points/m², chunks of
 50 m): CenterShift(apply_z) · RandomRotate(z, ±π, about the origin, p 0.5) · RandomScale(0.9,
@@ -23,9 +25,10 @@ The preset (semseg), on the DALES-like data in metres (aerial, about 7 points/m�
 GridSample(0.05, train, grid_coord) · SphereCrop(12 000, random) · CenterShift(no z) ·
 NormalizeColor (colour fields only: the DALES-like data has none). The elastic granularities and
 magnitudes are Pointcept's indoor defaults ([[0.2, 0.4], [0.8, 1.6]], for rooms of ~5 m) × 10
-for chunks of 50 m: the same distortion relative to the scene, and a noise grid of about one
-cell per point (the defaults would draw ~100 cells per point here, 20 MB of noise per chunk). SphereCrop's 12 000 points crop a 50 m chunk (≈ 17 000 points) to a
-disc of ≈ 40 m, as Pointcept's crop bounds each sample.
+for chunks of 50 m: the same distortion relative to the scene, and a noise grid of a few cells
+per point (2–4 on the 1 M-point dataset's chunks of ~5 000 points; the defaults would draw
+hundreds of times more). SphereCrop's 12 000 points bound a chunk as Pointcept's crop bounds
+each sample (the 1 M-point dataset's chunks are smaller: it keeps them whole).
 """
 
 from __future__ import annotations
@@ -45,7 +48,9 @@ from torch import nn
 from bench import datagen
 from bench import pointcept_ref as ref
 from bench.chunked import ChunkPlanner
+from bench.budget import MARGIN
 from bench.measure import Device
+from bench.transform_plan import TransformPlan
 
 PRESETS = ("semseg",)
 FIELDS = ("x", "y", "z", "intensity", "sem_class")
@@ -269,8 +274,15 @@ def _median_run(runs: list[dict]) -> dict:
     return dict(best, wall_spread_s=[min(walls), max(walls)])
 
 
-def measure(pipe, dev, repeat: int, classes: int, points: int) -> dict:
-    run_epoch(pipe.epoch, dev)                                  # warm-up (workers, caches)
+def measure(pipe, dev, repeat: int, classes: int, points: int, plan=None,
+            essential: bool = True) -> dict:
+    """Warm-up epoch (workers, caches; its time sizes the repetitions when a
+    :class:`bench.transform_plan.TransformPlan` is given), then ``repeat`` loader-only and
+    ``repeat`` training epochs, the median of each."""
+    t0 = time.perf_counter()
+    run_epoch(pipe.epoch, dev)
+    if plan is not None:
+        repeat = plan.repetitions(pipe.label, time.perf_counter() - t0, essential)
     lo = _median_run([run_epoch(pipe.epoch, dev) for _ in range(repeat)])
     step = TrainStep(dev.device, classes)
     e2e = _median_run([run_epoch(pipe.epoch, dev, step) for _ in range(repeat)])
@@ -278,11 +290,13 @@ def measure(pipe, dev, repeat: int, classes: int, points: int) -> dict:
             "loader_only": lo, "train": e2e,
             "points_per_s": points / lo["wall_s"],
             "train_points_per_s": points / e2e["wall_s"],
-            "stall_share": e2e["stall_s"] / e2e["wall_s"]}
+            "stall_share": e2e["stall_s"] / e2e["wall_s"], "repeat": repeat}
 
 
-def solo_preset_ms(dev: Device, points: int, seed: int) -> float:
-    """The whole preset on one resident batch of ``points`` points in 16 chunks, median ms."""
+def solo_preset_ms(dev: Device, points: int, seed: int) -> tuple[float, dict[str, float]]:
+    """The whole preset on one resident batch of ``points`` points in 16 chunks: median ms of 5
+    runs (after one warm-up), and each transform's median ms (timed one by one in the same
+    runs, the device synchronised around each)."""
     g = torch.Generator().manual_seed(seed)
     side = CHUNK_SIZE_M
     b = {"x": torch.rand(points, generator=g) * side * 4, "y": torch.rand(points, generator=g)
@@ -294,21 +308,34 @@ def solo_preset_ms(dev: Device, points: int, seed: int) -> float:
     b = {k: v[order].to(dev.device) for k, v in b.items()}
     b["offset"] = torch.cumsum(torch.bincount(cell, minlength=16), 0).to(dev.device)
     t = semseg(lib=True, point_max=points)
+    names = [f"{type(x).__name__}" for x in t.transforms]
+    names = [n if names.count(n) == 1 else f"{n} {names[:i + 1].count(n)}"
+             for i, n in enumerate(names)]
     gen = torch.Generator(device=dev.device)
-    times = []
+    times, each = [], {n: [] for n in names}
     for i in range(6):
         gen.manual_seed(i)
-        dev.sync()
-        t0 = time.perf_counter()
-        t(b, gen)
-        dev.sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:]) * 1e3
+        x, total = b, 0.0
+        for name, step in zip(names, t.transforms):
+            dev.sync()
+            t0 = time.perf_counter()
+            x = step(x, gen)
+            dev.sync()
+            dt = time.perf_counter() - t0
+            total += dt
+            if i:
+                each[name].append(dt)
+        if i:
+            times.append(total)
+    return (statistics.median(times) * 1e3,
+            {n: statistics.median(v) * 1e3 for n, v in each.items()})
 
 
 def run(args) -> int:
     """The ``--transform`` mode of ``bench.compare`` (its --workdir, --dataset, --points,
-    --chunk-size, --batch-chunks, --device, --seed, --repeat, --smoke, --json, --no-gds)."""
+    --chunk-size, --batch-chunks, --device, --seed, --repeat, --budget, --smoke, --json,
+    --no-gds). The run is planned to fit --budget (default: the comparison's), see
+    :mod:`bench.transform_plan`."""
     if args.transform not in PRESETS:
         print(f"error: --transform: unknown preset {args.transform!r} "
               f"(presets: {', '.join(PRESETS)})", file=sys.stderr)
@@ -334,41 +361,64 @@ def run(args) -> int:
     workers = sorted({0, min(2, cores)} if args.smoke else {0, 1, cores // 2 or 1, cores})
     backend = "fallback" if (args.no_gds or not dev.cuda) else "auto"
     rows, grid, libs = [], [], []
+    from bench.budget import Budget, process_age
+    from bench.compare import CPU_BUDGET_S, GPU_BUDGET_S, REPORT_RESERVE_S
+    budget = Budget(args.budget or (GPU_BUDGET_S if dev.cuda else CPU_BUDGET_S),
+                    reserve=REPORT_RESERVE_S)
+    if getattr(args, "from_process_start", False):
+        budget.start -= process_age()  # the interpreter's start and the imports count too
+    solo_points = min(SOLO_POINTS, max(points, 1000))
+    # kept for what follows the grids: compute-only's epochs, the preset alone (6 runs)
+    plan = TransformPlan(budget, args.repeat, 1 + args.repeat + 6 * solo_points / points)
     progress(f"transform bench: {points:,} points in {ds.num_chunks} chunks of {chunk:g} m, "
-             f"{k} chunks per batch, device {dev.device}, {cores} cores")
+             f"{k} chunks per batch, device {dev.device}, {cores} cores, budget "
+             f"{budget.seconds:.0f} s")
+    # what the comparison needs first (the library's default, the DataLoader on every core),
+    # then the rest of both grids while the budget lasts
+    order = [("lib", None, True), ("dl", workers[-1], True), ("lib", 1, False)]
+    order += [("dl", w, False) for w in reversed(workers[:-1])]
+    solo = solo_each = None
     try:
-        libs = []
-        for threads in (None, 1):                # the loader's default, and a pipeline thread
-            lib = LibraryPipeline(path, k, dev.device, args.seed, backend, threads)
-            if threads is not None and libs and libs[0]["config"]["num_threads"] == threads:
-                lib.close()                      # the default is already one thread
-                continue
+        for kind, arg, essential in order:
+            if kind == "lib":
+                if arg is not None and libs and libs[0]["config"]["num_threads"] == arg:
+                    continue                     # the default is already one thread
+                pipe = LibraryPipeline(path, k, dev.device, args.seed, backend, arg)
+                into = libs
+            else:
+                pipe = PerSampleLoader(path, planner, arg, dev.device, args.seed)
+                into = grid
             try:
-                progress(f"  {lib.name} ({lib.label}) …")
-                libs.append(measure(lib, dev, args.repeat, classes, points))
+                if not plan.admit(pipe.label, essential):
+                    progress(f"  {pipe.name} ({pipe.label}): {plan.cut[pipe.label]}")
+                    continue
+                progress(f"  {pipe.name} ({pipe.label}) …")
+                into.append(measure(pipe, dev, args.repeat, classes, points, plan, essential))
             finally:
-                lib.close()
+                pipe.close()
         rows.append(max(libs, key=lambda r: r["points_per_s"]))
         rows[0]["best_of"] = [r["label"] for r in libs]
-        for w in workers:
-            p = PerSampleLoader(path, planner, w, dev.device, args.seed)
-            try:
-                progress(f"  per-sample DataLoader ({p.label}) …")
-                grid.append(measure(p, dev, args.repeat, classes, points))
-            finally:
-                p.close()
+        grid.sort(key=lambda r: r["config"]["num_workers"])
         best = max(grid, key=lambda r: r["points_per_s"])
         best["best_of"] = [g["label"] for g in grid]
         rows.append(best)
         # compute-only: the same steps on batches transformed beforehand, resident
         lib = LibraryPipeline(path, k, dev.device, args.seed, backend)
         try:
+            t0 = time.perf_counter()
             resident = [b for b in lib.epoch()]
+            n_co = plan.repetitions("compute-only", time.perf_counter() - t0, True)
         finally:
             lib.close()
         step = TrainStep(dev.device, classes)
-        co = _median_run([run_epoch(lambda: resident, dev, step) for _ in range(args.repeat)])
-        solo = solo_preset_ms(dev, min(SOLO_POINTS, max(points, 1000)), args.seed)
+        co = _median_run([run_epoch(lambda: resident, dev, step) for _ in range(n_co)])
+        per_point = plan.warmups[libs[0]["label"]] / points
+        solo_s = 6 * solo_points * per_point * MARGIN
+        if solo_s <= budget.left():
+            solo, solo_each = solo_preset_ms(dev, solo_points, args.seed)
+        else:
+            plan.cut["the preset alone"] = (f"skipped: ~{solo_s:.1f} s, "
+                                            f"{max(0.0, budget.left()):.1f} s of the budget left")
     finally:
         planner.close()
         ds.close()
@@ -378,7 +428,8 @@ def run(args) -> int:
                        "chunk_size_m": chunk, "batch_chunks": k},
            "rows": rows, "grid": grid, "library_grid": libs, "compute_only": co,
            "ratio_points_per_s": ratio,
-           "solo_preset_ms": solo, "solo_points": min(SOLO_POINTS, max(points, 1000))}
+           "solo_preset_ms": solo, "solo_transform_ms": solo_each,
+           "solo_points": solo_points, "budget": plan.describe()}
     print(render(doc))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -405,6 +456,17 @@ def render(doc: dict) -> str:
         lines.append(f"{name} grid (Mpts/s): {g}")
     lines.append(f"ratio gds-stream / best per-sample DataLoader (transformed points/s): "
                  f"{doc['ratio_points_per_s']:.2f}x")
-    lines.append(f"the preset alone on one resident batch of {doc['solo_points']:,} points: "
-                 f"{doc['solo_preset_ms']:.1f} ms")
+    if doc["solo_preset_ms"] is None:
+        lines.append(f"the preset alone on one resident batch of {doc['solo_points']:,} points: "
+                     f"not measured ({doc['budget']['cut'].get('the preset alone', '')})")
+    else:
+        lines.append(f"the preset alone on one resident batch of {doc['solo_points']:,} "
+                     f"points: {doc['solo_preset_ms']:.1f} ms")
+    each = doc.get("solo_transform_ms") or {}
+    if each:
+        lines.append("  per transform (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in each.items()))
+    b = doc["budget"]
+    cut = "; ".join(f"{k}: {v}" for k, v in b["cut"].items())
+    lines.append(f"budget {b['seconds']:.0f} s, {b['used_s']:.0f} s used"
+                 + (f"; cut: {cut}" if cut else ", nothing cut"))
     return "\n".join(lines)

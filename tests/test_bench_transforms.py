@@ -38,6 +38,46 @@ def test_transform_bench_smoke(tmp_path):
         assert 0.5 * pts < row["loader_only"]["out_points"] <= pts
     assert len(doc["grid"]) >= 2 and doc["ratio_points_per_s"] > 0
     assert "ratio gds-stream / best per-sample DataLoader" in r.stdout
+    # the preset alone, transform by transform: every step of the preset timed
+    each = doc["solo_transform_ms"]
+    assert {"ElasticDistortion", "GridSample", "CenterShift 1", "CenterShift 2"} <= set(each)
+    assert all(v > 0 for v in each.values()) and doc["solo_preset_ms"] > 0
+    assert "per transform (ms): CenterShift 1 " in r.stdout
+    assert doc["budget"]["cut"] == {} and "nothing cut" in r.stdout   # the default budget fits
+
+
+def test_transform_bench_fits_a_tiny_budget(tmp_path):
+    """A budget already spent: the two pipelines the comparison needs still run (once each),
+    the rest of the grids and the preset alone are cut, and the report says so."""
+    out = tmp_path / "t.json"
+    r = _run(["--transform", "semseg", "--smoke", "--workdir", str(tmp_path / "data"),
+              "--budget", "0.01", "--repeat", "3", "--json", str(out)], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert [row["name"] for row in doc["rows"]] == ["gds-stream", "per-sample DataLoader"]
+    assert all(row["repeat"] == 1 for row in doc["rows"])
+    assert [g["label"] for g in doc["grid"]] == ["w=2"]       # every core first, then cut
+    cut = doc["budget"]["cut"]
+    assert cut["w=0"].startswith("skipped") and cut["the preset alone"].startswith("skipped")
+    assert doc["solo_preset_ms"] is None and "not measured (skipped" in r.stdout
+    assert "budget 0 s" in r.stdout and "cut: " in r.stdout
+
+
+def test_transform_plan_sizes_repetitions_from_the_warm_up():
+    from bench.budget import MARGIN, Budget
+    from bench.transform_plan import TransformPlan
+    now = [0.0]
+    plan = TransformPlan(Budget(100.0, clock=lambda: now[0]), repeat=5, tail_epochs=2)
+    assert plan.admit("a", essential=False)                  # nothing measured yet
+    # room 100 - 2 x 4 x MARGIN = 90 s; each repetition 2 x 4 x MARGIN = 10 s: 5 fit
+    assert plan.repetitions("a", 4.0, essential=True) == 5 and "a" not in plan.cut
+    now[0] = 80.0                                            # 20 s left, 10 s kept: 1 fits
+    assert plan.repetitions("b", 4.0, essential=True) == 1
+    assert plan.cut["b"] == "1 of 5 repetitions (budget)"
+    now[0] = 85.0                                            # 5 s of room: 3 x 4 x 1.25 = 15
+    assert not plan.admit("c", essential=False) and plan.cut["c"].startswith("skipped")
+    assert plan.admit("d", essential=True)                   # essential: always
+    assert MARGIN == 1.25 and plan.describe()["repeats"] == {"a": 5, "b": 1}
 
 
 def test_unknown_transform_preset_is_one_line_exit_2(tmp_path):

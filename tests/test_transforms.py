@@ -181,6 +181,15 @@ def test_grid_sample_train_one_point_per_voxel(hash_, sizes):
         np.testing.assert_array_equal(out["grid_coord"][inv].numpy(), grid)
 
 
+
+@pytest.mark.parametrize("hash_", ["fnv", "ravel"])
+def test_grid_sample_more_than_256_units(hash_):
+    """Past 256 units the unit sort key widens (uint8 -> int16): still the reference's voxels,
+    order and parts, unit by unit."""
+    sizes = tuple([4] * 300 + [0, 9])
+    test_grid_sample_train_one_point_per_voxel(hash_, sizes)
+    test_grid_sample_test_parts_equal_reference(hash_, sizes)
+
 def test_grid_sample_choice_is_uniform_chi_square():
     """4 points in each of 2000 voxels (two units): the chosen point's rank in its voxel is
     uniform (chi-square, 3 degrees of freedom, p = 0.001 bound 16.27; seed fixed)."""
@@ -429,6 +438,51 @@ def test_elastic_unequal_units_equal_reference_with_the_same_noise(monkeypatch):
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("image_rows", [None, 0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_elastic_dense_units_equal_reference_with_the_same_noise(monkeypatch, dtype, image_rows):
+    """Units of similar extent share one padded noise block (drawn as (U, D0, D1, D2, 3)) and
+    are sampled together (one image for the batch, or with ``IMAGE_ROWS`` 0 one image per unit
+    and padded point rows): each unit still equals the reference fed its own corner of the
+    block, also units of one point (the smallest grid) and an empty unit, and a unit the 0.95
+    draw skips is unchanged."""
+    sizes = (400, 1, 0, 300, 250)
+    b = make_batch(sizes, dtype=dtype, extent=(3.0, 2.5, 1.2), seed=5)
+    gran, mag = 0.4, 1.6
+    from gds_stream.transforms import elastic
+    calls = []
+    dense = elastic._dense_noise
+    monkeypatch.setattr(elastic, "_dense_noise", lambda *a: calls.append(1) or dense(*a))
+    if image_rows is not None:
+        monkeypatch.setattr(elastic, "IMAGE_ROWS", image_rows)
+    seed = next(s for s in range(100) if not bool(
+        (torch.rand(5, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+         < 0.95)[4]) and bool((torch.rand(5, generator=torch.Generator().manual_seed(s),
+                                          dtype=torch.float64) < 0.95)[:4].all()))
+    out = ElasticDistortion([[gran, mag], [2 * gran, mag]])(b, torch.Generator().manual_seed(seed))
+    assert calls == [1, 1]                                    # the padded layout ran, twice
+    g = torch.Generator().manual_seed(seed)
+    apply = (torch.rand(5, generator=g, dtype=torch.float64) < 0.95).tolist()
+    units = [xyz.astype(np.float64 if dtype == torch.float64 else np.float32).copy()
+             for _, xyz in units_of(b)]
+    for gr in (gran, 2 * gran):
+        dims = [((x - x.min(0)).max(0) // gr).astype(int) + 3 if len(x) else np.array([3, 3, 3])
+                for x in units]
+        dims = [d if a else np.zeros(3, int) for d, a in zip(dims, apply)]
+        dmax = np.max(dims, 0)
+        noise = torch.randn((5, *dmax, 3), generator=g).numpy()
+        for u, (x, d) in enumerate(zip(units, dims)):
+            if apply[u] and len(x):
+                units[u] = ref.elastic_distortion(x, gr, mag, None,
+                                                  noise=noise[u, :d[0], :d[1], :d[2]])
+    for u, ((_, got), want) in enumerate(zip(units_of(out), units)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 if dtype == torch.float64
+                                   else 2e-5)
+    _, skipped = units_of(out)[4]
+    assert np.array_equal(skipped, units_of(b)[4][1])
+
+
 # -- the package ------------------------------------------------------------------------------
 
 def test_importing_gds_stream_does_not_import_the_transforms():
@@ -473,3 +527,42 @@ def test_cuda_gives_the_cpu_results():
                     ElasticDistortion(), SphereCrop(200), RandomDropout()])(cb, gen)
     check_consistent(b, {k: v.cpu() for k, v in full.items() if k not in "xyz"} | {
         c: b[c][full["point_id"].cpu()] for c in "xyz"})
+
+
+def test_coordinates_pass_between_transforms_as_one_tensor():
+    """A transform writes x, y, z as the columns of one (n, 3) tensor; the next one takes that
+    tensor as it is (no stack), and the values are those of separate fields."""
+    from gds_stream.transforms._batch import get_coord
+    b = make_batch((40, 0, 25))
+    out = RandomScale(scale=[2, 2])(b)
+    base = get_coord(out, ("x", "y", "z"), "t")
+    assert all(out[c].untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+               for c in "xyz")
+    sep = {k: (v.clone() if k in "xyz" else v) for k, v in out.items()}
+    assert get_coord(sep, ("x", "y", "z"), "t").untyped_storage().data_ptr() != \
+        sep["x"].untyped_storage().data_ptr()                 # separate fields: stacked
+    for t in (CenterShift(), RandomRotate(angle=[0.3, 0.3], always_apply=True),
+              GridSample(0.5, return_grid_coord=True)):
+        a, c = t(out, torch.Generator().manual_seed(1)), t(sep, torch.Generator().manual_seed(1))
+        assert all(torch.equal(a[k], c[k]) for k in c), t
+    assert torch.equal(torch.stack([out[c] for c in "xyz"], 1),
+                       torch.stack([b[c] * 2 for c in "xyz"], 1))
+
+
+def test_elastic_keeps_scratch_buffers_only_up_to_a_bound(monkeypatch):
+    """The noise block's buffers are kept per thread between batches, up to a bound: a larger
+    block gets fresh buffers and leaves the kept ones as they were."""
+    from gds_stream.transforms import elastic
+    monkeypatch.setattr(elastic, "_SCRATCH", __import__("threading").local())
+    small = elastic._scratch(1000, torch.device("cpu"))
+    assert elastic._scratch(500, torch.device("cpu"))[0] is small[0]        # kept, reused
+    monkeypatch.setattr(elastic, "SCRATCH_KEEP_FLOATS", 4000)
+    big = elastic._scratch(5000, torch.device("cpu"))
+    assert big[0].numel() >= 5000 and big[0] is not small[0]
+    assert elastic._SCRATCH.bufs[0] is small[0]                             # not kept
+    b = make_batch((300, 200))
+    monkeypatch.setattr(elastic, "SCRATCH_KEEP_FLOATS", 0)                  # always fresh
+    fresh = ElasticDistortion()(b, torch.Generator().manual_seed(2))
+    monkeypatch.setattr(elastic, "SCRATCH_KEEP_FLOATS", 1 << 24)
+    kept = ElasticDistortion()(b, torch.Generator().manual_seed(2))
+    assert all(torch.equal(fresh[c], kept[c]) for c in "xyz")

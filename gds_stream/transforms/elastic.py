@@ -3,15 +3,20 @@
 Pointcept's recipe, per unit and per (granularity, magnitude): a Gaussian noise grid of
 ``floor(extent / granularity) + 3`` cells per axis (3 channels) with its first cell one
 granularity below the unit's minimum, smoothed twice by a 3-cell box filter along x, y and z
-(zeros outside the grid), then sampled trilinearly at every point and added × magnitude. The
-grids of all units (of different sizes) are laid end to end in one flat tensor; the box filter
-reads each cell's neighbours through per-cell strides, so the cost is proportional to the cells
-and points of the batch, whatever the number of units. Units of similar extent (chunks) use the
-faster layout: one (units, D0, D1, D2) block padded to the largest grid, filtered by slicing.
+(zeros outside the grid), then sampled trilinearly at every point and added × magnitude.
+
+Units of similar extent (chunks, the usual case) share one (units, D0, D1, D2, 3) block padded
+to the largest grid, filtered by slicing (on a CPU in reused buffers)
+and sampled by one 2-D ``grid_sample`` for the whole batch (:func:`_sample_dense`). Units of
+very different extent lay their grids end to end in one flat tensor instead (the padding would
+dwarf them); its box filter reads each cell's neighbours through per-cell strides and the
+sampling gathers the 8 corners, so its cost too is proportional to the cells and points of the
+batch, whatever the number of units.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Sequence
 
 import torch
@@ -47,12 +52,22 @@ class ElasticDistortion(Transform):
         apply = rand(units.num, generator, xyz.device) < APPLY_P
         if units.n == 0 or not bool(apply.any()):
             return batch
+        memo = []
+
+        def rows():                   # each point's row in the padded (U, Pmax) layout, once
+            if not memo:
+                pmax = int(units.counts.max())
+                dev = xyz.device
+                memo.append((pmax, torch.arange(units.n, device=dev) + units.expand(
+                    torch.arange(units.num, device=dev) * pmax - units.starts)))
+            return memo[0]
+
         for granularity, magnitude in self.distortion_params:
-            xyz = self._distort(xyz, units, apply, granularity, magnitude, generator)
+            xyz = self._distort(xyz, units, apply, granularity, magnitude, generator, rows)
         return set_coord(batch, self.coord, xyz)
 
     @staticmethod
-    def _distort(xyz, units, apply, granularity, magnitude, generator):
+    def _distort(xyz, units, apply, granularity, magnitude, generator, rows):
         dev, u = xyz.device, units.num
         lo, hi = segment_bbox(xyz, units)
         dims = torch.div(hi - lo, granularity, rounding_mode="floor").to(torch.int64) + 3
@@ -62,16 +77,83 @@ class ElasticDistortion(Transform):
         dmax = dims.max(0).values.tolist()
         padded = u * dmax[0] * dmax[1] * dmax[2]
         if padded <= 2 * total + DENSE_SLACK:    # units of similar extent (chunks): one block
-            noise, base, strides = _dense_noise(dims, dmax, generator, dev)
+            noise = _dense_noise(dims, dmax, generator, dev)
+            acc = _sample_dense(xyz, units, lo, noise, granularity, rows)
+            # the 1 / 9 of the six box passes, folded into the magnitude
+            if bool(apply.all()):
+                return xyz + (acc * (magnitude / 729)).to(xyz.dtype)
+            # a skipped unit's points sample whatever lies where its grid would be (finite):
+            # × 0, its coordinates stay as they are
+            scale = apply.to(acc.dtype) * (magnitude / 729)
+            return xyz + (acc * units.expand(scale)[:, None]).to(xyz.dtype)
         else:                                    # very unequal units: grids end to end
             noise, base, strides = _flat_noise(dims, cells, total, generator, dev)
-        # trilinear sampling, in blocks of points on a CPU (intermediates stay in cache)
-        block = units.n if xyz.is_cuda else CPU_BLOCK
-        acc = torch.cat([_interp(xyz[a:a + block], units.ids[a:a + block], lo, dims, base,
-                                 strides, noise, granularity)
-                         for a in range(0, units.n, block)])
+            # trilinear sampling, in blocks of points on a CPU (intermediates stay in cache)
+            block = units.n if xyz.is_cuda else CPU_BLOCK
+            acc = torch.cat([_interp(xyz[a:a + block], units.ids[a:a + block], lo, dims, base,
+                                     strides, noise, granularity)
+                             for a in range(0, units.n, block)])
+            acc = acc * magnitude
         on = units.expand(apply)[:, None]                       # skipped units: unchanged
-        return torch.where(on, xyz + (acc * magnitude).to(xyz.dtype), xyz)
+        return torch.where(on, xyz + acc.to(xyz.dtype), xyz)
+
+
+def _sample_dense(xyz, units, lo, noise, granularity, rows):
+    """Trilinear sample of the smoothed (U, D0, D1, D2, 3) ``noise`` block (:func:`_dense_noise`)
+    at each point: linear along y between two bilinear (x, z) samples, all of them from one 2-D
+    ``grid_sample`` (vectorised on a CPU). The image is the block's memory as it lies, no copy:
+    each y slice of a unit side by side along the width (cell (x, y, z) at column y·D2 + z),
+    and the units one below the other (row u·D0 + x), one image for the batch while it has at
+    most ``IMAGE_ROWS`` rows; else each unit is one image of the grid_sample batch, and each
+    point a pair of samples in its unit's row of Pmax pairs (``rows()``: Pmax and each point's
+    row; the rows past a unit's points sample the image's centre and are not read). Each point
+    is one pair of samples, at its slices y0 and y0 + 1. Float32: a normalised coordinate
+    carries ~3e-8 × (its axis' cells) of rounding: ~2e-5 of a cell for 16 chunks' images.
+
+    A point's continuous cell index t = (coord − lo) / granularity + 1 lies in [1, dims − 1) of
+    its own unit, so every corner with a weight is one of its own unit's cells (a corner past
+    them has weight 0)."""
+    u, d0, d1, d2 = noise.shape[:4]
+    dev, n, f32 = xyz.device, units.n, torch.float32
+    one = u * d0 <= IMAGE_ROWS
+    start = torch.ones((u, 3), dtype=xyz.dtype, device=dev)  # t of the unit's lo: cell 1
+    if one:
+        start[:, 0] += torch.arange(u, device=dev) * d0       # the unit's rows in the image
+    e = units.expand(torch.cat([lo, start], 1))
+    t = torch.add(e[:, 3:], xyz - e[:, :3], alpha=1 / granularity).to(f32)
+    y0 = torch.floor(t[:, 1]).clamp_(0, d1 - 2)
+    sw, sh = 2 / (d1 * d2 - 1), 2 / ((u if one else 1) * d0 - 1)   # cell index -> [-1, 1]
+    if one:     # grid (1, 2, n, 2): row 0 the y0 samples, row 1 the y0 + 1 ones
+        g = torch.empty((2, n, 2), dtype=f32, device=dev)
+        gw, gh = g[0, :, 0], g[0, :, 1]
+    else:       # (n, 4): each point's pair, to be laid in its unit's row
+        g = torch.empty((n, 4), dtype=f32, device=dev)
+        gw, gh = g[:, 0], g[:, 1]
+    torch.addcmul(t[:, 2], y0, torch.tensor(float(d2), device=dev), out=gw).mul_(sw).sub_(1)
+    torch.mul(t[:, 0], sh, out=gh).sub_(1)
+    wy = t[:, 1].sub_(y0)
+    if one:
+        torch.add(gw, d2 * sw, out=g[1, :, 0])
+        g[1, :, 1] = gh
+        img = noise.view(1, u * d0, d1 * d2, 3).permute(0, 3, 1, 2)
+        out = torch.nn.functional.grid_sample(img, g.view(1, 2, n, 2), mode="bilinear",
+                                              padding_mode="zeros", align_corners=True)
+        return torch.lerp(out[0, :, 0], out[0, :, 1], wy).t()            # (3, n) -> (n, 3)
+    torch.add(gw, d2 * sw, out=g[:, 2])
+    g[:, 3] = gh
+    pmax, at = rows()
+    img = noise.view(u, d0, d1 * d2, 3).permute(0, 3, 1, 2)
+    pair = torch.zeros((u * pmax, 4), dtype=f32, device=dev)  # rows past a unit: centre
+    pair.index_copy_(0, at, g)
+    out = torch.nn.functional.grid_sample(img, pair.view(u, 1, 2 * pmax, 2), mode="bilinear",
+                                          padding_mode="zeros", align_corners=True)
+    v = out.view(u, 3, 2 * pmax).transpose(1, 2).reshape(u * pmax, 6).index_select(0, at)
+    return torch.lerp(v[:, :3], v[:, 3:], wy[:, None])
+
+
+#: Most rows (units × D0 cells) of one image holding every unit: each row more rounds a
+#: normalised coordinate by ~1.5e-8 of a cell (float32).
+IMAGE_ROWS = 2048
 
 
 #: Points per block of the trilinear sampling on a CPU.
@@ -104,32 +186,74 @@ DENSE_SLACK = 1 << 16
 
 def _dense_noise(dims, dmax, generator, dev):
     """Every unit's grid padded to the largest dims: one (U, D0, D1, D2, 3) block, zero outside
-    each unit's own grid. Along each axis the two box passes are one 5-tap filter
-    [1, 2, 3, 2, 1] / 9 whose end cells lose x_end / 9 (the second pass sees zeros, not the first
-    pass's spill, beyond the ends); filters along different axes commute, so x, x, y, y, z, z
-    equals Pointcept's x, y, z, x, y, z."""
+    each unit's own grid before filtering, drawn in that order (the generator's stream:
+    Pointcept's order per unit). Along each axis the two box passes are one 5-tap filter
+    [1, 2, 3, 2, 1] (÷ 9, left to the caller) whose end cells lose x_end (the second pass sees
+    zeros, not the first pass's spill, beyond the ends); filters along different axes commute,
+    so x, x, y, y, z, z equals Pointcept's x, y, z, x, y, z. The spill of a pass lands beyond
+    the unit's grid along that axis only, where the passes along the other axes never read it,
+    and the sampling gives it no weight. Returned × 9³ (a view of a scratch buffer)."""
     u = dims.shape[0]
-    noise = torch.randn((u, *dmax, 3), generator=generator, device=dev, dtype=torch.float32)
-    masks, edges = [], []
+    d0, d1, d2 = dmax
+    shape, k = (u, d0, d1, d2, 3), u * d0 * d1 * d2 * 3
+    bufs = [b[:k] for b in _scratch(k, dev)]
+    x = torch.randn(shape, generator=generator, device=dev, dtype=torch.float32,
+                    out=bufs[0].view(shape))
+    # zero outside each unit's grid: skipped units whole, the others' slabs past their ends
+    applied = dims[:, 0] > 0
+    if not bool(applied.all()):
+        x.index_fill_(0, torch.nonzero(~applied).flatten(), 0)
+    for a, d in enumerate(dmax):
+        lo = int(dims[applied, a].min())
+        if lo < d:
+            keep = torch.arange(lo, d, device=dev)[None, :] < dims[:, a:a + 1]   # (U, d - lo)
+            shape_a = [u, 1, 1, 1, 1]
+            shape_a[a + 1] = d - lo
+            x.narrow(a + 1, lo, d - lo).masked_fill_(~keep.view(shape_a), 0)
+    last = (dims - 1).clamp(min=0)                           # each unit's end cell, per axis
+    outs = [bufs[1].view(shape), bufs[0].view(shape), bufs[1].view(shape)]  # ping-pong
+    _filter(x, last, outs)
+    return outs[2]
+
+
+def _filter(x, last, outs):
+    """The three 5-tap passes of :func:`_dense_noise` on the block, ``outs[a]`` the output of the
+    pass along axis a; ``last``: each unit's end cell per axis. (Filtering a few units at a time,
+    in cache, measured no faster in the whole transform, and multiplies the ops: each one a
+    wait for every intra-op thread.)"""
     for a in range(3):
-        shape = [u, 1, 1, 1, 1]
-        shape[a + 1] = dmax[a]
-        i = torch.arange(dmax[a], device=dev)[None, :]
-        masks.append((i < dims[:, a:a + 1]).view(shape).to(torch.float32))
-        edges.append(((i == 0) | (i == dims[:, a:a + 1] - 1)).view(shape).to(torch.float32))
-    noise = noise * (masks[0] * masks[1] * masks[2])
-    for a in range(3):
-        ax, n = a + 1, noise.shape[a + 1]
-        out = noise * 3
+        dim, n, out = a + 1, x.shape[a + 1], outs[a]
+        torch.mul(x, 3, out=out)
         for k, wgt in ((1, 2), (2, 1)):
             if n > k:
-                out.narrow(ax, k, n - k).add_(noise.narrow(ax, 0, n - k), alpha=wgt)
-                out.narrow(ax, 0, n - k).add_(noise.narrow(ax, k, n - k), alpha=wgt)
-        noise = out.sub_(noise * edges[a]).mul_(masks[a] / 9)
-    d1, d2 = dmax[1], dmax[2]
-    base = torch.arange(u, device=dev, dtype=torch.int64) * (dmax[0] * d1 * d2)
-    strides = torch.tensor([[d1 * d2, d2]], device=dev, dtype=torch.int64).repeat(u, 1)
-    return noise.reshape(-1, 3), base, strides
+                out.narrow(dim, k, n - k).add_(x.narrow(dim, 0, n - k), alpha=wgt)
+                out.narrow(dim, 0, n - k).add_(x.narrow(dim, k, n - k), alpha=wgt)
+        out.narrow(dim, 0, 1).sub_(x.narrow(dim, 0, 1))
+        out.narrow(dim, n - 1, 1).sub_(x.narrow(dim, n - 1, 1))  # (padding for shorter units)
+        short = torch.nonzero(last[:, a] < n - 1).flatten()
+        if short.numel():
+            at = [short] + [slice(None)] * a + [last[short, a]]
+            out[tuple(at)] -= x[tuple(at)]
+        x = out
+
+
+_SCRATCH = threading.local()
+#: Largest noise block (floats) whose two buffers a thread keeps between batches: 2 × 64 MiB.
+SCRATCH_KEEP_FLOATS = 1 << 24
+
+
+def _scratch(numel: int, dev: torch.device) -> list[torch.Tensor]:
+    """Two flat float32 buffers of at least ``numel`` for the noise block's passes. On a CPU they
+    are kept per thread from one call to the next: the block is megabytes, and a fresh
+    allocation that large pays its page faults on every batch, as much time as the arithmetic.
+    Blocks past ``SCRATCH_KEEP_FLOATS`` (fine granularities on large units) get fresh buffers,
+    not kept between batches; so do other devices (CUDA's caching allocator)."""
+    if torch.device(dev).type != "cpu" or numel > SCRATCH_KEEP_FLOATS:
+        return [torch.empty(numel, device=dev) for _ in range(2)]
+    bufs = getattr(_SCRATCH, "bufs", None)
+    if bufs is None or bufs[0].numel() < numel:
+        bufs = _SCRATCH.bufs = [torch.empty(numel) for _ in range(2)]
+    return bufs
 
 
 def _flat_noise(dims, cells, total, generator, dev):
