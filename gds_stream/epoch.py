@@ -215,6 +215,9 @@ class EpochIterator(Closeable):
             self._spare = None
             self._window = (index, tensors, nbytes)
             del handle, tensors  # a packed window's read buffer is free for the next read
+            self.plan.forget_window(index - 1)
+            if index == self._num_windows - 1:  # the last window: the next epoch's first
+                self._owner._draw_ahead(self.plan.epoch + 1)  # permutation meanwhile
             self._fill()  # read the next window while this one is consumed
         self._raise_later_failures()  # the window being read ahead
         batch = self.plan.batch(step)
@@ -307,6 +310,7 @@ class EpochIterator(Closeable):
                 _, _, nbytes = self._inflight.popleft()
                 self._stats.retired(nbytes, 0, yielded=False)
             self._drop_window(keep=False)
+            self.plan.join()
             self._owner._iterator_torn_down()
 
     def close(self) -> None:

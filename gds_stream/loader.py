@@ -73,6 +73,7 @@ class Loader(Closeable):
         import_torch()  # before anything refers to this loader (see import_torch)
         self._closed = False
         self._released = False
+        self._plan_ahead: EpochPlan | None = None  # the next epoch's plan, drawing ahead
         self._active: weakref.ref[EpochIterator] | None = None
         self._lock = threading.Lock()
         self.files: FieldFiles | None = None
@@ -166,7 +167,20 @@ class Loader(Closeable):
         self.epoch = epoch
 
     def epoch_plan(self, epoch: int | None = None) -> EpochPlan:
-        return EpochPlan(self.plan_spec, self.epoch if epoch is None else epoch)
+        epoch = self.epoch if epoch is None else epoch
+        ahead = self._plan_ahead
+        if ahead is not None and ahead.epoch == epoch and ahead.spec is self.plan_spec:
+            return ahead
+        return EpochPlan(self.plan_spec, epoch)
+
+    def _draw_ahead(self, epoch: int) -> None:
+        """Start drawing ``epoch``'s first shuffle-window permutation now, on its own thread
+        (the epoch iterator calls this when it takes its last window): the usual next epoch
+        then starts without waiting for it. Any other epoch simply builds its own plan."""
+        plan = EpochPlan(self.plan_spec, epoch)
+        if plan.spec.windowed and plan.num_batches > 0:
+            plan.window_plan(0)
+            self._plan_ahead = plan
 
     def __iter__(self) -> "EpochIterator":
         if self._closed:
@@ -245,6 +259,9 @@ class Loader(Closeable):
         if getattr(self, "_closed", True):
             return
         self._closed = True
+        ahead, self._plan_ahead = self._plan_ahead, None
+        if ahead is not None:
+            ahead.join()
         it = self._close_active("closed by loader.close()")
         if it is None or it._torn_down:
             self._release_resources()

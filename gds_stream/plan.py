@@ -267,6 +267,16 @@ class EpochPlan:
         permutation is ready by the time its first batch is cut)."""
         return self._window_entry(index)[0]
 
+    def join(self) -> None:
+        """Wait for every permutation still being drawn (a loader's ``close()`` joins what it
+        started)."""
+        for _, perm in list(self._windows.values()):
+            perm.join()
+
+    def forget_window(self, index: int) -> None:
+        """Drop window ``index``'s cached permutation (its batches are all cut)."""
+        self._windows.pop(index, None)
+
     def _window_entry(self, index: int) -> tuple[WindowPlan, "_Permutation"]:
         got = self._windows.get(index)
         if got is not None:
@@ -368,8 +378,9 @@ class _Permutation:
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         if n >= _THREAD_ROWS:
-            self._thread = threading.Thread(target=self._draw, name="gds-stream-permutation",
-                                            daemon=True)
+            # not a daemon: the interpreter waits for it at exit (a fraction of a second) —
+            # a daemon thread still inside torch when the process tears down aborts it
+            self._thread = threading.Thread(target=self._draw, name="gds-stream-permutation")
             self._thread.start()
 
     def _draw(self) -> None:
@@ -377,6 +388,11 @@ class _Permutation:
             self._value = _permutation(self._n, self._key)
         except BaseException as exc:  # handed to result(), on the thread that needs it
             self._error = exc
+
+    def join(self) -> None:
+        thread = self._thread
+        if thread is not None:
+            thread.join()
 
     def result(self) -> np.ndarray:
         if self._thread is not None:

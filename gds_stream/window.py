@@ -116,13 +116,22 @@ def _gather_packed(win: PackedWindow, rows: np.ndarray) -> dict[str, Any]:
         dsts.append(buf[pos:pos + m * k * es].view(f"<i{es}").reshape(m, k))
         pos += size
     block = max(1, _PACK_BYTES // width)
-    item = np.dtype((np.void, width))
-    src = win.rows.view(item).reshape(n)
     scratch = np.empty((min(block, m), width), dtype=np.uint8)
+    if width <= 16:  # a row is one integer (complex128 for 16 bytes): torch's 1-D gather,
+        one = torch.complex128 if width == 16 else torch_int(torch, width)  # serial, fastest
+        src = torch.from_numpy(win.rows).view(one).view(n)
+        into = torch.from_numpy(scratch).view(one).view(-1)
+        idx = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+    else:  # a row is one numpy void item
+        item = np.dtype((np.void, width))
+        src_np, into_np = win.rows.view(item).reshape(n), scratch.view(item).reshape(-1)
     for a in range(0, m, block):
         b = min(m, a + block)
         got = scratch[:b - a]
-        np.take(src, rows[a:b], out=got.view(item).reshape(b - a))
+        if width <= 16:
+            torch.index_select(src, 0, idx[a:b], out=into[:b - a])
+        else:
+            np.take(src_np, rows[a:b], out=into_np[:b - a])
         for (name, dtype, shape, off, es), dst in zip(win.fields, dsts):
             dst[a:b] = _columns(got, off, es, dst.shape[1])
     flat = torch.from_numpy(buf)

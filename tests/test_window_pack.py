@@ -93,3 +93,64 @@ def test_window_permutation_error_reaches_the_caller(monkeypatch):
     p = plan_mod._Permutation(plan_mod._THREAD_ROWS, [1])
     with pytest.raises(MemoryError, match="no room"):
         p.result()
+
+
+# -- the loader: permutations drawn ahead, and every thread joined ------------------------------
+def _perm_threads():
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "gds-stream-permutation"]
+
+
+def _windowed_dataset(tmp_path):
+    from helpers import make_dataset
+
+    from gds_stream.format import FieldSpec
+
+    fields = [FieldSpec("x", np.dtype("<f4")), FieldSpec("label", np.dtype("<u2"))]
+    n = 3 * plan_mod._THREAD_ROWS + 123  # windows large enough to draw on a thread
+    return make_dataset(tmp_path, [n], fields=fields), n
+
+
+def test_next_epochs_permutation_is_drawn_ahead_and_equals_a_fresh_plan(tmp_path):
+    import gds_stream
+    from gds_stream.plan import EpochPlan
+
+    ds, n = _windowed_dataset(tmp_path)
+    window = 2 * plan_mod._THREAD_ROWS
+    with gds_stream.open_loader(ds.path, device="cpu", batch_points=10_000, shuffle=True,
+                                seed=5, shuffle_window=window) as ld:
+        first = [b["x"].clone() for b in ld]
+        ahead = ld._plan_ahead
+        assert ahead is not None and ahead.epoch == 1  # started while epoch 0 ran
+        ld.set_epoch(1)
+        assert ld.epoch_plan() is ahead
+        second = [b["x"].clone() for b in ld]
+        fresh = EpochPlan(ld.plan_spec, 1)
+        assert [b.point_indices().tolist() for b in ahead] == \
+            [b.point_indices().tolist() for b in fresh]
+        ld.set_epoch(7)  # an epoch nobody drew ahead: a plan of its own
+        assert ld.epoch_plan() is not ld._plan_ahead and ld.epoch_plan().epoch == 7
+    assert sum(len(b) for b in first) == sum(len(b) for b in second) == n
+    assert not torch.equal(torch.cat(first), torch.cat(second))
+    assert not _perm_threads()  # close() joined every permutation thread
+
+
+def test_leaving_mid_epoch_and_exiting_is_clean(tmp_path):
+    """A permutation thread may be drawing when the program ends: the process still exits 0
+    without an abort from a thread inside torch at teardown."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ds, _ = _windowed_dataset(tmp_path)
+    code = (f"import gds_stream\n"
+            f"ld = gds_stream.open_loader({str(ds.path)!r}, device='cpu', batch_points=1000,"
+            f" shuffle=True, shuffle_window={2 * plan_mod._THREAD_ROWS})\n"
+            f"it = iter(ld)\nnext(it)\n")
+    root = Path(__file__).resolve().parent.parent
+    for _ in range(3):
+        r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "terminate called" not in r.stderr
