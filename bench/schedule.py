@@ -1,8 +1,8 @@
 """The order of the timed runs, their retries, and the budget checks between them.
 
 Owns: :func:`calibrate` (the untimed warm-up pass, timed: each loader's epoch extrapolated from
-its first batches), :func:`run_schedule` (round-robin over the loaders within each repetition, one loader
-later each repetition; a disturbed run is repeated while retries allow and the retry plus the
+its first batches), :func:`run_schedule` (every loader once within each repetition, in an order drawn per
+repetition by :func:`rep_order`; a disturbed run is repeated while retries allow and the retry plus the
 rest of its repetition still fit; a repetition after the first starts only when the slowest
 estimate of it still fits) and :func:`sweep_task_sizes` (the gds loader, loader-only, at several
 KvikIO task sizes, as many as fit). The estimates and the budget are ``bench.budget``'s.
@@ -12,6 +12,7 @@ one per retry with the reason, and one when the budget stops the repetitions.
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -125,10 +126,7 @@ def run_schedule(variants: Sequence[Variant], stats: dict[str, Stats], dev: Devi
                            f"{MARGIN:.2f}× margin) — stopped after {rep} of {repeat} repetitions")
             say(f"budget: {res.stopped}")
             break
-        shift = rep % len(variants)
-        # Round-robin within a repetition, so drift hits every loader alike, starting one loader
-        # later each time, so no loader always runs first, last or after the same neighbour.
-        order = list(variants[shift:]) + list(variants[:shift])
+        order = rep_order(variants, rep)
         for i, v in enumerate(order):
             st = stats[v.name]
             if v.name not in ess:
@@ -158,6 +156,17 @@ def run_schedule(variants: Sequence[Variant], stats: dict[str, Stats], dev: Devi
             say(line)
         res.done = rep + 1
     return res
+
+
+def rep_order(variants: Sequence[Variant], rep: int) -> list[Variant]:
+    """The loaders' order in repetition ``rep``: every loader once (drift hits all alike), in a
+    permutation drawn from ``rep`` — a rotation would keep each loader after the same neighbour
+    every time (the fallback always ran right after a DataLoader epoch whose worker processes
+    had just forked and exited, the sequential loop always after compute-only), so whatever a
+    neighbour leaves behind would bias one loader's times. Deterministic per repetition."""
+    order = list(variants)
+    random.Random(0x5EED + rep).shuffle(order)
+    return order
 
 
 def sweep_task_sizes(path: Path, batch: int, dev: Device, sizes_mib: Sequence[int], runs: int,

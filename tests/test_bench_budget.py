@@ -276,3 +276,18 @@ def test_a_budget_too_small_for_anything_says_so_and_runs_only_the_essential_loa
     for name in ("queue", "torch-dataloader[w=0,pin=0]"):
         assert "left out to fit the budget" in doc["skipped"][name]["reason"]
     assert "queue" in proc.stdout and "left out to fit the budget" in proc.stdout
+
+
+def test_repetition_orders_vary_each_loaders_neighbour():
+    """Every loader runs once a repetition, and over the repetitions of a run each loader runs
+    after more than one neighbour (a rotation kept the same neighbour every time)."""
+    from bench.schedule import rep_order
+
+    names = ["sequential", "queue", "tdl0", "tdl2", "tdl4", "fallback", "compute-only"]
+    orders = [rep_order(names, rep) for rep in range(9)]
+    assert all(sorted(o) == sorted(names) for o in orders)
+    assert orders == [rep_order(names, rep) for rep in range(9)]  # deterministic
+    for name in names:
+        before = {o[o.index(name) - 1] if o.index(name) else None for o in orders}
+        assert len(before) >= 3, (name, before)
+    assert len({o[0] for o in orders}) >= 3  # not always the same loader first
