@@ -6,7 +6,9 @@
   inline, in ``next()`` on the consumer's thread — the same plan, buffers and ownership — and
   the kernel reads the batches submitted ahead in the background (``posix_fadvise(WILLNEED)``):
   on a CPU nothing runs asynchronously to hide a reader thread behind, so a thread of ours would
-  only compete with the training step for its cores.
+  only compete with the training step for its cores. Inline, a batch's buffer is taken in
+  ``next()`` too, not when it is submitted: the buffer of the batch the loop dropped last comes
+  back warm from the pool, as a plain loop's would.
 * CUDA device: batches are read into a ring of ``prefetch`` pinned slots; each slot is copied to a
   new device buffer on a side stream, the consumer's current stream waits on that copy's event,
   and a slot is refilled only after the event of its previous copy completed.
@@ -63,11 +65,13 @@ REMOTE_TASK_BYTES = 16 << 20
 class _Pending:
     batch: BatchPlan
     layout: SlabLayout
-    host: np.ndarray  # uint8 view of the slab
+    host: np.ndarray | None  # uint8 view of the slab (inline reads: taken in next())
     slot: Slot | None
     futures: list[cf.Future] = field(default_factory=list)
     #: Inline reads: the worker tasks, run in ``_complete`` on the consumer's thread.
     work: list[tuple[Any, tuple]] = field(default_factory=list)
+    #: Inline reads: what ``_complete`` needs to take the slab and fill it there.
+    inline: "_FillSpec | None" = None
 
 
 def _read(reads: list[tuple[Any, str, memoryview, int]], stop: threading.Event,
@@ -87,6 +91,56 @@ def _read(reads: list[tuple[Any, str, memoryview, int]], stop: threading.Event,
         except OSError as exc:
             raise DatasetError(f"{path}: read of {len(view)} bytes at offset {offset} failed: "
                                f"{exc}") from exc
+
+
+@dataclass(frozen=True)
+class _FillSpec:
+    """What filling a slab needs of its iterator, without the iterator itself (a task that
+    held the iterator would keep an abandoned one alive in a cycle)."""
+
+    specs: Any
+    files: list
+    task_bytes: int
+    verifier: BlockVerifier | None
+    stop: threading.Event
+
+
+def _read_inline(p: _Pending, fs: _FillSpec) -> None:
+    """Inline reads (in ``next()``): the batch's slab, then its tasks, in order."""
+    p.host = anon_buffer(p.layout.nbytes)
+    for fn, args in _tasks(p, fs):
+        fn(*args)
+
+
+def _tasks(p: _Pending, fs: _FillSpec) -> list[tuple[Any, tuple]]:
+    """The worker tasks that fill batch ``p``'s slab: its reads, grouped into tasks of about
+    ``fs.task_bytes`` (few enough that the pool's per-task overhead stays small, large ones
+    split so several threads share a big batch), the verification, the metadata."""
+    batch, layout, host, slot = p.batch, p.layout, p.host, p.slot
+    mv = memoryview(host)
+    out: list[tuple[Any, tuple]] = []
+    task: list[tuple[Any, str, memoryview, int]] = []
+    task_bytes = 0
+    for spec, (fd, path, base), foff in zip(fs.specs, fs.files, layout.field_offsets):
+        pb = spec.point_bytes
+        dst = foff
+        for a, b in batch.segments:
+            off, length = base + int(a) * pb, int(b - a) * pb
+            for c in range(0, length, fs.task_bytes):
+                m = min(fs.task_bytes, length - c)
+                task.append((fd, path, mv[dst + c:dst + c + m], off + c))
+                task_bytes += m
+                if task_bytes >= fs.task_bytes:
+                    out.append((_read, (task, fs.stop, slot)))
+                    task, task_bytes = [], 0
+            dst += length
+    if task:
+        out.append((_read, (task, fs.stop, slot)))
+    if fs.verifier is not None:
+        out.append((_verify, (fs.verifier, batch.segments, fs.stop)))
+    if batch.perm_key is not None or batch.scan_sizes is not None:
+        out.append((_fill_meta, (batch, layout, host, fs.stop, slot)))
+    return out
 
 
 def _verify(verifier: BlockVerifier, segments: np.ndarray, stop: threading.Event) -> None:
@@ -237,6 +291,13 @@ class _FallbackIterator(EpochIterator):
         n = batch.num_points
         layout = SlabLayout.build(self._specs, n, batch.perm_key is not None,
                                   None if batch.scan_sizes is None else len(batch.scan_sizes))
+        if self._inline:
+            # Reads run in next(), and so does taking their buffer: the buffer of the batch the
+            # loop dropped last comes back warm from the pool (taken here, prefetch batches
+            # ahead, it would be a colder one). The kernel reads ahead meanwhile.
+            p = _Pending(batch, layout, None, None, inline=self._fill_spec())
+            _read_ahead(self._files, self._specs, batch.segments)
+            return p
         if self._cuda:
             assert self._ring is not None
             slot = self._ring.acquire(layout.nbytes)
@@ -245,33 +306,12 @@ class _FallbackIterator(EpochIterator):
             slot = None
             host = anon_buffer(layout.nbytes)
         p = _Pending(batch, layout, host, slot)
-        mv = memoryview(host)
-        # Reads are grouped into tasks of about TASK_BYTES: few enough that the pool's per-task
-        # overhead stays small, large ones split so several threads share a big batch.
-        task: list[tuple[Any, str, memoryview, int]] = []
-        task_bytes = 0
-        for spec, (fd, path, base), foff in zip(self._specs, self._files, layout.field_offsets):
-            pb = spec.point_bytes
-            dst = foff
-            for a, b in batch.segments:
-                off, length = base + int(a) * pb, int(b - a) * pb
-                for c in range(0, length, self._task_bytes):
-                    m = min(self._task_bytes, length - c)
-                    task.append((fd, path, mv[dst + c:dst + c + m], off + c))
-                    task_bytes += m
-                    if task_bytes >= self._task_bytes:
-                        self._start(p, _read, task, self._stop, slot)
-                        task, task_bytes = [], 0
-                dst += length
-        if task:
-            self._start(p, _read, task, self._stop, slot)
-        if self._verifier is not None:
-            self._start(p, _verify, self._verifier, batch.segments, self._stop)
-        if batch.perm_key is not None or batch.scan_sizes is not None:
-            self._start(p, _fill_meta, batch, layout, host, self._stop, slot)
-        if self._inline:
-            _read_ahead(self._files, self._specs, batch.segments)
+        for fn, args in _tasks(p, self._fill_spec()):
+            self._start(p, fn, *args)
         return p
+
+    def _fill_spec(self) -> "_FillSpec":
+        return _FillSpec(self._specs, self._files, self._task_bytes, self._verifier, self._stop)
 
     def _start(self, p: _Pending, fn: Any, *args: Any) -> None:
         """Hand a task to the reader threads, or keep it for ``_complete`` (inline reads)."""
@@ -286,6 +326,9 @@ class _FallbackIterator(EpochIterator):
     def _wait(self, p: _Pending) -> None:
         """Wait for batch ``p``; a failure in *any* in-flight batch is raised at once.
         Inline reads run here, on the calling thread."""
+        fill, p.inline = p.inline, None
+        if fill is not None:
+            _read_inline(p, fill)
         work, p.work = p.work, []
         for fn, args in work:
             fn(*args)

@@ -122,3 +122,31 @@ def test_an_interrupted_inline_read_leaves_a_stopped_iterator(ds, monkeypatch):
         ld.load_state_dict(state)  # resume where the interrupted loop stood
         got = np.concatenate([b["pid"].numpy() for b in ld])
     assert np.array_equal(got, np.arange(state["batches_done"] * 5_000, ds.num_points))
+
+
+def test_inline_reads_take_a_batch_buffer_in_next_not_when_submitting(ds):
+    """Inline, the batches submitted ahead hold no buffer yet: each is taken in ``next()``,
+    so the one the loop dropped last comes back from the pool (warm) instead of one taken
+    ``prefetch`` batches earlier; the threaded reader keeps filling its buffers ahead."""
+    import gc
+
+    from gds_stream import _hostmem
+
+    def live() -> int:
+        gc.collect()
+        with _hostmem._lock:
+            _hostmem._drain()
+        return sum(1 for ref, _ in _hostmem._live.values() if ref() is not None)
+
+    for threads, ahead in ((0, 0), (1, 2)):
+        with open_loader(ds.path, backend="fallback", device="cpu", batch_points=10_000,
+                         prefetch=2, num_threads=threads) as ld:
+            before = live()
+            it = iter(ld)
+            first = next(it)
+            assert live() - before == 1 + ahead, threads  # the batch held (+ the ones ahead)
+            del first
+            second = next(it)
+            assert int(second["x"].shape[0]) == 10_000
+            del second
+            it.close()
