@@ -280,6 +280,9 @@ class _FallbackIterator(EpochIterator):
         self._copy_stream = loader._copy_stream if self._cuda else None
         self._ops = loader._ops if self._cuda else None
         self._stop = threading.Event()
+        #: What filling a slab needs (the same for every batch of the epoch).
+        self._fill_spec = _FillSpec(self._specs, self._files, self._task_bytes, self._verifier,
+                               self._stop)
         self._inline = loader.inline_reads
         self._pool = None if self._inline else cf.ThreadPoolExecutor(
             loader.options.num_threads, thread_name_prefix="gds-stream-fallback",
@@ -295,7 +298,7 @@ class _FallbackIterator(EpochIterator):
             # Reads run in next(), and so does taking their buffer: the buffer of the batch the
             # loop dropped last comes back warm from the pool (taken here, prefetch batches
             # ahead, it would be a colder one). The kernel reads ahead meanwhile.
-            p = _Pending(batch, layout, None, None, inline=self._fill_spec())
+            p = _Pending(batch, layout, None, None, inline=self._fill_spec)
             _read_ahead(self._files, self._specs, batch.segments)
             return p
         if self._cuda:
@@ -306,12 +309,9 @@ class _FallbackIterator(EpochIterator):
             slot = None
             host = anon_buffer(layout.nbytes)
         p = _Pending(batch, layout, host, slot)
-        for fn, args in _tasks(p, self._fill_spec()):
+        for fn, args in _tasks(p, self._fill_spec):
             self._start(p, fn, *args)
         return p
-
-    def _fill_spec(self) -> "_FillSpec":
-        return _FillSpec(self._specs, self._files, self._task_bytes, self._verifier, self._stop)
 
     def _start(self, p: _Pending, fn: Any, *args: Any) -> None:
         """Hand a task to the reader threads, or keep it for ``_complete`` (inline reads)."""

@@ -396,7 +396,7 @@ class _Permutation:
 
     def result(self) -> np.ndarray:
         if self._thread is not None:
-            self._thread.join()
+            self.join()
             self._thread = None
         elif self._value is None and self._error is None:
             self._draw()

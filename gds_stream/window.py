@@ -23,6 +23,7 @@ consumer holds.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -108,11 +109,11 @@ def _gather_packed(win: PackedWindow, rows: np.ndarray) -> dict[str, Any]:
 
     n, width = win.rows.shape
     m = len(rows)
-    sizes = [_aligned(m * _numel(shape) * es) for _, _, shape, _, es in win.fields]
+    sizes = [_aligned(m * math.prod(shape) * es) for _, _, shape, _, es in win.fields]
     buf = anon_buffer(sum(sizes))
     dsts, pos = [], 0
     for (name, dtype, shape, off, es), size in zip(win.fields, sizes):
-        k = _numel(shape)
+        k = math.prod(shape)
         dsts.append(buf[pos:pos + m * k * es].view(f"<i{es}").reshape(m, k))
         pos += size
     block = max(1, _PACK_BYTES // width)
@@ -134,20 +135,10 @@ def _gather_packed(win: PackedWindow, rows: np.ndarray) -> dict[str, Any]:
             np.take(src_np, rows[a:b], out=into_np[:b - a])
         for (name, dtype, shape, off, es), dst in zip(win.fields, dsts):
             dst[a:b] = _columns(got, off, es, dst.shape[1])
-    flat = torch.from_numpy(buf)
-    out, pos = {}, 0
-    for (name, dtype, shape, off, es), size in zip(win.fields, sizes):
-        nbytes = m * _numel(shape) * es
-        out[name] = flat[pos:pos + nbytes].view(dtype).view((m, *shape))
-        pos += size
+    out = {name: torch.from_numpy(dst).view(dtype).view((m, *shape))
+           for (name, dtype, shape, _, _), dst in zip(win.fields, dsts)}
     return {name: out[name] for name in win.names}
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    k = 1
-    for d in shape:
-        k *= d
-    return k
 
 
 def gather_rows(window: "dict[str, Any] | PackedWindow", rows: np.ndarray) -> dict[str, Any]:

@@ -15,7 +15,8 @@ import pytest
 
 import gds_stream
 from gds_stream.errors import DatasetError, LoaderError
-from helpers import batch_bytes_equal, error_chain, make_dataset, run_with_timeout
+from helpers import (batch_bytes_equal, error_chain, kept_epoch, make_dataset,
+                     run_with_timeout)
 from s3_fixtures import (FaultProxy, Faults, bucket, corrupt_label_object,  # noqa: F401
                          s3_client, s3_server, upload)
 
@@ -37,12 +38,8 @@ def remote(local, bucket):
 
 
 def _epochs(source, epochs=2, **kw):
-    out = []
     with gds_stream.open_loader(source, backend="fallback", device="cpu", **kw) as ld:
-        for e in range(epochs):
-            ld.set_epoch(e)
-            out.append([{k: v.clone() for k, v in b.items()} for b in ld])
-    return out
+        return [kept_epoch(ld, e) for e in range(epochs)]
 
 
 def _same(a, b):
