@@ -284,16 +284,32 @@ class _FallbackIterator(EpochIterator):
         self._fill_spec = _FillSpec(self._specs, self._files, self._task_bytes, self._verifier,
                                self._stop)
         self._inline = loader.inline_reads
+        #: A fused stack (``stack_layout="columns"`` without a transform, CPU device, batches
+        #: in file order): each stacked field is read straight into its column of the slab.
+        pipe = loader.options.pipeline
+        self._fuse = (pipe is not None and pipe.fusable and not self._cuda
+                      and not plan.spec.windowed)
+        self._stack = pipe.stack if self._fuse else ()
+        self._stack_torch = pipe.dtype if self._fuse else None
+        self._stack_np = numpy_dtype(torch, pipe.dtype) if self._fuse else None
+        self._stack_itemsize = (torch.empty(0, dtype=pipe.dtype).element_size()
+                                if self._fuse else 0)
         self._pool = None if self._inline else cf.ThreadPoolExecutor(
             loader.options.num_threads, thread_name_prefix="gds-stream-fallback",
             # workers wait on copy events: bind the device first (CUDA only)
             initializer=self._ops.bind if self._cuda else None)
 
     # -- reads --------------------------------------------------------------------------------
+    def _stacked_by_read(self, batch: BatchPlan) -> bool:
+        return self._fuse and batch.perm_key is None
+
     def _submit(self, batch: BatchPlan) -> _Pending:
         n = batch.num_points
+        fused = self._stacked_by_read(batch)
         layout = SlabLayout.build(self._specs, n, batch.perm_key is not None,
-                                  None if batch.scan_sizes is None else len(batch.scan_sizes))
+                                  None if batch.scan_sizes is None else len(batch.scan_sizes),
+                                  self._stack if fused else (), self._stack_np,
+                                  self._stack_itemsize)
         if self._inline:
             # Reads run in next(), and so does taking their buffer: the buffer of the batch the
             # loop dropped last comes back warm from the pool (taken here, prefetch batches
@@ -381,7 +397,7 @@ class _FallbackIterator(EpochIterator):
                 return unpack_slab(torch, slab, self._specs, p.layout, p.batch, out,
                                    self._unit_key)
         return unpack_slab(torch, slab, self._specs, p.layout, p.batch,
-                           unit_key=self._unit_key)
+                           unit_key=self._unit_key, stack_dtype=self._stack_torch)
 
     def _on_loader_stream(self, make: Any) -> dict:
         """CUDA: the batch pipeline (unpack, gather, transform, stack) queued on the copy
@@ -428,18 +444,45 @@ def gathered_bytes(specs, batch: BatchPlan) -> int:
     return sum(-(-batch.num_points * s.point_bytes // SLAB_ALIGN) * SLAB_ALIGN for s in specs)
 
 
+def numpy_dtype(torch: Any, dtype: Any) -> np.dtype | None:
+    """The numpy dtype of a torch dtype (None where numpy has none, e.g. bfloat16)."""
+    try:
+        return torch.empty(0, dtype=dtype).numpy().dtype
+    except (TypeError, RuntimeError):
+        return None
+
+
 def unpack_slab(torch: Any, slab: Any, specs, layout: SlabLayout, batch: BatchPlan,
-                gathered: Any = None, unit_key: str | None = None) -> dict:
+                gathered: Any = None, unit_key: str | None = None,
+                stack_dtype: Any = None) -> dict:
     """Views of one uint8 slab as the batch dict; with a permutation, one gather per field
     (done on integer views of the same width, so every dtype is moved bit for bit), into
-    ``gathered`` (a uint8 tensor of :func:`gathered_bytes`) when given, else new tensors."""
+    ``gathered`` (a uint8 tensor of :func:`gathered_bytes`) when given, else new tensors.
+    A fused read's stacked tensors (``layout.stacks``, of ``stack_dtype``) are column-major
+    views of the slab; the fields not read straight into their columns are cast into them
+    here, and no stacked field is handed out on its own."""
     n = batch.num_points
     perm = None
     if batch.perm_key is not None:
         perm = slab[layout.perm_offset:layout.perm_offset + 4 * n].view(torch.int32)
     out = {}
+    if layout.stacks:
+        stacked = {i for r in layout.stacks for i in r.fields}
+        for r in layout.stacks:
+            cols = slab[r.offset:r.offset + r.width * r.col_bytes].view(stack_dtype)
+            cols = cols.view(r.width, n)
+            for i, j in r.copies:
+                spec, off = specs[i], layout.field_offsets[i]
+                raw = slab[off:off + n * spec.point_bytes].view(torch_dtype(torch, spec.dtype))
+                k = spec.components
+                cols[j:j + k].copy_(raw.view(1, n) if k == 1 else raw.view(n, k).t())
+            out[r.key] = cols.t()
+        specs_offs = [(s, o) for i, (s, o) in enumerate(zip(specs, layout.field_offsets))
+                      if i not in stacked]
+    else:
+        specs_offs = list(zip(specs, layout.field_offsets))
     pos = 0
-    for spec, off in zip(specs, layout.field_offsets):
+    for spec, off in specs_offs:
         region = slab[off:off + n * spec.point_bytes]
         if perm is None:
             t = region.view(torch_dtype(torch, spec.dtype))

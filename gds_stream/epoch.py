@@ -183,13 +183,18 @@ class EpochIterator(Closeable):
             self._raise_later_failures()
             self._fill()  # start the next reads before the consumer computes on this batch
             if self._pipe is not None and not self._cuda:
-                out = self._apply(step, out)
+                out = self._apply(step, out, self._stacked_by_read(batch))
         self._made += 1
         return out
 
-    def _apply(self, step: int, out: dict) -> dict:
+    def _apply(self, step: int, out: dict, stacked: bool = False) -> dict:
         assert self._pipe is not None
-        return self._pipe.apply(out, self._seed, self.plan.epoch, self._rank, step)
+        return self._pipe.apply(out, self._seed, self.plan.epoch, self._rank, step, stacked)
+
+    def _stacked_by_read(self, batch: BatchPlan) -> bool:
+        """Whether the backend's read of ``batch`` built the ``stack=`` tensors itself (a fused
+        read; see :attr:`gds_stream.pipeline.Pipeline.fusable`)."""
+        return False
 
     def _produce_windowed(self, step: int) -> dict:
         """A batch of a windowed epoch: gathered from the resident window, whose successor is

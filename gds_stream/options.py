@@ -39,7 +39,7 @@ CORE_OPTIONS: dict[str, Any] = {
     "shuffle": False, "seed": 0, "drop_last": False, "prefetch": None, "num_threads": None,
     "rank": None, "world_size": None, "verify_reads": False,
     "batch_chunks": None, "max_batch_points": None, "shuffle_window": None,
-    "transform": None, "stack": None, "dtype": None, "output": "torch",
+    "transform": None, "stack": None, "dtype": None, "stack_layout": "rows", "output": "torch",
 }
 #: Names other libraries use, and the option meant (DataLoader's ``batch_size`` counts samples:
 #: here a batch is counted in points).
@@ -291,7 +291,7 @@ def resolve_options(ds: Dataset, options: Mapping[str, Any]) -> LoaderOptions:
     if world_size < 1 or not 0 <= rank < world_size:
         raise LoaderError(f"rank={rank} and world_size={world_size}: need 0 <= rank < world_size")
     pipeline = make_pipeline(str(ds.path), tuple(ds.schema), fields, o["transform"],
-                             o["stack"], o["dtype"])
+                             o["stack"], o["dtype"], o["stack_layout"])
     return LoaderOptions(
         pipeline=pipeline, batch_points=o["batch_points"], batch_scans=o["batch_scans"],
         batch_chunks=o["batch_chunks"], max_batch_points=mbp, shuffle_window=window,

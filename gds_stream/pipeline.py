@@ -13,6 +13,13 @@ Per yielded batch, in this order: gather/unpack (the backend) → ``transform`` 
   column by column into one ``(n, columns)`` tensor under the new key; the stacked source
   tensors are dropped from the batch. A stack key may not shadow a field of the dataset or a
   batch key (``offset``, ``chunk``).
+* ``stack_layout="rows"`` (default): the stacked tensor is row-major (``is_contiguous()``), each
+  point's values side by side — an interleave, one pass over the batch in which every value
+  moves on its own. ``"columns"``: the same ``(n, columns)`` values, column-major (``t.t()`` is
+  contiguous); torch's ops (``nn.Linear``, indexing, ``cat``) take it as it is, and a backend
+  can read a field straight into its column: the fallback on a CPU device does, for batches in
+  file order without a ``transform`` (a field of another dtype is read beside and cast into its
+  column), so the stack costs no pass over the batch.
 
 Where it runs: on a CPU device in the loader's pipeline thread, never in the consumer's
 ``next()`` (except when the loader reads inline on the consumer's thread, see
@@ -29,6 +36,8 @@ from .errors import LoaderError
 
 #: Keys the loader itself adds to batches (a stack key may not take them).
 BATCH_KEYS = ("offset", "chunk")
+#: The layouts of a stacked tensor (``stack_layout=``).
+STACK_LAYOUTS = ("rows", "columns")
 
 _M64 = (1 << 64) - 1
 
@@ -59,13 +68,23 @@ class Pipeline:
     stack: tuple[tuple[str, tuple[str, ...]], ...]
     dtype: Any
     where: str  # the dataset, for messages
+    layout: str = "rows"  # of the stacked tensors: "rows" (row-major) or "columns"
 
-    def apply(self, batch: dict, seed: int, epoch: int, rank: int, step: int) -> dict:
+    def apply(self, batch: dict, seed: int, epoch: int, rank: int, step: int,
+              stacked: bool = False) -> dict:
+        """The pipeline on one batch; ``stacked``: the backend already built the stacked
+        tensors (a fused read, see :attr:`fusable`), so only the transform (none then) runs."""
         if self.transform is not None:
             batch = self._transform(batch, seed, epoch, rank, step)
-        if self.stack:
+        if self.stack and not stacked:
             batch = self._stack(batch, epoch, step)
         return batch
+
+    @property
+    def fusable(self) -> bool:
+        """Whether a backend may build the stacked tensors as it reads: column-major stacks of
+        the fields as loaded (no transform between the read and the stack)."""
+        return bool(self.stack) and self.transform is None and self.layout == "columns"
 
     def _transform(self, batch: dict, seed: int, epoch: int, rank: int, step: int) -> dict:
         import torch
@@ -108,13 +127,22 @@ class Pipeline:
                 n = int(t.shape[0])
                 cols.append(t)
             width = sum(1 if t.dim() == 1 else int(t.shape[1]) for t in cols)
-            dst = torch.empty((n or 0, width), dtype=self.dtype, device=cols[0].device)
-            j = 0
-            for t in cols:
-                k = 1 if t.dim() == 1 else int(t.shape[1])
-                dst[:, j:j + k].copy_(t.view(-1, 1) if t.dim() == 1 else t)
-                j += k
-            out[key] = dst
+            if self.layout == "columns":  # (width, n) filled row by row, handed out transposed
+                dst = torch.empty((width, n or 0), dtype=self.dtype, device=cols[0].device)
+                j = 0
+                for t in cols:
+                    k = 1 if t.dim() == 1 else int(t.shape[1])
+                    dst[j:j + k].copy_(t.view(1, -1) if t.dim() == 1 else t.t())
+                    j += k
+                out[key] = dst.t()
+            else:
+                dst = torch.empty((n or 0, width), dtype=self.dtype, device=cols[0].device)
+                j = 0
+                for t in cols:
+                    k = 1 if t.dim() == 1 else int(t.shape[1])
+                    dst[:, j:j + k].copy_(t.view(-1, 1) if t.dim() == 1 else t)
+                    j += k
+                out[key] = dst
             drop.update(names)
         for name in drop:
             out.pop(name, None)
@@ -122,9 +150,12 @@ class Pipeline:
 
 
 def make_pipeline(where: str, schema: Sequence[str], fields: Sequence[str], transform: Any,
-                  stack: Any, dtype: Any) -> Pipeline | None:
-    """Check ``transform=``, ``stack=`` and ``dtype=`` (a :class:`LoaderError` naming the
-    problem); None when there is nothing to do."""
+                  stack: Any, dtype: Any, stack_layout: Any = "rows") -> Pipeline | None:
+    """Check ``transform=``, ``stack=``, ``dtype=`` and ``stack_layout=`` (a
+    :class:`LoaderError` naming the problem); None when there is nothing to do."""
+    if stack_layout not in STACK_LAYOUTS:
+        raise LoaderError(f"stack_layout= must be one of {', '.join(map(repr, STACK_LAYOUTS))}, "
+                          f"got {stack_layout!r}")
     if transform is not None and not callable(transform):
         raise LoaderError(f"transform= must be a callable transform(batch, generator) -> batch, "
                           f"got {transform!r} ({type(transform).__name__})")
@@ -132,6 +163,9 @@ def make_pipeline(where: str, schema: Sequence[str], fields: Sequence[str], tran
         if dtype is not None:
             raise LoaderError("dtype= is the dtype of the stack= tensors; give stack= too "
                               "(e.g. stack={'feat': ['x', 'y', 'z']}, dtype=torch.float32)")
+        if stack_layout != "rows":
+            raise LoaderError(f"stack_layout={stack_layout!r} is the layout of the stack= "
+                              f"tensors; give stack= too (e.g. stack={{'feat': ['x', 'y', 'z']}})")
         return None if transform is None else Pipeline(transform, (), None, where)
     if not isinstance(stack, Mapping) or not stack:
         raise LoaderError(f"stack= must be a non-empty dict of new key -> list of field names, "
@@ -165,4 +199,4 @@ def make_pipeline(where: str, schema: Sequence[str], fields: Sequence[str], tran
         dtype = torch.float32
     elif not isinstance(dtype, torch.dtype):
         raise LoaderError(f"dtype= must be a torch.dtype (e.g. torch.float32), got {dtype!r}")
-    return Pipeline(transform, tuple(items), dtype, where)
+    return Pipeline(transform, tuple(items), dtype, where, stack_layout)

@@ -21,30 +21,81 @@ GATHER_INT: dict[int, type[np.integer]] = {1: np.int8, 2: np.int16, 4: np.int32,
 
 
 @dataclass(frozen=True)
+class StackRegion:
+    """One ``stack=`` tensor built in the slab (a fused read): ``width`` columns of the stack's
+    dtype back to back, column ``j`` at ``offset + j * col_bytes``; the fields read straight into their
+    column have no region of their own, ``copies`` lists the others as (field index, first
+    column), read into their own region and cast into their columns after the read."""
+
+    key: str
+    offset: int
+    width: int
+    col_bytes: int
+    copies: tuple[tuple[int, int], ...]
+    fields: tuple[int, ...]  # every field stacked into it, in column order
+
+
+@dataclass(frozen=True)
 class SlabLayout:
     """Where each region of one batch lives inside its contiguous slab (host and device alike):
-    one region per field, then the int32 permutation (if any), then the int64 offsets and unit
-    ids (unit modes)."""
+    one region per field, then the column-major ``stack=`` tensors of a fused read (if any),
+    then the int32 permutation (if any), then the int64 offsets and unit ids (unit modes).
+    A field read straight into a stack column has that column as its region."""
 
     field_offsets: tuple[int, ...]
     perm_offset: int
     offsets_offset: int
     nbytes: int
+    stacks: tuple[StackRegion, ...] = ()
 
     @staticmethod
     def build(specs: Sequence[FieldSpec], num_points: int, has_perm: bool,
-              num_scans: int | None) -> "SlabLayout":
-        pos, offs = 0, []
-        for s in specs:
-            offs.append(pos)
-            pos += _round(num_points * s.point_bytes)
+              num_scans: int | None, stack: Sequence[tuple[str, Sequence[str]]] = (),
+              stack_dtype: np.dtype | None = None, stack_itemsize: int = 0) -> "SlabLayout":
+        """``stack``/``stack_dtype``/``stack_itemsize``: lay out the stacked tensors of a fused
+        read too (``stack_dtype`` None: no field is read straight into a column, every one is
+        cast into it)."""
+        n = num_points
+        index = {s.name: i for i, s in enumerate(specs)}
+        uses: dict[str, int] = {}
+        for _, names in stack:
+            for name in names:
+                uses[name] = uses.get(name, 0) + 1
+        direct: dict[int, tuple[int, int]] = {}  # field -> (stack, column) it is read into
+        for k, (_, names) in enumerate(stack):
+            j = 0
+            for name in names:
+                s = specs[index[name]]
+                if (s.components == 1 and stack_dtype is not None and s.dtype == stack_dtype
+                        and uses[name] == 1):
+                    direct[index[name]] = (k, j)
+                j += s.components
+        pos, offs = 0, [0] * len(specs)
+        for i, s in enumerate(specs):
+            if i not in direct:
+                offs[i] = pos
+                pos += _round(n * s.point_bytes)
+        regions = []
+        col = n * stack_itemsize  # columns back to back: the (n, width) view's .t() is dense
+        for k, (key, names) in enumerate(stack):
+            j, copies = 0, []
+            for name in names:
+                i = index[name]
+                if direct.get(i) == (k, j):
+                    offs[i] = pos + j * col
+                else:
+                    copies.append((i, j))
+                j += specs[i].components
+            regions.append(StackRegion(key, pos, j, col, tuple(copies),
+                                       tuple(index[name] for name in names)))
+            pos += _round(j * col)
         perm = pos
         if has_perm:
             pos += _round(num_points * 4)
         oo = pos
         if num_scans is not None:  # the units' cumulative ends, then their ids
             pos += _round(num_scans * 16)
-        return SlabLayout(tuple(offs), perm, oo, max(pos, SLAB_ALIGN))
+        return SlabLayout(tuple(offs), perm, oo, max(pos, SLAB_ALIGN), tuple(regions))
 
 
 def int_rows(torch: Any, t: Any) -> Any:
