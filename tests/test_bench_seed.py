@@ -18,7 +18,8 @@ from bench.backbone import FIELDS  # noqa: E402
 
 
 # -- the seed project's workload (--layout seed) -------------------------------------------------
-SEED_LOADERS = ("seed-pipeline", "fallback-stack", "fallback-loopstack", "compute-only")
+SEED_LOADERS = ("seed-pipeline", "fallback-stack", "fallback-stack-cols", "fallback-loopstack",
+                "compute-only")
 
 
 @pytest.fixture(scope="module", params=["warm", "cold"])
@@ -52,8 +53,12 @@ def test_seed_layout_runs_the_seed_pipeline_beside_stack_and_reports_paired_rati
     assert ratio["end_to_end"]["median"] > 0 and len(ratio["loader_only"]["pairs"]) >= 1
     assert "fallback-stack vs seed-pipeline end-to-end: paired median" in out
     assert "fallback-stack vs seed-pipeline loader-only: paired median" in out
-    goal = doc["goals"][0]
-    assert goal["goal"] == f"fallback with stack= end-to-end ≥ 1.00× the seed pipeline ({cache})"
+    assert rows["fallback-stack-cols"]["config"]["stack_layout"] == "columns"
+    assert "fallback-stack-cols vs seed-pipeline end-to-end: paired median" in out
+    goals = [g["goal"] for g in doc["goals"]]
+    assert goals == [f"fallback with stack= end-to-end ≥ 1.00× the seed pipeline ({cache})",
+                     f'fallback with stack=, stack_layout="columns" end-to-end ≥ 1.00× the '
+                     f'seed pipeline ({cache})']
     if cache == "cold":
         assert doc["page_cache"]["drop_method"] == "posix_fadvise(DONTNEED)"
         assert doc["environment"]["dataset"]["seed_file"] and doc["page_cache"]["worked"] in (
