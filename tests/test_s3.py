@@ -507,3 +507,14 @@ def test_object_store_reads_split_at_the_remote_task_size(local, remote, monkeyp
     got = _epochs(remote, fields=["x", "pid"], batch_points=200_000)
     _same(got, want)
     assert sizes and max(sizes) == 64 << 10
+
+
+def test_a_column_stack_is_read_straight_into_its_columns_from_s3_too(local, remote):
+    import torch
+
+    kw = dict(batch_points=50_000, fields=["pid", "x", "y", "label"], dtype=torch.float64,
+              stack={"feat": ["x", "y", "label"]})  # y read into its column, x/label cast
+    want = _epochs(local.path, **kw)
+    got = _epochs(remote, stack_layout="columns", **kw)
+    _same(got, want)
+    assert got[0][0]["feat"].shape == (50_000, 3)

@@ -42,6 +42,9 @@ CONFIGS = [
     dict(batch_points=4_000),  # file order: the fused read (inline reads)
     dict(batch_points=4_000, num_threads=2),  # the fused read in reader threads
     dict(batch_scans=2),  # scans: offsets beside the stack
+    dict(batch_scans=1, verify_reads=True),  # a scan of 0 points is a batch of 0
+    dict(batch_points=7_000, fields=["x", "inst", "z", "cls", "label", "rgb", "y", "pid"],
+         num_threads=1),  # the fields in another order than stored
     dict(batch_points=4_000, shuffle=True, seed=3, shuffle_window=0),  # within-batch gather
     dict(batch_points=5_000, shuffle=True, seed=3),  # shuffle windows
 ]
