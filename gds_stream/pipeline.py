@@ -153,6 +153,8 @@ def make_pipeline(where: str, schema: Sequence[str], fields: Sequence[str], tran
                   stack: Any, dtype: Any, stack_layout: Any = "rows") -> Pipeline | None:
     """Check ``transform=``, ``stack=``, ``dtype=`` and ``stack_layout=`` (a
     :class:`LoaderError` naming the problem); None when there is nothing to do."""
+    if stack_layout is None:  # None: the default, as for every option
+        stack_layout = "rows"
     if stack_layout not in STACK_LAYOUTS:
         raise LoaderError(f"stack_layout= must be one of {', '.join(map(repr, STACK_LAYOUTS))}, "
                           f"got {stack_layout!r}")

@@ -155,6 +155,16 @@ def test_stack_layout_errors(ds, opts, match):
         open_loader(ds, backend="fallback", device="cpu", batch_points=100, **opts)
 
 
+def test_stack_layout_none_is_the_default(ds):
+    with open_loader(ds, backend="fallback", device="cpu", batch_points=5_000,
+                     stack={"f": ["x", "y"]}, stack_layout=None) as ld:
+        assert ld.options.pipeline.layout == "rows"
+        assert next(iter(ld))["f"].is_contiguous()
+    with open_loader(ds, backend="fallback", device="cpu", batch_points=5_000,
+                     stack_layout=None) as ld:
+        assert ld.options.pipeline is None
+
+
 def test_simulated_gds_stacks_columns_on_its_stream(tmp_path, simulated_gpu):
     """On CUDA the stack runs on the loader's stream (no fused read): the same values,
     column-major."""
