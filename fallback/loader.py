@@ -26,8 +26,10 @@ it; nothing here synchronises the device or a stream — the only waits are on t
 copy events.
 
 Host memory (CPU device): ``prefetch`` slabs in flight (a slab is the batch's fields, each
-rounded to 4 KiB, plus 4 bytes a point of permutation when shuffling), plus, when shuffling, the
-gathered batch being handed out; slabs and gathered batches live in anonymous mappings returned
+rounded to 4 KiB, plus 4 bytes a point of permutation when shuffling; with a fused column stack
+the stacked tensor, its fields of the stack's dtype read into their columns, the others read
+beside theirs and cast into them, see :class:`gds_stream.slab.StackRegion`), plus, when
+shuffling, the gathered batch being handed out; slabs and gathered batches live in anonymous mappings returned
 to the OS as soon as their last view is collected (:mod:`fallback.hostmem`).
 """
 

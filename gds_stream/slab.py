@@ -23,9 +23,9 @@ GATHER_INT: dict[int, type[np.integer]] = {1: np.int8, 2: np.int16, 4: np.int32,
 @dataclass(frozen=True)
 class StackRegion:
     """One ``stack=`` tensor built in the slab (a fused read): ``width`` columns of the stack's
-    dtype back to back, column ``j`` at ``offset + j * col_bytes``; the fields read straight into their
-    column have no region of their own, ``copies`` lists the others as (field index, first
-    column), read into their own region and cast into their columns after the read."""
+    dtype back to back, column ``j`` at ``offset + j * col_bytes``; the fields read straight
+    into their column have no region of their own, ``copies`` lists the others as (field index,
+    first column), read into their own region and cast into their columns after the read."""
 
     key: str
     offset: int
