@@ -29,8 +29,8 @@ Host memory (CPU device): ``prefetch`` slabs in flight (a slab is the batch's fi
 rounded to 4 KiB, plus 4 bytes a point of permutation when shuffling; with a fused column stack
 the stacked tensor, its fields of the stack's dtype read into their columns, the others read
 beside theirs and cast into them, see :class:`gds_stream.slab.StackRegion`), plus, when
-shuffling, the gathered batch being handed out; slabs and gathered batches live in anonymous mappings returned
-to the OS as soon as their last view is collected (:mod:`fallback.hostmem`).
+shuffling, the gathered batch being handed out; slabs and gathered batches live in anonymous
+mappings returned to the OS as soon as their last view is collected (:mod:`fallback.hostmem`).
 """
 
 from __future__ import annotations
