@@ -297,6 +297,16 @@ def solo_preset_ms(dev: Device, points: int, seed: int) -> tuple[float, dict[str
     """The whole preset on one resident batch of ``points`` points in 16 chunks: median ms of 5
     runs (after one warm-up), and each transform's median ms (timed one by one in the same
     runs, the device synchronised around each)."""
+    times, each = solo_preset_runs(dev, points, seed, 5)
+    return (statistics.median(times) * 1e3,
+            {n: statistics.median(v) * 1e3 for n, v in each.items()})
+
+
+def solo_preset_runs(dev: Device, points: int, seed: int,
+                     runs: int) -> tuple[list[float], dict[str, list[float]]]:
+    """The seconds of ``runs`` runs of the preset (after one warm-up) on one resident batch of
+    ``points`` points in 16 chunks (50 m squares of uniform x, y; z in [0, 20) m), and of each
+    transform in them (the device synchronised around each)."""
     g = torch.Generator().manual_seed(seed)
     side = CHUNK_SIZE_M
     b = {"x": torch.rand(points, generator=g) * side * 4, "y": torch.rand(points, generator=g)
@@ -313,7 +323,7 @@ def solo_preset_ms(dev: Device, points: int, seed: int) -> tuple[float, dict[str
              for i, n in enumerate(names)]
     gen = torch.Generator(device=dev.device)
     times, each = [], {n: [] for n in names}
-    for i in range(6):
+    for i in range(runs + 1):
         gen.manual_seed(i)
         x, total = b, 0.0
         for name, step in zip(names, t.transforms):
@@ -327,8 +337,7 @@ def solo_preset_ms(dev: Device, points: int, seed: int) -> tuple[float, dict[str
                 each[name].append(dt)
         if i:
             times.append(total)
-    return (statistics.median(times) * 1e3,
-            {n: statistics.median(v) * 1e3 for n, v in each.items()})
+    return times, each
 
 
 def run(args) -> int:
@@ -470,3 +479,46 @@ def render(doc: dict) -> str:
     lines.append(f"budget {b['seconds']:.0f} s, {b['used_s']:.0f} s used"
                  + (f"; cut: {cut}" if cut else ", nothing cut"))
     return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """``python -m bench.transform_bench --preset-only``: the semseg preset alone on one resident
+    batch (the bench's 1 M points in 16 chunks), the whole preset and each transform: the median
+    and the best of ``--runs`` runs after a warm-up. Seconds, no dataset, no loaders: a quick
+    check of the transforms' own speed on a shared machine."""
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m bench.transform_bench", description=main.__doc__)
+    p.add_argument("--preset-only", action="store_true", required=True,
+                   help="time the preset alone on a resident batch (the only mode)")
+    p.add_argument("--points", type=int, default=SOLO_POINTS)
+    p.add_argument("--runs", type=int, default=7)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path)
+    a = p.parse_args(argv)
+    if a.points < 16 or a.runs < 1:
+        print("error: --points must be >= 16 and --runs >= 1", file=sys.stderr)
+        return 2
+    dev = Device(a.device)
+    doc = {"points": a.points, "runs": a.runs, "device": str(dev.device),
+           "threads": torch.get_num_threads(), "load_average": list(os.getloadavg())}
+    times, each = solo_preset_runs(dev, a.points, a.seed, a.runs)
+
+    def stats(v):
+        return {"median": statistics.median(v) * 1e3, "min": min(v) * 1e3}
+    doc.update(preset_ms=stats(times), transform_ms={k: stats(v) for k, v in each.items()})
+    med, best = doc["preset_ms"]["median"], doc["preset_ms"]["min"]
+    print(f"the semseg preset alone on one resident batch of {a.points:,} points (16 chunks), "
+          f"device {dev.device}, {doc['threads']} intra-op threads, load average "
+          f"{' '.join(f'{x:.2f}' for x in doc['load_average'])}: median / best of {a.runs} (ms)")
+    print(f"  {'preset':<20} {med:8.1f} {best:8.1f}")
+    for k, v in doc["transform_ms"].items():
+        print(f"  {k:<20} {v['median']:8.1f} {v['min']:8.1f}")
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(doc, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -65,36 +65,56 @@ def get_coord(batch: Batch, names: tuple[str, ...], who: str) -> torch.Tensor:
     dt = torch.float64 if torch.float64 in dts else torch.float32
     if len(cols) == 1:
         return xyz.to(dt)
-    if all(d == dt for d in dts) and _columns_of_one(cols):
-        return cols[0].as_strided((cols[0].shape[0], 3), (3, 1), cols[0].storage_offset())
-    return torch.stack([c.to(dt) for c in cols], 1)
+    if all(d == dt for d in dts):
+        view = _one_tensor(cols)
+        if view is not None:
+            return view
+    # planar: the three fields as the rows of one (3, n) tensor, seen as (n, 3)
+    return torch.stack([c.to(dt) for c in cols], 0).t()
 
 
-def _columns_of_one(cols: list[torch.Tensor]) -> bool:
-    """Whether the three 1-D ``cols`` are the columns of one row-major (n, 3) tensor, as
-    :func:`set_coord` writes them: then that tensor is used as it is, no stack."""
+def _one_tensor(cols: list[torch.Tensor]) -> torch.Tensor | None:
+    """The (n, 3) tensor whose columns the three 1-D ``cols`` are, as :func:`set_coord` writes
+    them — planar (the rows of one (3, n) tensor, strides (1, n)) or row-major (strides (3, 1))
+    — used as it is, no stack; ``None`` when they are separate tensors."""
     c0 = cols[0]
-    if c0.shape[0] < 2:
-        return False
+    n = c0.shape[0]
+    if n < 2:
+        return None
     try:
         ptr = c0.untyped_storage().data_ptr()
-        return all(c.stride() == (3,) and c.device == c0.device
-                   and c.untyped_storage().data_ptr() == ptr
-                   and c.storage_offset() == c0.storage_offset() + i
-                   for i, c in enumerate(cols))
+        if not all(c.device == c0.device and c.untyped_storage().data_ptr() == ptr
+                   for c in cols):
+            return None
+        o = c0.storage_offset()
+        for step, stride in ((n, (1,)), (1, (3,))):
+            if all(c.stride() == stride and c.storage_offset() == o + i * step
+                   for i, c in enumerate(cols)):
+                return c0.as_strided((n, 3), (1, n) if step == n else (3, 1), o)
     except (RuntimeError, NotImplementedError):           # tensors without a plain storage
-        return False
+        pass
+    return None
+
+
+def planar(xyz: torch.Tensor) -> bool:
+    """Whether the (n, 3) ``xyz`` is laid out planar: its columns contiguous (the rows of a
+    (3, n) tensor), the layout :func:`get_coord` makes of three fields."""
+    return xyz.dim() == 2 and xyz.shape[1] == 3 and xyz.stride() == (1, xyz.shape[0])
 
 
 def set_coord(batch: Batch, names: tuple[str, ...], xyz: torch.Tensor) -> Batch:
     """A new batch whose coordinate fields are ``xyz``, each in its own stored dtype. Three
-    fields of ``xyz``'s dtype are the columns of one row-major (n, 3) tensor (strided views, no
-    copies), which the next transform's :func:`get_coord` takes as it is."""
+    fields of ``xyz``'s dtype are views of it, no copies: the rows of its (3, n) tensor when it
+    is planar (each field contiguous), else the columns of one row-major (n, 3) tensor; the next
+    transform's :func:`get_coord` takes that tensor as it is."""
     out = dict(batch)
     if len(names) == 1:
         out[names[0]] = xyz.to(batch[names[0]].dtype)
     elif all(batch[n].dtype == xyz.dtype for n in names):
-        rows = xyz if xyz.stride() == (3, 1) else xyz.contiguous()
+        if planar(xyz) or xyz.stride() == (3, 1):
+            rows = xyz
+        else:
+            rows = xyz.t().contiguous().t()
         for i, n in enumerate(names):
             out[n] = rows[:, i]
     else:
@@ -125,11 +145,26 @@ class Units:
         self.device = device
         self.starts = torch.cumsum(self.counts, 0) - self.counts
         self._ids: torch.Tensor | None = None
+        self._counts_np: np.ndarray | None = None
 
-    def expand(self, per_unit: torch.Tensor) -> torch.Tensor:
-        """``per_unit`` (U, ...) repeated for every point of its unit: (n, ...); a gather by the
-        (cached) unit ids, one pass, where ``repeat_interleave`` would rebuild them each time."""
+    def expand(self, per_unit: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+        """``per_unit`` (U, ...) repeated for every point of its unit: (n, ...), laid out planar
+        (see :func:`planar`) when ``like`` is. On a CPU numpy's ``repeat`` (units are contiguous
+        ranges: block fills, ~5x a gather); elsewhere a gather by the (cached) unit ids."""
+        if per_unit.device.type == "cpu":
+            counts = self._np_counts()
+            if like is not None and planar(like) and per_unit.dim() == 2:
+                rows = per_unit.t().contiguous().numpy()
+                return torch.from_numpy(np.repeat(rows, counts, axis=1)).t()
+            return torch.from_numpy(np.repeat(per_unit.contiguous().numpy(), counts, axis=0))
+        if like is not None and planar(like) and per_unit.dim() == 2:
+            return per_unit.t().index_select(1, self.ids).t()
         return per_unit.index_select(0, self.ids)
+
+    def _np_counts(self) -> np.ndarray:
+        if self._counts_np is None:
+            self._counts_np = self.counts.numpy()
+        return self._counts_np
 
     @property
     def ids(self) -> torch.Tensor:
@@ -151,17 +186,20 @@ def segment_reduce(values: torch.Tensor, ids: torch.Tensor, num: int, op: str) -
 def segment_bbox(xyz: torch.Tensor, units: Units) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-unit (min, max) of the (n, 3) float coordinates, each (U, 3); 0 for empty units.
     Units are contiguous ranges, so this is a segmented reduction (no scatter): on a CPU numpy's
-    ``reduceat`` (vectorised; ~4x torch's segment_reduce there), elsewhere torch's."""
+    ``reduceat`` along each contiguous axis (vectorised; ~4x torch's segment_reduce there),
+    elsewhere torch's."""
     nonempty = (units.counts > 0)[:, None]
     zero = torch.zeros((), dtype=xyz.dtype, device=xyz.device)
     if xyz.device.type == "cpu" and units.n > 0:
-        x = xyz.detach().contiguous().numpy()
+        flat = planar(xyz)
+        x = (xyz.t() if flat else xyz).detach().contiguous().numpy()
         full = torch.nonzero(units.counts).flatten()          # strictly increasing starts < n
         starts = units.starts[full].numpy()
         out = []
         for op in (np.minimum, np.maximum):
             r = xyz.new_zeros((units.num, xyz.shape[1]))
-            r[full] = torch.from_numpy(op.reduceat(x, starts, 0))
+            red = op.reduceat(x, starts, 1 if flat else 0)
+            r[full] = torch.from_numpy(red.T if flat else red)
             out.append(r)
         return tuple(out)
     return tuple(torch.where(nonempty, torch.segment_reduce(xyz, op, lengths=units.counts,
