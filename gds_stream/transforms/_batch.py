@@ -156,7 +156,7 @@ class Units:
             if like is not None and planar(like) and per_unit.dim() == 2:
                 rows = per_unit.t().contiguous().numpy()
                 return torch.from_numpy(np.repeat(rows, counts, axis=1)).t()
-            return torch.from_numpy(np.repeat(per_unit.contiguous().numpy(), counts, axis=0))
+            return repeat_units(per_unit, counts, self.n)
         if like is not None and planar(like) and per_unit.dim() == 2:
             return per_unit.t().index_select(1, self.ids).t()
         return per_unit.index_select(0, self.ids)
@@ -173,6 +173,15 @@ class Units:
             self._ids = torch.repeat_interleave(
                 torch.arange(self.num, device=self.device), self.counts, output_size=self.n)
         return self._ids
+
+
+def repeat_units(per_unit: torch.Tensor, counts, n: int) -> torch.Tensor:
+    """``per_unit`` (U, ...) with row u repeated ``counts[u]`` times (a tensor, or a numpy
+    array on a CPU): (n, ...). On a CPU numpy's ``repeat`` (block fills); elsewhere torch's."""
+    if per_unit.device.type == "cpu":
+        c = counts if isinstance(counts, np.ndarray) else counts.numpy()
+        return torch.from_numpy(np.repeat(per_unit.contiguous().numpy(), c, axis=0))
+    return torch.repeat_interleave(per_unit, counts, dim=0, output_size=n)
 
 
 def segment_reduce(values: torch.Tensor, ids: torch.Tensor, num: int, op: str) -> torch.Tensor:
