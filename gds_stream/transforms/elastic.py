@@ -19,6 +19,7 @@ from __future__ import annotations
 import threading
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from ..errors import LoaderError
@@ -78,10 +79,12 @@ class ElasticDistortion(Transform):
         padded = u * dmax[0] * dmax[1] * dmax[2]
         if padded <= 2 * total + DENSE_SLACK:    # units of similar extent (chunks): one block
             noise = _dense_noise(dims, dmax, generator, dev)
+            if u * dmax[0] <= IMAGE_ROWS:
+                return _distort_image(xyz, units, apply, lo, noise, granularity, magnitude)
             acc = _sample_dense(xyz, units, lo, noise, granularity, rows)
             # the 1 / 9 of the six box passes, folded into the magnitude
             if bool(apply.all()):
-                return xyz + (acc * (magnitude / 729)).to(xyz.dtype)
+                return torch.add(xyz, acc.to(xyz.dtype), alpha=magnitude / 729)
             # a skipped unit's points sample whatever lies where its grid would be (finite):
             # × 0, its coordinates stay as they are
             scale = apply.to(acc.dtype) * (magnitude / 729)
@@ -96,6 +99,65 @@ class ElasticDistortion(Transform):
             acc = acc * magnitude
         on = units.expand(apply)[:, None]                       # skipped units: unchanged
         return torch.where(on, xyz + acc.to(xyz.dtype), xyz)
+
+
+def _distort_image(xyz, units, apply, lo, noise, granularity, magnitude):
+    """``xyz`` + magnitude × the trilinear sample of the smoothed (U, D0, D1, D2, 3) ``noise``
+    block (:func:`_dense_noise`, × 9³) at each point, the block one image of U·D0 rows (see
+    :func:`_sample_dense`, whose one-image case this is), planar (n, 3) out. On a CPU in blocks
+    of ``IMAGE_BLOCK`` points: every intermediate (the grid, the samples) stays in cache and is
+    a small allocation the allocator hands back at once, where whole-batch temporaries are
+    tens of megabytes of fresh pages each time (their page faults cost as much as the
+    arithmetic). Skipped units (``apply`` false) sample whatever lies where their grid would
+    be (finite) × 0: their coordinates stay as they are."""
+    u, d0, d1, d2 = noise.shape[:4]
+    dev, n, f32 = xyz.device, units.n, torch.float32
+    sw, sh = 2 / (d1 * d2 - 1), 2 / (u * d0 - 1)           # cell index -> [-1, 1]
+    ig = 1 / granularity
+    # t = (coord − lo) / granularity + 1 (+ the unit's first row, along x) as coord × ig + b,
+    # b per unit in float64; x and z straight to the grid's [-1, 1]: t × s − 1
+    b = 1 - lo.to(torch.float64) * ig
+    b[:, 0] += torch.arange(u, device=dev) * d0
+    b[:, 0] = b[:, 0] * sh - 1
+    b[:, 2] = b[:, 2] * sw - 1
+    alpha = (ig * sh, ig, ig * sw)
+    scale = magnitude / 729                   # the 1 / 9 of the six box passes, folded in
+    per = torch.cat([b, (apply.to(torch.float64) * scale)[:, None]], 1).to(xyz.dtype)
+    all_on = bool(apply.all())
+    img = noise.view(1, u * d0, d1 * d2, 3).permute(0, 3, 1, 2)
+    out = torch.empty((3, n), dtype=xyz.dtype, device=dev)
+    src = xyz.t()                                          # (3, n): rows contiguous if planar
+    cpu = dev.type == "cpu"
+    block = IMAGE_BLOCK if cpu else max(n, 1)
+    if cpu:
+        per_np = per.t().contiguous().numpy()              # (4, U)
+        ends = (units.starts + units.counts).numpy()
+        starts = units.starts.numpy()
+    for a in range(0, n, block):
+        m = min(block, n - a)
+        if cpu:      # each unit's points in [a, a + m): a block fill per unit
+            cnt = np.clip(ends, a, a + m) - np.clip(starts, a, a + m)
+            pp = torch.from_numpy(np.repeat(per_np, cnt, axis=1))
+        else:
+            pp = per.t().index_select(1, units.ids[a:a + m])
+        c = src[:, a:a + m]
+        g = torch.empty((2, m, 2), dtype=f32, device=dev)  # row 0: slice y0, row 1: y0 + 1
+        ty = torch.add(pp[1], c[1], alpha=alpha[1]).to(f32)
+        y0 = torch.floor(ty).clamp_(0, d1 - 2)
+        wy = ty.sub_(y0)
+        torch.add(pp[0], c[0], alpha=alpha[0], out=g[0, :, 1])
+        gz = torch.add(pp[2], c[2], alpha=alpha[2]).to(f32)
+        torch.add(gz, y0, alpha=d2 * sw, out=g[0, :, 0])
+        torch.add(g[0, :, 0], d2 * sw, out=g[1, :, 0])
+        g[1, :, 1] = g[0, :, 1]
+        smp = torch.nn.functional.grid_sample(img, g.view(1, 2, m, 2), mode="bilinear",
+                                              padding_mode="zeros", align_corners=True)
+        acc = torch.lerp(smp[0, :, 0], smp[0, :, 1], wy).to(xyz.dtype)     # (3, m)
+        if all_on:
+            torch.add(c, acc, alpha=scale, out=out[:, a:a + m])
+        else:
+            torch.addcmul(c, acc, pp[3], out=out[:, a:a + m])
+    return out.t()
 
 
 def _sample_dense(xyz, units, lo, noise, granularity, rows):
@@ -116,29 +178,40 @@ def _sample_dense(xyz, units, lo, noise, granularity, rows):
     u, d0, d1, d2 = noise.shape[:4]
     dev, n, f32 = xyz.device, units.n, torch.float32
     one = u * d0 <= IMAGE_ROWS
-    start = torch.ones((u, 3), dtype=xyz.dtype, device=dev)  # t of the unit's lo: cell 1
-    if one:
-        start[:, 0] += torch.arange(u, device=dev) * d0       # the unit's rows in the image
-    e = units.expand(torch.cat([lo, start], 1))
-    t = torch.add(e[:, 3:], xyz - e[:, :3], alpha=1 / granularity).to(f32)
-    y0 = torch.floor(t[:, 1]).clamp_(0, d1 - 2)
     sw, sh = 2 / (d1 * d2 - 1), 2 / ((u if one else 1) * d0 - 1)   # cell index -> [-1, 1]
+    # t = (coord − lo) / granularity + 1 (+ the unit's first row in the one image, along x),
+    # as coord × a + b with b per unit (float64, cast to coord's dtype), column by column
+    # (contiguous when xyz is planar); the grid's columns straight away in [-1, 1]
+    ig = 1 / granularity
+    b = (1 - lo.to(torch.float64) * ig)
+    if one:
+        b[:, 0] += torch.arange(u, device=dev) * d0
+    b = b.to(xyz.dtype)
+
+    def col(a, scale, shift, out=None):         # (coord × ig + b) × scale + shift
+        per = units.expand(b[:, a] * scale + shift)
+        if out is None:
+            return torch.add(per, xyz[:, a], alpha=ig * scale).to(f32)
+        return torch.add(per, xyz[:, a], alpha=ig * scale, out=out)
     if one:     # grid (1, 2, n, 2): row 0 the y0 samples, row 1 the y0 + 1 ones
         g = torch.empty((2, n, 2), dtype=f32, device=dev)
         gw, gh = g[0, :, 0], g[0, :, 1]
     else:       # (n, 4): each point's pair, to be laid in its unit's row
         g = torch.empty((n, 4), dtype=f32, device=dev)
         gw, gh = g[:, 0], g[:, 1]
-    torch.addcmul(t[:, 2], y0, torch.tensor(float(d2), device=dev), out=gw).mul_(sw).sub_(1)
-    torch.mul(t[:, 0], sh, out=gh).sub_(1)
-    wy = t[:, 1].sub_(y0)
+    ty = col(1, 1.0, 0.0)
+    y0 = torch.floor(ty).clamp_(0, d1 - 2)
+    wy = ty.sub_(y0)
+    col(0, sh, -1.0, out=gh)
+    torch.add(col(2, sw, -1.0), y0, alpha=d2 * sw, out=gw)
     if one:
         torch.add(gw, d2 * sw, out=g[1, :, 0])
         g[1, :, 1] = gh
         img = noise.view(1, u * d0, d1 * d2, 3).permute(0, 3, 1, 2)
         out = torch.nn.functional.grid_sample(img, g.view(1, 2, n, 2), mode="bilinear",
                                               padding_mode="zeros", align_corners=True)
-        return torch.lerp(out[0, :, 0], out[0, :, 1], wy).t()            # (3, n) -> (n, 3)
+        # (3, n): planar, as xyz is (the caller adds them in that layout)
+        return torch.lerp(out[0, :, 0], out[0, :, 1], wy).t()
     torch.add(gw, d2 * sw, out=g[:, 2])
     g[:, 3] = gh
     pmax, at = rows()
@@ -156,8 +229,11 @@ def _sample_dense(xyz, units, lo, noise, granularity, rows):
 IMAGE_ROWS = 2048
 
 
-#: Points per block of the trilinear sampling on a CPU.
+#: Points per block of the trilinear sampling on a CPU (grids end to end).
 CPU_BLOCK = 1 << 14
+#: Points per block of the one-image sampling on a CPU: its temporaries stay in cache (and
+#: each op still has enough points for two intra-op threads).
+IMAGE_BLOCK = 1 << 16
 
 
 def _interp(xyz, ids, lo, dims, base, strides, noise, granularity):
