@@ -184,6 +184,32 @@ def repeat_units(per_unit: torch.Tensor, counts, n: int) -> torch.Tensor:
     return torch.repeat_interleave(per_unit, counts, dim=0, output_size=n)
 
 
+#: Points per block of a blocked per-point pass on a CPU (:func:`point_blocks`).
+BLOCK = 1 << 16
+
+
+def point_blocks(per_unit: torch.Tensor, counts: torch.Tensor, n: int, size: int = 0):
+    """The points in consecutive blocks, each with its points' per-unit values: yields
+    (a, m, pp) for the points [a, a + m), pp (k, m) the row of ``per_unit`` (U, k) of each
+    point's unit, transposed. On a CPU blocks of ``size`` (default :data:`BLOCK`) points, pp a
+    block fill per unit (numpy's ``repeat``): a pass over the batch in blocks keeps its
+    temporaries in cache, and small enough for the allocator to hand back at once — a
+    whole-batch temporary is megabytes of fresh pages each time, whose page faults cost as much
+    as the arithmetic. Elsewhere one block (``repeat_interleave``)."""
+    if per_unit.device.type != "cpu":
+        if n:
+            yield 0, n, torch.repeat_interleave(per_unit, counts, dim=0, output_size=n).t()
+        return
+    size = size or BLOCK
+    rows = per_unit.t().contiguous().numpy()
+    ends = torch.cumsum(counts, 0).numpy()
+    starts = ends - counts.numpy()
+    for a in range(0, n, size):
+        m = min(size, n - a)
+        cnt = np.clip(ends, a, a + m) - np.clip(starts, a, a + m)
+        yield a, m, torch.from_numpy(np.repeat(rows, cnt, axis=1))
+
+
 def segment_reduce(values: torch.Tensor, ids: torch.Tensor, num: int, op: str) -> torch.Tensor:
     """Per-segment ``amin``/``amax`` of (n, k) ``values`` grouped by ``ids`` (any order; rows of
     empty segments are 0). For integer values; float coordinates use :func:`segment_bbox`."""

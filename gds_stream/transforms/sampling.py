@@ -6,13 +6,14 @@ Every field of the batch is gathered with the selected points and ``offset`` is 
 
 from __future__ import annotations
 
+import threading
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from ..errors import LoaderError
-from ._batch import (Batch, Units, check_range, gather, get_coord, rand, repeat_units,
+from ._batch import (Batch, Units, check_range, gather, get_coord, point_blocks, rand,
                      segment_bbox, segment_reduce, segment_select)
 from .geometry import XYZ, Transform
 
@@ -53,17 +54,28 @@ def _unit_hash_order(h: torch.Tensor, units: Units) -> torch.Tensor:
     return order
 
 
-def _packed_sort(top: np.ndarray, index_bits: int) -> tuple[np.ndarray, np.ndarray]:
+def _packed_sort(top: np.ndarray, index_bits: int, with_top: bool = True):
     """CPU: the stable order of the points by ``top`` (uint64, each < 2**(64 − index_bits)),
     from one sort of 64-bit values — ``top`` in the high bits, the point's index in the low
     ones, so equal keys keep their order: numpy's vectorised sort (AVX-512/AVX2 on x86), ~6x
-    torch's stable argsort on one thread. Returns (order int64, the sorted ``top``)."""
-    key = np.left_shift(top, np.uint64(index_bits))
-    key |= np.arange(top.shape[0], dtype=np.uint64)
+    torch's stable argsort on one thread. Returns (order int64, the sorted ``top`` or None)."""
+    key = np.left_shift(top, np.uint64(index_bits), out=top)
+    key |= _arange(top.shape[0])
     key.sort()
-    hi = key >> np.uint64(index_bits)
+    hi = key >> np.uint64(index_bits) if with_top else None
     key &= np.uint64((1 << index_bits) - 1)
     return key.view(np.int64), hi
+
+
+_ARANGE = threading.local()
+
+
+def _arange(n: int) -> np.ndarray:
+    """0 .. n − 1 as uint64, from a per-thread array kept between calls (read only)."""
+    a = getattr(_ARANGE, "a", None)
+    if a is None or a.shape[0] < n:
+        a = _ARANGE.a = np.arange(max(n, 1 << 16), dtype=np.uint64)
+    return a[:n]
 
 
 def _runs(sorted_key: np.ndarray) -> torch.Tensor:
@@ -86,16 +98,18 @@ def _hash_order(h: torch.Tensor, units: Units) -> tuple[torch.Tensor, torch.Tens
     if hb < ib:                                 # the low digit holds 64 - ib of the bits
         return None
     hu = h.numpy().view(np.uint64)
-    rank1, _ = _packed_sort(np.left_shift(hu, np.uint64(ib)) >> np.uint64(ib), ib)
+    low = np.left_shift(hu, np.uint64(ib))
+    rank1, _ = _packed_sort(np.right_shift(low, np.uint64(ib), out=low), ib, with_top=False)
     top = np.repeat(np.arange(u, dtype=np.uint64) << np.uint64(hb), units.counts.numpy())
     top |= hu >> np.uint64(64 - hb)
-    pos, _ = _packed_sort(np.take(top, rank1), ib)
+    pos, top_sorted = _packed_sort(np.take(top, rank1), ib)
     order = np.take(rank1, pos)
-    # a voxel's first point: its hash (or its unit) differs from the point before
-    hs = np.take(hu, order)
-    first = _runs(hs)
-    starts = units.starts[units.counts > 0].numpy()
-    first.numpy()[starts] = True
+    # a voxel's first point: its unit or hash differs from the point before's — the high
+    # digit (with the unit) in the sorted keys; the low one compared only where that is equal
+    first = _runs(top_sorted)
+    same = np.flatnonzero(~first.numpy())
+    if same.size:
+        first.numpy()[same] = np.take(hu, order[same]) != np.take(hu, order[same - 1])
     return torch.from_numpy(order), first
 
 
@@ -129,18 +143,15 @@ class GridSample(Transform):
         self.hash, self.mode = hash, mode
         self.return_inverse, self.return_grid_coord = bool(return_inverse), bool(return_grid_coord)
 
-    def _columns(self, xyz: torch.Tensor, lo: torch.Tensor, counts: torch.Tensor,
-                 as_float: bool = False):
-        """Each point's voxel coordinates, one int64 column at a time: floor(c / grid_size) −
-        its unit's ``lo`` (``counts``: points per unit, in order), in float64 (exact: integers
-        below 2**53) in one reused buffer (yielded as it is with ``as_float``). A generator:
-        the caller folds each column in before the next."""
-        n = xyz.shape[0]
-        buf = torch.empty(n, dtype=torch.float64, device=xyz.device)
-        for a in range(3):
-            buf.copy_(xyz[:, a]).div_(self.grid_size).floor_()
-            buf.sub_(repeat_units(lo[:, a], counts, n))
-            yield buf if as_float else buf.to(torch.int64)
+    def _columns(self, xyz: torch.Tensor, lo: torch.Tensor, counts: torch.Tensor):
+        """The points' voxel coordinates in blocks (:func:`point_blocks`): yields (a, m, v),
+        v (3, m) float64 the voxels of the points [a, a + m): floor(c / grid_size) − their
+        unit's ``lo`` (``counts``: points per unit, in order), exact (integers below 2**53).
+        ``v`` is a buffer the next block overwrites."""
+        src = xyz.t()
+        for a, m, lo_pp in point_blocks(lo, counts, xyz.shape[0]):
+            v = src[:, a:a + m].to(torch.float64, copy=True)
+            yield a, m, v.div_(self.grid_size).floor_().sub_(lo_pp)
 
     def _voxels(self, batch: Batch):
         """(lo, units, order, first, vstart, vcount): points sorted by (unit, voxel key); ``lo``
@@ -150,12 +161,16 @@ class GridSample(Transform):
         # min of floor(c / g) is floor(min c / g): the per-unit minimum on the floats
         lo = torch.floor(segment_bbox(xyz, units)[0].to(torch.float64) / self.grid_size)
         if n and self.hash == "ravel":
-            grid = list(self._columns(xyz, lo, units.counts))
-        elif n:                                  # FNV-1a, folding in each column as it comes
-            cols = self._columns(xyz, lo, units.counts)
-            h = next(cols).bitwise_xor_(_FNV_BASIS * _FNV_PRIME - _wrap(_FNV_BASIS * _FNV_PRIME))
-            for c in cols:
-                h.mul_(_FNV_PRIME).bitwise_xor_(c)
+            grid = torch.empty((3, n), dtype=torch.int64, device=dev)
+            for a, m, v in self._columns(xyz, lo, units.counts):
+                grid[:, a:a + m] = v
+        elif n:                                  # FNV-1a of each point's voxel, block by block
+            h = torch.empty(n, dtype=torch.int64, device=dev)
+            basis = _FNV_BASIS * _FNV_PRIME - _wrap(_FNV_BASIS * _FNV_PRIME)
+            for a, m, v in self._columns(xyz, lo, units.counts):
+                v = v.to(torch.int64)
+                hb = torch.bitwise_xor(v[0], basis, out=h[a:a + m])
+                hb.mul_(_FNV_PRIME).bitwise_xor_(v[1]).mul_(_FNV_PRIME).bitwise_xor_(v[2])
         if n == 0:
             order = torch.zeros(0, dtype=torch.int64, device=dev)
             first = torch.zeros(0, dtype=torch.bool, device=dev)
@@ -185,7 +200,8 @@ class GridSample(Transform):
                 hs, us = h.index_select(0, order), units.ids  # by unit: units keep their ranges
                 first = torch.ones(n, dtype=torch.bool, device=dev)
                 first[1:] = (hs[1:] != hs[:-1]) | (us[1:] != us[:-1])
-        vstart = torch.nonzero(first).flatten()
+        vstart = (torch.from_numpy(np.flatnonzero(first.numpy())) if dev.type == "cpu"
+                  else torch.nonzero(first).flatten())
         vcount = torch.diff(vstart, append=vstart.new_full((1,), n))
         return lo, units, order, first, vstart, vcount
 
@@ -225,8 +241,8 @@ class GridSample(Transform):
         if self.return_grid_coord:   # the kept points' voxels, computed again (no gather)
             xyz = get_coord(out, self.coord, self.who)
             gc = torch.empty((idx.shape[0], 3), dtype=torch.int64, device=idx.device)
-            for a, c in enumerate(self._columns(xyz, lo, counts, as_float=True)):
-                gc[:, a].copy_(c)
+            for a, m, v in self._columns(xyz, lo, counts):
+                gc[a:a + m] = v.t()
             out["grid_coord"] = gc
         if inverse is not None:
             out["inverse"] = inverse
