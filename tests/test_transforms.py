@@ -360,6 +360,10 @@ def test_to_pointcept():
     assert torch.equal(out["grid_coord"], b["grid_coord"]) and "chunk" in out
     solo = ToPointcept(segment=None)(make_batch((7,), offset=False))
     assert solo["offset"].tolist() == [7] and "segment" not in solo
+    # the transforms pass x, y, z planar; a model gets every tensor row-major, as it expects
+    moved = ToPointcept(segment=None)(RandomScale()(make_batch((30, 12))))
+    assert moved["coord"].stride() == (3, 1)
+    assert all(v.is_contiguous() for v in (out | moved).values())
 
 
 # -- bad parameters ---------------------------------------------------------------------------

@@ -272,14 +272,23 @@ def take(v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def gather(batch: Batch, idx: torch.Tensor, counts: torch.Tensor | None, n: int,
-           units: Units) -> Batch:
+           units: Units, coord: tuple[tuple[str, ...], torch.Tensor] | None = None) -> Batch:
     """Every per-point field of ``batch`` (first dimension ``n``) taken at ``idx``; ``offset``
-    recomputed from the new per-unit ``counts``; per-unit and other keys carried unchanged."""
+    recomputed from the new per-unit ``counts``; per-unit and other keys carried unchanged.
+    ``coord``: (names, xyz) from :func:`get_coord`; three fields of a planar ``xyz``'s dtype are
+    gathered as its rows at once and stay planar (the next transform takes them as they are)."""
+    rows = None
+    if coord is not None:
+        names, xyz = coord
+        if len(names) == 3 and planar(xyz) and all(batch[c].dtype == xyz.dtype for c in names):
+            rows = xyz.t().index_select(1, idx.to(xyz.device))
     out: Batch = {}
     for k, v in batch.items():
         if k == "offset":
             continue
-        if k in UNIT_KEYS or k in OTHER_KEYS or v.dim() == 0 or v.shape[0] != n:
+        if rows is not None and k in names:
+            out[k] = rows[names.index(k)]
+        elif k in UNIT_KEYS or k in OTHER_KEYS or v.dim() == 0 or v.shape[0] != n:
             out[k] = v
         else:
             out[k] = take(v, idx)

@@ -237,7 +237,8 @@ class GridSample(Transform):
         return parts
 
     def _out(self, batch, idx, counts, lo, units, inverse) -> Batch:
-        out = gather(batch, idx, counts, units.n, units)
+        out = gather(batch, idx, counts, units.n, units,
+                     (self.coord, get_coord(batch, self.coord, self.who)))
         if self.return_grid_coord:   # the kept points' voxels, computed again (no gather)
             xyz = get_coord(out, self.coord, self.who)
             gc = torch.empty((idx.shape[0], 3), dtype=torch.int64, device=idx.device)
@@ -291,7 +292,8 @@ class SphereCrop(Transform):
         else:
             key = torch.where(cropped, dist, position.to(torch.float64))
         keep = torch.where(crop, limit, counts)
-        return gather(batch, segment_select(units, key, keep), keep, units.n, units)
+        return gather(batch, segment_select(units, key, keep), keep, units.n, units,
+                      (self.coord, xyz))
 
 
 class RandomDropout(Transform):
