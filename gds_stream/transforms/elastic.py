@@ -133,6 +133,7 @@ def _distort_image(xyz, units, apply, lo, noise, granularity, magnitude):
         per_np = per.t().contiguous().numpy()              # (4, U)
         ends = (units.starts + units.counts).numpy()
         starts = units.starts.numpy()
+    parts = max(1, min(torch.get_num_threads(), 8)) if cpu else 1
     for a in range(0, n, block):
         m = min(block, n - a)
         if cpu:      # each unit's points in [a, a + m): a block fill per unit
@@ -141,18 +142,31 @@ def _distort_image(xyz, units, apply, lo, noise, granularity, magnitude):
         else:
             pp = per.t().index_select(1, units.ids[a:a + m])
         c = src[:, a:a + m]
-        g = torch.empty((2, m, 2), dtype=f32, device=dev)  # row 0: slice y0, row 1: y0 + 1
+        # grid (k, mk, 2, 2): the block's points in k images of the grid_sample batch (the
+        # image expanded, not copied: a CPU grid_sample runs one thread per image), each point
+        # a pair of samples, at slices y0 and y0 + 1; rows past the block's points are 0
+        k = parts if m >= parts * 1024 else 1
+        mk = -(-m // k)
+        g = torch.empty((k * mk, 2, 2), dtype=f32, device=dev)
+        if k * mk > m:
+            g[m:] = 0
         ty = torch.add(pp[1], c[1], alpha=alpha[1]).to(f32)
         y0 = torch.floor(ty).clamp_(0, d1 - 2)
         wy = ty.sub_(y0)
-        torch.add(pp[0], c[0], alpha=alpha[0], out=g[0, :, 1])
+        torch.add(pp[0], c[0], alpha=alpha[0], out=g[:m, 0, 1])
         gz = torch.add(pp[2], c[2], alpha=alpha[2]).to(f32)
-        torch.add(gz, y0, alpha=d2 * sw, out=g[0, :, 0])
-        torch.add(g[0, :, 0], d2 * sw, out=g[1, :, 0])
-        g[1, :, 1] = g[0, :, 1]
-        smp = torch.nn.functional.grid_sample(img, g.view(1, 2, m, 2), mode="bilinear",
-                                              padding_mode="zeros", align_corners=True)
-        acc = torch.lerp(smp[0, :, 0], smp[0, :, 1], wy).to(xyz.dtype)     # (3, m)
+        torch.add(gz, y0, alpha=d2 * sw, out=g[:m, 0, 0])
+        torch.add(g[:m, 0, 0], d2 * sw, out=g[:m, 1, 0])
+        g[:m, 1, 1] = g[:m, 0, 1]
+        smp = torch.nn.functional.grid_sample(img.expand(k, -1, -1, -1), g.view(k, mk, 2, 2),
+                                              mode="bilinear", padding_mode="zeros",
+                                              align_corners=True)           # (k, 3, mk, 2)
+        if k * mk > m:
+            wy = torch.cat([wy, wy.new_zeros(k * mk - m)])
+        acc = torch.empty((3, k * mk), dtype=f32, device=dev)
+        torch.lerp(smp[..., 0].transpose(0, 1), smp[..., 1].transpose(0, 1), wy.view(k, mk),
+                   out=acc.view(3, k, mk))
+        acc = acc[:, :m].to(xyz.dtype)                                       # (3, m)
         if all_on:
             torch.add(c, acc, alpha=scale, out=out[:, a:a + m])
         else:
