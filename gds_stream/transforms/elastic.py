@@ -19,11 +19,10 @@ from __future__ import annotations
 import threading
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from ..errors import LoaderError
-from ._batch import Batch, rand, segment_bbox, set_coord
+from ._batch import Batch, point_blocks, rand, segment_bbox, set_coord
 from .geometry import XYZ, Transform
 
 #: Pointcept applies the distortion to a sample with this probability.
@@ -127,20 +126,8 @@ def _distort_image(xyz, units, apply, lo, noise, granularity, magnitude):
     img = noise.view(1, u * d0, d1 * d2, 3).permute(0, 3, 1, 2)
     out = torch.empty((3, n), dtype=xyz.dtype, device=dev)
     src = xyz.t()                                          # (3, n): rows contiguous if planar
-    cpu = dev.type == "cpu"
-    block = IMAGE_BLOCK if cpu else max(n, 1)
-    if cpu:
-        per_np = per.t().contiguous().numpy()              # (4, U)
-        ends = (units.starts + units.counts).numpy()
-        starts = units.starts.numpy()
-    parts = max(1, min(torch.get_num_threads(), 8)) if cpu else 1
-    for a in range(0, n, block):
-        m = min(block, n - a)
-        if cpu:      # each unit's points in [a, a + m): a block fill per unit
-            cnt = np.clip(ends, a, a + m) - np.clip(starts, a, a + m)
-            pp = torch.from_numpy(np.repeat(per_np, cnt, axis=1))
-        else:
-            pp = per.t().index_select(1, units.ids[a:a + m])
+    parts = max(1, min(torch.get_num_threads(), 8)) if dev.type == "cpu" else 1
+    for a, m, pp in point_blocks(per, units.counts, n, IMAGE_BLOCK):
         c = src[:, a:a + m]
         # grid (k, mk, 2, 2): the block's points in k images of the grid_sample batch (the
         # image expanded, not copied: a CPU grid_sample runs one thread per image), each point
