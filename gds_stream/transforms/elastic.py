@@ -126,13 +126,13 @@ def _distort_image(xyz, units, apply, lo, noise, granularity, magnitude):
     img = noise.view(1, u * d0, d1 * d2, 3).permute(0, 3, 1, 2)
     out = torch.empty((3, n), dtype=xyz.dtype, device=dev)
     src = xyz.t()                                          # (3, n): rows contiguous if planar
-    parts = max(1, min(torch.get_num_threads(), 8)) if dev.type == "cpu" else 1
+    parts = _images() if dev.type == "cpu" else 1
     for a, m, pp in point_blocks(per, units.counts, n, IMAGE_BLOCK):
         c = src[:, a:a + m]
         # grid (k, mk, 2, 2): the block's points in k images of the grid_sample batch (the
         # image expanded, not copied: a CPU grid_sample runs one thread per image), each point
         # a pair of samples, at slices y0 and y0 + 1; rows past the block's points are 0
-        k = parts if m >= parts * 1024 else 1
+        k = parts if m >= parts * MIN_IMAGE_POINTS else 1
         mk = -(-m // k)
         g = torch.empty((k * mk, 2, 2), dtype=f32, device=dev)
         if k * mk > m:
@@ -228,6 +228,16 @@ def _sample_dense(xyz, units, lo, noise, granularity, rows):
 #: Most rows (units × D0 cells) of one image holding every unit: each row more rounds a
 #: normalised coordinate by ~1.5e-8 of a cell (float32).
 IMAGE_ROWS = 2048
+
+
+#: Fewest points per image when a block is spread over several (:func:`_images`).
+MIN_IMAGE_POINTS = 1024
+
+
+def _images() -> int:
+    """Images of the grid_sample batch a block is spread over on a CPU: one per intra-op
+    thread (at most 8), as a CPU grid_sample runs one thread per image."""
+    return max(1, min(torch.get_num_threads(), 8))
 
 
 #: Points per block of the trilinear sampling on a CPU (grids end to end).

@@ -54,6 +54,11 @@ def _unit_hash_order(h: torch.Tensor, units: Units) -> torch.Tensor:
     return order
 
 
+#: Whether a CPU batch takes the packed numpy sorts (:func:`_packed_sort`, :func:`_hash_order`)
+#: rather than torch's stable sorts, the path other devices take (the same order either way).
+PACKED_SORT = True
+
+
 def _packed_sort(top: np.ndarray, index_bits: int, with_top: bool = True):
     """CPU: the stable order of the points by ``top`` (uint64, each < 2**(64 − index_bits)),
     from one sort of 64-bit values — ``top`` in the high bits, the point's index in the low
@@ -183,8 +188,8 @@ class GridSample(Transform):
             key = ((units.expand(torch.arange(units.num, device=dev)) * dims[0] + grid[0])
                    * dims[1] + grid[1]) * dims[2] + grid[2]
             ib = max(1, (n - 1).bit_length())
-            if dev.type == "cpu" and (units.num * dims[0] * dims[1] * dims[2]).bit_length() \
-                    + ib <= 64:
+            if PACKED_SORT and dev.type == "cpu" and \
+                    (units.num * dims[0] * dims[1] * dims[2]).bit_length() + ib <= 64:
                 order, top = _packed_sort(key.numpy().view(np.uint64), ib)
                 order, first = torch.from_numpy(order), _runs(top)
             else:
@@ -192,7 +197,7 @@ class GridSample(Transform):
                 first = torch.ones(n, dtype=torch.bool, device=dev)
                 first[1:] = skey[1:] != skey[:-1]
         else:
-            found = _hash_order(h, units) if dev.type == "cpu" else None
+            found = _hash_order(h, units) if PACKED_SORT and dev.type == "cpu" else None
             if found is not None:
                 order, first = found
             else:
@@ -200,7 +205,7 @@ class GridSample(Transform):
                 hs, us = h.index_select(0, order), units.ids  # by unit: units keep their ranges
                 first = torch.ones(n, dtype=torch.bool, device=dev)
                 first[1:] = (hs[1:] != hs[:-1]) | (us[1:] != us[:-1])
-        vstart = (torch.from_numpy(np.flatnonzero(first.numpy())) if dev.type == "cpu"
+        vstart = (torch.from_numpy(np.flatnonzero(first.numpy())) if first.device.type == "cpu"
                   else torch.nonzero(first).flatten())
         vcount = torch.diff(vstart, append=vstart.new_full((1,), n))
         return lo, units, order, first, vstart, vcount
