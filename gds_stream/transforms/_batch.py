@@ -237,8 +237,8 @@ def segment_bbox(xyz: torch.Tensor, units: Units) -> tuple[torch.Tensor, torch.T
             r[full] = torch.from_numpy(red.T if flat else red)
             out.append(r)
         return tuple(out)
-    return tuple(torch.where(nonempty, torch.segment_reduce(xyz, op, lengths=units.counts,
-                                                            axis=0), zero)
+    return tuple(torch.where(nonempty, torch.segment_reduce(xyz.contiguous(), op,
+                                                            lengths=units.counts, axis=0), zero)
                  for op in ("min", "max"))
 
 
