@@ -3,7 +3,8 @@
 On a CPU, GridSample orders voxels by packed numpy sorts (the FNV order as a two-digit radix
 sort; ravel keys with the point's index in the low bits) where other devices take torch's stable
 sorts; ElasticDistortion samples in blocks of points spread over several grid_sample images;
-the coordinates pass between transforms planar (the rows of one (3, n) tensor). Each fast path is
+large Gaussian draws are split into streams drawn on several threads; the coordinates pass
+between transforms planar (the rows of one (3, n) tensor). Each fast path is
 checked against the general one, bit for bit, on batches with many units, empty units and
 voxels of several points.
 """
@@ -14,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from gds_stream.transforms import (Compose, ElasticDistortion, GridSample, RandomRotate,
-                                   RandomScale, SphereCrop)
+from gds_stream.transforms import (Compose, ElasticDistortion, GridSample, RandomJitter,
+                                   RandomRotate, RandomScale, SphereCrop)
 from gds_stream.transforms import _batch, elastic, sampling
 from tests.test_transforms import check_consistent, make_batch
 
@@ -135,3 +136,28 @@ def test_coordinates_row_major_or_planar_or_separate_give_the_same_batches():
     for o in outs[1:]:
         _equal(outs[0], o)
     assert _batch.planar(_batch.get_coord(outs[0], ("x", "y", "z"), "t"))
+
+
+def test_large_gaussian_draws_split_into_streams_independent_of_threads(monkeypatch):
+    """A CPU draw of at least RNG_SPLIT_MIN values is RNG_STREAMS streams seeded from the
+    generator: the same values on one thread or several, again from the same seed, different
+    streams in each part; smaller draws are torch's own from the generator."""
+    monkeypatch.setattr(_batch, "RNG_SPLIT_MIN", 1000)
+    threads = torch.get_num_threads()
+    draws = []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            draws.append(_batch.randn(torch.empty(4003), torch.Generator().manual_seed(5)))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(draws[0], d) for d in draws[1:])
+    parts = draws[0].chunk(_batch.RNG_STREAMS)
+    assert len(parts) == _batch.RNG_STREAMS and not torch.equal(parts[0][:900], parts[1][:900])
+    assert abs(float(draws[0].mean())) < 0.1 and abs(float(draws[0].std()) - 1) < 0.1
+    small = _batch.randn(torch.empty(999), torch.Generator().manual_seed(5))
+    assert torch.equal(small, torch.randn(999, generator=torch.Generator().manual_seed(5)))
+    jit = [RandomJitter(sigma=1.0, clip=10.0)(make_batch((700, 0, 400)),
+                                                torch.Generator().manual_seed(1))
+           for _ in range(2)]
+    _equal(jit[0], jit[1])

@@ -12,6 +12,8 @@ minima and maxima from ``scatter_reduce``, per-unit selections from stable sorts
 
 from __future__ import annotations
 
+import os
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -185,7 +187,7 @@ def repeat_units(per_unit: torch.Tensor, counts, n: int) -> torch.Tensor:
 
 
 #: Points per block of a blocked per-point pass on a CPU (:func:`point_blocks`).
-BLOCK = 1 << 16
+BLOCK = 1 << 17
 
 
 def point_blocks(per_unit: torch.Tensor, counts: torch.Tensor, n: int, size: int = 0):
@@ -303,6 +305,55 @@ def num_points(batch: Batch, names: tuple[str, ...], who: str) -> int:
 
 def rand(shape, generator: torch.Generator | None, device, dtype=torch.float64) -> torch.Tensor:
     return torch.rand(shape, generator=generator, device=device, dtype=dtype)
+
+
+#: Values from which a Gaussian draw on a CPU is split into ``RNG_STREAMS`` streams (:func:`randn`).
+RNG_SPLIT_MIN = 1 << 18
+#: Streams a large Gaussian draw on a CPU is split into: fixed, so the values never depend on
+#: the number of threads that draw them.
+RNG_STREAMS = 4
+_POOL: list = []                          # (pid, executor): a fork gets a pool of its own
+_POOL_LOCK = threading.Lock()
+
+
+def randn(out: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """``out`` (contiguous) filled with N(0, 1) draws from ``generator``, and returned. On a CPU
+    a draw of at least ``RNG_SPLIT_MIN`` values is ``RNG_STREAMS`` streams — each a generator
+    seeded by one draw from ``generator`` — filling consecutive parts of ``out``, as many at
+    once as there are intra-op threads: torch's CPU Gaussian draw runs on one thread, and is
+    the largest serial part of the batch's transforms. The values depend only on the
+    generator's state and the size, not on the threads."""
+    flat = out.view(-1)
+    n = flat.shape[0]
+    if out.device.type != "cpu" or n < RNG_SPLIT_MIN:
+        return torch.randn(out.shape, generator=generator, device=out.device, dtype=out.dtype,
+                           out=out)
+    seeds = torch.randint(0, 1 << 62, (RNG_STREAMS,), generator=generator).tolist()
+    parts = flat.chunk(RNG_STREAMS)
+
+    def draw(i):
+        g = torch.Generator().manual_seed(seeds[i])
+        torch.randn(parts[i].shape, generator=g, dtype=out.dtype, out=parts[i])
+    workers = min(torch.get_num_threads(), len(parts))
+    if workers < 2:
+        for i in range(len(parts)):
+            draw(i)
+        return out
+    futures = [_pool().submit(draw, i) for i in range(1, len(parts))]
+    draw(0)
+    for f in futures:
+        f.result()
+    return out
+
+
+def _pool():
+    """A small thread pool for :func:`randn`, per process."""
+    with _POOL_LOCK:
+        if not _POOL or _POOL[0][0] != os.getpid():
+            from concurrent.futures import ThreadPoolExecutor
+            _POOL[:] = [(os.getpid(), ThreadPoolExecutor(RNG_STREAMS - 1,
+                                                          thread_name_prefix="gds-randn"))]
+        return _POOL[0][1]
 
 
 def check_range(who: str, param: str, value, lo=None, hi=None, lo_open=False) -> None:

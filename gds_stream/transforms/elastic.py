@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 
 from ..errors import LoaderError
-from ._batch import Batch, point_blocks, rand, segment_bbox, set_coord
+from ._batch import Batch, point_blocks, rand, randn, segment_bbox, set_coord
 from .geometry import XYZ, Transform
 
 #: Pointcept applies the distortion to a sample with this probability.
@@ -244,7 +244,7 @@ def _images() -> int:
 CPU_BLOCK = 1 << 14
 #: Points per block of the one-image sampling on a CPU: its temporaries stay in cache (and
 #: each op still has enough points for two intra-op threads).
-IMAGE_BLOCK = 1 << 16
+IMAGE_BLOCK = 1 << 17
 
 
 def _interp(xyz, ids, lo, dims, base, strides, noise, granularity):
@@ -284,8 +284,7 @@ def _dense_noise(dims, dmax, generator, dev):
     d0, d1, d2 = dmax
     shape, k = (u, d0, d1, d2, 3), u * d0 * d1 * d2 * 3
     bufs = [b[:k] for b in _scratch(k, dev)]
-    x = torch.randn(shape, generator=generator, device=dev, dtype=torch.float32,
-                    out=bufs[0].view(shape))
+    x = randn(bufs[0].view(shape), generator)
     # zero outside each unit's grid: skipped units whole, the others' slabs past their ends
     applied = dims[:, 0] > 0
     if not bool(applied.all()):

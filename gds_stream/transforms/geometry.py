@@ -14,7 +14,7 @@ import torch
 
 from ..errors import LoaderError
 from ._batch import (Batch, Units, check_pair, check_range, coord_names, get_coord, num_points,
-                     planar, rand, require, segment_bbox, set_coord)
+                     planar, rand, randn, require, segment_bbox, set_coord)
 
 XYZ = ("x", "y", "z")
 
@@ -157,8 +157,8 @@ class RandomJitter(Transform):
     def __call__(self, batch: Batch, generator: torch.Generator | None = None) -> Batch:
         xyz, _ = self._setup(batch)
         # drawn in xyz's layout (planar: x's noise, then y's, then z's); the noise is the output
-        out = torch.randn(xyz.shape[::-1] if planar(xyz) else xyz.shape, generator=generator,
-                          device=xyz.device, dtype=xyz.dtype)
+        out = randn(torch.empty(xyz.shape[::-1] if planar(xyz) else xyz.shape,
+                                device=xyz.device, dtype=xyz.dtype), generator)
         out = out.t() if planar(xyz) else out
         out.mul_(self.sigma).clamp_(-self.clip, self.clip).add_(xyz)
         return set_coord(batch, self.coord, out)
