@@ -34,11 +34,14 @@ def _equal(a, b):
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.parametrize("tie_share", [0.0, 2.0])
 @pytest.mark.parametrize("hash_", ["fnv", "ravel"])
 @pytest.mark.parametrize("mode", ["train", "test"])
-def test_grid_sample_packed_sorts_equal_torch_sorts(monkeypatch, hash_, mode):
-    """The packed numpy sorts and torch's stable sorts give the same voxels, order, picks,
-    parts, ``inverse`` and ``grid_coord``: bit-identical batches from the same generator."""
+def test_grid_sample_packed_sorts_equal_torch_sorts(monkeypatch, hash_, mode, tie_share):
+    """The packed numpy sorts (ties of the high hash digit sorted apart, or a second digit)
+    and torch's stable sorts give the same voxels, order, picks, parts, ``inverse`` and
+    ``grid_coord``: bit-identical batches from the same generator."""
+    monkeypatch.setattr(sampling, "TIE_SHARE", tie_share)
     b = make_batch(SIZES, extent=(0.6, 0.5, 0.3), seed=4)        # ~4 points per voxel
     t = GridSample(0.1, hash=hash_, mode=mode, return_inverse=True, return_grid_coord=True)
     fast = t(b, torch.Generator().manual_seed(9))
@@ -55,11 +58,13 @@ def _units(sizes):
     return _batch.Units({"offset": off}, int(off[-1]), torch.device("cpu"), "t")
 
 
-def test_hash_order_equals_unit_hash_order_on_ties_in_either_digit():
+@pytest.mark.parametrize("tie_share", [0.0, 0.25, 2.0])
+def test_hash_order_equals_unit_hash_order_on_ties_in_either_digit(monkeypatch, tie_share):
     """Hashes crafted to tie in the high digit (with different low bits), in the low digit
     (different high bits), exactly (one voxel, in one unit and across units), and with the top
-    bit set (negative as int64): the two-digit packed order and its voxel starts equal the
-    torch order's."""
+    bit set (negative as int64): the packed order (high-digit ties sorted apart, or a second
+    digit) and its voxel starts equal the torch order's."""
+    monkeypatch.setattr(sampling, "TIE_SHARE", tie_share)
     g = torch.Generator().manual_seed(1)
     sizes = [700, 0, 1, 523, 300]
     units = _units(sizes)

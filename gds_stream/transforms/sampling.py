@@ -91,28 +91,62 @@ def _runs(sorted_key: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(first)
 
 
+#: Largest share of the points in runs of one high hash digit for which :func:`_hash_order`
+#: sorts those runs apart; past it (dense voxels, long columns) the second digit is a sort.
+TIE_SHARE = 0.25
+
+
 def _hash_order(h: torch.Tensor, units: Units) -> tuple[torch.Tensor, torch.Tensor] | None:
     """CPU: (order, first) of the points by (unit, unsigned 64-bit hash) — the order of
-    :func:`_unit_hash_order` — by two packed sorts (:func:`_packed_sort`), least significant
-    part first (a radix sort in two digits): the hash's low 64 − b bits with the index, then
-    the unit and its high bits with the first pass's rank (b: the index bits). ``None`` when
-    the two digits cannot cover the hash (batches of 2**29 points or more)."""
+    :func:`_unit_hash_order` — from packed sorts (:func:`_packed_sort`): one by the unit and
+    the hash's high 64 − u − b bits (u, b: the unit and index bits) with the index; points whose
+    unit and high bits tie (one voxel, or voxels of one column: FNV-1a's last step XORs z into
+    the low bits) are then ordered by their whole hash: the runs apart (lexsort) while they are
+    a small share of the batch, else a second packed sort by the low bits first (a radix sort in
+    two digits). ``None`` when two digits cannot cover the hash (2**29 points or more)."""
     n, u = units.n, units.num
     ib, ub = max(1, (n - 1).bit_length()), max(1, (u - 1).bit_length())
     hb = 64 - ib - ub                           # the high digit's hash bits
     if hb < ib:                                 # the low digit holds 64 - ib of the bits
         return None
     hu = h.numpy().view(np.uint64)
-    low = np.left_shift(hu, np.uint64(ib))
-    rank1, _ = _packed_sort(np.right_shift(low, np.uint64(ib), out=low), ib, with_top=False)
-    top = np.repeat(np.arange(u, dtype=np.uint64) << np.uint64(hb), units.counts.numpy())
-    top |= hu >> np.uint64(64 - hb)
-    pos, top_sorted = _packed_sort(np.take(top, rank1), ib)
-    order = np.take(rank1, pos)
-    # a voxel's first point: its unit or hash differs from the point before's — the high
-    # digit (with the unit) in the sorted keys; the low one compared only where that is equal
-    first = _runs(top_sorted)
-    same = np.flatnonzero(~first.numpy())
+
+    def high():                                 # the unit and the hash's high bits
+        top = np.repeat(np.arange(u, dtype=np.uint64) << np.uint64(hb), units.counts.numpy())
+        top |= hu >> np.uint64(64 - hb)
+        return top
+    tie_at = None
+    if n > 1:
+        order, top_sorted = _packed_sort(high(), ib)
+        tie_at = np.flatnonzero(top_sorted[1:] == top_sorted[:-1])   # i ties with i + 1
+        # the runs' packed key: run number, the hash's other 64 − hb bits, index
+        if 2 * tie_at.size > TIE_SHARE * n or (2 * tie_at.size).bit_length() > hb - ib:
+            tie_at = None
+    if tie_at is None:                          # two digits: the low bits, then the high ones
+        low = np.left_shift(hu, np.uint64(ib))
+        rank1, _ = _packed_sort(np.right_shift(low, np.uint64(ib), out=low), ib,
+                                with_top=False)
+        pos, top_sorted = _packed_sort(np.take(high(), rank1), ib)
+        order = np.take(rank1, pos)
+        first = _runs(top_sorted)
+        same = np.flatnonzero(~first.numpy())
+    else:                                       # the runs of one high digit sorted apart
+        first = torch.ones(n, dtype=torch.bool)
+        member = np.zeros(n, dtype=bool)
+        member[tie_at] = True
+        member[tie_at + 1] = True
+        members = np.flatnonzero(member)                  # positions in runs, in order
+        starts = np.ones(members.size, dtype=bool)         # a run's first position
+        starts[1:] = members[1:] - 1 != members[:-1]
+        starts[1:] |= top_sorted[members[1:]] != top_sorted[members[1:] - 1]
+        idx = order[members]
+        key = np.cumsum(starts, dtype=np.uint64) << np.uint64(64 - hb)
+        key |= hu[idx] & np.uint64((1 << (64 - hb)) - 1)
+        by, _ = _packed_sort(key, ib, with_top=False)     # (run, low hash bits, position)
+        order[members] = idx[by]
+        same = members[~starts]
+    # a voxel's first point: its unit or hash differs from the point before's — the high digit
+    # (with the unit) from the sorted keys; the whole hash compared only where that ties
     if same.size:
         first.numpy()[same] = np.take(hu, order[same]) != np.take(hu, order[same - 1])
     return torch.from_numpy(order), first
