@@ -534,14 +534,15 @@ def test_cuda_gives_the_cpu_results():
 
 
 def test_coordinates_pass_between_transforms_as_one_tensor():
-    """A transform writes x, y, z as the columns of one (n, 3) tensor; the next one takes that
-    tensor as it is (no stack), and the values are those of separate fields."""
+    """A transform writes x, y, z as the rows of one (3, n) tensor (planar: each field
+    contiguous); the next one takes that tensor as it is (no stack), and the values are those
+    of separate fields."""
     from gds_stream.transforms._batch import get_coord
     b = make_batch((40, 0, 25))
     out = RandomScale(scale=[2, 2])(b)
     base = get_coord(out, ("x", "y", "z"), "t")
     assert all(out[c].untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
-               for c in "xyz")
+               and out[c].is_contiguous() for c in "xyz")
     sep = {k: (v.clone() if k in "xyz" else v) for k, v in out.items()}
     assert get_coord(sep, ("x", "y", "z"), "t").untyped_storage().data_ptr() != \
         sep["x"].untyped_storage().data_ptr()                 # separate fields: stacked

@@ -6,8 +6,13 @@ unit. Every tensor whose first dimension is the batch's point count is a per-poi
 gathered with the points; ``offset`` is rewritten; the per-unit keys (``chunk``) and the
 non-point keys (``inverse``, which indexes a GridSample's output) are carried unchanged.
 
-Nothing here loops over units in Python: unit ids come from ``torch.repeat_interleave``, per-unit
-minima and maxima from ``scatter_reduce``, per-unit selections from stable sorts.
+Nothing here loops over units in Python: per-unit values reach the points by block fills
+(numpy's ``repeat`` on a CPU, ``repeat_interleave`` elsewhere), per-unit minima and maxima come
+from segmented reductions, per-unit selections from stable sorts. On a CPU, x, y and z pass
+between transforms planar (the rows of one (3, n) tensor: each field contiguous), long passes
+run in blocks of points (:func:`point_blocks`: temporaries in cache, no fresh megabytes per
+batch), and large Gaussian draws are split into streams drawn on the intra-op threads
+(:func:`randn`).
 """
 
 from __future__ import annotations

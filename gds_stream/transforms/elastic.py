@@ -6,8 +6,10 @@ granularity below the unit's minimum, smoothed twice by a 3-cell box filter alon
 (zeros outside the grid), then sampled trilinearly at every point and added × magnitude.
 
 Units of similar extent (chunks, the usual case) share one (units, D0, D1, D2, 3) block padded
-to the largest grid, filtered by slicing (on a CPU in reused buffers)
-and sampled by one 2-D ``grid_sample`` for the whole batch (:func:`_sample_dense`). Units of
+to the largest grid, filtered by slicing (on a CPU in reused buffers) and sampled by 2-D
+``grid_sample`` as one image for the batch (:func:`_distort_image`: on a CPU in blocks of points,
+each spread over one image per intra-op thread) or one image per unit (:func:`_sample_dense`,
+past ``IMAGE_ROWS``). Units of
 very different extent lay their grids end to end in one flat tensor instead (the padding would
 dwarf them); its box filter reads each cell's neighbours through per-cell strides and the
 sampling gathers the 8 corners, so its cost too is proportional to the cells and points of the
