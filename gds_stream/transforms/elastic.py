@@ -104,8 +104,12 @@ class ElasticDistortion(Transform):
 
 def _distort_image(xyz, units, apply, lo, noise, granularity, magnitude):
     """``xyz`` + magnitude × the trilinear sample of the smoothed (U, D0, D1, D2, 3) ``noise``
-    block (:func:`_dense_noise`, × 9³) at each point, the block one image of U·D0 rows (see
-    :func:`_sample_dense`, whose one-image case this is), planar (n, 3) out. On a CPU in blocks
+    block (:func:`_dense_noise`, × 9³) at each point, planar (n, 3) out. The block is one image
+    of a 2-D ``grid_sample``, its memory as it lies: each y slice of a unit side by side along
+    the width (cell (x, y, z) at column y·D2 + z), the units one below the other (row u·D0 + x);
+    each point a pair of samples, at its slices y0 and y0 + 1 (bilinear in x, z; linear in y
+    between them). Float32: a normalised coordinate carries ~3e-8 × (its axis' cells) of
+    rounding: ~2e-5 of a cell for 16 chunks' images (``IMAGE_ROWS`` bounds it). On a CPU in blocks
     of ``IMAGE_BLOCK`` points: every intermediate (the grid, the samples) stays in cache and is
     a small allocation the allocator hands back at once, where whole-batch temporaries are
     tens of megabytes of fresh pages each time (their page faults cost as much as the
@@ -165,58 +169,38 @@ def _distort_image(xyz, units, apply, lo, noise, granularity, magnitude):
 
 def _sample_dense(xyz, units, lo, noise, granularity, rows):
     """Trilinear sample of the smoothed (U, D0, D1, D2, 3) ``noise`` block (:func:`_dense_noise`)
-    at each point: linear along y between two bilinear (x, z) samples, all of them from one 2-D
-    ``grid_sample`` (vectorised on a CPU). The image is the block's memory as it lies, no copy:
-    each y slice of a unit side by side along the width (cell (x, y, z) at column y·D2 + z),
-    and the units one below the other (row u·D0 + x), one image for the batch while it has at
-    most ``IMAGE_ROWS`` rows; else each unit is one image of the grid_sample batch, and each
-    point a pair of samples in its unit's row of Pmax pairs (``rows()``: Pmax and each point's
-    row; the rows past a unit's points sample the image's centre and are not read). Each point
-    is one pair of samples, at its slices y0 and y0 + 1. Float32: a normalised coordinate
-    carries ~3e-8 × (its axis' cells) of rounding: ~2e-5 of a cell for 16 chunks' images.
+    at each point, the block too many rows for one image (see :func:`_distort_image`): each
+    unit one image of a 2-D ``grid_sample`` batch — the block's memory as it lies, no copy, each
+    y slice side by side along the width (cell (x, y, z) at row x, column y·D2 + z) — and each
+    point a pair of samples, at its slices y0 and y0 + 1 (bilinear in x, z; linear in y between
+    them), in its unit's row of Pmax pairs (``rows()``: Pmax and each point's row; the rows past
+    a unit's points sample the image's centre and are not read). Float32: a normalised
+    coordinate carries ~3e-8 × (its axis' cells) of rounding.
 
     A point's continuous cell index t = (coord − lo) / granularity + 1 lies in [1, dims − 1) of
     its own unit, so every corner with a weight is one of its own unit's cells (a corner past
     them has weight 0)."""
     u, d0, d1, d2 = noise.shape[:4]
     dev, n, f32 = xyz.device, units.n, torch.float32
-    one = u * d0 <= IMAGE_ROWS
-    sw, sh = 2 / (d1 * d2 - 1), 2 / ((u if one else 1) * d0 - 1)   # cell index -> [-1, 1]
-    # t = (coord − lo) / granularity + 1 (+ the unit's first row in the one image, along x),
-    # as coord × a + b with b per unit (float64, cast to coord's dtype), column by column
-    # (contiguous when xyz is planar); the grid's columns straight away in [-1, 1]
+    sw, sh = 2 / (d1 * d2 - 1), 2 / (d0 - 1)                # cell index -> [-1, 1]
+    # t = (coord − lo) / granularity + 1 as coord × ig + b, b per unit (float64, cast to
+    # coord's dtype), column by column; the grid's columns straight away in [-1, 1]
     ig = 1 / granularity
-    b = (1 - lo.to(torch.float64) * ig)
-    if one:
-        b[:, 0] += torch.arange(u, device=dev) * d0
-    b = b.to(xyz.dtype)
+    b = (1 - lo.to(torch.float64) * ig).to(xyz.dtype)
 
     def col(a, scale, shift, out=None):         # (coord × ig + b) × scale + shift
         per = units.expand(b[:, a] * scale + shift)
         if out is None:
             return torch.add(per, xyz[:, a], alpha=ig * scale).to(f32)
         return torch.add(per, xyz[:, a], alpha=ig * scale, out=out)
-    if one:     # grid (1, 2, n, 2): row 0 the y0 samples, row 1 the y0 + 1 ones
-        g = torch.empty((2, n, 2), dtype=f32, device=dev)
-        gw, gh = g[0, :, 0], g[0, :, 1]
-    else:       # (n, 4): each point's pair, to be laid in its unit's row
-        g = torch.empty((n, 4), dtype=f32, device=dev)
-        gw, gh = g[:, 0], g[:, 1]
+    g = torch.empty((n, 4), dtype=f32, device=dev)       # each point's pair, laid in its row
     ty = col(1, 1.0, 0.0)
     y0 = torch.floor(ty).clamp_(0, d1 - 2)
     wy = ty.sub_(y0)
-    col(0, sh, -1.0, out=gh)
-    torch.add(col(2, sw, -1.0), y0, alpha=d2 * sw, out=gw)
-    if one:
-        torch.add(gw, d2 * sw, out=g[1, :, 0])
-        g[1, :, 1] = gh
-        img = noise.view(1, u * d0, d1 * d2, 3).permute(0, 3, 1, 2)
-        out = torch.nn.functional.grid_sample(img, g.view(1, 2, n, 2), mode="bilinear",
-                                              padding_mode="zeros", align_corners=True)
-        # (3, n): planar, as xyz is (the caller adds them in that layout)
-        return torch.lerp(out[0, :, 0], out[0, :, 1], wy).t()
-    torch.add(gw, d2 * sw, out=g[:, 2])
-    g[:, 3] = gh
+    col(0, sh, -1.0, out=g[:, 1])
+    torch.add(col(2, sw, -1.0), y0, alpha=d2 * sw, out=g[:, 0])
+    torch.add(g[:, 0], d2 * sw, out=g[:, 2])
+    g[:, 3] = g[:, 1]
     pmax, at = rows()
     img = noise.view(u, d0, d1 * d2, 3).permute(0, 3, 1, 2)
     pair = torch.zeros((u * pmax, 4), dtype=f32, device=dev)  # rows past a unit: centre

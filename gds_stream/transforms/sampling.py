@@ -23,20 +23,14 @@ _FNV_PRIME = 1099511628211
 _INT64_MIN = -(1 << 63)
 
 
-def fnv_hash(grid) -> torch.Tensor:
-    """Pointcept's FNV64-1A of each row of the non-negative integer voxel coordinates, as int64
-    bits: ``grid`` an (n, k) tensor or its k columns (any integer dtype; the hash is int64)."""
-    cols = list(grid.unbind(1)) if isinstance(grid, torch.Tensor) else list(grid)
-    h = torch.bitwise_xor(cols[0].to(torch.int64), _FNV_BASIS * _FNV_PRIME - _wrap(
-        _FNV_BASIS * _FNV_PRIME))
-    for c in cols[1:]:
-        h.mul_(_FNV_PRIME).bitwise_xor_(c)
-    return h
-
-
 def _wrap(v: int) -> int:
     """What int64 arithmetic drops of ``v``: ``v - _wrap(v)`` is ``v`` wrapped to int64."""
     return ((v + (1 << 63)) >> 64) << 64
+
+
+#: The FNV-1a hash after its first multiplication (basis × prime, wrapped to int64): a voxel's
+#: hash is ((_FNV_START ^ x) × prime ^ y) × prime ^ z, as Pointcept's fnv_hash_vec.
+_FNV_START = _FNV_BASIS * _FNV_PRIME - _wrap(_FNV_BASIS * _FNV_PRIME)
 
 
 def _unit_hash_order(h: torch.Tensor, units: Units) -> torch.Tensor:
@@ -101,9 +95,10 @@ def _hash_order(h: torch.Tensor, units: Units) -> tuple[torch.Tensor, torch.Tens
     :func:`_unit_hash_order` — from packed sorts (:func:`_packed_sort`): one by the unit and
     the hash's high 64 − u − b bits (u, b: the unit and index bits) with the index; points whose
     unit and high bits tie (one voxel, or voxels of one column: FNV-1a's last step XORs z into
-    the low bits) are then ordered by their whole hash: the runs apart (lexsort) while they are
-    a small share of the batch, else a second packed sort by the low bits first (a radix sort in
-    two digits). ``None`` when two digits cannot cover the hash (2**29 points or more)."""
+    the low bits) are then ordered by their whole hash: the runs apart (a packed sort of those
+    points by run, low bits, position) while they are a small share of the batch, else the
+    whole batch by a packed sort by the low bits first (a radix sort in two digits). ``None``
+    when two digits cannot cover the hash (2**29 points or more)."""
     n, u = units.n, units.num
     ib, ub = max(1, (n - 1).bit_length()), max(1, (u - 1).bit_length())
     hb = 64 - ib - ub                           # the high digit's hash bits
@@ -185,8 +180,7 @@ class GridSample(Transform):
     def _columns(self, xyz: torch.Tensor, lo: torch.Tensor, counts: torch.Tensor):
         """The points' voxel coordinates in blocks (:func:`point_blocks`): yields (a, m, v),
         v (3, m) float64 the voxels of the points [a, a + m): floor(c / grid_size) − their
-        unit's ``lo`` (``counts``: points per unit, in order), exact (integers below 2**53).
-        ``v`` is a buffer the next block overwrites."""
+        unit's ``lo`` (``counts``: points per unit, in order), exact (integers below 2**53)."""
         src = xyz.t()
         for a, m, lo_pp in point_blocks(lo, counts, xyz.shape[0]):
             v = src[:, a:a + m].to(torch.float64, copy=True)
@@ -205,10 +199,9 @@ class GridSample(Transform):
                 grid[:, a:a + m] = v
         elif n:                                  # FNV-1a of each point's voxel, block by block
             h = torch.empty(n, dtype=torch.int64, device=dev)
-            basis = _FNV_BASIS * _FNV_PRIME - _wrap(_FNV_BASIS * _FNV_PRIME)
             for a, m, v in self._columns(xyz, lo, units.counts):
                 v = v.to(torch.int64)
-                hb = torch.bitwise_xor(v[0], basis, out=h[a:a + m])
+                hb = torch.bitwise_xor(v[0], _FNV_START, out=h[a:a + m])
                 hb.mul_(_FNV_PRIME).bitwise_xor_(v[1]).mul_(_FNV_PRIME).bitwise_xor_(v[2])
         if n == 0:
             order = torch.zeros(0, dtype=torch.int64, device=dev)
