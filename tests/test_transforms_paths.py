@@ -85,7 +85,10 @@ def test_hash_order_equals_unit_hash_order_on_ties_in_either_digit(monkeypatch, 
     assert int(first.sum()) < n                                     # there were voxels of many
 
 
-def test_packed_sort_keeps_equal_keys_in_index_order():
+@pytest.mark.parametrize("keep", [1 << 22, 4])
+def test_packed_sort_keeps_equal_keys_in_index_order(monkeypatch, keep):
+    """Also past the index array a thread keeps (``ARANGE_KEEP``: then a fresh one)."""
+    monkeypatch.setattr(sampling, "ARANGE_KEEP", keep)
     top = np.array([5, 1, 5, 0, 1, 5], dtype=np.uint64)
     order, hi = sampling._packed_sort(top.copy(), 3)
     assert order.tolist() == [3, 1, 4, 0, 2, 5] and hi.tolist() == [0, 1, 1, 5, 5, 5]

@@ -67,10 +67,15 @@ def _packed_sort(top: np.ndarray, index_bits: int, with_top: bool = True):
 
 
 _ARANGE = threading.local()
+#: Longest index array a thread keeps between calls (8 bytes a point: 32 MiB).
+ARANGE_KEEP = 1 << 22
 
 
 def _arange(n: int) -> np.ndarray:
-    """0 .. n − 1 as uint64, from a per-thread array kept between calls (read only)."""
+    """0 .. n − 1 as uint64, from a per-thread array kept between calls (read only) up to
+    ``ARANGE_KEEP`` points, fresh past it."""
+    if n > ARANGE_KEEP:
+        return np.arange(n, dtype=np.uint64)
     a = getattr(_ARANGE, "a", None)
     if a is None or a.shape[0] < n:
         a = _ARANGE.a = np.arange(max(n, 1 << 16), dtype=np.uint64)
