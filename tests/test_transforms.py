@@ -419,17 +419,18 @@ def test_elastic_unequal_units_equal_reference_with_the_same_noise(monkeypatch):
     the generator's stream); each unit still equals the reference fed its own noise."""
     small = make_batch((60,), dtype=torch.float64, extent=(0.5, 0.5, 0.5), seed=1)
     big = make_batch((400,), dtype=torch.float64, extent=(30.0, 30.0, 3.0), seed=2)
-    b = {c: torch.cat([small[c], big[c], small[c] * 2]) for c in "xyz"}
-    b["offset"] = torch.tensor([60, 460, 520])
+    b = {c: torch.cat([small[c], big[c]] + [small[c] * k for k in range(2, 6)]) for c in "xyz"}
+    b["offset"] = torch.tensor([60, 460, 520, 580, 640, 700])
     gran, mag = 0.2, 0.4
     from gds_stream.transforms import elastic
+    assert elastic.DENSE_RATIO < 6           # 6 units padded to the big one's grid: end to end
     calls = []
     flat = elastic._flat_noise
     monkeypatch.setattr(elastic, "_flat_noise", lambda *a: calls.append(1) or flat(*a))
     out = ElasticDistortion([[gran, mag]])(b, torch.Generator().manual_seed(3))
     assert calls == [1]                                       # the end-to-end layout ran
     g = torch.Generator().manual_seed(3)
-    assert (torch.rand(3, generator=g, dtype=torch.float64) < 0.95).all()
+    assert (torch.rand(6, generator=g, dtype=torch.float64) < 0.95).all()
     units = units_of(b)
     dims = [((xyz - xyz.min(0)).max(0) // gran).astype(int) + 3 for _, xyz in units]
     noise = torch.randn((sum(int(np.prod(d)) for d in dims), 3), generator=g).numpy()

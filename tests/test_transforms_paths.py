@@ -169,3 +169,23 @@ def test_large_gaussian_draws_split_into_streams_independent_of_threads(monkeypa
                                                 torch.Generator().manual_seed(1))
            for _ in range(2)]
     _equal(jit[0], jit[1])
+
+
+def test_elastic_keeps_half_empty_padded_blocks_dense(monkeypatch):
+    """Chunks of a batch differ in extent (rotated squares, partial chunks at a scan's edge):
+    a padded block 3.6x the units' own grids still takes the padded layout (~5x cheaper a cell
+    than grids end to end), which used to be refused past 2x."""
+    g = torch.Generator().manual_seed(0)
+    r = 10 / 2 ** 0.5
+    big = torch.tensor([[r, 0.0], [-r, 0.0], [0.0, r], [0.0, -r]])    # a 10 m square at 45°
+    xy = [torch.cat([big, (torch.rand(200, 2, generator=g) - 0.5) * 7])]
+    xy += [torch.rand(100, 2, generator=g) * 5 for _ in range(5)]       # five 5 m squares
+    xy = torch.cat(xy)
+    n = len(xy)
+    b = {"x": xy[:, 0].contiguous(), "y": xy[:, 1].contiguous(),
+         "z": torch.rand(n, generator=g), "offset": torch.tensor([204, 304, 404, 504, 604, 704])}
+    calls = []
+    dense = elastic._dense_noise
+    monkeypatch.setattr(elastic, "_dense_noise", lambda *a: calls.append(1) or dense(*a))
+    out = ElasticDistortion([[0.1, 0.2]])(b, torch.Generator().manual_seed(4))
+    assert calls == [1] and torch.isfinite(out["x"]).all() and not torch.equal(out["x"], b["x"])
