@@ -15,9 +15,10 @@ only), and in a training loop (a small per-point MLP, SGD) the epoch's wall time
 the time ``next()`` kept the loop waiting. ``compute-only`` runs the same steps on batches
 already transformed and resident: the floor. The run is planned to fit ``--budget`` like the
 rest of the comparison (:mod:`bench.transform_plan`: the pipelines the ratio needs first, the
-rest of both grids and the preset alone while the budget lasts, cuts reported). Transforms are
-random, so the two pipelines' outputs are not comparable point for point; the tests prove each
-transform equal to the reference unit by unit.
+rest of both grids and the preset alone (:mod:`bench.transform_solo`; alone, in seconds:
+``python -m bench.transform_bench --preset-only``) while the budget lasts, cuts reported).
+Transforms are random, so the two pipelines' outputs are not comparable point for point; the
+tests prove each transform equal to the reference unit by unit.
 
 The preset (semseg), on the DALES-like data in metres (aerial, about 7 points/m², chunks of
 50 m): CenterShift(apply_z) · RandomRotate(z, ±π, about the origin, p 0.5) · RandomScale(0.9,
@@ -35,7 +36,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -293,44 +293,6 @@ def measure(pipe, dev, repeat: int, classes: int, points: int, plan=None,
             "stall_share": e2e["stall_s"] / e2e["wall_s"], "repeat": repeat}
 
 
-def solo_preset_ms(dev: Device, points: int, seed: int) -> tuple[float, dict[str, float]]:
-    """The whole preset on one resident batch of ``points`` points in 16 chunks: median ms of 5
-    runs (after one warm-up), and each transform's median ms (timed one by one in the same
-    runs, the device synchronised around each)."""
-    g = torch.Generator().manual_seed(seed)
-    side = CHUNK_SIZE_M
-    b = {"x": torch.rand(points, generator=g) * side * 4, "y": torch.rand(points, generator=g)
-         * side * 4, "z": torch.rand(points, generator=g) * 20,
-         "intensity": torch.rand(points, generator=g) * 100,
-         "sem_class": torch.randint(0, 9, (points,), generator=g, dtype=torch.int32)}
-    cell = (b["x"] // side).long() * 4 + (b["y"] // side).long()
-    order = torch.argsort(cell, stable=True)
-    b = {k: v[order].to(dev.device) for k, v in b.items()}
-    b["offset"] = torch.cumsum(torch.bincount(cell, minlength=16), 0).to(dev.device)
-    t = semseg(lib=True, point_max=points)
-    names = [f"{type(x).__name__}" for x in t.transforms]
-    names = [n if names.count(n) == 1 else f"{n} {names[:i + 1].count(n)}"
-             for i, n in enumerate(names)]
-    gen = torch.Generator(device=dev.device)
-    times, each = [], {n: [] for n in names}
-    for i in range(6):
-        gen.manual_seed(i)
-        x, total = b, 0.0
-        for name, step in zip(names, t.transforms):
-            dev.sync()
-            t0 = time.perf_counter()
-            x = step(x, gen)
-            dev.sync()
-            dt = time.perf_counter() - t0
-            total += dt
-            if i:
-                each[name].append(dt)
-        if i:
-            times.append(total)
-    return (statistics.median(times) * 1e3,
-            {n: statistics.median(v) * 1e3 for n, v in each.items()})
-
-
 def run(args) -> int:
     """The ``--transform`` mode of ``bench.compare`` (its --workdir, --dataset, --points,
     --chunk-size, --batch-chunks, --device, --seed, --repeat, --budget, --smoke, --json,
@@ -415,6 +377,7 @@ def run(args) -> int:
         per_point = plan.warmups[libs[0]["label"]] / points
         solo_s = 6 * solo_points * per_point * MARGIN
         if solo_s <= budget.left():
+            from bench.transform_solo import solo_preset_ms
             solo, solo_each = solo_preset_ms(dev, solo_points, args.seed)
         else:
             plan.cut["the preset alone"] = (f"skipped: ~{solo_s:.1f} s, "
@@ -470,3 +433,9 @@ def render(doc: dict) -> str:
     lines.append(f"budget {b['seconds']:.0f} s, {b['used_s']:.0f} s used"
                  + (f"; cut: {cut}" if cut else ", nothing cut"))
     return "\n".join(lines)
+
+
+
+if __name__ == "__main__":
+    from bench.transform_solo import main
+    sys.exit(main())

@@ -85,3 +85,30 @@ def test_unknown_transform_preset_is_one_line_exit_2(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         "error: --transform: unknown preset 'nope' (presets: semseg)"]
+
+
+def test_preset_only_times_each_transform(tmp_path):
+    """``python -m bench.transform_bench --preset-only``: the preset alone on a resident batch,
+    whole and per transform (median and best), as a table and as JSON; bad sizes refused in one
+    line."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    out = tmp_path / "solo.json"
+    r = subprocess.run([sys.executable, "-m", "bench.transform_bench", "--preset-only",
+                        "--points", "3000", "--runs", "2", "--json", str(out)], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["points"] == 3000 and doc["runs"] == 2 and len(doc["load_average"]) == 3
+    names = list(doc["transform_ms"])
+    assert names[0] == "CenterShift 1" and names[-1] == "ToPointcept" and "GridSample" in names
+    for v in [doc["preset_ms"], *doc["transform_ms"].values()]:
+        assert 0 < v["min"] <= v["median"]
+    assert "median / best of 2 (ms)" in r.stdout and "ElasticDistortion" in r.stdout
+    bad = subprocess.run([sys.executable, "-m", "bench.transform_bench", "--preset-only",
+                          "--points", "3"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "error: --points must be >= 16 and --runs >= 1"]
+    none = subprocess.run([sys.executable, "-m", "bench.transform_bench"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert none.returncode == 2 and len(none.stderr.strip().splitlines()) == 1

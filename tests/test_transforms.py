@@ -360,6 +360,10 @@ def test_to_pointcept():
     assert torch.equal(out["grid_coord"], b["grid_coord"]) and "chunk" in out
     solo = ToPointcept(segment=None)(make_batch((7,), offset=False))
     assert solo["offset"].tolist() == [7] and "segment" not in solo
+    # the transforms pass x, y, z planar; a model gets every tensor row-major, as it expects
+    moved = ToPointcept(segment=None)(RandomScale()(make_batch((30, 12))))
+    assert moved["coord"].stride() == (3, 1)
+    assert all(v.is_contiguous() for v in (out | moved).values())
 
 
 # -- bad parameters ---------------------------------------------------------------------------
@@ -415,17 +419,18 @@ def test_elastic_unequal_units_equal_reference_with_the_same_noise(monkeypatch):
     the generator's stream); each unit still equals the reference fed its own noise."""
     small = make_batch((60,), dtype=torch.float64, extent=(0.5, 0.5, 0.5), seed=1)
     big = make_batch((400,), dtype=torch.float64, extent=(30.0, 30.0, 3.0), seed=2)
-    b = {c: torch.cat([small[c], big[c], small[c] * 2]) for c in "xyz"}
-    b["offset"] = torch.tensor([60, 460, 520])
+    b = {c: torch.cat([small[c], big[c]] + [small[c] * k for k in range(2, 6)]) for c in "xyz"}
+    b["offset"] = torch.tensor([60, 460, 520, 580, 640, 700])
     gran, mag = 0.2, 0.4
     from gds_stream.transforms import elastic
+    assert elastic.DENSE_RATIO < 6           # 6 units padded to the big one's grid: end to end
     calls = []
     flat = elastic._flat_noise
     monkeypatch.setattr(elastic, "_flat_noise", lambda *a: calls.append(1) or flat(*a))
     out = ElasticDistortion([[gran, mag]])(b, torch.Generator().manual_seed(3))
     assert calls == [1]                                       # the end-to-end layout ran
     g = torch.Generator().manual_seed(3)
-    assert (torch.rand(3, generator=g, dtype=torch.float64) < 0.95).all()
+    assert (torch.rand(6, generator=g, dtype=torch.float64) < 0.95).all()
     units = units_of(b)
     dims = [((xyz - xyz.min(0)).max(0) // gran).astype(int) + 3 for _, xyz in units]
     noise = torch.randn((sum(int(np.prod(d)) for d in dims), 3), generator=g).numpy()
@@ -530,14 +535,15 @@ def test_cuda_gives_the_cpu_results():
 
 
 def test_coordinates_pass_between_transforms_as_one_tensor():
-    """A transform writes x, y, z as the columns of one (n, 3) tensor; the next one takes that
-    tensor as it is (no stack), and the values are those of separate fields."""
+    """A transform writes x, y, z as the rows of one (3, n) tensor (planar: each field
+    contiguous); the next one takes that tensor as it is (no stack), and the values are those
+    of separate fields."""
     from gds_stream.transforms._batch import get_coord
     b = make_batch((40, 0, 25))
     out = RandomScale(scale=[2, 2])(b)
     base = get_coord(out, ("x", "y", "z"), "t")
     assert all(out[c].untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
-               for c in "xyz")
+               and out[c].is_contiguous() for c in "xyz")
     sep = {k: (v.clone() if k in "xyz" else v) for k, v in out.items()}
     assert get_coord(sep, ("x", "y", "z"), "t").untyped_storage().data_ptr() != \
         sep["x"].untyped_storage().data_ptr()                 # separate fields: stacked

@@ -6,12 +6,19 @@ unit. Every tensor whose first dimension is the batch's point count is a per-poi
 gathered with the points; ``offset`` is rewritten; the per-unit keys (``chunk``) and the
 non-point keys (``inverse``, which indexes a GridSample's output) are carried unchanged.
 
-Nothing here loops over units in Python: unit ids come from ``torch.repeat_interleave``, per-unit
-minima and maxima from ``scatter_reduce``, per-unit selections from stable sorts.
+Nothing here loops over units in Python: per-unit values reach the points by block fills
+(numpy's ``repeat`` on a CPU, ``repeat_interleave`` elsewhere), per-unit minima and maxima come
+from segmented reductions, per-unit selections from stable sorts. On a CPU, x, y and z pass
+between transforms planar (the rows of one (3, n) tensor: each field contiguous), long passes
+run in blocks of points (:func:`point_blocks`: temporaries in cache, no fresh megabytes per
+batch), and large Gaussian draws are split into streams drawn on the intra-op threads
+(:func:`randn`).
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -65,36 +72,56 @@ def get_coord(batch: Batch, names: tuple[str, ...], who: str) -> torch.Tensor:
     dt = torch.float64 if torch.float64 in dts else torch.float32
     if len(cols) == 1:
         return xyz.to(dt)
-    if all(d == dt for d in dts) and _columns_of_one(cols):
-        return cols[0].as_strided((cols[0].shape[0], 3), (3, 1), cols[0].storage_offset())
-    return torch.stack([c.to(dt) for c in cols], 1)
+    if all(d == dt for d in dts):
+        view = _one_tensor(cols)
+        if view is not None:
+            return view
+    # planar: the three fields as the rows of one (3, n) tensor, seen as (n, 3)
+    return torch.stack([c.to(dt) for c in cols], 0).t()
 
 
-def _columns_of_one(cols: list[torch.Tensor]) -> bool:
-    """Whether the three 1-D ``cols`` are the columns of one row-major (n, 3) tensor, as
-    :func:`set_coord` writes them: then that tensor is used as it is, no stack."""
+def _one_tensor(cols: list[torch.Tensor]) -> torch.Tensor | None:
+    """The (n, 3) tensor whose columns the three 1-D ``cols`` are, as :func:`set_coord` writes
+    them — planar (the rows of one (3, n) tensor, strides (1, n)) or row-major (strides (3, 1))
+    — used as it is, no stack; ``None`` when they are separate tensors."""
     c0 = cols[0]
-    if c0.shape[0] < 2:
-        return False
+    n = c0.shape[0]
+    if n < 2:
+        return None
     try:
         ptr = c0.untyped_storage().data_ptr()
-        return all(c.stride() == (3,) and c.device == c0.device
-                   and c.untyped_storage().data_ptr() == ptr
-                   and c.storage_offset() == c0.storage_offset() + i
-                   for i, c in enumerate(cols))
+        if not all(c.device == c0.device and c.untyped_storage().data_ptr() == ptr
+                   for c in cols):
+            return None
+        o = c0.storage_offset()
+        for step, stride in ((n, (1,)), (1, (3,))):
+            if all(c.stride() == stride and c.storage_offset() == o + i * step
+                   for i, c in enumerate(cols)):
+                return c0.as_strided((n, 3), (1, n) if step == n else (3, 1), o)
     except (RuntimeError, NotImplementedError):           # tensors without a plain storage
-        return False
+        pass
+    return None
+
+
+def planar(xyz: torch.Tensor) -> bool:
+    """Whether the (n, 3) ``xyz`` is laid out planar: its columns contiguous (the rows of a
+    (3, n) tensor), the layout :func:`get_coord` makes of three fields."""
+    return xyz.dim() == 2 and xyz.shape[1] == 3 and xyz.stride() == (1, xyz.shape[0])
 
 
 def set_coord(batch: Batch, names: tuple[str, ...], xyz: torch.Tensor) -> Batch:
     """A new batch whose coordinate fields are ``xyz``, each in its own stored dtype. Three
-    fields of ``xyz``'s dtype are the columns of one row-major (n, 3) tensor (strided views, no
-    copies), which the next transform's :func:`get_coord` takes as it is."""
+    fields of ``xyz``'s dtype are views of it, no copies: the rows of its (3, n) tensor when it
+    is planar (each field contiguous), else the columns of one row-major (n, 3) tensor; the next
+    transform's :func:`get_coord` takes that tensor as it is."""
     out = dict(batch)
     if len(names) == 1:
         out[names[0]] = xyz.to(batch[names[0]].dtype)
     elif all(batch[n].dtype == xyz.dtype for n in names):
-        rows = xyz if xyz.stride() == (3, 1) else xyz.contiguous()
+        if planar(xyz) or xyz.stride() == (3, 1):
+            rows = xyz
+        else:
+            rows = xyz.t().contiguous().t()
         for i, n in enumerate(names):
             out[n] = rows[:, i]
     else:
@@ -125,11 +152,26 @@ class Units:
         self.device = device
         self.starts = torch.cumsum(self.counts, 0) - self.counts
         self._ids: torch.Tensor | None = None
+        self._counts_np: np.ndarray | None = None
 
-    def expand(self, per_unit: torch.Tensor) -> torch.Tensor:
-        """``per_unit`` (U, ...) repeated for every point of its unit: (n, ...); a gather by the
-        (cached) unit ids, one pass, where ``repeat_interleave`` would rebuild them each time."""
+    def expand(self, per_unit: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+        """``per_unit`` (U, ...) repeated for every point of its unit: (n, ...), laid out planar
+        (see :func:`planar`) when ``like`` is. On a CPU numpy's ``repeat`` (units are contiguous
+        ranges: block fills, ~5x a gather); elsewhere a gather by the (cached) unit ids."""
+        if per_unit.device.type == "cpu":
+            counts = self._np_counts()
+            if like is not None and planar(like) and per_unit.dim() == 2:
+                rows = per_unit.t().contiguous().numpy()
+                return torch.from_numpy(np.repeat(rows, counts, axis=1)).t()
+            return repeat_units(per_unit, counts, self.n)
+        if like is not None and planar(like) and per_unit.dim() == 2:
+            return per_unit.t().index_select(1, self.ids).t()
         return per_unit.index_select(0, self.ids)
+
+    def _np_counts(self) -> np.ndarray:
+        if self._counts_np is None:
+            self._counts_np = self.counts.numpy()
+        return self._counts_np
 
     @property
     def ids(self) -> torch.Tensor:
@@ -138,6 +180,41 @@ class Units:
             self._ids = torch.repeat_interleave(
                 torch.arange(self.num, device=self.device), self.counts, output_size=self.n)
         return self._ids
+
+
+def repeat_units(per_unit: torch.Tensor, counts, n: int) -> torch.Tensor:
+    """``per_unit`` (U, ...) with row u repeated ``counts[u]`` times (a tensor, or a numpy
+    array on a CPU): (n, ...). On a CPU numpy's ``repeat`` (block fills); elsewhere torch's."""
+    if per_unit.device.type == "cpu":
+        c = counts if isinstance(counts, np.ndarray) else counts.numpy()
+        return torch.from_numpy(np.repeat(per_unit.contiguous().numpy(), c, axis=0))
+    return torch.repeat_interleave(per_unit, counts, dim=0, output_size=n)
+
+
+#: Points per block of a blocked per-point pass on a CPU (:func:`point_blocks`).
+BLOCK = 1 << 17
+
+
+def point_blocks(per_unit: torch.Tensor, counts: torch.Tensor, n: int, size: int = 0):
+    """The points in consecutive blocks, each with its points' per-unit values: yields
+    (a, m, pp) for the points [a, a + m), pp (k, m) the row of ``per_unit`` (U, k) of each
+    point's unit, transposed. On a CPU blocks of ``size`` (default :data:`BLOCK`) points, pp a
+    block fill per unit (numpy's ``repeat``): a pass over the batch in blocks keeps its
+    temporaries in cache, and small enough for the allocator to hand back at once — a
+    whole-batch temporary is megabytes of fresh pages each time, whose page faults cost as much
+    as the arithmetic. Elsewhere one block (``repeat_interleave``)."""
+    if per_unit.device.type != "cpu":
+        if n:
+            yield 0, n, torch.repeat_interleave(per_unit, counts, dim=0, output_size=n).t()
+        return
+    size = size or BLOCK
+    rows = per_unit.t().contiguous().numpy()
+    ends = torch.cumsum(counts, 0).numpy()
+    starts = ends - counts.numpy()
+    for a in range(0, n, size):
+        m = min(size, n - a)
+        cnt = np.clip(ends, a, a + m) - np.clip(starts, a, a + m)
+        yield a, m, torch.from_numpy(np.repeat(rows, cnt, axis=1))
 
 
 def segment_reduce(values: torch.Tensor, ids: torch.Tensor, num: int, op: str) -> torch.Tensor:
@@ -151,21 +228,24 @@ def segment_reduce(values: torch.Tensor, ids: torch.Tensor, num: int, op: str) -
 def segment_bbox(xyz: torch.Tensor, units: Units) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-unit (min, max) of the (n, 3) float coordinates, each (U, 3); 0 for empty units.
     Units are contiguous ranges, so this is a segmented reduction (no scatter): on a CPU numpy's
-    ``reduceat`` (vectorised; ~4x torch's segment_reduce there), elsewhere torch's."""
+    ``reduceat`` along each contiguous axis (vectorised; ~4x torch's segment_reduce there),
+    elsewhere torch's."""
     nonempty = (units.counts > 0)[:, None]
     zero = torch.zeros((), dtype=xyz.dtype, device=xyz.device)
     if xyz.device.type == "cpu" and units.n > 0:
-        x = xyz.detach().contiguous().numpy()
+        flat = planar(xyz)
+        x = (xyz.t() if flat else xyz).detach().contiguous().numpy()
         full = torch.nonzero(units.counts).flatten()          # strictly increasing starts < n
         starts = units.starts[full].numpy()
         out = []
         for op in (np.minimum, np.maximum):
             r = xyz.new_zeros((units.num, xyz.shape[1]))
-            r[full] = torch.from_numpy(op.reduceat(x, starts, 0))
+            red = op.reduceat(x, starts, 1 if flat else 0)
+            r[full] = torch.from_numpy(red.T if flat else red)
             out.append(r)
         return tuple(out)
-    return tuple(torch.where(nonempty, torch.segment_reduce(xyz, op, lengths=units.counts,
-                                                            axis=0), zero)
+    return tuple(torch.where(nonempty, torch.segment_reduce(xyz.contiguous(), op,
+                                                            lengths=units.counts, axis=0), zero)
                  for op in ("min", "max"))
 
 
@@ -199,14 +279,23 @@ def take(v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def gather(batch: Batch, idx: torch.Tensor, counts: torch.Tensor | None, n: int,
-           units: Units) -> Batch:
+           units: Units, coord: tuple[tuple[str, ...], torch.Tensor] | None = None) -> Batch:
     """Every per-point field of ``batch`` (first dimension ``n``) taken at ``idx``; ``offset``
-    recomputed from the new per-unit ``counts``; per-unit and other keys carried unchanged."""
+    recomputed from the new per-unit ``counts``; per-unit and other keys carried unchanged.
+    ``coord``: (names, xyz) from :func:`get_coord`; three fields of a planar ``xyz``'s dtype are
+    gathered as its rows at once and stay planar (the next transform takes them as they are)."""
+    rows = None
+    if coord is not None:
+        names, xyz = coord
+        if len(names) == 3 and planar(xyz) and all(batch[c].dtype == xyz.dtype for c in names):
+            rows = xyz.t().index_select(1, idx.to(xyz.device))
     out: Batch = {}
     for k, v in batch.items():
         if k == "offset":
             continue
-        if k in UNIT_KEYS or k in OTHER_KEYS or v.dim() == 0 or v.shape[0] != n:
+        if rows is not None and k in names:
+            out[k] = rows[names.index(k)]
+        elif k in UNIT_KEYS or k in OTHER_KEYS or v.dim() == 0 or v.shape[0] != n:
             out[k] = v
         else:
             out[k] = take(v, idx)
@@ -221,6 +310,55 @@ def num_points(batch: Batch, names: tuple[str, ...], who: str) -> int:
 
 def rand(shape, generator: torch.Generator | None, device, dtype=torch.float64) -> torch.Tensor:
     return torch.rand(shape, generator=generator, device=device, dtype=dtype)
+
+
+#: Values from which a Gaussian draw on a CPU is split into ``RNG_STREAMS`` streams (:func:`randn`).
+RNG_SPLIT_MIN = 1 << 18
+#: Streams a large Gaussian draw on a CPU is split into: fixed, so the values never depend on
+#: the number of threads that draw them.
+RNG_STREAMS = 4
+_POOL: list = []                          # (pid, executor): a fork gets a pool of its own
+_POOL_LOCK = threading.Lock()
+
+
+def randn(out: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """``out`` (contiguous) filled with N(0, 1) draws from ``generator``, and returned. On a CPU
+    a draw of at least ``RNG_SPLIT_MIN`` values is ``RNG_STREAMS`` streams — each a generator
+    seeded by one draw from ``generator`` — filling consecutive parts of ``out``, as many at
+    once as there are intra-op threads: torch's CPU Gaussian draw runs on one thread, and is
+    the largest serial part of the batch's transforms. The values depend only on the
+    generator's state and the size, not on the threads."""
+    flat = out.view(-1)
+    n = flat.shape[0]
+    if out.device.type != "cpu" or n < RNG_SPLIT_MIN:
+        return torch.randn(out.shape, generator=generator, device=out.device, dtype=out.dtype,
+                           out=out)
+    seeds = torch.randint(0, 1 << 62, (RNG_STREAMS,), generator=generator).tolist()
+    parts = flat.chunk(RNG_STREAMS)
+
+    def draw(i):
+        g = torch.Generator().manual_seed(seeds[i])
+        torch.randn(parts[i].shape, generator=g, dtype=out.dtype, out=parts[i])
+    workers = min(torch.get_num_threads(), len(parts))
+    if workers < 2:
+        for i in range(len(parts)):
+            draw(i)
+        return out
+    futures = [_pool().submit(draw, i) for i in range(1, len(parts))]
+    draw(0)
+    for f in futures:
+        f.result()
+    return out
+
+
+def _pool():
+    """A small thread pool for :func:`randn`, per process."""
+    with _POOL_LOCK:
+        if not _POOL or _POOL[0][0] != os.getpid():
+            from concurrent.futures import ThreadPoolExecutor
+            _POOL[:] = [(os.getpid(), ThreadPoolExecutor(RNG_STREAMS - 1,
+                                                          thread_name_prefix="gds-randn"))]
+        return _POOL[0][1]
 
 
 def check_range(who: str, param: str, value, lo=None, hi=None, lo_open=False) -> None:

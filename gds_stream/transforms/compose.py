@@ -59,17 +59,22 @@ class ToPointcept:
     def __call__(self, batch: Batch, generator: torch.Generator | None = None) -> Batch:
         xyz = get_coord(batch, self.coord, "ToPointcept").to(torch.float32)
         n = xyz.shape[0]
+        # row-major (n, 3) and (n, k), as a model takes them, from columns (the transforms pass
+        # coordinates planar: stacking their columns is ~6x faster than a transposing copy)
+        xs = list(xyz.unbind(1))
         cols = []
         for name in self.feat:
             if name == "coord":
-                cols.append(xyz)
+                cols += xs
                 continue
             v = require(batch, name, "ToPointcept", "feat")
             if v.shape[0] != n or v.dim() > 2:
                 raise LoaderError(f"ToPointcept: feat field {name!r} must be (n,) or (n, k) with "
                                   f"n = {n}, got shape {tuple(v.shape)}")
-            cols.append(v.to(torch.float32).reshape(n, -1))
-        out = {"coord": xyz, "feat": torch.cat(cols, 1)}
+            cols += list(v.to(torch.float32).reshape(n, -1).unbind(1))
+        xyz = torch.stack(xs, 1)
+        feat = torch.stack(cols, 1) if cols else xyz.new_zeros((n, 0))
+        out = {"coord": xyz, "feat": feat}
         if self.segment is not None:
             out["segment"] = require(batch, self.segment, "ToPointcept", "segment").to(
                 torch.int64)

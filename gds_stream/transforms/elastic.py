@@ -6,8 +6,10 @@ granularity below the unit's minimum, smoothed twice by a 3-cell box filter alon
 (zeros outside the grid), then sampled trilinearly at every point and added × magnitude.
 
 Units of similar extent (chunks, the usual case) share one (units, D0, D1, D2, 3) block padded
-to the largest grid, filtered by slicing (on a CPU in reused buffers)
-and sampled by one 2-D ``grid_sample`` for the whole batch (:func:`_sample_dense`). Units of
+to the largest grid, filtered by slicing (on a CPU in reused buffers) and sampled by 2-D
+``grid_sample`` as one image for the batch (:func:`_distort_image`: on a CPU in blocks of points,
+each spread over one image per intra-op thread) or one image per unit (:func:`_sample_dense`,
+past ``IMAGE_ROWS``). Units of
 very different extent lay their grids end to end in one flat tensor instead (the padding would
 dwarf them); its box filter reads each cell's neighbours through per-cell strides and the
 sampling gathers the 8 corners, so its cost too is proportional to the cells and points of the
@@ -22,7 +24,7 @@ from typing import Sequence
 import torch
 
 from ..errors import LoaderError
-from ._batch import Batch, rand, segment_bbox, set_coord
+from ._batch import Batch, point_blocks, rand, randn, segment_bbox, set_coord
 from .geometry import XYZ, Transform
 
 #: Pointcept applies the distortion to a sample with this probability.
@@ -76,12 +78,14 @@ class ElasticDistortion(Transform):
         total = int(cells.sum())
         dmax = dims.max(0).values.tolist()
         padded = u * dmax[0] * dmax[1] * dmax[2]
-        if padded <= 2 * total + DENSE_SLACK:    # units of similar extent (chunks): one block
+        if padded <= DENSE_RATIO * total + DENSE_SLACK:   # units of similar extent: one block
             noise = _dense_noise(dims, dmax, generator, dev)
+            if u * dmax[0] <= IMAGE_ROWS:
+                return _distort_image(xyz, units, apply, lo, noise, granularity, magnitude)
             acc = _sample_dense(xyz, units, lo, noise, granularity, rows)
             # the 1 / 9 of the six box passes, folded into the magnitude
             if bool(apply.all()):
-                return xyz + (acc * (magnitude / 729)).to(xyz.dtype)
+                return torch.add(xyz, acc.to(xyz.dtype), alpha=magnitude / 729)
             # a skipped unit's points sample whatever lies where its grid would be (finite):
             # × 0, its coordinates stay as they are
             scale = apply.to(acc.dtype) * (magnitude / 729)
@@ -98,49 +102,105 @@ class ElasticDistortion(Transform):
         return torch.where(on, xyz + acc.to(xyz.dtype), xyz)
 
 
+def _distort_image(xyz, units, apply, lo, noise, granularity, magnitude):
+    """``xyz`` + magnitude × the trilinear sample of the smoothed (U, D0, D1, D2, 3) ``noise``
+    block (:func:`_dense_noise`, × 9³) at each point, planar (n, 3) out. The block is one image
+    of a 2-D ``grid_sample``, its memory as it lies: each y slice of a unit side by side along
+    the width (cell (x, y, z) at column y·D2 + z), the units one below the other (row u·D0 + x);
+    each point a pair of samples, at its slices y0 and y0 + 1 (bilinear in x, z; linear in y
+    between them). Float32: a normalised coordinate carries ~3e-8 × (its axis' cells) of
+    rounding: ~2e-5 of a cell for 16 chunks' images (``IMAGE_ROWS`` bounds it). On a CPU in blocks
+    of ``IMAGE_BLOCK`` points: every intermediate (the grid, the samples) stays in cache and is
+    a small allocation the allocator hands back at once, where whole-batch temporaries are
+    tens of megabytes of fresh pages each time (their page faults cost as much as the
+    arithmetic). Skipped units (``apply`` false) sample whatever lies where their grid would
+    be (finite) × 0: their coordinates stay as they are."""
+    u, d0, d1, d2 = noise.shape[:4]
+    dev, n, f32 = xyz.device, units.n, torch.float32
+    sw, sh = 2 / (d1 * d2 - 1), 2 / (u * d0 - 1)           # cell index -> [-1, 1]
+    ig = 1 / granularity
+    # t = (coord − lo) / granularity + 1 (+ the unit's first row, along x) as coord × ig + b,
+    # b per unit in float64; x and z straight to the grid's [-1, 1]: t × s − 1
+    b = 1 - lo.to(torch.float64) * ig
+    b[:, 0] += torch.arange(u, device=dev) * d0
+    b[:, 0] = b[:, 0] * sh - 1
+    b[:, 2] = b[:, 2] * sw - 1
+    alpha = (ig * sh, ig, ig * sw)
+    scale = magnitude / 729                   # the 1 / 9 of the six box passes, folded in
+    per = torch.cat([b, (apply.to(torch.float64) * scale)[:, None]], 1).to(xyz.dtype)
+    all_on = bool(apply.all())
+    img = noise.view(1, u * d0, d1 * d2, 3).permute(0, 3, 1, 2)
+    out = torch.empty((3, n), dtype=xyz.dtype, device=dev)
+    src = xyz.t()                                          # (3, n): rows contiguous if planar
+    parts = _images() if dev.type == "cpu" else 1
+    for a, m, pp in point_blocks(per, units.counts, n, IMAGE_BLOCK):
+        c = src[:, a:a + m]
+        # grid (k, mk, 2, 2): the block's points in k images of the grid_sample batch (the
+        # image expanded, not copied: a CPU grid_sample runs one thread per image), each point
+        # a pair of samples, at slices y0 and y0 + 1; rows past the block's points are 0
+        k = parts if m >= parts * MIN_IMAGE_POINTS else 1
+        mk = -(-m // k)
+        g = torch.empty((k * mk, 2, 2), dtype=f32, device=dev)
+        if k * mk > m:
+            g[m:] = 0
+        ty = torch.add(pp[1], c[1], alpha=alpha[1]).to(f32)
+        y0 = torch.floor(ty).clamp_(0, d1 - 2)
+        wy = ty.sub_(y0)
+        torch.add(pp[0], c[0], alpha=alpha[0], out=g[:m, 0, 1])
+        gz = torch.add(pp[2], c[2], alpha=alpha[2]).to(f32)
+        torch.add(gz, y0, alpha=d2 * sw, out=g[:m, 0, 0])
+        torch.add(g[:m, 0, 0], d2 * sw, out=g[:m, 1, 0])
+        g[:m, 1, 1] = g[:m, 0, 1]
+        smp = torch.nn.functional.grid_sample(img.expand(k, -1, -1, -1), g.view(k, mk, 2, 2),
+                                              mode="bilinear", padding_mode="zeros",
+                                              align_corners=True)           # (k, 3, mk, 2)
+        if k * mk > m:
+            wy = torch.cat([wy, wy.new_zeros(k * mk - m)])
+        acc = torch.empty((3, k * mk), dtype=f32, device=dev)
+        torch.lerp(smp[..., 0].transpose(0, 1), smp[..., 1].transpose(0, 1), wy.view(k, mk),
+                   out=acc.view(3, k, mk))
+        acc = acc[:, :m].to(xyz.dtype)                                       # (3, m)
+        if all_on:
+            torch.add(c, acc, alpha=scale, out=out[:, a:a + m])
+        else:
+            torch.addcmul(c, acc, pp[3], out=out[:, a:a + m])
+    return out.t()
+
+
 def _sample_dense(xyz, units, lo, noise, granularity, rows):
     """Trilinear sample of the smoothed (U, D0, D1, D2, 3) ``noise`` block (:func:`_dense_noise`)
-    at each point: linear along y between two bilinear (x, z) samples, all of them from one 2-D
-    ``grid_sample`` (vectorised on a CPU). The image is the block's memory as it lies, no copy:
-    each y slice of a unit side by side along the width (cell (x, y, z) at column y·D2 + z),
-    and the units one below the other (row u·D0 + x), one image for the batch while it has at
-    most ``IMAGE_ROWS`` rows; else each unit is one image of the grid_sample batch, and each
-    point a pair of samples in its unit's row of Pmax pairs (``rows()``: Pmax and each point's
-    row; the rows past a unit's points sample the image's centre and are not read). Each point
-    is one pair of samples, at its slices y0 and y0 + 1. Float32: a normalised coordinate
-    carries ~3e-8 × (its axis' cells) of rounding: ~2e-5 of a cell for 16 chunks' images.
+    at each point, the block too many rows for one image (see :func:`_distort_image`): each
+    unit one image of a 2-D ``grid_sample`` batch — the block's memory as it lies, no copy, each
+    y slice side by side along the width (cell (x, y, z) at row x, column y·D2 + z) — and each
+    point a pair of samples, at its slices y0 and y0 + 1 (bilinear in x, z; linear in y between
+    them), in its unit's row of Pmax pairs (``rows()``: Pmax and each point's row; the rows past
+    a unit's points sample the image's centre and are not read). Float32: a normalised
+    coordinate carries ~3e-8 × (its axis' cells) of rounding.
 
     A point's continuous cell index t = (coord − lo) / granularity + 1 lies in [1, dims − 1) of
     its own unit, so every corner with a weight is one of its own unit's cells (a corner past
     them has weight 0)."""
     u, d0, d1, d2 = noise.shape[:4]
     dev, n, f32 = xyz.device, units.n, torch.float32
-    one = u * d0 <= IMAGE_ROWS
-    start = torch.ones((u, 3), dtype=xyz.dtype, device=dev)  # t of the unit's lo: cell 1
-    if one:
-        start[:, 0] += torch.arange(u, device=dev) * d0       # the unit's rows in the image
-    e = units.expand(torch.cat([lo, start], 1))
-    t = torch.add(e[:, 3:], xyz - e[:, :3], alpha=1 / granularity).to(f32)
-    y0 = torch.floor(t[:, 1]).clamp_(0, d1 - 2)
-    sw, sh = 2 / (d1 * d2 - 1), 2 / ((u if one else 1) * d0 - 1)   # cell index -> [-1, 1]
-    if one:     # grid (1, 2, n, 2): row 0 the y0 samples, row 1 the y0 + 1 ones
-        g = torch.empty((2, n, 2), dtype=f32, device=dev)
-        gw, gh = g[0, :, 0], g[0, :, 1]
-    else:       # (n, 4): each point's pair, to be laid in its unit's row
-        g = torch.empty((n, 4), dtype=f32, device=dev)
-        gw, gh = g[:, 0], g[:, 1]
-    torch.addcmul(t[:, 2], y0, torch.tensor(float(d2), device=dev), out=gw).mul_(sw).sub_(1)
-    torch.mul(t[:, 0], sh, out=gh).sub_(1)
-    wy = t[:, 1].sub_(y0)
-    if one:
-        torch.add(gw, d2 * sw, out=g[1, :, 0])
-        g[1, :, 1] = gh
-        img = noise.view(1, u * d0, d1 * d2, 3).permute(0, 3, 1, 2)
-        out = torch.nn.functional.grid_sample(img, g.view(1, 2, n, 2), mode="bilinear",
-                                              padding_mode="zeros", align_corners=True)
-        return torch.lerp(out[0, :, 0], out[0, :, 1], wy).t()            # (3, n) -> (n, 3)
-    torch.add(gw, d2 * sw, out=g[:, 2])
-    g[:, 3] = gh
+    sw, sh = 2 / (d1 * d2 - 1), 2 / (d0 - 1)                # cell index -> [-1, 1]
+    # t = (coord − lo) / granularity + 1 as coord × ig + b, b per unit (float64, cast to
+    # coord's dtype), column by column; the grid's columns straight away in [-1, 1]
+    ig = 1 / granularity
+    b = (1 - lo.to(torch.float64) * ig).to(xyz.dtype)
+
+    def col(a, scale, shift, out=None):         # (coord × ig + b) × scale + shift
+        per = units.expand(b[:, a] * scale + shift)
+        if out is None:
+            return torch.add(per, xyz[:, a], alpha=ig * scale).to(f32)
+        return torch.add(per, xyz[:, a], alpha=ig * scale, out=out)
+    g = torch.empty((n, 4), dtype=f32, device=dev)       # each point's pair, laid in its row
+    ty = col(1, 1.0, 0.0)
+    y0 = torch.floor(ty).clamp_(0, d1 - 2)
+    wy = ty.sub_(y0)
+    col(0, sh, -1.0, out=g[:, 1])
+    torch.add(col(2, sw, -1.0), y0, alpha=d2 * sw, out=g[:, 0])
+    torch.add(g[:, 0], d2 * sw, out=g[:, 2])
+    g[:, 3] = g[:, 1]
     pmax, at = rows()
     img = noise.view(u, d0, d1 * d2, 3).permute(0, 3, 1, 2)
     pair = torch.zeros((u * pmax, 4), dtype=f32, device=dev)  # rows past a unit: centre
@@ -156,8 +216,21 @@ def _sample_dense(xyz, units, lo, noise, granularity, rows):
 IMAGE_ROWS = 2048
 
 
-#: Points per block of the trilinear sampling on a CPU.
+#: Fewest points per image when a block is spread over several (:func:`_images`).
+MIN_IMAGE_POINTS = 1024
+
+
+def _images() -> int:
+    """Images of the grid_sample batch a block is spread over on a CPU: one per intra-op
+    thread (at most 8), as a CPU grid_sample runs one thread per image."""
+    return max(1, min(torch.get_num_threads(), 8))
+
+
+#: Points per block of the trilinear sampling on a CPU (grids end to end).
 CPU_BLOCK = 1 << 14
+#: Points per block of the one-image sampling on a CPU: its temporaries stay in cache (and
+#: each op still has enough points for two intra-op threads).
+IMAGE_BLOCK = 1 << 17
 
 
 def _interp(xyz, ids, lo, dims, base, strides, noise, granularity):
@@ -180,7 +253,12 @@ def _interp(xyz, ids, lo, dims, base, strides, noise, granularity):
 #: The 8 corners of a cell as (x, y, z) offsets, x slowest (the order of the weights' product).
 _CORNERS = ((0, 0, 0, 0, 1, 1, 1, 1), (0, 0, 1, 1, 0, 0, 1, 1), (0, 1, 0, 1, 0, 1, 0, 1))
 
-#: Extra cells a padded (U, D0, D1, D2) block may waste before grids are laid end to end.
+#: A padded (U, D0, D1, D2) block is used while it has at most DENSE_RATIO × the cells of the
+#: units' own grids (+ DENSE_SLACK); past it the grids are laid end to end. The padded block
+#: costs ~5x less per cell (slices, one grid_sample) than the end-to-end layout (neighbours and
+#: corners gathered), and randomly rotated square chunks fill only ~50-65 % of it.
+DENSE_RATIO = 4
+#: Extra cells a padded block may waste before grids are laid end to end.
 DENSE_SLACK = 1 << 16
 
 
@@ -197,8 +275,7 @@ def _dense_noise(dims, dmax, generator, dev):
     d0, d1, d2 = dmax
     shape, k = (u, d0, d1, d2, 3), u * d0 * d1 * d2 * 3
     bufs = [b[:k] for b in _scratch(k, dev)]
-    x = torch.randn(shape, generator=generator, device=dev, dtype=torch.float32,
-                    out=bufs[0].view(shape))
+    x = randn(bufs[0].view(shape), generator)
     # zero outside each unit's grid: skipped units whole, the others' slabs past their ends
     applied = dims[:, 0] > 0
     if not bool(applied.all()):

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import LoaderError
 from ._batch import (Batch, Units, check_pair, check_range, coord_names, get_coord, num_points,
-                     rand, require, segment_bbox, set_coord)
+                     planar, rand, randn, require, segment_bbox, set_coord)
 
 XYZ = ("x", "y", "z")
 
@@ -51,7 +51,7 @@ class CenterShift(Transform):
         lo, hi = segment_bbox(xyz, units)
         shift = (lo + hi) / 2
         shift[:, 2] = lo[:, 2] if self.apply_z else 0
-        return set_coord(batch, self.coord, xyz - units.expand(shift))
+        return set_coord(batch, self.coord, xyz - units.expand(shift, like=xyz))
 
 
 class RandomRotate(Transform):
@@ -87,19 +87,25 @@ class RandomRotate(Transform):
         # units left alone rotate by 0 about 0: x·1 − y·0 + 0 is x exactly, no select needed
         cos = torch.where(apply, torch.cos(theta), 1.0).to(xyz.dtype)
         sin = torch.where(apply, torch.sin(theta), 0.0).to(xyz.dtype)
-        if self.center is None:
-            lo, hi = segment_bbox(xyz, units)
-            center = (lo + hi) / 2
-        else:
-            center = torch.tensor(self.center, dtype=xyz.dtype, device=dev).expand(u, 3)
-        center = units.expand(torch.where(apply[:, None], center, 0.0))
-        p = xyz - center
         i, j = {"x": (1, 2), "y": (2, 0), "z": (0, 1)}[self.axis]
         c, s = units.expand(cos), units.expand(sin)
-        out = p.clone()
-        out[:, i] = c * p[:, i] - s * p[:, j]
-        out[:, j] = s * p[:, i] + c * p[:, j]
-        out += center
+        if self.center is not None and not any(self.center):
+            p, center = xyz, None                              # about the origin: as it is
+        else:
+            if self.center is None:
+                lo, hi = segment_bbox(xyz, units)
+                center = (lo + hi) / 2
+            else:
+                center = torch.tensor(self.center, dtype=xyz.dtype, device=dev).expand(u, 3)
+            center = units.expand(torch.where(apply[:, None], center, 0.0), like=xyz)
+            p = xyz - center
+        out = torch.empty_like(p)                              # p's layout (planar or rows)
+        k = 3 - i - j
+        out[:, k] = p[:, k]
+        torch.mul(c, p[:, i], out=out[:, i]).addcmul_(s, p[:, j], value=-1)
+        torch.mul(s, p[:, i], out=out[:, j]).addcmul_(c, p[:, j])
+        if center is not None:
+            out += center
         return set_coord(batch, self.coord, out)
 
 
@@ -118,7 +124,9 @@ class RandomScale(Transform):
         lo, hi = self.scale
         r = rand((units.num, 3 if self.anisotropic else 1), generator, xyz.device)
         factor = (lo + (hi - lo) * r).to(xyz.dtype)
-        return set_coord(batch, self.coord, xyz * units.expand(factor))
+        if not self.anisotropic:                  # one factor per point, broadcast over axes
+            return set_coord(batch, self.coord, xyz * units.expand(factor[:, 0])[:, None])
+        return set_coord(batch, self.coord, xyz * units.expand(factor, like=xyz))
 
 
 class RandomFlip(Transform):
@@ -134,7 +142,7 @@ class RandomFlip(Transform):
         flip = rand((units.num, 2), generator, xyz.device) < self.p
         sign = torch.ones((units.num, 3), dtype=xyz.dtype, device=xyz.device)
         sign[:, :2] = torch.where(flip, -1.0, 1.0).to(xyz.dtype)
-        return set_coord(batch, self.coord, xyz * units.expand(sign))
+        return set_coord(batch, self.coord, xyz * units.expand(sign, like=xyz))
 
 
 class RandomJitter(Transform):
@@ -148,9 +156,12 @@ class RandomJitter(Transform):
 
     def __call__(self, batch: Batch, generator: torch.Generator | None = None) -> Batch:
         xyz, _ = self._setup(batch)
-        noise = torch.randn(xyz.shape, generator=generator, device=xyz.device, dtype=xyz.dtype)
-        jitter = (noise * self.sigma).clamp_(-self.clip, self.clip)
-        return set_coord(batch, self.coord, xyz + jitter)
+        # drawn in xyz's layout (planar: x's noise, then y's, then z's); the noise is the output
+        out = randn(torch.empty(xyz.shape[::-1] if planar(xyz) else xyz.shape,
+                                device=xyz.device, dtype=xyz.dtype), generator)
+        out = out.t() if planar(xyz) else out
+        out.mul_(self.sigma).clamp_(-self.clip, self.clip).add_(xyz)
+        return set_coord(batch, self.coord, out)
 
 
 class NormalizeColor:
