@@ -18,7 +18,7 @@ import torch
 from gds_stream.transforms import (Compose, ElasticDistortion, GridSample, RandomJitter,
                                    RandomRotate, RandomScale, SphereCrop)
 from gds_stream.transforms import _batch, elastic, sampling
-from tests.test_transforms import check_consistent, make_batch
+from tests.test_transforms import check_consistent, dense_draw, make_batch
 
 SIZES = (300, 0, 1, 250, 40, 0, 170)
 
@@ -215,7 +215,8 @@ def test_elastic_noise_block_products_equal_box_passes(monkeypatch, band_max):
     dims = torch.tensor([[7, 5, 4], [3, 6, 3], [0, 0, 0], [7, 6, 4], [4, 3, 5]], device=dev)
     dmax = [7, 6, 5]
     got = elastic._dense_noise(dims, dmax, torch.Generator().manual_seed(3), dev).cpu()
-    raw = torch.randn((5, *dmax, 3), generator=torch.Generator().manual_seed(3)).numpy()
+    raw = dense_draw(torch.Generator().manual_seed(3), dims.tolist(), dmax)
+    assert not raw[2].any() and not raw[1, 3:].any() and not raw[4, :, 3:].any()
     for u, d in enumerate(dims.tolist()):
         own = got[u, :d[0], :d[1], :d[2]].numpy()
         if d[0]:
@@ -224,3 +225,18 @@ def test_elastic_noise_block_products_equal_box_passes(monkeypatch, band_max):
         pad = got[u].clone()
         pad[:d[0], :d[1], :d[2]] = 0
         assert band_max == 0 or not pad.any(), u
+
+
+def test_elastic_band_matrices_from_numpy_equal_torch():
+    """On a CPU the noise block's filter matrices are built by numpy; they equal torch's (the
+    other devices' path) exactly: units of every length up to the block's, a skipped one (0)."""
+    dims = torch.tensor([[7, 5, 4], [3, 6, 3], [0, 0, 0], [7, 6, 5], [4, 3, 5]])
+    dmax = [7, 6, 5]
+    got = elastic._band_mats(dims, dmax, torch.float32)
+    want = [elastic._bands(dims[:, a], d, torch.float32) for a, d in enumerate(dmax)]
+    want[2] = torch.stack(
+        [torch.kron(m, torch.eye(3)) for m in want[2]])
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32 and torch.equal(g, w)
+    assert got[0][2].abs().sum() == 0 and got[0][0, 0, 0] == 2 and got[0][0, 6, 6] == 2
+    assert got[0][1, 2, 2] == 2 and got[0][1, 3, 3] == 0 and got[0][1, 1, 1] == 3
