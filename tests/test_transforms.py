@@ -444,6 +444,18 @@ def test_elastic_unequal_units_equal_reference_with_the_same_noise(monkeypatch):
 
 
 
+def dense_draw(g: torch.Generator, dims, dmax) -> np.ndarray:
+    """The padded (U, D0, D1, D2, 3) noise block as ElasticDistortion draws it: (D2, 3) values
+    for each (x, y) row of each unit's own grid, in the order (unit, x, y); 0 elsewhere."""
+    rows = [(u, x, y) for u, d in enumerate(dims) for x in range(dmax[0]) for y in range(dmax[1])
+            if x < d[0] and y < d[1]]
+    drawn = torch.randn((len(rows), dmax[2], 3), generator=g).numpy()
+    noise = np.zeros((len(dims), *dmax, 3), np.float32)
+    for (u, x, y), v in zip(rows, drawn):
+        noise[u, x, y] = v
+    return noise
+
+
 @pytest.mark.parametrize("image_rows", [None, 0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_elastic_dense_units_equal_reference_with_the_same_noise(monkeypatch, dtype, image_rows):
@@ -476,7 +488,7 @@ def test_elastic_dense_units_equal_reference_with_the_same_noise(monkeypatch, dt
                 for x in units]
         dims = [d if a else np.zeros(3, int) for d, a in zip(dims, apply)]
         dmax = np.max(dims, 0)
-        noise = torch.randn((5, *dmax, 3), generator=g).numpy()
+        noise = dense_draw(g, dims, dmax)
         for u, (x, d) in enumerate(zip(units, dims)):
             if apply[u] and len(x):
                 units[u] = ref.elastic_distortion(x, gr, mag, None,

@@ -18,7 +18,7 @@ import torch
 from gds_stream.transforms import (Compose, ElasticDistortion, GridSample, RandomJitter,
                                    RandomRotate, RandomScale, SphereCrop)
 from gds_stream.transforms import _batch, elastic, sampling
-from tests.test_transforms import check_consistent, make_batch
+from tests.test_transforms import check_consistent, dense_draw, make_batch
 
 SIZES = (300, 0, 1, 250, 40, 0, 170)
 
@@ -189,3 +189,54 @@ def test_elastic_keeps_half_empty_padded_blocks_dense(monkeypatch):
     monkeypatch.setattr(elastic, "_dense_noise", lambda *a: calls.append(1) or dense(*a))
     out = ElasticDistortion([[0.1, 0.2]])(b, torch.Generator().manual_seed(4))
     assert calls == [1] and torch.isfinite(out["x"]).all() and not torch.equal(out["x"], b["x"])
+
+
+def _box_sums(x: np.ndarray) -> np.ndarray:
+    """Pointcept's smoothing of one unit's (D0, D1, D2, 3) noise without the ÷ 3s: x[i - 1] +
+    x[i] + x[i + 1] along x, y, z, twice over, zero beyond the grid's ends."""
+    for _ in range(2):
+        for a in range(3):
+            p = np.pad(x, [(1, 1) if b == a else (0, 0) for b in range(4)])
+            n = x.shape[a]
+            x = sum(np.take(p, np.arange(k, k + n), axis=a) for k in range(3))
+    return x
+
+
+@pytest.mark.parametrize("band_max", [None, 0])
+def test_elastic_noise_block_products_equal_box_passes(monkeypatch, band_max):
+    """The padded noise block's smoothing — three batched products with per-unit banded
+    matrices, or (``BAND_MAX`` 0, large grids) slice passes — equals Pointcept's six box passes
+    on each unit's own corner of the draw, within float32 rounding, units shorter than the
+    block along every axis included; with the products the padding and a skipped unit (dims 0)
+    come out 0."""
+    if band_max is not None:
+        monkeypatch.setattr(elastic, "BAND_MAX", band_max)
+    dev = torch.device("cpu")
+    dims = torch.tensor([[7, 5, 4], [3, 6, 3], [0, 0, 0], [7, 6, 4], [4, 3, 5]], device=dev)
+    dmax = [7, 6, 5]
+    got = elastic._dense_noise(dims, dmax, torch.Generator().manual_seed(3), dev).cpu()
+    raw = dense_draw(torch.Generator().manual_seed(3), dims.tolist(), dmax)
+    assert not raw[2].any() and not raw[1, 3:].any() and not raw[4, :, 3:].any()
+    for u, d in enumerate(dims.tolist()):
+        own = got[u, :d[0], :d[1], :d[2]].numpy()
+        if d[0]:
+            want = _box_sums(raw[u, :d[0], :d[1], :d[2]].astype(np.float64))
+            np.testing.assert_allclose(own, want, rtol=0, atol=1e-4 * np.abs(want).max())
+        pad = got[u].clone()
+        pad[:d[0], :d[1], :d[2]] = 0
+        assert band_max == 0 or not pad.any(), u
+
+
+def test_elastic_band_matrices_from_numpy_equal_torch():
+    """On a CPU the noise block's filter matrices are built by numpy; they equal torch's (the
+    other devices' path) exactly: units of every length up to the block's, a skipped one (0)."""
+    dims = torch.tensor([[7, 5, 4], [3, 6, 3], [0, 0, 0], [7, 6, 5], [4, 3, 5]])
+    dmax = [7, 6, 5]
+    got = elastic._band_mats(dims, dmax, torch.float32)
+    want = [elastic._bands(dims[:, a], d, torch.float32) for a, d in enumerate(dmax)]
+    want[2] = torch.stack(
+        [torch.kron(m, torch.eye(3)) for m in want[2]])
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32 and torch.equal(g, w)
+    assert got[0][2].abs().sum() == 0 and got[0][0, 0, 0] == 2 and got[0][0, 6, 6] == 2
+    assert got[0][1, 2, 2] == 2 and got[0][1, 3, 3] == 0 and got[0][1, 1, 1] == 3
