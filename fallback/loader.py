@@ -71,8 +71,6 @@ class _Pending:
     host: np.ndarray | None  # uint8 view of the slab (inline reads: taken in next())
     slot: Slot | None
     futures: list[cf.Future] = field(default_factory=list)
-    #: Inline reads: the worker tasks, run in ``_complete`` on the consumer's thread.
-    work: list[tuple[Any, tuple]] = field(default_factory=list)
     #: Inline reads: what ``_complete`` needs to take the slab and fill it there.
     inline: "_FillSpec | None" = None
 
@@ -328,16 +326,9 @@ class _FallbackIterator(EpochIterator):
             slot = None
             host = anon_buffer(layout.nbytes)
         p = _Pending(batch, layout, host, slot)
-        for fn, args in _tasks(p, self._fill_spec):
-            self._start(p, fn, *args)
+        assert self._pool is not None  # reader threads (inline reads returned above)
+        p.futures.extend(self._pool.submit(fn, *args) for fn, args in _tasks(p, self._fill_spec))
         return p
-
-    def _start(self, p: _Pending, fn: Any, *args: Any) -> None:
-        """Hand a task to the reader threads, or keep it for ``_complete`` (inline reads)."""
-        if self._pool is None:
-            p.work.append((fn, args))
-        else:
-            p.futures.append(self._pool.submit(fn, *args))
 
     def _handle_nbytes(self, handle: _Pending) -> int:
         return handle.layout.nbytes
@@ -348,9 +339,6 @@ class _FallbackIterator(EpochIterator):
         fill, p.inline = p.inline, None
         if fill is not None:
             _read_inline(p, fill)
-        work, p.work = p.work, []
-        for fn, args in work:
-            fn(*args)
         pending = set(p.futures)
         while pending:
             done, pending = cf.wait(pending, timeout=POLL_S, return_when=cf.FIRST_EXCEPTION)
