@@ -127,22 +127,16 @@ class Pipeline:
                 n = int(t.shape[0])
                 cols.append(t)
             width = sum(1 if t.dim() == 1 else int(t.shape[1]) for t in cols)
-            if self.layout == "columns":  # (width, n) filled row by row, handed out transposed
-                dst = torch.empty((width, n or 0), dtype=self.dtype, device=cols[0].device)
-                j = 0
-                for t in cols:
-                    k = 1 if t.dim() == 1 else int(t.shape[1])
-                    dst[j:j + k].copy_(t.view(1, -1) if t.dim() == 1 else t.t())
-                    j += k
-                out[key] = dst.t()
-            else:
-                dst = torch.empty((n or 0, width), dtype=self.dtype, device=cols[0].device)
-                j = 0
-                for t in cols:
-                    k = 1 if t.dim() == 1 else int(t.shape[1])
-                    dst[:, j:j + k].copy_(t.view(-1, 1) if t.dim() == 1 else t)
-                    j += k
-                out[key] = dst
+            kw = dict(dtype=self.dtype, device=cols[0].device)
+            # (n, width) either way; "columns": the transpose of a (width, n) tensor
+            dst = (torch.empty((width, n or 0), **kw).t() if self.layout == "columns"
+                   else torch.empty((n or 0, width), **kw))
+            j = 0
+            for t in cols:
+                k = 1 if t.dim() == 1 else int(t.shape[1])
+                dst[:, j:j + k].copy_(t.view(-1, 1) if t.dim() == 1 else t)
+                j += k
+            out[key] = dst
             drop.update(names)
         for name in drop:
             out.pop(name, None)
