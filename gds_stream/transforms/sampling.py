@@ -192,8 +192,8 @@ class GridSample(Transform):
             yield a, m, v.div_(self.grid_size).floor_().sub_(lo_pp)
 
     def _voxels(self, batch: Batch):
-        """(lo, units, order, first, vstart, vcount): points sorted by (unit, voxel key); ``lo``
-        each unit's minimum voxel (float64 (U, 3))."""
+        """(xyz, lo, units, order, first, vstart, vcount): points sorted by (unit, voxel key);
+        ``xyz`` the batch's coordinates, ``lo`` each unit's minimum voxel (float64 (U, 3))."""
         xyz, units = self._setup(batch)
         dev, n = xyz.device, units.n
         # min of floor(c / g) is floor(min c / g): the per-unit minimum on the floats
@@ -240,10 +240,10 @@ class GridSample(Transform):
         vstart = (torch.from_numpy(np.flatnonzero(first.numpy())) if first.device.type == "cpu"
                   else torch.nonzero(first).flatten())
         vcount = torch.diff(vstart, append=vstart.new_full((1,), n))
-        return lo, units, order, first, vstart, vcount
+        return xyz, lo, units, order, first, vstart, vcount
 
     def __call__(self, batch: Batch, generator: torch.Generator | None = None):
-        lo, units, order, first, vstart, vcount = self._voxels(batch)
+        xyz, lo, units, order, first, vstart, vcount = self._voxels(batch)
         dev, n = units.device, units.n
         # voxels per unit: each unit's points are a range of positions, its voxels' starts too
         ends = units.starts + units.counts
@@ -259,7 +259,7 @@ class GridSample(Transform):
             r = rand(multi.shape[0], generator, dev)
             c = vcount.index_select(0, multi)
             pick = vstart.index_add(0, multi, torch.minimum((r * c).to(torch.int64), c - 1))
-            return self._out(batch, order.index_select(0, pick), per_unit, lo, units,
+            return self._out(batch, xyz, order.index_select(0, pick), per_unit, lo, units,
                              inverse)
         # test mode: Pointcept's parts, a Python loop over parts (the largest voxel's count)
         vunit = units.ids.index_select(0, vstart) if n else vstart
@@ -268,18 +268,18 @@ class GridSample(Transform):
         for i in range(int(vcount.max()) if n else 1):
             take = vmax[vunit] > i
             idx = order[(vstart + i % vcount)[take]]
-            part = self._out(batch, idx, torch.where(vmax > i, per_unit, 0), lo, units, inverse)
+            part = self._out(batch, xyz, idx, torch.where(vmax > i, per_unit, 0), lo, units,
+                             inverse)
             part["index"] = idx
             parts.append(part)
         return parts
 
-    def _out(self, batch, idx, counts, lo, units, inverse) -> Batch:
-        out = gather(batch, idx, counts, units.n, units,
-                     (self.coord, get_coord(batch, self.coord, self.who)))
+    def _out(self, batch, xyz, idx, counts, lo, units, inverse) -> Batch:
+        out = gather(batch, idx, counts, units.n, units, (self.coord, xyz))
         if self.return_grid_coord:   # the kept points' voxels, computed again (no gather)
-            xyz = get_coord(out, self.coord, self.who)
+            kept = get_coord(out, self.coord, self.who)
             gc = torch.empty((idx.shape[0], 3), dtype=torch.int64, device=idx.device)
-            for a, m, v in self._columns(xyz, lo, counts):
+            for a, m, v in self._columns(kept, lo, counts):
                 gc[a:a + m] = v.t()
             out["grid_coord"] = gc
         if inverse is not None:
