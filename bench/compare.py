@@ -325,7 +325,9 @@ def _main(args: argparse.Namespace) -> int:
     if seed_layout:
         progress("writing the seed layout's N × 6 float32 file …")
         seed_path = seedmod.ensure_seed_file(ds)
+        seed_ds = open_dataset(seedmod.ensure_seed_dataset(seed_path))
         paths.append(str(seed_path))
+        paths.extend(ff.path for ff in field_files(seed_ds, FIELDS))
         num_classes = seedmod.SEED_CLASSES
         bpp = 6 * seedmod.ROW.itemsize
         nbytes = n * bpp
@@ -345,7 +347,7 @@ def _main(args: argparse.Namespace) -> int:
     grid_cfgs = [] if seed_layout else tdl_grid(cuda, args.smoke)
     skipped: dict[str, str] = {}
     if seed_layout:
-        variants = seedmod.build_variants(ds, seed_path, batch, dev.device, args.cold)
+        variants = seedmod.build_variants(seed_ds, seed_path, batch, dev.device, args.cold)
         essential = set(seedmod.ESSENTIAL)
     else:
         variants = _build_variants(args, ds, files, batch, dev, cap, grid_cfgs, skipped,

@@ -5,15 +5,17 @@ sem_class, ins_class) and fed a ``Linear(6,64)-ReLU-Linear(64,3)`` backbone thro
 pipeline: a ``numpy.memmap`` of the file, one producer thread putting ``np.copy`` of 250,000-row
 slices into a ``queue.Queue(maxsize=2)``, ``torch.from_numpy`` in the training loop.
 
-Owns: the seed file (written from the benchmark's dataset, so both sides hold the same points:
-the int32 labels become float32, exact below 2^24), and the loaders of this layout, every one
-yielding ``{"feat": (n, 6) float32}`` in file order:
+Owns: the seed file (written from the benchmark's dataset: the int32 labels become float32,
+exact below 2^24), the dataset our loaders read (that file converted back by gds-stream's raw
+converter, so both sides read the same bytes of the same dtypes), and the loaders of this
+layout, every one yielding ``{"feat": (n, 6) float32}`` in file order:
 
 * ``seed-pipeline``: the seed's design, on the seed file (:class:`bench.variants.QueueVariant`
   over a single 6-component field);
 * ``fallback-stack``: ``open_loader(backend="fallback", stack={"feat": [six fields]},
-  dtype=torch.float32)`` on the gds-stream dataset — the tensor the model takes, assembled by the
-  loader off the training loop's critical path (row-major: an interleave of the six columns);
+  dtype=torch.float32)`` on that dataset (:func:`ensure_seed_dataset`) — the tensor the model
+  takes, assembled by the loader off the training loop's critical path (row-major: an
+  interleave of the six columns);
 * ``fallback-stack-cols``: the same with ``stack_layout="columns"`` — the (n, 6) tensor
   column-major, each field read straight into its column (no interleave);
 * ``fallback-loopstack``: the same loader yielding the six fields, stacked to N × 6 in the
@@ -38,6 +40,7 @@ from bench.backbone import FIELDS
 from bench.goals import judge
 from bench.measure import paired_speedup
 from bench.variants import FieldFile, LibraryVariant, QueueVariant, Variant
+from gds_stream.convert import convert
 from gds_stream.format import Dataset
 
 FEAT = "feat"
@@ -98,6 +101,36 @@ def ensure_seed_file(ds: Dataset) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def seed_dataset_path(seed_path: Path) -> Path:
+    return seed_path.with_name(seed_path.name + ".gds")
+
+
+def ensure_seed_dataset(seed_path: Path) -> Path:
+    """The seed file converted by gds-stream's own raw converter (``gds-stream convert
+    SEED.bin --format raw --raw-fields x,y,z,intensity,sem_class,ins_class --raw-dtype
+    float32``): the dataset our loaders read holds the seed's very bytes and dtypes, six float32
+    fields. Reused while the seed file is the one it was converted from (its size and
+    modification time, kept in a stamp beside the dataset)."""
+    out = seed_dataset_path(seed_path)
+    stamp = out.with_name(out.name + ".source")
+    st = seed_path.stat()
+    source = f"{st.st_size} {st.st_mtime_ns}"
+    try:
+        if stamp.read_text() == source:
+            conv = Dataset(out)
+            try:
+                if conv.num_points * 6 * ROW.itemsize == st.st_size:
+                    return out
+            finally:
+                conv.close()
+    except Exception:  # absent or stale: rewritten below
+        pass
+    convert([seed_path], out, format="raw", raw_fields=list(FIELDS), raw_dtype="float32",
+            overwrite=True, progress=False)
+    stamp.write_text(source)
+    return out
 
 
 def seed_field(path: Path, num_points: int) -> FieldFile:
@@ -180,6 +213,7 @@ class SeedComputeOnly(Variant):
 
 
 def build_variants(ds: Dataset, seed_path: Path, batch: int, device, cold: bool) -> list[Variant]:
+    """``ds``: the seed file converted (:func:`ensure_seed_dataset`), read by our loaders."""
     n = ds.num_points
     return [SeedPipelineVariant(seed_path, n, batch, device, keep_map=not cold),
             StackVariant(ds.path, batch, device),

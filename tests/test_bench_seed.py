@@ -84,6 +84,41 @@ def test_the_seed_file_holds_the_datasets_points_as_float32_rows(tmp_path):
         ds.close()
 
 
+def test_our_loaders_read_the_seed_file_converted_six_float32_fields_of_the_same_bytes(tmp_path):
+    import numpy as np
+
+    from bench import datagen
+    from bench.seed import ensure_seed_dataset, ensure_seed_file
+    from gds_stream.format import open_dataset
+
+    ds = open_dataset(datagen.ensure(tmp_path, 3_000, progress=False))
+    try:
+        seed = ensure_seed_file(ds)
+        rows = np.fromfile(seed, dtype="<f4").reshape(-1, 6)
+        out = ensure_seed_dataset(seed)
+        conv = open_dataset(out)
+        try:
+            assert list(conv.schema) == list(FIELDS)
+            for j, f in enumerate(FIELDS):
+                got = conv.read(f)
+                assert got.dtype == np.float32 and np.array_equal(got, rows[:, j])
+        finally:
+            conv.close()
+        mtime = (out / "manifest.json").stat().st_mtime_ns
+        assert ensure_seed_dataset(seed) == out
+        assert (out / "manifest.json").stat().st_mtime_ns == mtime  # reused while up to date
+        rows[:, 3] += 1  # a rewritten seed file: the dataset follows it
+        rows.tofile(seed)
+        ensure_seed_dataset(seed)
+        conv = open_dataset(out)
+        try:
+            assert np.array_equal(conv.read("intensity"), rows[:, 3])
+        finally:
+            conv.close()
+    finally:
+        ds.close()
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--shuffle"], "--shuffle is for the default layout"),
     (["--train"], "--train is for the default layout"),
