@@ -7,34 +7,31 @@ another thread). The core keeps at most ``prefetch`` batches submitted but not y
 in-flight memory is bounded by ``prefetch × batch bytes`` plus a constant.
 
 The batch pipeline (:mod:`gds_stream.pipeline`: ``transform=``, ``stack=``) runs where the batch
-is produced: on a CPU device a pipeline thread of this iterator (``gds-stream-pipeline``)
-produces batches one ahead of the consumer — complete, gather, transform, stack — so none of
-that runs in the consumer's ``next()``; on CUDA it is queued on the backend's own stream
-(``_on_loader_stream``) and the consumer's stream waits on an event. A loader that reads inline
-on the consumer's thread (a CPU device whose cores torch already takes) runs it there too.
+is produced. On a CPU device with a transform, ``transform_threads`` pipeline threads of this
+iterator (``gds-stream-pipeline-*``, :mod:`gds_stream._producer`) take the batches' reads in
+turn and transform several batches at once, each on one intra-op thread, queued in step order:
+none of it runs in the consumer's ``next()``, and up to ``transform_threads`` batches more than
+``prefetch`` are alive. With only ``stack=``, one pipeline thread produces batches one ahead
+when the reads are threaded; a loader that reads inline on the consumer's thread (a CPU device
+whose cores torch already takes) stacks there too. On CUDA the pipeline is queued on the
+backend's own stream (``_on_loader_stream``) and the consumer's stream waits on an event.
 """
 
 from __future__ import annotations
 
-import queue
 import threading
-import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
 from ._lifetime import Closeable, raise_pending_interrupt
+from ._producer import POLL_S, EpochEnd as _EpochEnd, Producer
 from .errors import BackendUnavailable, LoaderError
 from .plan import BatchPlan, EpochPlan
 
 if TYPE_CHECKING:  # pragma: no cover
     from .loader import Loader
 
-#: How often a waiting consumer re-checks for errors and stop requests (seconds).
-POLL_S = 0.05
-
-
-class _EpochEnd(Exception):
-    """Raised by :meth:`EpochIterator._produce` after the epoch's last batch."""
+__all__ = ["POLL_S", "EpochIterator"]
 
 
 class EpochIterator(Closeable):
@@ -69,10 +66,14 @@ class EpochIterator(Closeable):
         self._pipe = o.pipeline
         self._seed, self._rank = o.seed, o.rank
         self._cuda = str(o.device).startswith("cuda")
-        #: Produce batches in a pipeline thread (a CPU device with a pipeline, reads threaded).
+        #: Produce batches in pipeline threads: a CPU device with a transform (``transform_threads``
+        #: of them), or with a stack and reader threads (one).
         self._threaded = (self._pipe is not None and not self._cuda
-                          and not getattr(loader, "inline_reads", False))
-        self._producer: _Producer | None = None
+                          and (self._pipe.transform is not None
+                               or not getattr(loader, "inline_reads", False)))
+        self._workers = (o.transform_threads if self._pipe is not None
+                         and self._pipe.transform is not None else 1)
+        self._producer: Producer | None = None
         # Shuffle windows (gds_stream.window): the backend reads windows, the core cuts batches.
         self._windowed = plan.spec.windowed
         self._window: tuple[int, Any, int] | None = None  # (index, tensors, bytes) resident
@@ -132,7 +133,7 @@ class EpochIterator(Closeable):
             try:
                 if self._threaded:
                     if self._producer is None:
-                        self._producer = _Producer(self)
+                        self._producer = self._start_producer()
                     out = self._producer.take(self)
                 else:
                     out = self._produce()
@@ -157,10 +158,28 @@ class EpochIterator(Closeable):
                 f"{self._loader_path()}: batch {self._yielded} of epoch {self.plan.epoch} "
                 f"failed: {type(exc).__name__}: {exc}") from exc
 
-    # -- producing batches (the consumer's thread, or the pipeline thread) --------------------
+    # -- producing batches (the consumer's thread, or the pipeline threads) -------------------
+    def _start_producer(self) -> Producer:
+        pipe, seed, epoch, rank = self._pipe, self._seed, self.plan.epoch, self._rank
+        assert pipe is not None
+
+        def apply(step: int, out: dict, stacked: bool) -> dict:  # holds no iterator
+            return pipe.apply(out, seed, epoch, rank, step, stacked)
+        return Producer(self, self._workers, apply, single_thread_ops=pipe.transform is not None)
+
     def _produce(self) -> dict:
         """The next batch, pipeline applied; :class:`_EpochEnd` after the last one."""
+        step, out, stacked = self._produce_raw()
+        if self._pipe is not None and not self._cuda:
+            out = self._apply(step, out, stacked)
+        return out
+
+    def _produce_raw(self) -> tuple[int, dict, bool]:
+        """The next batch's step, the batch (on a CPU device without the pipeline applied
+        yet: ``stacked`` says whether the read built the stacks) — :class:`_EpochEnd` after
+        the last one. The serial part of producing a batch: one thread at a time."""
         step = self._made
+        stacked = False
         if self._windowed:
             out = self._produce_windowed(step)
         else:
@@ -182,10 +201,9 @@ class EpochIterator(Closeable):
             del handle
             self._raise_later_failures()
             self._fill()  # start the next reads before the consumer computes on this batch
-            if self._pipe is not None and not self._cuda:
-                out = self._apply(step, out, self._stacked_by_read(batch))
+            stacked = self._stacked_by_read(batch)
         self._made += 1
-        return out
+        return step, out, stacked
 
     def _apply(self, step: int, out: dict, stacked: bool = False) -> dict:
         assert self._pipe is not None
@@ -228,12 +246,10 @@ class EpochIterator(Closeable):
         batch = self.plan.batch(step)
         assert batch.window is not None and batch.rows is not None
         tensors, rows = self._window[1], batch.rows
-        if self._pipe is None:
-            out = gather_rows(tensors, rows)
-        elif self._cuda:
+        if self._pipe is not None and self._cuda:
             out = self._on_loader_stream(lambda: self._apply(step, gather_rows(tensors, rows)))
-        else:
-            out = self._apply(step, gather_rows(tensors, rows))
+        else:  # on a CPU the pipeline is applied by the caller
+            out = gather_rows(tensors, rows)
         self._stats.counted(batch.num_points)
         if step + 1 >= batch.window.stop_step:
             self._drop_window()
@@ -359,75 +375,3 @@ class EpochIterator(Closeable):
 
     def _shutdown(self) -> None:
         raise NotImplementedError
-
-
-class _Producer:
-    """The pipeline thread of one iterator: produces batches (complete, gather, transform,
-    stack) one ahead of the consumer. It holds the iterator only while producing a batch (a weak
-    reference otherwise), so an abandoned iterator is still collected and closed at once."""
-
-    def __init__(self, it: EpochIterator):
-        self.queue: queue.Queue = queue.Queue(maxsize=1)
-        self.halt = threading.Event()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(
-            # Joined by the iterator's teardown; daemon only so a leaked one cannot block exit.
-            target=_produce_loop, args=(weakref.ref(it), self), name="gds-stream-pipeline",
-            daemon=True)
-        self.thread.start()
-
-    def take(self, it: EpochIterator) -> dict:
-        """The next batch (consumer's thread); a failure of the pipeline thread first."""
-        while True:
-            if self.error is not None:
-                # handed over once (the iterator then stops): its traceback holds the iterator
-                err, self.error = self.error, None
-                raise err
-            try:
-                kind, value = self.queue.get(timeout=POLL_S)
-            except queue.Empty:
-                if it._closed and it._why is not None:
-                    raise LoaderError(it._stopped_message()) from None
-                if (not self.thread.is_alive() and self.queue.empty()
-                        and self.error is None):
-                    raise LoaderError("the pipeline thread stopped unexpectedly") from None
-                continue
-            if kind == "end":
-                raise _EpochEnd
-            return value
-
-    def stop(self) -> None:
-        self.halt.set()
-        if threading.current_thread() is not self.thread:
-            self.thread.join()
-
-
-def _produce_loop(ref: "weakref.ref[EpochIterator]", prod: _Producer) -> None:
-    while not prod.halt.is_set():
-        it = ref()
-        if it is None:
-            return
-        try:
-            item: tuple[str, Any] = ("batch", it._produce())
-        except _EpochEnd:
-            item = ("end", None)
-        except BaseException as exc:  # noqa: BLE001 - travels to the consumer
-            prod.error = exc
-            return
-        del it
-        while not prod.halt.is_set():
-            try:
-                prod.queue.put(item, timeout=POLL_S)
-                break
-            except queue.Full:
-                it = ref()
-                try:
-                    if it is not None:  # a read ahead failed: say so at the next next()
-                        it._raise_later_failures()
-                except BaseException as exc:  # noqa: BLE001
-                    prod.error = exc
-                    return
-                finally:
-                    del it
-        if item[0] == "end":
-            return

@@ -54,17 +54,35 @@ def test_inline_reads_yield_the_threaded_batches_without_a_thread(ds, cfg):
             assert torch.equal(g[k], w[k]), k
 
 
-def test_inline_pipeline_runs_in_next_on_the_consumers_thread(ds):
-    names = []
+def test_inline_reads_transform_in_the_pipeline_threads_and_stack_alone_in_next(ds, monkeypatch):
+    """Inline reads (no reader thread): a transform still runs in the loader's pipeline threads
+    — which then read inline, in turn — never in next(); a stack alone runs in next()."""
+    from gds_stream.pipeline import Pipeline
+
+    names, stacked = [], []
 
     def where(batch, gen):
         names.append(threading.current_thread().name)
         return batch
 
+    real = Pipeline._stack
+
+    def spy(self, *a, **kw):
+        stacked.append(threading.current_thread().name)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Pipeline, "_stack", spy)
     with open_loader(ds, backend="fallback", device="cpu", num_threads=0, batch_points=9_000,
-                     transform=where, stack={"xy": ["x", "y"]}) as ld:
+                     transform=where, stack={"xy": ["x", "y"]}, transform_threads=2) as ld:
+        assert ld.inline_reads
         n = sum(1 for _ in ld)
-    assert names == [threading.current_thread().name] * n
+    assert len(names) == n and all(x.startswith("gds-stream-pipeline-") for x in names), names
+    assert len(stacked) == n and all(x.startswith("gds-stream-pipeline-") for x in stacked)
+    stacked.clear()
+    with open_loader(ds, backend="fallback", device="cpu", num_threads=0, batch_points=9_000,
+                     stack={"xy": ["x", "y"]}) as ld:
+        n = sum(1 for _ in ld)
+    assert stacked == [threading.current_thread().name] * n
 
 
 def test_inline_reads_ask_the_kernel_for_the_batches_submitted_ahead(ds, monkeypatch):
