@@ -204,12 +204,14 @@ class LibraryPipeline:
                                   num_threads=num_threads, transform=semseg(lib=True))
         self.epoch_no = 0
         o = self.loader.options
-        where = ("inline in next()" if getattr(self.loader, "inline_reads", False)
-                 else "pipeline thread" if torch.device(device).type == "cpu"
-                 else "loader stream")
-        self.label = f"{self.loader.backend}, {o.num_threads} thr, transforms: {where}"
+        cpu = torch.device(device).type == "cpu"
+        where = (f"{o.transform_threads} transform thread(s)" if cpu else "loader stream")
+        reads = ("reads inline" if getattr(self.loader, "inline_reads", False)
+                 else f"{o.num_threads} reader thr")
+        self.label = f"{self.loader.backend}, {reads}, transforms: {where}"
         self.config = {"backend": self.loader.backend, "num_threads": o.num_threads,
-                       "prefetch": o.prefetch, "transforms_run": where}
+                       "prefetch": o.prefetch, "transforms_run": where,
+                       "transform_threads": o.transform_threads if cpu else None}
 
     def epoch(self):
         self.loader.set_epoch(self.epoch_no)
