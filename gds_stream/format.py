@@ -38,6 +38,7 @@ import numpy as np
 from ._lifetime import Closeable, fd_limit_hint
 from ._manifest import (
     ChunkTable,
+    check_disjoint,
     chunk_table,
     file_kind,
     int_list,
@@ -182,6 +183,7 @@ class Dataset(Closeable):
             _want(lay.spec.name not in self._layouts, mpath,
                   f"field {lay.spec.name!r} appears twice")
             self._layouts[lay.spec.name] = lay
+        check_disjoint(self._layouts, mpath)
 
     def _read_manifest(self, mpath: Path) -> dict:
         return read_manifest(mpath, manifest_cap(self._dir_fd), dir_fd=self._dir_fd)
