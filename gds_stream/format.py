@@ -97,6 +97,7 @@ class Dataset(Closeable):
 
     def __init__(self, path: str | os.PathLike):
         self._fds: dict[str, int] = {}  # field file (relative name) -> pinned descriptor
+        self.stamps: dict[str, tuple[int, int]] = {}  # ... -> (size, mtime_ns) when opened
         self._dir_fd = -1
         self.path = Path(path)
         for attempt in range(OPEN_ATTEMPTS):
@@ -277,6 +278,7 @@ class Dataset(Closeable):
                                    f"{fd_limit_hint(exc)}") from exc
             self._fds[rel] = fd  # closed by close() from here on
             st = os.fstat(fd)
+            self.stamps[rel] = (st.st_size, st.st_mtime_ns)  # an in-place rewrite changes it
             want(stat.S_ISREG(st.st_mode), full,
                  f"the file of field {name!r} must be a regular file ({file_kind(st.st_mode)})")
             os.set_blocking(fd, True)

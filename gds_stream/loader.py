@@ -195,6 +195,11 @@ class Loader(Closeable):
         return it
 
     def _on_yield(self, epoch: int, yielded: int) -> None:
+        # after the batch's reads, before it is handed out: a field file written in place
+        # meanwhile fails the batch rather than yield new bytes under the old manifest
+        check = getattr(self.files, "check_unchanged", None)
+        if check is not None:
+            check()
         self._position = (epoch, yielded)
 
     def _on_epoch_end(self, epoch: int) -> None:
