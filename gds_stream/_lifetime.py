@@ -94,6 +94,7 @@ class FieldFiles(Closeable):
     def __init__(self, dataset: Any, names: Sequence[str]):
         self._fds: dict[str, int] = {}
         self._paths: dict[str, str] = {}
+        self._stamps: dict[str, tuple[int, int]] = {}
         try:
             for name in names:
                 self._open(dataset, name)
@@ -117,6 +118,26 @@ class FieldFiles(Closeable):
             raise DatasetError(f"{path}: file holds {size} bytes, but field {name!r} needs "
                                f"{need} (offset {lay.offset} + {lay.nbytes} bytes); it changed "
                                f"since the dataset was opened")
+        stamp = getattr(dataset, "stamps", {}).get(lay.file)
+        if stamp is not None:
+            self._stamps[name] = stamp
+            self.check_unchanged((name,))
+
+    def check_unchanged(self, names: Sequence[str] | None = None) -> None:
+        """Raise :class:`DatasetError` if a field file was written in place since its dataset
+        was opened (its size or modification time differ): ``cp`` over a dataset's files, or
+        a writer on them, would otherwise hand out the new bytes under the old manifest, or a
+        mix of both. A replacement by rename (``convert --overwrite``) leaves the opened files
+        as they were. One ``fstat`` per file."""
+        for name in self._stamps if names is None else names:
+            st = os.fstat(self._fds[name])
+            size, mtime = self._stamps[name]
+            if (st.st_size, st.st_mtime_ns) != (size, mtime):
+                raise DatasetError(
+                    f"{self._paths[name]}: the file of field {name!r} was written in place "
+                    f"since the dataset was opened ({size} bytes then, {st.st_size} now"
+                    f"{'' if st.st_size != size else ', modified since'}); its bytes no longer "
+                    f"match the manifest: open the dataset again")
 
     def fd(self, name: str) -> int:
         return self._fds[name]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._schema import INT64_LIMIT
+from ._schema import INT64_LIMIT, MANIFEST
 from .errors import DatasetError
 
 #: A manifest holds, besides a few fixed keys, one crc32 per checksum block (<= 12 bytes of JSON
@@ -371,3 +371,20 @@ def chunk_table(v: object, num_points: int, scan_offsets: np.ndarray, path: obje
          "chunks.bounds must be finite with min <= max on every axis")
     return ChunkTable(float(size), int(dims), offsets, scan,  # type: ignore[arg-type]
                       _ro(np.asarray(cells, dtype=np.int64).reshape(n, 3)), _ro(barr))
+
+
+def check_disjoint(layouts: dict, path: object) -> None:
+    """Fields that share a file must not share bytes (the writer gives each field its own file;
+    a manifest edited to point two fields at the same bytes would read one as the other), and
+    no field lives in the manifest. ``layouts``: field name -> ``FieldLayout``."""
+    by_file: dict[str, list] = {}
+    for name, lay in layouts.items():
+        want(lay.file != MANIFEST, path, f"field {name!r}: file {MANIFEST!r} is the manifest, "
+             f"not a data file")
+        if lay.nbytes:
+            by_file.setdefault(lay.file, []).append((lay.offset, lay.offset + lay.nbytes, name))
+    for file, spans in by_file.items():
+        spans.sort()
+        for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+            want(start >= end, path, f"fields {a!r} and {b!r} overlap in {file} (bytes "
+                 f"{start}..{end} belong to both)")

@@ -38,6 +38,7 @@ import numpy as np
 from ._lifetime import Closeable, fd_limit_hint
 from ._manifest import (
     ChunkTable,
+    check_disjoint,
     chunk_table,
     file_kind,
     int_list,
@@ -96,6 +97,7 @@ class Dataset(Closeable):
 
     def __init__(self, path: str | os.PathLike):
         self._fds: dict[str, int] = {}  # field file (relative name) -> pinned descriptor
+        self.stamps: dict[str, tuple[int, int]] = {}  # ... -> (size, mtime_ns) when opened
         self._dir_fd = -1
         self.path = Path(path)
         for attempt in range(OPEN_ATTEMPTS):
@@ -182,6 +184,7 @@ class Dataset(Closeable):
             _want(lay.spec.name not in self._layouts, mpath,
                   f"field {lay.spec.name!r} appears twice")
             self._layouts[lay.spec.name] = lay
+        check_disjoint(self._layouts, mpath)
 
     def _read_manifest(self, mpath: Path) -> dict:
         return read_manifest(mpath, manifest_cap(self._dir_fd), dir_fd=self._dir_fd)
@@ -275,6 +278,7 @@ class Dataset(Closeable):
                                    f"{fd_limit_hint(exc)}") from exc
             self._fds[rel] = fd  # closed by close() from here on
             st = os.fstat(fd)
+            self.stamps[rel] = (st.st_size, st.st_mtime_ns)  # an in-place rewrite changes it
             want(stat.S_ISREG(st.st_mode), full,
                  f"the file of field {name!r} must be a regular file ({file_kind(st.st_mode)})")
             os.set_blocking(fd, True)

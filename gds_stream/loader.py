@@ -16,6 +16,7 @@ import logging
 import os
 import threading
 import weakref
+import zlib
 from typing import Any
 
 import numpy as np
@@ -194,6 +195,11 @@ class Loader(Closeable):
         return it
 
     def _on_yield(self, epoch: int, yielded: int) -> None:
+        # after the batch's reads, before it is handed out: a field file written in place
+        # meanwhile fails the batch rather than yield new bytes under the old manifest
+        check = getattr(self.files, "check_unchanged", None)
+        if check is not None:
+            check()
         self._position = (epoch, yielded)
 
     def _on_epoch_end(self, epoch: int) -> None:
@@ -215,9 +221,24 @@ class Loader(Closeable):
                 "shuffle_window": o.shuffle_window, "num_chunks": self.dataset.num_chunks,
                 "fields": list(o.fields), "shuffle": o.shuffle, "seed": o.seed,
                 "drop_last": o.drop_last, "rank": o.rank, "world_size": o.world_size,
-                "verify_reads": o.verify_reads,
+                "verify_reads": o.verify_reads, "dataset": self._fingerprint(),
             },
         }
+
+    def _fingerprint(self) -> str:
+        """crc32 of the dataset's scan and chunk offsets and of the block checksums of the
+        fields read: a dataset replaced by another of the same size (other scans, other
+        bytes) gives another value, the same data converted again the same one."""
+        fp = getattr(self, "_fp", None)
+        if fp is None:
+            crc = zlib.crc32(np.ascontiguousarray(self.dataset.scan_offsets, "<i8").tobytes())
+            crc = zlib.crc32(np.ascontiguousarray(self.dataset.chunk_offsets, "<i8").tobytes(),
+                             crc)
+            for name in self.options.fields:
+                sums = self.dataset.layout(name).checksums
+                crc = zlib.crc32(np.asarray(sums, dtype="<u4").tobytes(), crc)
+            fp = self._fp = f"{crc:08x}"
+        return fp
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Make the next ``iter()`` resume at the first batch the saved loop had not seen."""
@@ -226,7 +247,13 @@ class Loader(Closeable):
                               f"{type(state).__name__}")
         mine = self.state_dict()["config"]
         theirs = state["config"]
-        diff = [k for k in mine if k not in _RESUME_FREE and theirs.get(k) != mine[k]]
+        diff = [k for k in mine if k not in _RESUME_FREE and theirs.get(k) != mine[k]
+                and (k != "dataset" or "dataset" in theirs)]  # (older state dicts lack it)
+        if diff == ["dataset"]:
+            raise LoaderError(
+                f"{self.dataset.path}: state_dict was saved on another version of this dataset "
+                f"(its scans, chunks or the checksums of fields {', '.join(self.options.fields)} "
+                f"differ); resuming would not continue the saved epoch: start the epoch again")
         if diff:
             raise LoaderError(
                 "state_dict was saved with different options: "

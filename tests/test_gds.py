@@ -589,11 +589,13 @@ def test_simulated_gds_verify_reads_finds_a_changed_file(tmp_path, simulated_gpu
     simulated_gpu.routes.update(ROUTES[route])
     d = _write(tmp_path / "v", [30_000])
     path = d.field_path("label")
+    st = os.stat(path)
     with open(path, "r+b") as f:  # flip one byte of the 20 000th label
         f.seek(d.layout("label").offset + 2 * 20_000)
         b = f.read(1)
         f.seek(-1, 1)
         f.write(bytes([b[0] ^ 0xFF]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # as bit rot: the mtime stays
     with GDSLoader(d, device="cuda", batch_points=10_000, verify_reads=True) as g:
         with pytest.raises(LoaderError) as ei:
             for _ in g:

@@ -1,6 +1,8 @@
 """Hostile LAS/LAZ files, made by patching laspy-written ones: a LAS 1.4 point count that runs
 into the EVLRs, non-finite scaled coordinates, points outside the header's bounds, LAZ chunk
-tables and chunk sizes that would make lazrs allocate without bound, a lazrs panic. Each is one
+tables and chunk sizes that would make lazrs allocate without bound, a lazrs panic, point counts
+that disagree with each other or with the point data, unknown versions, point formats the
+version does not have, EVLRs that do not fit the file, an extra-bytes scale of 0. Each is one
 clear error (or one warning) naming the file; CLI cases run through a subprocess.
 """
 
@@ -50,6 +52,7 @@ def test_las_1_4_count_running_into_the_evlrs_is_refused(tmp_path):
             convert(tmp_path / "a.las", tmp_path / "ds", xyz=xyz, progress=False)
     assert no_output_left(tmp_path)
     struct.pack_into("<Q", data, 247, 300)  # the true count converts
+    struct.pack_into("<I", data, 107, 0)  # (format 6: the legacy count is 0)
     (tmp_path / "a.las").write_bytes(bytes(data))
     assert convert(tmp_path / "a.las", tmp_path / "ds", progress=False).num_points == 300
 
@@ -192,3 +195,149 @@ def test_lazrs_panic_is_a_conversion_error(tmp_path):
                         "--no-progress", "-v"], cwd=tmp_path, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and "panicked" in r.stderr  # -v shows what lazrs printed
+
+
+# -- headers that disagree with themselves or with the file ------------------------------------
+def _patched(tmp_path, las, suffix=".las", **at):
+    """``las`` written to ``a<suffix>`` with ``at``: {offset: packed bytes} patched in."""
+    las.write(tmp_path / f"src{suffix}")
+    data = bytearray((tmp_path / f"src{suffix}").read_bytes())
+    for off, raw in at.items():
+        data[int(off):int(off) + len(raw)] = raw
+    (tmp_path / f"a{suffix}").write_bytes(bytes(data))
+    return tmp_path / f"a{suffix}"
+
+
+@pytest.mark.parametrize("version, point_format, legacy, count", [
+    ("1.2", 3, 150, None),  # half the records: converting 150 dropped the rest silently
+    ("1.2", 3, 0, None),
+    ("1.4", 6, 0, 299),
+    ("1.4", 6, 0, 0),
+])
+def test_count_smaller_than_the_point_data_is_refused(tmp_path, version, point_format, legacy,
+                                                      count):
+    at = {"107": struct.pack("<I", legacy)}
+    if count is not None:
+        at["247"] = struct.pack("<Q", count)
+    path = _patched(tmp_path, _points(300, version, point_format), **at)
+    n = legacy if count is None else count
+    with pytest.raises(DatasetError, match=rf"a\.las: the header counts {n} points, but its "
+                                           rf"point data .* holds 300 records of"):
+        convert(path, tmp_path / "ds", progress=False)
+    assert no_output_left(tmp_path)
+
+
+def test_point_data_before_the_evlrs_is_counted_up_to_them(tmp_path):
+    """EVLRs after the points are not records: a 1.4 file with them converts, and one record
+    fewer in the count is refused."""
+    las = _points(300, "1.4", 6, evlr=True)
+    ok = _patched(tmp_path, las)
+    assert convert(ok, tmp_path / "ds", progress=False).num_points == 300
+    path = _patched(tmp_path, las, **{"247": struct.pack("<Q", 299)})
+    with pytest.raises(DatasetError, match=r"counts 299 points, .* up to the extended VLRs\) "
+                                           r"holds 300 records"):
+        convert(path, tmp_path / "d2", progress=False)
+
+
+@pytest.mark.parametrize("suffix", [".las", ".laz"])
+def test_legacy_and_64_bit_counts_that_disagree_are_refused(tmp_path, suffix):
+    """LAS 1.4 keeps a 32-bit legacy count (0 for formats 6-10 or past 2³²) beside the 64-bit
+    one; laspy reads only the latter, so a header where they differ was converted silently."""
+    path = _patched(tmp_path, _points(300, "1.4", 1), suffix, **{"107": struct.pack("<I", 299)})
+    with pytest.raises(DatasetError, match=rf"a\{suffix}: the header's legacy point count 299 "
+                                           rf"and its LAS 1.4 point count 300 disagree"):
+        convert(path, tmp_path / "ds", progress=False)
+    # a legacy count of 0 or of the true count is what writers put there
+    for legacy in (0, 300):
+        path = _patched(tmp_path, _points(300, "1.4", 1), suffix,
+                        **{"107": struct.pack("<I", legacy)})
+        ds = convert(path, tmp_path / f"ok{legacy}", progress=False)
+        assert ds.num_points == 300
+
+
+@pytest.mark.parametrize("version, fmt, message", [
+    (b"\x03\x00", None, "the header says LAS version 3.0; gds-stream reads LAS 1.0 to 1.4"),
+    (b"\x01\x05", None, "the header says LAS version 1.5"),
+    (b"\x00\x02", None, "the header says LAS version 0.2"),
+    (None, 6, "point format 6 does not exist in LAS 1.2 \\(it has formats 0 to 3\\)"),
+    (b"\x01\x00", None, "point format 3 does not exist in LAS 1.0"),
+])
+@pytest.mark.parametrize("suffix", [".las", ".laz"])
+def test_unknown_versions_and_formats_outside_the_version_are_refused(tmp_path, version, fmt,
+                                                                       message, suffix):
+    """laspy reads only the minor version, and reads any format id it knows: LAS 3.0 was read as
+    1.0, a LAS 1.2 format-3 file patched to format 6 converted garbage without a word."""
+    at = {}
+    if version is not None:
+        at["24"] = version
+    if fmt is not None:
+        at["104"] = bytes([fmt | (0x80 if suffix == ".laz" else 0)])
+    path = _patched(tmp_path, _points(300, "1.2", 3), suffix, **at)
+    with pytest.raises(DatasetError, match=rf"a\{suffix}: {message}"):
+        convert(path, tmp_path / "ds", progress=False)
+    assert no_output_left(tmp_path)
+
+
+def _evlr_header_at(path):
+    data = bytearray(path.read_bytes())
+    return struct.unpack_from("<Q", data, 235)[0], data
+
+
+@pytest.mark.parametrize("where", ["inside the header", "length past the end", "second past"])
+def test_evlrs_that_do_not_fit_the_file_are_refused(tmp_path, where):
+    """laspy reads each EVLR's declared length whole: an EVLR placed at byte 0 (its length then
+    comes from the header's bytes) or one claiming 2⁶² bytes was a MemoryError, or with less
+    of a claim a read of gigabytes."""
+    from laspy.vlrs.vlrlist import VLRList
+
+    las = _points(300, "1.4", 6, evlr=True)
+    las.evlrs = VLRList([laspy.VLR("gds-test", 1, "one", b"\x01" * 100),
+                         laspy.VLR("gds-test", 2, "two", b"\x02" * 100)])
+    las.write(tmp_path / "a.las")
+    first, data = _evlr_header_at(tmp_path / "a.las")
+    if where == "inside the header":
+        struct.pack_into("<Q", data, 235, 0)
+        message = r"the header places its 2 extended VLRs at byte 0, before the point data"
+    elif where == "length past the end":
+        struct.pack_into("<Q", data, first + 20, 2**62)
+        message = rf"extended VLR 0 of 2 at byte {first} claims {2**62} bytes, more than"
+    else:
+        struct.pack_into("<Q", data, first + 60 + 100 + 20, 161)
+        message = rf"extended VLR 1 of 2 at byte {first + 160} claims 161 bytes"
+    (tmp_path / "a.las").write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match=rf"a\.las: {message}"):
+        convert(tmp_path / "a.las", tmp_path / "ds", progress=False)
+    assert no_output_left(tmp_path)
+
+
+def test_extra_bytes_scale_of_zero_is_refused(tmp_path):
+    """An extra-bytes dimension whose options say "scaled" with a scale of 0 stored every value
+    as its offset (all zeros) without a word."""
+    las = _points(300, "1.4", 6, extra=[("height", "u2")])
+    las.write(tmp_path / "src.las")
+    data = bytearray((tmp_path / "src.las").read_bytes())
+    at = data.index(b"height\0") - 4  # the extra-bytes record: reserved, type, options, name
+    assert data[at + 2] == 3  # u2
+    data[at + 3] |= 0x08  # scale present; the scale (at +112) stays 0.0
+    assert struct.unpack_from("<d", data, at + 112)[0] == 0.0
+    (tmp_path / "a.las").write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match=r"a\.las: extra-bytes dimension 'height' has the "
+                                           r"scale \[0\.0\]; a scale must be finite and "
+                                           r"non-zero"):
+        convert(tmp_path / "a.las", tmp_path / "ds", progress=False)
+
+
+def test_cli_refuses_a_count_smaller_than_the_data_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    _patched(tmp_path, _points(300), **{"107": struct.pack("<I", 100)})
+    r = subprocess.run([sys.executable, "-m", "gds_stream", "convert", "a.las", "-o", "out",
+                        "--no-progress"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.splitlines() == [
+        "gds-stream: error: a.las: the header counts 100 points, but its point data (bytes "
+        "227..10427, up to the end of the file) holds 300 records of 34 bytes; the point count "
+        "is wrong or the file is damaged"]
+    assert no_output_left(tmp_path, "out")

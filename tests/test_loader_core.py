@@ -158,11 +158,15 @@ def test_unreadable_field_file(tmp_path):  # pragma: no cover - CI runs as root
 
 # -- verify_reads ---------------------------------------------------------------------------------
 def _flip(path, offset):
+    """Flip a byte as bit rot on the disk would: the file's mtime stays (a write through the
+    filesystem would change it, which loaders report as a file written in place)."""
+    st = os.stat(path)
     with open(path, "r+b") as f:
         f.seek(offset)
         b = f.read(1)
         f.seek(offset)
         f.write(bytes([b[0] ^ 0x40]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def test_verify_reads_finds_a_flipped_byte(tmp_path):

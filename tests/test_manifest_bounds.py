@@ -177,3 +177,44 @@ def test_manifest_in_utf16_or_utf32_is_refused(tmp_path, encoding):
         open_dataset(out)
     (out / MANIFEST).write_bytes(b"\xef\xbb\xbf" + text.encode())  # a UTF-8 BOM is fine
     open_dataset(out).close()
+
+
+# -- fields that share bytes -----------------------------------------------------------------
+def _two_fields(out: Path) -> Path:
+    specs = (FieldSpec("x", np.dtype("<f4"), 3), FieldSpec("label", np.dtype("<u2")))
+    with DatasetWriter(out, specs) as w:
+        w.append({"x": np.ones((5, 3), "<f4"), "label": np.arange(5, dtype="<u2")})
+        w.end_scan("scan0")
+    return out
+
+
+def _edit_label(out: Path, **kw) -> None:
+    doc = json.loads((out / MANIFEST).read_text())
+    doc["fields"][1].update(kw)
+    (out / MANIFEST).write_text(json.dumps(doc))
+
+
+def test_fields_pointed_at_the_same_bytes_are_refused(tmp_path):
+    """A manifest edited so that two fields read the same bytes opened, and each batch's labels
+    were the coordinates' bytes (no checksum is read on open)."""
+    out = _two_fields(tmp_path / "ds")
+    xfile = json.loads((out / MANIFEST).read_text())["fields"][0]["file"]
+    _edit_label(out, file=xfile, offset=0)
+    with pytest.raises(DatasetError, match=rf"{out / MANIFEST}: fields 'label' and 'x' overlap "
+                                           rf"in {xfile} \(bytes 0\.\.10 belong to both\)"):
+        open_dataset(out)
+    # sharing a file without sharing bytes is not a lie
+    os.truncate(out / xfile, 8192)
+    _edit_label(out, offset=4096)
+    with open_dataset(out) as ds:
+        assert ds.read("label").tolist() == [0] * 5
+
+
+def test_a_field_stored_in_the_manifest_is_refused(tmp_path):
+    out = _two_fields(tmp_path / "ds")
+    _edit_label(out, file=MANIFEST, offset=0)
+    with open(out / MANIFEST, "a") as f:  # large enough to hold the field: JSON allows spaces
+        f.write(" " * 8192)
+    with pytest.raises(DatasetError, match=rf"{out / MANIFEST}: field 'label': file "
+                                           rf"'manifest.json' is the manifest, not a data file"):
+        open_dataset(out)

@@ -73,3 +73,34 @@ def test_set_epoch_of_another_epoch_drops_the_resume_position_with_a_warning(ds,
     assert len(msgs) == 1
     assert "set_epoch(0) drops the resume position" in msgs[0]
     assert "epoch 2 at batch 2" in msgs[0]
+
+
+@pytest.mark.parametrize("change", ["scans", "bytes"])
+def test_resume_onto_a_replaced_dataset_of_the_same_size_is_refused(tmp_path, change):
+    """The state dict recorded only the point and scan counts: a dataset replaced by one of the
+    same counts but other scan sizes (or other values) resumed its epoch from the other plan
+    and data without a word. The same data converted again still resumes."""
+    import shutil
+
+    from gds_stream.errors import LoaderError
+
+    make_dataset(tmp_path, [5000, 5000, 5000], name="ds")
+    opts = dict(batch_scans=1, seed=1, fields=["pid", "x"], device="cpu", backend="fallback")
+    with open_loader(tmp_path / "ds", **opts) as ld:
+        it = iter(ld)
+        next(it)
+        state = ld.state_dict()
+    shutil.rmtree(tmp_path / "ds")
+    make_dataset(tmp_path, [5000, 5000, 5000], name="ds")  # the same data again
+    with open_loader(tmp_path / "ds", **opts) as ld:
+        ld.load_state_dict(state)
+        assert sum(len(b["pid"]) for b in ld) == 10_000
+    shutil.rmtree(tmp_path / "ds")
+    if change == "scans":
+        make_dataset(tmp_path, [7000, 3000, 5000], name="ds")
+    else:  # x holds other random values
+        make_dataset(tmp_path, [5000, 5000, 5000], name="ds", seed=7)
+    with open_loader(tmp_path / "ds", **opts) as ld:
+        with pytest.raises(LoaderError, match=rf"{tmp_path / 'ds'}: state_dict was saved on "
+                                              rf"another version of this dataset"):
+            ld.load_state_dict(state)

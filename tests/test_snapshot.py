@@ -311,3 +311,65 @@ def test_running_out_of_descriptors_says_why(tmp_path):
     assert int(proc.stdout.split()[0]) >= 1 and "Too many open files" in proc.stdout
     assert "one descriptor per field file plus one for its directory" in proc.stdout
     assert "no longer needed, or raise the limit (ulimit -n)" in proc.stdout
+
+
+# -- files written in place (not replaced) ---------------------------------------------------
+def _aged(out: Path) -> Path:
+    """The dataset's files dated an hour back, so a rewrite now changes their mtime whatever
+    the filesystem's timestamp granularity."""
+    old = time.time_ns() - 3600 * 10**9
+    for p in out.iterdir():
+        os.utime(p, ns=(old, old))
+    return out
+
+
+@pytest.mark.parametrize("when", ["mid-epoch", "between epochs", "before the loader"])
+def test_field_file_written_in_place_is_an_error_not_new_bytes(tmp_path, when):
+    """``cp`` of another dataset's file over a field file (same size: the size check cannot see
+    it) truncates and rewrites the very inode the snapshot holds: loaders handed out the new
+    values under the old manifest, mid-epoch a mix of both, without a word."""
+    from gds_stream.errors import LoaderError
+
+    _convert(_points(tmp_path / "a.bin"), tmp_path / "a", 2.5)
+    rng = np.random.default_rng(8)
+    rng.uniform(0, 10, size=(N, 3)).astype("<f4").tofile(tmp_path / "b.bin")
+    _convert(tmp_path / "b.bin", tmp_path / "b", 2.5)
+    ds = open_dataset(_aged(tmp_path / "a"))
+    if when == "before the loader":
+        (tmp_path / "a" / "x.bin").write_bytes((tmp_path / "b" / "x.bin").read_bytes())
+        with pytest.raises(DatasetError, match=r"a/x\.bin: the file of field 'x' was written in "
+                                               r"place since the dataset was opened"):
+            open_loader(ds, device="cpu", batch_points=1000)
+        return
+    with open_loader(ds, device="cpu", batch_points=1000, shuffle=False) as ld:
+        it = iter(ld)
+        first = next(it)["x"].numpy().copy()
+        assert np.array_equal(first, ds.read("x", 0, 1000))
+        if when == "between epochs":
+            for _ in it:
+                pass
+            it = iter(ld)
+        (tmp_path / "a" / "x.bin").write_bytes((tmp_path / "b" / "x.bin").read_bytes())
+        with pytest.raises(LoaderError, match=r"a/x\.bin: the file of field 'x' was written in "
+                                              r"place since the dataset was opened \(\d+ bytes "
+                                              r"then, \d+ now, modified since\)") as info:
+            for _ in it:
+                pass
+        assert isinstance(info.value.__cause__, DatasetError)
+    ds.close()
+
+
+def test_replacement_by_rename_and_removal_of_the_old_files_still_reads(tmp_path):
+    """Removing the old files (what ``convert --overwrite`` does after its rename) changes
+    their link count and ctime, not their size or mtime: the snapshot keeps reading."""
+    _convert(_points(tmp_path / "a.bin"), tmp_path / "a", 2.5)
+    ds = open_dataset(_aged(tmp_path / "a"))
+    want = ds.read("x")
+    with open_loader(ds, device="cpu", batch_points=1000, shuffle=False) as ld:
+        it = iter(ld)
+        next(it)
+        _convert(tmp_path / "a.bin", tmp_path / "a", 1.0, overwrite=True)
+        assert not any(p.name.startswith(".a.old") for p in tmp_path.iterdir())
+        got = np.concatenate([b["x"].numpy() for b in it])
+    assert np.array_equal(got, want[1000:])
+    ds.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from .._manifest import file_kind, os_reason
 from ..errors import ConversionError, DatasetError
 from ..format import MANIFEST, DatasetWriter, FieldSpec
 
@@ -94,8 +96,10 @@ def file_size(path: Path) -> int:
         st = path.stat()
     except FileNotFoundError:
         raise DatasetError(f"{path}: no such file or directory") from None
-    if not path.is_file():
-        raise DatasetError(f"{path}: not a regular file")
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot stat the input ({os_reason(exc)})") from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise DatasetError(f"{path}: not a regular file ({file_kind(st.st_mode)})")
     if st.st_size == 0:
         raise DatasetError(f"{path}: empty file (0 bytes)")
     return st.st_size
@@ -125,6 +129,8 @@ def expand(inputs: Iterable[str | os.PathLike], exts: tuple[str, ...]) -> list[P
             raise DatasetError(f"{p}: no such file or directory")
         else:
             out.append(p)
+    for p in out:  # before anything opens them: opening a FIFO blocks until a writer comes
+        file_size(p)
     if not out:
         raise ConversionError("no input files given")
     return out

@@ -215,10 +215,13 @@ class LasSource(Source):
 
 
 def _floats(path: Path, dim: str, values, default: float) -> list[float]:
+    """An extra-bytes dimension's scale (``default`` 1.0: finite, non-zero) or offset
+    (``default`` 0.0: finite); a scale of 0 would store every value as the offset."""
     out = [default] if values is None else [float(v) for v in np.atleast_1d(values)]
-    if not all(math.isfinite(v) for v in out):
-        raise DatasetError(f"{path}: extra-bytes dimension {dim!r} has a non-finite scale or "
-                           f"offset {out}")
+    what = "scale" if default == 1.0 else "offset"
+    if not all(math.isfinite(v) and (v != 0 or what == "offset") for v in out):
+        raise DatasetError(f"{path}: extra-bytes dimension {dim!r} has the {what} {out}; a "
+                           f"{what} must be finite{' and non-zero' if what == 'scale' else ''}")
     return out
 
 

@@ -3,7 +3,11 @@ it, and the one place they are called.
 
 A lying count makes laspy build records past the end of the file, and a LAZ chunk table that
 claims 2³¹ chunks makes lazrs allocate tens of GB and abort the process; both are refused here
-from the file's size. lazrs reports some damage with a Rust panic (``PanicException``, a
+from the file's size. So are what laspy would read without a word: a version other than 1.0
+to 1.4 (laspy reads only the minor number), a point format the version does not have, a LAS
+1.4 legacy count that disagrees with the 64-bit one, uncompressed point data holding more
+records than the count (the rest would be dropped), EVLRs before the points or past the end
+(laspy reads each one's declared length whole). lazrs reports some damage with a Rust panic (``PanicException``, a
 ``BaseException`` that ``except Exception`` misses): :func:`guard` turns every failure of
 laspy/lazrs into one error of the gds-stream family naming the file.
 """
@@ -21,6 +25,8 @@ from ..errors import ConversionError, DatasetError, GDSStreamError
 
 log = logging.getLogger(__name__)
 
+#: The highest point format of each LAS 1.x (formats 6-10 came with LAS 1.4).
+_MAX_FORMAT = {0: 1, 1: 1, 2: 3, 3: 5, 4: 10}
 #: Sizes of a VLR and an EVLR header (bytes).
 VLR_HEADER, EVLR_HEADER = 54, 60
 #: The LASzip VLR: its user id and record id, and where its chunk size sits in its payload.
@@ -50,7 +56,14 @@ def check_layout(path: Path, size: int) -> Layout:
     if len(head) < 227:
         raise DatasetError(f"{path}: not a readable LAS/LAZ file (truncated: {len(head)} bytes, "
                            f"shorter than a LAS header)")
-    minor = head[25]
+    major, minor = head[24], head[25]
+    if major != 1 or minor > 4:
+        raise DatasetError(f"{path}: the header says LAS version {major}.{minor}; gds-stream "
+                           f"reads LAS 1.0 to 1.4")
+    fmt = head[104] & 0x3F  # bits 6 and 7 mark compression
+    if fmt <= 10 and fmt > _MAX_FORMAT[minor]:
+        raise DatasetError(f"{path}: point format {fmt} does not exist in LAS 1.{minor} (it "
+                           f"has formats 0 to {_MAX_FORMAT[minor]}); the header is damaged")
     global_encoding, = struct.unpack_from("<H", head, 6)
     header_size, = struct.unpack_from("<H", head, 94)
     offset_to_points, n_vlrs = struct.unpack_from("<II", head, 96)
@@ -67,15 +80,40 @@ def check_layout(path: Path, size: int) -> Layout:
         wave, = struct.unpack_from("<Q", head, 227)
         if offset_to_points <= wave < end:
             end, what = wave, "the waveform data"
-    if minor >= 4 and len(head) >= 247:
-        first_evlr, n_evlrs = struct.unpack_from("<QI", head, 235)
+    if minor >= 4 and len(head) >= 255:
+        first_evlr, n_evlrs, count = struct.unpack_from("<QIQ", head, 235)
+        legacy, = struct.unpack_from("<I", head, 107)
+        if legacy not in (0, count):
+            raise DatasetError(f"{path}: the header's legacy point count {legacy} and its LAS "
+                               f"1.4 point count {count} disagree; the header is damaged")
         if n_evlrs and (first_evlr > size or n_evlrs * EVLR_HEADER > size - first_evlr):
             raise DatasetError(f"{path}: the header counts {n_evlrs} extended VLRs from byte "
                                f"{first_evlr}, more than the {size}-byte file holds")
-        if n_evlrs and offset_to_points <= first_evlr < end:
+        if n_evlrs:
+            _check_evlrs(path, first_evlr, n_evlrs, offset_to_points, size)
+        if n_evlrs and first_evlr < end:
             end, what = first_evlr, "the extended VLRs"
     return Layout(header_size, offset_to_points, end, what,
                   _laszip_chunk_size(path, header_size, n_vlrs, offset_to_points))
+
+
+def _check_evlrs(path: Path, at: int, count: int, points: int, size: int) -> None:
+    """The ``count`` EVLRs from byte ``at`` lie after the start of the points, one after the
+    other, each inside the file (laspy reads each one's declared length whole)."""
+    if at < points:
+        raise DatasetError(f"{path}: the header places its {count} extended VLRs at byte {at}, "
+                           f"before the point data (byte {points}); the header is damaged")
+    with open(path, "rb") as f:
+        for i in range(count):
+            f.seek(at)
+            raw = f.read(EVLR_HEADER)
+            length = struct.unpack_from("<Q", raw, 20)[0] if len(raw) == EVLR_HEADER else None
+            if length is None or length > size - at - EVLR_HEADER:
+                raise DatasetError(
+                    f"{path}: extended VLR {i} of {count} at byte {at} "
+                    f"{'is cut short' if length is None else f'claims {length} bytes'}, more "
+                    f"than the {size}-byte file holds; the file is truncated or damaged")
+            at += EVLR_HEADER + length
 
 
 def _laszip_chunk_size(path: Path, at: int, n_vlrs: int, stop: int) -> int | None:
@@ -109,6 +147,12 @@ def check_points_fit(path: Path, lay: Layout, n: int, record: int) -> None:
             f"header promises {n} points of {record} bytes from byte {lay.point_start} "
             f"({need} bytes), but {where}"
         )
+    held = (lay.point_end - lay.point_start) // record if record else 0
+    if held > n:  # whole records beyond the count: converting n would drop them silently
+        raise DatasetError(
+            f"{path}: the header counts {n} points, but its point data (bytes "
+            f"{lay.point_start}..{lay.point_end}, up to {lay.point_end_what}) holds {held} "
+            f"records of {record} bytes; the point count is wrong or the file is damaged")
 
 
 #: Largest uncompressed chunk (chunk size × record size) accepted whatever the file's size.

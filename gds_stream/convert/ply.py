@@ -117,6 +117,18 @@ class PlySource(Source):
                     f"{' after the elements before it' if self.skip_bytes else ''}), "
                     f"but only {have} bytes follow the header"
                 )
+            after = elements[t_index + 1:]
+            if not any(isinstance(p, plyfile.PlyListProperty) for e in after
+                       for p in e.properties):  # where the data ends is known
+                end = need + sum(e.count * e.dtype(ply.byte_order).itemsize for e in after)
+                last = (after[-1] if after else target)
+                row = last.dtype(ply.byte_order).itemsize
+                if row and have - end >= row:  # whole rows past the counts: dropped silently
+                    raise DatasetError(
+                        f"{path}: the header counts {last.count} rows of element "
+                        f"{last.name!r}, but {have - end} more bytes follow its data "
+                        f"({(have - end) // row} rows or more); the count is wrong or the file "
+                        f"is damaged")
         fmt = "ascii" if ply.text else \
             {"<": "binary_little_endian", ">": "binary_big_endian"}[ply.byte_order]
         super().__init__(path, "ply", schema, target.count, size,
