@@ -139,8 +139,9 @@ class EpochIterator(Closeable):
                     out = self._produce()
             except _EpochEnd:
                 self._finish_epoch()
+            # checked before it counts: a batch that fails here was not handed out
+            self._owner._on_yield(self.plan.epoch, self._yielded + 1)
             self._yielded += 1
-            self._owner._on_yield(self.plan.epoch, self._yielded)
             return out
         except StopIteration:
             raise

@@ -356,6 +356,9 @@ def test_field_file_written_in_place_is_an_error_not_new_bytes(tmp_path, when):
             for _ in it:
                 pass
         assert isinstance(info.value.__cause__, DatasetError)
+        if when == "mid-epoch":  # the batch that failed is the second (index 1), not one more
+            assert "batch 1 of epoch 0 failed" in str(info.value), str(info.value)
+            assert ld.state_dict()["batches_done"] == 1
     ds.close()
 
 
