@@ -15,6 +15,10 @@ Defaults depend on the device (``None`` means "the default"; explicit values are
   touches them.
 * CUDA device: ``num_threads = min(16, max(2, cores))`` (reads overlap GPU compute, the host
   cores are the readers') and ``prefetch = 4``.
+* CPU device with a ``transform``: ``transform_threads = min(MAX_TRANSFORM_THREADS, cores)``
+  threads transform whole batches at once, each on one intra-op thread
+  (:func:`default_transform_threads`, :mod:`gds_stream._producer`); on CUDA the option is refused
+  (the transform is queued on the loader's own stream).
 * A dataset in object storage (``s3://``): at least ``REMOTE_THREADS`` reader threads on either
   device — a range request waits on the network, not on a core, so reading inline would
   serialise the round trips.
