@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import queue
 import re
 import threading
@@ -53,11 +54,18 @@ def _omp_set_num_threads() -> Any:
             if "parallel backend: OpenMP" in torch.__config__.parallel_info():
                 with open("/proc/self/maps") as f:
                     libs = sorted(set(re.findall(r"(/\S*/libgomp[^/\s]*\.so[^/\s]*)", f.read())))
-                if libs:
-                    fn = ctypes.CDLL(libs[0]).omp_set_num_threads
+                # torch's own copy (its wheel bundles one) before any other a library loaded
+                home = os.path.dirname(os.path.dirname(torch.__file__))
+                ours = [p for p in libs if p.startswith(os.path.join(home, "torch"))]
+                pick = ours[0] if ours else libs[0] if len(libs) == 1 else None
+                if pick is not None:
+                    fn = ctypes.CDLL(pick).omp_set_num_threads
                     fn.argtypes, fn.restype = [ctypes.c_int], None
         except (OSError, AttributeError, ImportError):  # pragma: no cover - not Linux/OpenMP
             fn = None
+        if fn is None:
+            log.debug("transform threads keep torch's intra-op pool: no OpenMP library of "
+                      "torch's to set one thread per transform thread with")
         _OMP.append(fn)
     return _OMP[0]
 
