@@ -186,3 +186,81 @@ def test_a_process_killed_mid_fetch_leaves_nothing_half_read(local, remote, tmp_
     for e, (pid, x) in enumerate(_expected(local, 2)):
         assert np.array_equal(r[f"pid{e}"], pid) and r[f"x{e}"].tobytes() == x.tobytes()
     assert int(r["hits"]) > 0 or not published
+
+
+def test_threads_missing_the_same_block_fetch_it_once(tmp_path):
+    """Reader threads of one process whose ranges fall in one uncached block: one GET, the
+    others wait for it and read the block from the cache (they used to download it each)."""
+    import threading
+    from types import SimpleNamespace
+
+    data = np.random.default_rng(3).integers(0, 256, 3 * BLOCK, dtype=np.uint8).tobytes()
+    gets, lock = [], threading.Lock()
+
+    class Client:
+        def url(self, key):
+            return f"s3://b/{key}"
+
+        def get_to_file(self, obj, start, end, f):
+            with lock:
+                gets.append((start, end))
+            time.sleep(0.2)  # every other thread misses the block meanwhile
+            f.write(data[start:end])
+
+    cache = cache_mod.BlockCache(tmp_path / "cache", 8 * BLOCK, block_bytes=BLOCK)
+    obj = SimpleNamespace(key="o", etag="e1", size=len(data))
+    reads = [(BLOCK + 1000 * i, 5000) for i in range(6)] + [(0, 100)]  # 6 in block 1, 1 in 0
+    outs = [bytearray(n) for _, n in reads]
+    threads = [threading.Thread(target=cache.read_into,
+                                args=(Client(), obj, off, memoryview(out)))
+               for (off, _), out in zip(reads, outs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads)
+    assert sorted(gets) == [(0, BLOCK), (BLOCK, 2 * BLOCK)]
+    for (off, n), out in zip(reads, outs):
+        assert bytes(out) == data[off:off + n]
+    assert cache.stats()["misses"] == 2 and cache.stats()["hits"] == 5
+    cache.close()
+
+
+def test_a_failed_fetch_lets_a_waiting_thread_fetch_the_block_itself(tmp_path):
+    import threading
+    from types import SimpleNamespace
+
+    data = bytes(range(256)) * (BLOCK // 256)
+    calls, lock = [], threading.Lock()
+
+    class Client:
+        def url(self, key):
+            return f"s3://b/{key}"
+
+        def get_to_file(self, obj, start, end, f):
+            with lock:
+                calls.append(start)
+                first = len(calls) == 1
+            time.sleep(0.2)
+            if first:
+                raise OSError("connection reset")
+            f.write(data[start:end])
+
+    cache = cache_mod.BlockCache(tmp_path / "cache", 8 * BLOCK, block_bytes=BLOCK)
+    obj = SimpleNamespace(key="o", etag="e1", size=len(data))
+    outs, errors = [bytearray(64) for _ in range(2)], []
+
+    def read(out):
+        try:
+            cache.read_into(Client(), obj, 10, memoryview(out))
+        except DatasetError as exc:
+            errors.append(exc)
+    threads = [threading.Thread(target=read, args=(o,)) for o in outs]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)
+    for t in threads:
+        t.join(10)
+    assert len(calls) == 2 and len(errors) == 1 and "connection reset" in str(errors[0])
+    assert sum(bytes(o) == data[10:74] for o in outs) == 1
+    cache.close()

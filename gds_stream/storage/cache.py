@@ -10,9 +10,10 @@ replaced object never hits the blocks of its previous version.
 * **Shared**: every process and rank on a node may use one directory. A reader holds a shared
   ``flock`` on a block while copying from it; eviction runs under the directory's exclusive lock
   (``.lock``) and takes an exclusive, non-blocking lock on each block it removes, so a block in
-  use is skipped, never removed under a reader. Two processes missing the same block both fetch
-  it (both checked against the same ETag) and the second rename replaces the first with equal
-  bytes.
+  use is skipped, never removed under a reader. Threads of one process missing the same block
+  fetch it once (the others wait for that fetch, then read the block); two processes missing
+  it both fetch it (both checked against the same ETag) and the second rename replaces the
+  first with equal bytes.
 * **Bounded**: after each new block the least recently used blocks (a hit refreshes a block's
   mtime) are evicted until the directory holds at most ``cache_bytes``; only blocks being read
   at that instant (at most one per reader thread) can keep it above the budget, briefly. A read
@@ -71,6 +72,9 @@ class BlockCache:
             raise DatasetError(f"{self.dir}: cannot use the cache directory "
                                f"({exc.strerror or exc})") from exc
         self._mutex = threading.Lock()
+        #: Blocks being fetched by a thread of this process: another thread missing the same
+        #: block waits for that fetch instead of downloading it a second time.
+        self._fetching: dict[Path, threading.Event] = {}
         self.hits = self.misses = self.evictions = 0
         with self._dir_lock():
             self._remove_stale_tmp()
@@ -94,10 +98,28 @@ class BlockCache:
     def _read_block(self, client: Any, obj: Any, b: int, size: int, lo: int,
                     out: memoryview) -> None:
         path = self._block_path(client, obj, b)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            self._fetch(client, obj, b, size, path, lo, out)
+        while True:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                break
+            except FileNotFoundError:
+                pass
+            # a miss: one thread of this process fetches the block, the others wait for it
+            # and read it from the cache (or, should that fetch fail or the block be evicted
+            # meanwhile, try again themselves)
+            with self._mutex:
+                ahead = self._fetching.get(path)
+                if ahead is None:
+                    done = self._fetching[path] = threading.Event()
+            if ahead is not None:
+                ahead.wait()
+                continue
+            try:
+                self._fetch(client, obj, b, size, path, lo, out)
+            finally:
+                with self._mutex:
+                    del self._fetching[path]
+                done.set()
             return
         try:
             fcntl.flock(fd, fcntl.LOCK_SH)  # held while copying: eviction skips this block
