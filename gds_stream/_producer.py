@@ -76,6 +76,9 @@ def single_intraop_thread() -> bool:
     fn = _omp_set_num_threads()
     if fn is None:
         return False
+    import torch
+
+    torch.get_num_threads()  # torch's per-thread first-use setup first: it must not undo ours
     fn(1)
     return True
 
