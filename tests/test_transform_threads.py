@@ -55,7 +55,13 @@ def test_resume_with_transform_threads_yields_the_uninterrupted_batches(chunked)
             assert_same_batches(kept_epoch(ld, 2), full[cut:])
 
 
-def test_each_transform_thread_runs_its_ops_on_one_intra_op_thread(chunked):
+@pytest.mark.parametrize("user_set", [False, True])
+def test_each_transform_thread_runs_its_ops_on_one_intra_op_thread(chunked, user_set):
+    """Also when the training script set torch's thread count itself (torch then applies it to
+    each new thread on first use)."""
+    before = torch.get_num_threads()
+    if user_set:
+        torch.set_num_threads(before)
     seen = []
     preset = semseg(lib=True)
 
