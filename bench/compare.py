@@ -326,8 +326,9 @@ def _main(args: argparse.Namespace) -> int:
         progress("writing the seed layout's N × 6 float32 file …")
         seed_path = seedmod.ensure_seed_file(ds)
         seed_ds = open_dataset(seedmod.ensure_seed_dataset(seed_path))
-        paths.append(str(seed_path))
-        paths.extend(ff.path for ff in field_files(seed_ds, FIELDS))
+        # what this layout reads: the seed file and its conversion (limits, page-cache state)
+        files = field_files(seed_ds, FIELDS)
+        paths = sorted({ff.path for ff in files}) + [str(seed_path)]
         num_classes = seedmod.SEED_CLASSES
         bpp = 6 * seedmod.ROW.itemsize
         nbytes = n * bpp

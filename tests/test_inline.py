@@ -168,3 +168,87 @@ def test_inline_reads_take_a_batch_buffer_in_next_not_when_submitting(ds):
             assert int(second["x"].shape[0]) == 10_000
             del second
             it.close()
+
+
+# -- batches outside the page cache ----------------------------------------------------------
+def _reads_by_thread(monkeypatch):
+    import fallback.loader as fl
+
+    names = []
+    real = fl._read
+
+    def spy(*a):
+        if any(len(view) for _, _, view, _ in a[0]):  # an empty batch reads nothing, anywhere
+            names.append(threading.current_thread().name)
+        return real(*a)
+
+    monkeypatch.setattr(fl, "_read", spy)
+    return names
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[:2] + CONFIGS[4:], ids=str)
+def test_batches_outside_the_page_cache_are_read_by_one_thread_the_same(ds, cfg, monkeypatch):
+    """Inline reads, batches the probe finds outside the page cache: their reads (and the
+    read-ahead hint) go to one reader thread while the consumer computes — the same batches."""
+    import fallback.loader as fl
+
+    want = _batches(ds, num_threads=1, **cfg)
+
+    def cold(fd, bufs, off, flags):
+        raise BlockingIOError(11, "would block")
+
+    monkeypatch.setattr(fl, "_PROBE_READ", cold)
+    names = _reads_by_thread(monkeypatch)
+    hinted = []
+    real_ahead = fl._read_ahead
+    def ahead(files, specs, segments):
+        if len(segments):  # an empty batch has nothing to hint
+            hinted.append(threading.current_thread().name)
+        return real_ahead(files, specs, segments)
+
+    monkeypatch.setattr(fl, "_read_ahead", ahead)
+    got = _batches(ds, num_threads=0, **cfg)
+    assert len(got) == len(want) and got
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys() and all(torch.equal(g[k], w[k]) for k in g)
+    assert names and set(names) == {"gds-stream-cold-reader_0"}, set(names)
+    assert hinted and set(hinted) == {"gds-stream-cold-reader_0"}
+
+
+def test_batches_in_the_page_cache_and_an_unknowing_probe_read_inline(ds, monkeypatch):
+    import errno
+
+    import fallback.loader as fl
+
+    names = _reads_by_thread(monkeypatch)
+    _batches(ds, num_threads=0, batch_points=7_000)  # just written: in the page cache
+    assert names and set(names) == {threading.current_thread().name}
+    names.clear()
+
+    def unsupported(fd, bufs, off, flags):
+        raise OSError(errno.EOPNOTSUPP, "not supported")
+
+    monkeypatch.setattr(fl, "_PROBE_READ", unsupported)
+    _batches(ds, num_threads=0, batch_points=7_000)
+    assert names and set(names) == {threading.current_thread().name}
+
+
+def test_the_probe_reads_pages_spread_over_each_fields_ranges(ds, monkeypatch):
+    import fallback.loader as fl
+
+    seen = []
+
+    def probe(fd, bufs, off, flags):
+        assert flags == os.RWF_NOWAIT
+        seen.append((fd, off, len(bufs[0])))
+        return len(bufs[0])
+
+    monkeypatch.setattr(fl, "_PROBE_READ", probe)
+    with open_loader(ds, backend="fallback", device="cpu", num_threads=0, batch_points=20_000,
+                     fields=["pid"]) as ld:
+        next(iter(ld))
+        fd, base = ld.files.fd("pid"), ld.dataset.layout("pid").offset
+    first = sorted(off for f, off, _ in seen if f == fd)[:fl.PROBES]
+    pb = 8  # pid: uint64
+    assert first[0] == base and first[-1] == base + 20_000 * pb - fl.PROBE_BYTES
+    assert len(set(first)) == fl.PROBES and all(n == fl.PROBE_BYTES for _, _, n in seen)
