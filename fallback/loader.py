@@ -6,11 +6,7 @@
   inline, in ``next()`` on the consumer's thread — the same plan, buffers and ownership — and
   the kernel reads the batches submitted ahead in the background (``posix_fadvise(WILLNEED)``):
   on a CPU nothing runs asynchronously to hide a reader thread behind, so a thread of ours would
-  only compete with the training step for its cores. Except for a batch that is not in the page
-  cache: a few non-blocking one-page reads (``RWF_NOWAIT``) when it is submitted tell, and its
-  read-ahead hint and reads then go to one reader thread of ours (``gds-stream-cold-reader``),
-  which mostly waits for the disk and pays the page cache's filling off the consumer's thread
-  (in ``next()`` that cost ~2.6 ms of CPU a 6 MB batch here, against ~1 ms warm). Inline, a batch's buffer is taken in
+  only compete with the training step for its cores. Inline, a batch's buffer is taken in
   ``next()`` too, not when it is submitted: the buffer of the batch the loop dropped last comes
   back warm from the pool, as a plain loop's would.
 * CUDA device: batches are read into a ring of ``prefetch`` pinned slots; each slot is copied to a
@@ -39,7 +35,6 @@ mappings returned to the OS as soon as their last view is collected (:mod:`fallb
 
 from __future__ import annotations
 
-import bisect
 import concurrent.futures as cf
 import logging
 import os
@@ -172,49 +167,6 @@ def _fill_meta(batch: BatchPlan, layout: SlabLayout, host: np.ndarray, stop: thr
         host[at:at + ids.nbytes] = ids.view(np.uint8)
 
 
-#: Bytes of each probe, and the probes of a batch, that tell whether it is in the page cache
-#: (spread over the batch: the kernel's read-ahead of one batch can reach into the next, so the
-#: ends of its ranges alone can lie).
-PROBE_BYTES = 4096
-PROBES = 5
-_PROBE = bytearray(PROBE_BYTES)
-#: The probe's read, bound once (a wrapper of ``os.preadv`` installed later, e.g. to inject a
-#: fault into the reads, is not handed the probe's flag).
-_PROBE_READ = os.preadv
-
-
-def _cached(files: list[tuple[Any, str, int]], specs: Any, segments: np.ndarray) -> bool:
-    """Whether a batch's ranges look resident in the page cache: ``PROBES`` non-blocking reads
-    (``RWF_NOWAIT``) of one page each, which the kernel refuses (``EAGAIN``) instead of going to
-    the disk — spread over the batch's ranges (the first page of the first, the last page of the
-    last, pages between) and taken from the fields in turn (a dataset's fields are written and
-    read together). A handful of syscalls a batch: ~µs each when the pages are there. True
-    where it cannot tell (no ``RWF_NOWAIT``, an object store): the batch is then read inline, as
-    always."""
-    flag = getattr(os, "RWF_NOWAIT", None)
-    segs = segments[segments[:, 1] > segments[:, 0]] if len(segments) else segments
-    if flag is None or not len(segs) or not all(isinstance(f[0], int) for f in files):
-        return True
-    view = memoryview(_PROBE)
-    seg_list = segs.tolist()
-    ends = np.cumsum(segs[:, 1] - segs[:, 0]).tolist()
-    n = len(specs)
-    for i in range(PROBES):
-        pb, (fd, _, base) = specs[i % n].point_bytes, files[i % n]
-        at = (ends[-1] - 1) * i // (PROBES - 1)                 # the i-th of points spread out
-        j = bisect.bisect_right(ends, at) if len(ends) > 1 else 0   # ... in its segment j
-        first, last = seg_list[j]
-        a, b = base + first * pb, base + last * pb
-        off = min(base + (last - (ends[j] - at)) * pb, max(a, b - PROBE_BYTES))
-        try:
-            _PROBE_READ(fd, [view[:min(PROBE_BYTES, b - off)]], off, flag)
-        except BlockingIOError:
-            return False
-        except OSError:  # not supported here (e.g. EOPNOTSUPP): cannot tell
-            return True
-    return True
-
-
 def _read_reason(o: Any, inline: bool, cuda: bool) -> str:
     if cuda:
         return f"{o.num_threads} reader threads into a pinned ring, copies on a side stream"
@@ -227,8 +179,7 @@ def _read_reason(o: Any, inline: bool, cuda: bool) -> str:
     why = (f"torch's {torch.get_num_threads()} threads take all {_cores()} cores, so a reader "
            f"thread would only compete with the training step" if o.num_threads == 0 else "")
     return ("reads inline in next() on the consumer's thread (num_threads=0), the kernel "
-            "reading the next batches ahead" + (f": {why}" if why else "")
-            + "; a batch found outside the page cache is read ahead by one thread instead")
+            "reading the next batches ahead" + (f": {why}" if why else ""))
 
 
 def _read_ahead(files: list[tuple[int, str, int]], specs: Any, segments: np.ndarray) -> None:
@@ -344,8 +295,6 @@ class _FallbackIterator(EpochIterator):
         self._stack_np = numpy_dtype(torch, pipe.dtype) if self._fuse else None
         self._stack_itemsize = (torch.empty(0, dtype=pipe.dtype).element_size()
                                 if self._fuse else 0)
-        #: Inline reads: one thread for the batches found outside the page cache (lazily).
-        self._cold_pool: cf.ThreadPoolExecutor | None = None
         self._pool = None if self._inline else cf.ThreadPoolExecutor(
             loader.options.num_threads, thread_name_prefix="gds-stream-fallback",
             # workers wait on copy events: bind the device first (CUDA only)
@@ -362,19 +311,6 @@ class _FallbackIterator(EpochIterator):
                                   None if batch.scan_sizes is None else len(batch.scan_sizes),
                                   self._stack if fused else (), self._stack_np,
                                   self._stack_itemsize)
-        if self._inline and not _cached(self._files, self._specs, batch.segments):
-            # Not in the page cache: the reads would wait for the disk (and pay the page
-            # cache's filling), so one reader thread makes them while the consumer computes.
-            if self._cold_pool is None:
-                self._cold_pool = cf.ThreadPoolExecutor(
-                    1, thread_name_prefix="gds-stream-cold-reader")
-            p = _Pending(batch, layout, anon_buffer(layout.nbytes), None)
-            # the read-ahead hint first, on that thread too (it allocates the page cache)
-            p.futures.append(self._cold_pool.submit(_read_ahead, self._files, self._specs,
-                                                    batch.segments))
-            p.futures.extend(self._cold_pool.submit(fn, *args)
-                             for fn, args in _tasks(p, self._fill_spec))
-            return p
         if self._inline:
             # Reads run in next(), and so does taking their buffer: the buffer of the batch the
             # loop dropped last comes back warm from the pool (taken here, prefetch batches
@@ -473,9 +409,8 @@ class _FallbackIterator(EpochIterator):
 
     def _shutdown(self) -> None:
         self._stop.set()
-        for pool in (self._pool, self._cold_pool):
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
         # A slot whose reads were cancelled goes back to the ring with the event of its last
         # copy (of a batch already yielded, maybe still queued): its next user waits for it.
         if self._ring is not None:
