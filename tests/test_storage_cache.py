@@ -188,38 +188,55 @@ def test_a_process_killed_mid_fetch_leaves_nothing_half_read(local, remote, tmp_
     assert int(r["hits"]) > 0 or not published
 
 
+class _SlowClient:
+    """An object store whose GETs take 0.2 s (every other thread misses the block meanwhile),
+    recording each one's range; ``fail_first``: the first GET fails."""
+
+    def __init__(self, data: bytes, fail_first: bool = False):
+        import threading
+
+        self.data, self.fail_first = data, fail_first
+        self.gets: list[tuple[int, int]] = []
+        self.lock = threading.Lock()
+
+    def url(self, key):
+        return f"s3://b/{key}"
+
+    def get_to_file(self, obj, start, end, f):
+        with self.lock:
+            self.gets.append((start, end))
+            first = len(self.gets) == 1
+        time.sleep(0.2)
+        if first and self.fail_first:
+            raise OSError("connection reset")
+        f.write(self.data[start:end])
+
+
+def _cache_and_object(tmp_path, data):
+    from types import SimpleNamespace
+
+    return (cache_mod.BlockCache(tmp_path / "cache", 8 * BLOCK, block_bytes=BLOCK),
+            SimpleNamespace(key="o", etag="e1", size=len(data)))
+
+
 def test_threads_missing_the_same_block_fetch_it_once(tmp_path):
     """Reader threads of one process whose ranges fall in one uncached block: one GET, the
     others wait for it and read the block from the cache (they used to download it each)."""
     import threading
-    from types import SimpleNamespace
 
     data = np.random.default_rng(3).integers(0, 256, 3 * BLOCK, dtype=np.uint8).tobytes()
-    gets, lock = [], threading.Lock()
-
-    class Client:
-        def url(self, key):
-            return f"s3://b/{key}"
-
-        def get_to_file(self, obj, start, end, f):
-            with lock:
-                gets.append((start, end))
-            time.sleep(0.2)  # every other thread misses the block meanwhile
-            f.write(data[start:end])
-
-    cache = cache_mod.BlockCache(tmp_path / "cache", 8 * BLOCK, block_bytes=BLOCK)
-    obj = SimpleNamespace(key="o", etag="e1", size=len(data))
+    client = _SlowClient(data)
+    cache, obj = _cache_and_object(tmp_path, data)
     reads = [(BLOCK + 1000 * i, 5000) for i in range(6)] + [(0, 100)]  # 6 in block 1, 1 in 0
     outs = [bytearray(n) for _, n in reads]
-    threads = [threading.Thread(target=cache.read_into,
-                                args=(Client(), obj, off, memoryview(out)))
+    threads = [threading.Thread(target=cache.read_into, args=(client, obj, off, memoryview(out)))
                for (off, _), out in zip(reads, outs)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(10)
     assert not any(t.is_alive() for t in threads)
-    assert sorted(gets) == [(0, BLOCK), (BLOCK, 2 * BLOCK)]
+    assert sorted(client.gets) == [(0, BLOCK), (BLOCK, 2 * BLOCK)]
     for (off, n), out in zip(reads, outs):
         assert bytes(out) == data[off:off + n]
     assert cache.stats()["misses"] == 2 and cache.stats()["hits"] == 5
@@ -228,31 +245,15 @@ def test_threads_missing_the_same_block_fetch_it_once(tmp_path):
 
 def test_a_failed_fetch_lets_a_waiting_thread_fetch_the_block_itself(tmp_path):
     import threading
-    from types import SimpleNamespace
 
     data = bytes(range(256)) * (BLOCK // 256)
-    calls, lock = [], threading.Lock()
-
-    class Client:
-        def url(self, key):
-            return f"s3://b/{key}"
-
-        def get_to_file(self, obj, start, end, f):
-            with lock:
-                calls.append(start)
-                first = len(calls) == 1
-            time.sleep(0.2)
-            if first:
-                raise OSError("connection reset")
-            f.write(data[start:end])
-
-    cache = cache_mod.BlockCache(tmp_path / "cache", 8 * BLOCK, block_bytes=BLOCK)
-    obj = SimpleNamespace(key="o", etag="e1", size=len(data))
+    client = _SlowClient(data, fail_first=True)
+    cache, obj = _cache_and_object(tmp_path, data)
     outs, errors = [bytearray(64) for _ in range(2)], []
 
     def read(out):
         try:
-            cache.read_into(Client(), obj, 10, memoryview(out))
+            cache.read_into(client, obj, 10, memoryview(out))
         except DatasetError as exc:
             errors.append(exc)
     threads = [threading.Thread(target=read, args=(o,)) for o in outs]
@@ -261,6 +262,6 @@ def test_a_failed_fetch_lets_a_waiting_thread_fetch_the_block_itself(tmp_path):
         time.sleep(0.05)
     for t in threads:
         t.join(10)
-    assert len(calls) == 2 and len(errors) == 1 and "connection reset" in str(errors[0])
+    assert len(client.gets) == 2 and len(errors) == 1 and "connection reset" in str(errors[0])
     assert sum(bytes(o) == data[10:74] for o in outs) == 1
     cache.close()
