@@ -208,3 +208,19 @@ def cuda_reason() -> str | None:
     except Exception as exc:  # noqa: BLE001 - any failure means no usable device
         return f"no working CUDA device ({exc})"
     return None
+
+
+def fds_under(root) -> int:
+    """Descriptors this process holds on files under ``root`` (a dataset's directory and files,
+    removed ones included): other descriptors — sockets an HTTP client closes when idle, pipes of
+    other tests' threads — come and go on their own and are not counted."""
+    import os
+
+    n, inside = 0, str(root)
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # closed meanwhile (the listing's own descriptor among them)
+            continue
+        n += target == inside or target.startswith(inside + os.sep)
+    return n

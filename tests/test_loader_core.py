@@ -14,7 +14,7 @@ from gds_stream.backends import open_loader
 from gds_stream.errors import DatasetError, LoaderError
 from gds_stream.format import DatasetWriter, FieldSpec, open_dataset
 from gds_stream.integrity import BlockVerifier
-from helpers import make_dataset
+from helpers import fds_under, make_dataset
 
 
 def _tiny(tmp_path, n=10_000):
@@ -69,41 +69,41 @@ def test_cpu_defaults_leave_torchs_cores_to_torch(tmp_path, monkeypatch):
 
 
 # -- file descriptors -----------------------------------------------------------------------------
-def _fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def _fds(root) -> int:
+    return fds_under(root)
 
 
 def test_loaders_release_the_descriptors_they_opened(tmp_path):
     path = _tiny(tmp_path)
     gc.collect()
-    base = _fds()
+    base = _fds(tmp_path)
     for _ in range(50):  # built from a path: the loader opened the dataset and closes it
         with open_loader(path, backend="fallback", device="cpu", batch_points=999) as ld:
             next(iter(ld))
-    assert _fds() == base
+    assert _fds(tmp_path) == base
     ds = open_dataset(path)
     ds.read("pid", 0, 10)  # the Dataset's own descriptor, which stays the Dataset's
-    mid = _fds()
+    mid = _fds(tmp_path)
     for _ in range(50):  # given a Dataset: the loader closes its own descriptors only
         ld = open_loader(ds, backend="fallback", device="cpu", batch_points=999,
                          verify_reads=True)
         next(iter(ld))
         ld.close()
-    assert _fds() == mid
+    assert _fds(tmp_path) == mid
     assert np.array_equal(ds.read("pid", 0, 10), np.arange(10))  # the Dataset still works
     ds.close()
-    assert _fds() == base
+    assert _fds(tmp_path) == base
     for bad in ({"batch_points": 0}, {"bach_points": 9}, {"batch_scans": 9, "drop_last": True}):
         for _ in range(10):  # a refused configuration leaves nothing open
             with pytest.raises(LoaderError):
                 open_loader(path, backend="fallback", device="cpu", **bad)
     gc.collect()
-    assert _fds() == base
+    assert _fds(tmp_path) == base
     for _ in range(20):  # dropped without close(): collected at once (no cycle), fds released
         it = iter(open_loader(path, backend="fallback", device="cpu", batch_points=999))
         next(it)
         del it
-    assert _fds() == base
+    assert _fds(tmp_path) == base
 
 
 # -- files removed, replaced or cut after open ----------------------------------------------------

@@ -20,6 +20,7 @@ from gds_stream.convert import convert
 from gds_stream.errors import DatasetError
 from gds_stream.format import DatasetWriter, FieldSpec, open_dataset
 from test_gds import simulated_gpu  # noqa: F401 - the simulated KvikIO and CUDA fixture
+from helpers import fds_under
 
 N = 20_000
 SIZES = (1.0, 2.5)  # ~100 and ~16 chunks over a 10 × 10 square
@@ -171,17 +172,7 @@ def test_loaders_opened_by_path_while_convert_overwrite_replaces_in_a_loop(tmp_p
 
 
 def _fds(root: Path) -> int:
-    """Descriptors this process holds on files under ``root`` (a dataset's directory and files,
-    removed ones included): other descriptors — sockets an HTTP client closes when idle, pipes of
-    other tests' threads — come and go on their own and are not counted."""
-    n, inside = 0, str(root)
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:  # closed meanwhile (the listing's own descriptor among them)
-            continue
-        n += target == inside or target.startswith(inside + os.sep)
-    return n
+    return fds_under(root)
 
 
 def test_descriptors_of_a_dataset_with_many_fields(tmp_path):
