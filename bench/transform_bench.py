@@ -437,7 +437,6 @@ def render(doc: dict) -> str:
     return "\n".join(lines)
 
 
-
 if __name__ == "__main__":
     from bench.transform_solo import main
     sys.exit(main())

@@ -85,9 +85,9 @@ def single_intraop_thread() -> bool:
 
 class Producer:
     """``workers`` pipeline threads of one iterator; ``apply(step, batch, stacked)`` is the
-    pipeline (None: the batches come out of the serial part ready)."""
+    pipeline, run on each batch out of the serial part."""
 
-    def __init__(self, it: Any, workers: int, apply: Callable[[int, dict, bool], dict] | None,
+    def __init__(self, it: Any, workers: int, apply: Callable[[int, dict, bool], dict],
                  single_thread_ops: bool):
         self.queue: queue.Queue = queue.Queue(maxsize=1)
         self.halt = threading.Event()
@@ -194,7 +194,7 @@ def _work(ref: "weakref.ref", prod: Producer, single_thread_ops: bool) -> None:
                 prod.fail(exc)
                 return
         del it
-        if kind == "batch" and prod.apply is not None:
+        if kind == "batch":
             try:
                 out = prod.apply(step, out, stacked)
             except BaseException as exc:  # noqa: BLE001 - in its turn: the first failing batch

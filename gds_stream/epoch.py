@@ -71,8 +71,6 @@ class EpochIterator(Closeable):
         self._threaded = (self._pipe is not None and not self._cuda
                           and (self._pipe.transform is not None
                                or not getattr(loader, "inline_reads", False)))
-        self._workers = (o.transform_threads if self._pipe is not None
-                         and self._pipe.transform is not None else 1)
         self._producer: Producer | None = None
         # Shuffle windows (gds_stream.window): the backend reads windows, the core cuts batches.
         self._windowed = plan.spec.windowed
@@ -166,7 +164,9 @@ class EpochIterator(Closeable):
 
         def apply(step: int, out: dict, stacked: bool) -> dict:  # holds no iterator
             return pipe.apply(out, seed, epoch, rank, step, stacked)
-        return Producer(self, self._workers, apply, single_thread_ops=pipe.transform is not None)
+        transforms = pipe.transform is not None  # else a stack alone: one thread, torch's pool
+        workers = self._owner.options.transform_threads if transforms else 1
+        return Producer(self, workers, apply, single_thread_ops=transforms)
 
     def _produce(self) -> dict:
         """The next batch, pipeline applied; :class:`_EpochEnd` after the last one."""

@@ -140,7 +140,6 @@ def _gather_packed(win: PackedWindow, rows: np.ndarray) -> dict[str, Any]:
     return {name: out[name] for name in win.names}
 
 
-
 def gather_rows(window: "dict[str, Any] | PackedWindow", rows: np.ndarray) -> dict[str, Any]:
     """The batch made of ``rows`` of every tensor of ``window`` (torch tensors of one device,
     or a CPU window packed by :func:`pack_window`), in the window's field order.
