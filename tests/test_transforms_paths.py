@@ -227,6 +227,27 @@ def test_elastic_noise_block_products_equal_box_passes(monkeypatch, band_max):
         assert band_max == 0 or not pad.any(), u
 
 
+def test_elastic_band_matrices_kept_between_batches_stay_equal_and_bounded(monkeypatch):
+    """The CPU's filter matrices are kept per (cells, block length) between batches, read only;
+    batch after batch of other lengths they still equal torch's, and the kept bytes never pass
+    the bound (the cache starts again)."""
+    monkeypatch.setattr(elastic, "_BANDS", {})
+    monkeypatch.setattr(elastic, "_BANDS_BYTES", [0])
+    monkeypatch.setattr(elastic, "BANDS_KEEP_BYTES", 20_000)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(30):
+        dmax = torch.randint(3, 20, (3,), generator=g)
+        dims = torch.minimum(torch.randint(0, 20, (4, 3), generator=g), dmax)
+        got = elastic._band_mats(dims, dmax.tolist(), torch.float32)
+        want = [elastic._bands(dims[:, a], int(d), torch.float32) for a, d in enumerate(dmax)]
+        want[2] = torch.stack([torch.kron(m, torch.eye(3)) for m in want[2]])
+        for gm, w in zip(got, want):
+            assert torch.equal(gm, w)
+        assert 0 < elastic._BANDS_BYTES[0] <= 20_000
+        assert sum(m.nbytes for m in elastic._BANDS.values()) == elastic._BANDS_BYTES[0]
+    assert not next(iter(elastic._BANDS.values())).flags.writeable
+
+
 def test_elastic_band_matrices_from_numpy_equal_torch():
     """On a CPU the noise block's filter matrices are built by numpy; they equal torch's (the
     other devices' path) exactly: units of every length up to the block's, a skipped one (0)."""

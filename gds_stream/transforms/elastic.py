@@ -380,15 +380,40 @@ def _band_mats(dims: torch.Tensor, dmax, dtype) -> tuple[torch.Tensor, ...]:
     small integers either way."""
     u, d2 = dims.shape[0], dmax[2]
     if dims.device.type == "cpu":
-        dn = dims.numpy()
-        ax, ay, az = (_bands_np(dn[:, a], d) for a, d in enumerate(dmax))
-        az3 = (az[:, :, None, :, None] * np.eye(3, dtype=np.float32)[:, None, :]
-               ).reshape(u, d2 * 3, d2 * 3)
-        return tuple(torch.from_numpy(m).to(dtype) for m in (ax, ay, az3))
+        rows = dims.tolist()
+        return tuple(torch.from_numpy(np.stack([_band_np(r[a], n, a == 2) for r in rows])
+                                      ).to(dtype) for a, n in enumerate(dmax))
     ax, ay, az = (_bands(dims[:, a], d, dtype) for a, d in enumerate(dmax))
     az3 = (az[:, :, None, :, None] * torch.eye(3, dtype=dtype, device=dims.device)[:, None, :]
            ).reshape(u, d2 * 3, d2 * 3)
     return ax, ay, az3
+
+
+_BANDS: dict[tuple[int, int, bool], np.ndarray] = {}
+_BANDS_BYTES = [0]
+#: Bytes of filter matrices kept between batches (past it the cache starts again).
+BANDS_KEEP_BYTES = 32 << 20
+
+
+def _band_np(d: int, n: int, channels: bool) -> np.ndarray:
+    """One unit's (n, n) filter matrix along an axis of ``d`` cells (:func:`_bands`), or with
+    ``channels`` its Kronecker product with I3 (3n, 3n): built once per (d, n) and kept (read
+    only) — a batch's units repeat a few lengths, and building them is numpy work on small
+    arrays that holds the GIL every transform thread shares."""
+    key = (d, n, channels)
+    m = _BANDS.get(key)
+    if m is None:
+        m = _bands_np(np.array([d], dtype=np.int64), n)[0]
+        if channels:
+            m = (m[:, None, :, None] * np.eye(3, dtype=np.float32)[:, None, :]
+                 ).reshape(3 * n, 3 * n)
+        m.setflags(write=False)
+        if _BANDS_BYTES[0] + m.nbytes > BANDS_KEEP_BYTES:
+            _BANDS.clear()
+            _BANDS_BYTES[0] = 0
+        _BANDS[key] = m
+        _BANDS_BYTES[0] += m.nbytes
+    return m
 
 
 def _bands_np(d, n: int):
