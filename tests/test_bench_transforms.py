@@ -104,6 +104,20 @@ def test_preset_only_times_each_transform(tmp_path):
     for v in [doc["preset_ms"], *doc["transform_ms"].values()]:
         assert 0 < v["min"] <= v["median"]
     assert "median / best of 2 (ms)" in r.stdout and "ElasticDistortion" in r.stdout
+    assert "threaded" not in doc
+    r = subprocess.run([sys.executable, "-m", "bench.transform_bench", "--preset-only",
+                        "--points", "3000", "--runs", "2", "--threads", "2", "--json", str(out)],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    th = json.loads(out.read_text())["threaded"]
+    assert th["threads"] == 2 and sorted(th["batches_per_s"]) == ["1", "2"]
+    assert all(len(v) == 3 and min(v) > 0 for v in th["batches_per_s"].values())
+    assert "1 thread " in r.stdout and "2 threads " in r.stdout
+    bad = subprocess.run([sys.executable, "-m", "bench.transform_bench", "--preset-only",
+                          "--threads", "-1"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "error: --threads must be >= 0, and is for --device cpu"]
     bad = subprocess.run([sys.executable, "-m", "bench.transform_bench", "--preset-only",
                           "--points", "3"], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=300)
