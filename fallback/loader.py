@@ -4,7 +4,8 @@
   yielded batch is never written again (contract point 5) and there is no copy beyond the read.
   With ``num_threads=0`` (the default where torch's threads take every core) the reads run
   inline, in ``next()`` on the consumer's thread — the same plan, buffers and ownership — and
-  the kernel reads the batches submitted ahead in the background (``posix_fadvise(WILLNEED)``):
+  the kernel reads the batches submitted ahead in the background (``posix_fadvise(WILLNEED)``,
+  until batches fill at page-cache speed with none slower in the epoch: :class:`_Hints`):
   on a CPU nothing runs asynchronously to hide a reader thread behind, so a thread of ours would
   only compete with the training step for its cores. Inline, a batch's buffer is taken in
   ``next()`` too, not when it is submitted: the buffer of the batch the loop dropped last comes
@@ -39,6 +40,7 @@ import concurrent.futures as cf
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -182,6 +184,40 @@ def _read_reason(o: Any, inline: bool, cuda: bool) -> str:
             "reading the next batches ahead" + (f": {why}" if why else ""))
 
 
+#: Inline reads: a batch filled at less than this many bytes a second was not all in the page
+#: cache (or its reads had to wait); the read-ahead hints then stay on for the rest of the epoch.
+SLOW_FILL_BYTES_PER_S = 2e9
+#: Inline reads: after this many batches in a row filled faster than that, with none slower in
+#: the epoch, the hints stop — the data is in the page cache, and a hint on cached pages is a
+#: walk over them that reads nothing (~1.6 ms an epoch of 4 M points, 8 % of its reads).
+WARM_FILLS = 2
+#: The clock a batch's fill is timed with (tests replace it).
+_clock = time.perf_counter
+
+
+class _Hints:
+    """When inline reads ask the kernel to read ahead: on from an epoch's start, off once
+    ``WARM_FILLS`` batches in a row were filled at page-cache speed with none slower, on again
+    for good (this epoch) at the first slower one. The first batch of a cold epoch cannot be
+    read ahead of itself, so a cold epoch keeps its hints from its first batch on."""
+
+    def __init__(self) -> None:
+        self.on = True
+        self._fast = 0
+        self._slow_seen = False
+
+    def filled(self, nbytes: int, seconds: float) -> None:
+        if self._slow_seen:
+            return
+        if nbytes >= seconds * SLOW_FILL_BYTES_PER_S:
+            self._fast += 1
+            if self._fast >= WARM_FILLS:
+                self.on = False
+        else:
+            self._slow_seen = True
+            self.on = True
+
+
 def _read_ahead(files: list[tuple[int, str, int]], specs: Any, segments: np.ndarray) -> None:
     """Ask the kernel to read a batch's ranges into the page cache in the background."""
     advise = getattr(os, "posix_fadvise", None)
@@ -285,6 +321,8 @@ class _FallbackIterator(EpochIterator):
         self._fill_spec = _FillSpec(self._specs, self._files, self._task_bytes, self._verifier,
                                self._stop)
         self._inline = loader.inline_reads
+        #: Inline reads: whether batches submitted now are announced to the kernel.
+        self._hints = _Hints()
         #: A fused stack (``stack_layout="columns"`` without a transform, CPU device, batches
         #: in file order): each stacked field is read straight into its column of the slab.
         pipe = loader.options.pipeline
@@ -316,7 +354,8 @@ class _FallbackIterator(EpochIterator):
             # loop dropped last comes back warm from the pool (taken here, prefetch batches
             # ahead, it would be a colder one). The kernel reads ahead meanwhile.
             p = _Pending(batch, layout, None, None, inline=self._fill_spec)
-            _read_ahead(self._files, self._specs, batch.segments)
+            if self._hints.on:
+                _read_ahead(self._files, self._specs, batch.segments)
             return p
         if self._cuda:
             assert self._ring is not None
@@ -338,7 +377,9 @@ class _FallbackIterator(EpochIterator):
         Inline reads run here, on the calling thread."""
         fill, p.inline = p.inline, None
         if fill is not None:
+            t0 = _clock()
             _read_inline(p, fill)
+            self._hints.filled(p.layout.nbytes, _clock() - t0)
         pending = set(p.futures)
         while pending:
             done, pending = cf.wait(pending, timeout=POLL_S, return_when=cf.FIRST_EXCEPTION)

@@ -168,3 +168,66 @@ def test_inline_reads_take_a_batch_buffer_in_next_not_when_submitting(ds):
             assert int(second["x"].shape[0]) == 10_000
             del second
             it.close()
+
+
+def test_read_ahead_hints_stop_while_batches_fill_at_page_cache_speed(ds, monkeypatch):
+    """Inline reads announce the batches submitted ahead until ``WARM_FILLS`` batches in a row
+    fill at page-cache speed with none slower this epoch (a hint on cached pages reads nothing
+    and costs a walk over them); a slower fill turns them on for the rest of the epoch, and a
+    new epoch starts with them on. The batches are the same either way."""
+    import fallback.loader as fl
+
+    hinted = []
+    real = fl._read_ahead
+    monkeypatch.setattr(fl, "_read_ahead",
+                        lambda files, specs, seg: hinted.append(int(seg[0][0])) or
+                        real(files, specs, seg))
+    speed = {"s": 0.0}
+    ticks = iter(range(10**9))
+    monkeypatch.setattr(fl, "_clock", lambda: next(ticks) * speed["s"])
+
+    def epoch(ld, e):
+        hinted.clear()
+        ld.set_epoch(e)
+        return [b["pid"].clone() for b in ld]
+
+    with open_loader(ds, backend="fallback", device="cpu", num_threads=0, prefetch=2,
+                     batch_points=4_000, fields=["pid"]) as ld:
+        assert ld.inline_reads
+        fast = epoch(ld, 0)               # every fill takes no time: page-cache speed
+        n = len(fast)
+        assert n >= 10
+        # two submitted before the first fill, one more before the second ended the hints
+        assert len(hinted) == fl.WARM_FILLS + 1
+        speed["s"] = 1e6                  # every fill takes "1e6 s": slower than any disk
+        slow = epoch(ld, 0)
+        assert len(hinted) == n
+        # three fast fills (batches 0-2; 3 and 4 submitted unannounced), then a slow one
+        # (batch 3): every batch submitted from then on is announced (5 to the last)
+        fills = iter([0.0] * 6 + [0.0, 1e6] + [0.0] * 10**6)  # a fill reads the clock twice
+        monkeypatch.setattr(fl, "_clock", lambda: next(fills))
+        mixed = epoch(ld, 0)
+        assert hinted == [4_000 * i for i in (0, 1, 2, *range(5, n))]
+    for a, b, c in zip(fast, slow, mixed):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_read_ahead_hint_state():
+    import fallback.loader as fl
+
+    h = fl._Hints()
+    assert h.on
+    h.filled(10**9, 0.001)                 # 1e12 B/s
+    assert h.on                            # one fast fill is not yet a warm run
+    h.filled(10**9, 0.001)
+    assert not h.on
+    h.filled(10**6, 1.0)                   # 1 MB/s: not all in the page cache
+    assert h.on
+    h.filled(10**9, 0.001)
+    h.filled(10**9, 0.001)
+    assert h.on                            # on for good once a slow fill was seen
+    cold = fl._Hints()
+    cold.filled(10**6, 1.0)
+    for _ in range(5):
+        cold.filled(10**9, 0.001)
+    assert cold.on
