@@ -124,11 +124,12 @@ def _tasks(p: _Pending, fs: _FillSpec) -> list[tuple[Any, tuple]]:
     out: list[tuple[Any, tuple]] = []
     task: list[tuple[Any, str, memoryview, int]] = []
     task_bytes = 0
+    segments = batch.segments.tolist()
     for spec, (fd, path, base), foff in zip(fs.specs, fs.files, layout.field_offsets):
         pb = spec.point_bytes
         dst = foff
-        for a, b in batch.segments:
-            off, length = base + int(a) * pb, int(b - a) * pb
+        for a, b in segments:
+            off, length = base + a * pb, (b - a) * pb
             for c in range(0, length, fs.task_bytes):
                 m = min(fs.task_bytes, length - c)
                 task.append((fd, path, mv[dst + c:dst + c + m], off + c))
