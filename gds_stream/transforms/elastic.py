@@ -403,7 +403,13 @@ def _band_np(d: int, n: int, channels: bool) -> np.ndarray:
     key = (d, n, channels)
     m = _BANDS.get(key)
     if m is None:
-        m = _bands_np(np.array([d], dtype=np.int64), n)[0]
+        i = np.arange(n)
+        m = np.clip(3 - np.abs(i[:, None] - i[None, :]), 0, None).astype(np.float32)
+        m[d:] = 0                                   # rows and columns past the unit's cells
+        m[:, d:] = 0
+        if d:
+            ends = [0, d - 1]                       # its end cells lose x_end (one when d is 1)
+            m[ends, ends] = 2
         if channels:
             m = (m[:, None, :, None] * np.eye(3, dtype=np.float32)[:, None, :]
                  ).reshape(3 * n, 3 * n)
@@ -413,17 +419,6 @@ def _band_np(d: int, n: int, channels: bool) -> np.ndarray:
             _BANDS_BYTES[0] = 0
         _BANDS[key] = m
         _BANDS_BYTES[0] += m.nbytes
-    return m
-
-
-def _bands_np(d, n: int):
-    """:func:`_bands` in numpy (float32), ``d`` an int64 array."""
-    i = np.arange(n)
-    band = np.clip(3 - np.abs(i[:, None] - i[None, :]), 0, None).astype(np.float32)
-    inside = i[None, :] < d[:, None]
-    ends = ((i[None, :] == 0) | (i[None, :] == d[:, None] - 1)) & inside
-    m = band * (inside[:, :, None] & inside[:, None, :])
-    m[:, i, i] -= ends
     return m
 
 
