@@ -51,8 +51,12 @@ def solo_batch(dev: Device, points: int, seed: int) -> dict:
     return b
 
 
+#: Alternated rounds of ``--threads``' one-thread and K-thread runs (the median is reported).
+THREAD_ROUNDS = 3
+
+
 def threaded_rates(points: int, seed: int, threads: int, runs: int,
-                   rounds: int = 3) -> dict[int, list[float]]:
+                   rounds: int = THREAD_ROUNDS) -> dict[int, list[float]]:
     """CPU: batches a second of the preset on the resident batch run by 1 and by ``threads``
     threads at once, each thread on one intra-op thread of its own as the loader's transform
     threads are (``runs`` runs each after a warm-up, different draws; the rate is all runs over
@@ -137,7 +141,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0,
                    help="CPU: also run the preset in this many threads at once, each on one "
                         "intra-op thread as the loader's transform threads, against one such "
-                        "thread (batches a second, 3 rounds alternated)")
+                        f"thread (batches a second, {THREAD_ROUNDS} rounds alternated)")
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
     if not a.preset_only:
@@ -172,7 +176,8 @@ def main(argv=None) -> int:
                                                                   rates.items()},
                            "scaling": many / one}
         print(f"  in threads, one intra-op thread each (as the loader's transform threads), "
-              f"batches/s, median of 3 alternated rounds: 1 thread {one:.1f}, {a.threads} "
+              f"batches/s, median of {THREAD_ROUNDS} alternated rounds: 1 thread {one:.1f}, "
+              f"{a.threads} "
               f"threads {many:.1f} ({many / one:.2f}x)")
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
