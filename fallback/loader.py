@@ -381,6 +381,8 @@ class _FallbackIterator(EpochIterator):
             t0 = _clock()
             _read_inline(p, fill)
             self._hints.filled(p.layout.nbytes, _clock() - t0)
+            if self._stop.is_set():  # a close() from another thread cut the reads short
+                raise LoaderError("loader was closed while waiting for a batch")
         pending = set(p.futures)
         while pending:
             done, pending = cf.wait(pending, timeout=POLL_S, return_when=cf.FIRST_EXCEPTION)

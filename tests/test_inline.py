@@ -142,6 +142,34 @@ def test_an_interrupted_inline_read_leaves_a_stopped_iterator(ds, monkeypatch):
     assert np.array_equal(got, np.arange(state["batches_done"] * 5_000, ds.num_points))
 
 
+@pytest.mark.parametrize("cfg", [dict(), dict(shuffle=True, seed=3, shuffle_window=0)],
+                         ids=["order", "shuffle"])
+def test_a_close_during_an_inline_read_fails_that_batch(ds, monkeypatch, cfg):
+    """A close() landing while next() reads (from another thread: here from inside the read,
+    where next() holds the iterator as it would then) stops the reads; the half-filled batch
+    is never handed out."""
+    real = os.preadv
+    calls = []
+    with open_loader(ds, backend="fallback", device="cpu", num_threads=0,
+                     batch_points=20_000, **cfg) as ld:
+        it = iter(ld)
+        first = next(it)
+
+        def preadv(fd, bufs, off):
+            calls.append(off)
+            if len(calls) == 2:
+                it.close()
+            return real(fd, bufs, off)
+
+        monkeypatch.setattr(os, "preadv", preadv)
+        with pytest.raises(LoaderError, match="closed"):
+            next(it)
+        monkeypatch.setattr(os, "preadv", real)
+        assert ld.state_dict()["batches_done"] == 1
+    assert 2 <= len(calls) < len(ds.schema)  # the reads stopped at the close
+    assert first["pid"].numel() == 20_000
+
+
 def test_inline_reads_take_a_batch_buffer_in_next_not_when_submitting(ds):
     """Inline, the batches submitted ahead hold no buffer yet: each is taken in ``next()``,
     so the one the loop dropped last comes back from the pool (warm) instead of one taken
