@@ -106,13 +106,32 @@ class _FillSpec:
     task_bytes: int
     verifier: BlockVerifier | None
     stop: threading.Event
+    #: Every field is a local file (read by descriptor), none an object store's.
+    local: bool = False
 
 
 def _read_inline(p: _Pending, fs: _FillSpec) -> None:
-    """Inline reads (in ``next()``): the batch's slab, then its tasks, in order."""
-    p.host = anon_buffer(p.layout.nbytes)
-    for fn, args in _tasks(p, fs):
-        fn(*args)
+    """Inline reads (in ``next()``): the batch's slab, then its reads in order — straight
+    from each field's file where the batch is local files in file order, else its tasks (the
+    verification and metadata tasks, an object store's ranged reads)."""
+    host = p.host = anon_buffer(p.layout.nbytes)
+    batch = p.batch
+    if (fs.verifier is not None or batch.perm_key is not None or batch.scan_sizes is not None
+            or not fs.local):
+        for fn, args in _tasks(p, fs):
+            fn(*args)
+        return
+    # local files in file order: the reads themselves, no tasks to group them into
+    mv = memoryview(host)
+    segments = batch.segments.tolist()
+    for spec, (fd, path, base), dst in zip(fs.specs, fs.files, p.layout.field_offsets):
+        if fs.stop.is_set():
+            return
+        pb = spec.point_bytes
+        for a, b in segments:
+            length = (b - a) * pb
+            pread_into(fd, mv[dst:dst + length], base + a * pb, path)
+            dst += length
 
 
 def _tasks(p: _Pending, fs: _FillSpec) -> list[tuple[Any, tuple]]:
@@ -320,7 +339,7 @@ class _FallbackIterator(EpochIterator):
         self._stop = threading.Event()
         #: What filling a slab needs (the same for every batch of the epoch).
         self._fill_spec = _FillSpec(self._specs, self._files, self._task_bytes, self._verifier,
-                               self._stop)
+                                    self._stop, all(isinstance(f[0], int) for f in self._files))
         self._inline = loader.inline_reads
         #: Inline reads: whether batches submitted now are announced to the kernel.
         self._hints = _Hints()
@@ -334,6 +353,8 @@ class _FallbackIterator(EpochIterator):
         self._stack_np = numpy_dtype(torch, pipe.dtype) if self._fuse else None
         self._stack_itemsize = (torch.empty(0, dtype=pipe.dtype).element_size()
                                 if self._fuse else 0)
+        #: Slab layouts by (points, permuted, units, fused).
+        self._layouts: dict[tuple, SlabLayout] = {}
         self._pool = None if self._inline else cf.ThreadPoolExecutor(
             loader.options.num_threads, thread_name_prefix="gds-stream-fallback",
             # workers wait on copy events: bind the device first (CUDA only)
@@ -346,10 +367,15 @@ class _FallbackIterator(EpochIterator):
     def _submit(self, batch: BatchPlan) -> _Pending:
         n = batch.num_points
         fused = self._stacked_by_read(batch)
-        layout = SlabLayout.build(self._specs, n, batch.perm_key is not None,
-                                  None if batch.scan_sizes is None else len(batch.scan_sizes),
-                                  self._stack if fused else (), self._stack_np,
-                                  self._stack_itemsize)
+        key = (n, batch.perm_key is not None,
+               None if batch.scan_sizes is None else len(batch.scan_sizes), fused)
+        layout = self._layouts.get(key)
+        if layout is None:  # batches of an epoch mostly share one size: built once
+            if len(self._layouts) >= 64:
+                self._layouts.clear()
+            layout = self._layouts[key] = SlabLayout.build(
+                self._specs, n, key[1], key[2], self._stack if fused else (), self._stack_np,
+                self._stack_itemsize)
         if self._inline:
             # Reads run in next(), and so does taking their buffer: the buffer of the batch the
             # loop dropped last comes back warm from the pool (taken here, prefetch batches

@@ -47,15 +47,27 @@ def unpack_slab(torch: Any, slab: Any, specs, layout: SlabLayout, batch: BatchPl
     perm = None
     if batch.perm_key is not None:
         perm = slab[layout.perm_offset:layout.perm_offset + 4 * n].view(torch.int32)
+    # The slab viewed once per dtype; each region is then one slice of such a view (cutting
+    # the uint8 slab takes three ops a region: slice, dtype view, shape view). Every region
+    # starts at a multiple of its element size, and the slab's size is a multiple of 4 KiB.
+    typed: dict[Any, tuple[Any, int]] = {}
+
+    def region(off: int, count: int, dtype: Any) -> Any:
+        got = typed.get(dtype)
+        if got is None:
+            v = slab.view(dtype)
+            got = typed[dtype] = (v, v.element_size())
+        v, size = got
+        return v[off // size:off // size + count]
+
     out = {}
     if layout.stacks:
         stacked = {i for r in layout.stacks for i in r.fields}
         for r in layout.stacks:
-            cols = slab[r.offset:r.offset + r.width * r.col_bytes].view(stack_dtype)
-            cols = cols.view(r.width, n)
+            cols = region(r.offset, r.width * n, stack_dtype).view(r.width, n)
             for i, j in r.copies:
                 spec, off = specs[i], layout.field_offsets[i]
-                raw = slab[off:off + n * spec.point_bytes].view(torch_dtype(torch, spec.dtype))
+                raw = region(off, n * spec.components, torch_dtype(torch, spec.dtype))
                 k = spec.components
                 cols[j:j + k].copy_(raw.view(1, n) if k == 1 else raw.view(n, k).t())
             out[r.key] = cols.t()
@@ -65,24 +77,24 @@ def unpack_slab(torch: Any, slab: Any, specs, layout: SlabLayout, batch: BatchPl
         specs_offs = list(zip(specs, layout.field_offsets))
     pos = 0
     for spec, off in specs_offs:
-        region = slab[off:off + n * spec.point_bytes]
         if perm is None:
-            t = region.view(torch_dtype(torch, spec.dtype))
+            t = region(off, n * spec.components, torch_dtype(torch, spec.dtype))
+            out[spec.name] = t.view(n, spec.components) if spec.components > 1 else t
+            continue
+        # one integer per point where it fits: torch's fast 1-D gather, bit for bit
+        src = int_rows(torch, slab[off:off + n * spec.point_bytes].view(n, spec.point_bytes))
+        if gathered is None:
+            t = src.index_select(0, perm)
         else:
-            # one integer per point where it fits: torch's fast 1-D gather, bit for bit
-            src = int_rows(torch, region.view(n, spec.point_bytes))
-            if gathered is None:
-                t = src.index_select(0, perm)
-            else:
-                nb = n * spec.point_bytes
-                t = gathered[pos:pos + nb].view(src.dtype).view(src.shape)
-                torch.index_select(src, 0, perm, out=t)
-                pos += -(-nb // SLAB_ALIGN) * SLAB_ALIGN
-            t = t.view(torch.uint8).view(torch_dtype(torch, spec.dtype))
+            nb = n * spec.point_bytes
+            t = gathered[pos:pos + nb].view(src.dtype).view(src.shape)
+            torch.index_select(src, 0, perm, out=t)
+            pos += -(-nb // SLAB_ALIGN) * SLAB_ALIGN
+        t = t.view(torch.uint8).view(torch_dtype(torch, spec.dtype))
         out[spec.name] = t.view(n, spec.components) if spec.components > 1 else t.view(n)
     if batch.scan_sizes is not None:
         k, oo = len(batch.scan_sizes), layout.offsets_offset
-        out["offset"] = slab[oo:oo + 8 * k].view(torch.int64)
+        out["offset"] = region(oo, k, torch.int64)
         if unit_key is not None:
-            out[unit_key] = slab[oo + 8 * k:oo + 16 * k].view(torch.int64)
+            out[unit_key] = region(oo + 8 * k, k, torch.int64)
     return out
