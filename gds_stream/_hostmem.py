@@ -68,7 +68,10 @@ def _take(nbytes: int) -> mmap.mmap | None:
     with _lock:
         extra = _drain()
         best = None
-        for i, mm in enumerate(_free):
+        # newest first: of the buffers that fit best, the one whose batch died last, the
+        # likeliest still in the CPU caches
+        for i in range(len(_free) - 1, -1, -1):
+            mm = _free[i]
             if nbytes <= len(mm) and nbytes >= _FIT * len(mm) and \
                     (best is None or len(mm) < len(_free[best])):
                 best = i

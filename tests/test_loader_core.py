@@ -312,6 +312,19 @@ def test_host_buffers_are_reused_only_after_every_view_died():
     assert _hostmem.pooled_bytes() <= _hostmem.POOL_BUFFERS * (3 << 20)
 
 
+def test_host_buffer_pool_hands_back_the_buffer_that_died_last():
+    from gds_stream import _hostmem
+
+    _hostmem.drain()
+    bufs = [_hostmem.anon_buffer(5 << 20) for _ in range(3)]
+    addrs = [b.ctypes.data for b in bufs]
+    for i in (2, 0, 1):  # the batches die in this order
+        bufs[i] = None
+    gc.collect()
+    got = [_hostmem.anon_buffer(5 << 20) for _ in range(3)]
+    assert [g.ctypes.data for g in got] == [addrs[1], addrs[0], addrs[2]]
+
+
 def test_host_buffer_pool_is_bounded_in_bytes_and_safe_inside_a_collection():
     from gds_stream import _hostmem
 
