@@ -80,6 +80,19 @@ def raise_pending_interrupt() -> None:
         raise KeyboardInterrupt
 
 
+def check_stamp(fd: int, stamp: tuple[int, int], path: str, name: str) -> None:
+    """Raise :class:`DatasetError` if the file behind ``fd`` no longer has the ``(size,
+    mtime_ns)`` it had when its dataset was opened: it was written in place since."""
+    st = os.fstat(fd)
+    size, mtime = stamp
+    if (st.st_size, st.st_mtime_ns) != (size, mtime):
+        raise DatasetError(
+            f"{path}: the file of field {name!r} was written in place since the dataset was "
+            f"opened ({size} bytes then, {st.st_size} now"
+            f"{'' if st.st_size != size else ', modified since'}); its bytes no longer match "
+            f"the manifest: open the dataset again")
+
+
 class FieldFiles(Closeable):
     """Read-only descriptors of some fields' files, held by (and closed with) one loader.
 
@@ -130,14 +143,7 @@ class FieldFiles(Closeable):
         mix of both. A replacement by rename (``convert --overwrite``) leaves the opened files
         as they were. One ``fstat`` per file."""
         for name in self._stamps if names is None else names:
-            st = os.fstat(self._fds[name])
-            size, mtime = self._stamps[name]
-            if (st.st_size, st.st_mtime_ns) != (size, mtime):
-                raise DatasetError(
-                    f"{self._paths[name]}: the file of field {name!r} was written in place "
-                    f"since the dataset was opened ({size} bytes then, {st.st_size} now"
-                    f"{'' if st.st_size != size else ', modified since'}); its bytes no longer "
-                    f"match the manifest: open the dataset again")
+            check_stamp(self._fds[name], self._stamps[name], self._paths[name], name)
 
     def fd(self, name: str) -> int:
         return self._fds[name]

@@ -41,7 +41,9 @@ def manifest_cap(directory: Path | int) -> int:
             for entry in it:
                 try:
                     if entry.is_file():
-                        data += entry.stat().st_size
+                        st = entry.stat()
+                        # the bytes the file holds on disk: a sparse file's size claims anything
+                        data += min(st.st_size, st.st_blocks * 512)
                 except (OSError, ValueError):
                     continue
     except (OSError, ValueError):
@@ -279,6 +281,18 @@ def is_finite(v: object) -> bool:
         return math.isfinite(float(v))  # type: ignore[arg-type]
     except OverflowError:  # an int beyond float64
         return False
+
+
+#: Control characters (C0, DEL, C1) as escapes: a name in a message stays on its line and sends
+#: nothing to the terminal.
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127, *range(0x80, 0xA0))}
+_CONTROL.update({9: "\\t", 10: "\\n", 13: "\\r"})
+
+
+def printable(text: object) -> str:
+    """``str(text)`` with its control characters escaped (a file name from a manifest, or any
+    message a CLI prints on one line)."""
+    return str(text).translate(_CONTROL)
 
 
 def short(v: object, limit: int = 60) -> str:

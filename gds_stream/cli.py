@@ -24,6 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from . import __version__
+from ._manifest import printable
 from ._quiet import quiet_stderr
 from .errors import GDSStreamError
 
@@ -249,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise
             if held is not None:
                 held.drop()
-            print(f"gds-stream: error: {exc}", file=sys.stderr)
+            print(f"gds-stream: error: {printable(exc)}", file=sys.stderr)
             return EXIT_ERROR
         except KeyboardInterrupt:
             if held is not None:

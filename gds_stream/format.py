@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ._lifetime import Closeable, fd_limit_hint
+from ._lifetime import Closeable, check_stamp, fd_limit_hint
 from ._manifest import (
     ChunkTable,
     check_disjoint,
@@ -46,6 +46,7 @@ from ._manifest import (
     manifest_cap,
     origin_value,
     os_reason,
+    printable,
     read_manifest,
     short,
     want,
@@ -259,6 +260,7 @@ class Dataset(Closeable):
     def _pin(self, rel: str, full: str, name: object, mpath: Path, off: int, expect: int) -> None:
         """Open the file ``rel`` of field ``name`` relative to the directory descriptor (once per
         file) and check it: a regular file holding the field's ``expect`` bytes at ``off``."""
+        full = printable(full)  # a hostile name: escaped, the message stays one line
         fd = self._fds.get(rel)
         if fd is None:
             where = f"the file of field {name!r} named by {mpath}"
@@ -395,6 +397,9 @@ class Dataset(Closeable):
         off, length = self.byte_range(name, start, stop)
         if length:
             self._read_into(name, memoryview(out).cast("B"), off)
+        stamp = getattr(self, "stamps", {}).get(lay.file)
+        if stamp is not None:  # after the read: a rewrite before or during it is refused
+            check_stamp(self.fileno(name), stamp, str(self.field_path(name)), name)
         return out.reshape(-1, spec.components) if spec.components > 1 else out
 
     def verify(self, progress: Callable[[int], None] | None = None) -> list[tuple[str, int, int, int]]:

@@ -251,11 +251,21 @@ def test_manifest_size_cap(tmp_path, monkeypatch):
     refused(out, "larger than any valid one")
     cap = _manifest.manifest_cap(out)
     assert cap == 1000
-    # a sparse multi-GiB file in the directory cannot lift the cap past the absolute maximum
-    monkeypatch.setattr(_manifest, "MANIFEST_DATA_RATIO", 1)
+    # the cap grows with the bytes the directory's files hold on disk, up to the maximum
+    monkeypatch.setattr(_manifest, "MANIFEST_DATA_RATIO", 64)
+    grown = _manifest.manifest_cap(out)
+    assert grown > 1000
+    monkeypatch.setattr(_manifest, "MANIFEST_ABS_MAX_BYTES", grown - 1)
+    assert _manifest.manifest_cap(out) == grown - 1
+    monkeypatch.setattr(_manifest, "MANIFEST_ABS_MAX_BYTES", 1 << 30)
+    # a sparse multi-GiB file claims bytes it does not hold: it lifts the cap by nothing, so a
+    # huge manifest beside it is refused before it is read (not parsed at GiB-scale cost)
     with open(out / "huge.bin", "wb") as f:
         f.truncate(4 << 30)
-    assert _manifest.manifest_cap(out) == _manifest.MANIFEST_ABS_MAX_BYTES
+    assert _manifest.manifest_cap(out) == grown
+    doc["padding"] = "x" * (grown + 10)
+    save(out, doc)
+    refused(out, "larger than any valid one")
 
 
 # -- B2: types and ranges of every value -----------------------------------------------------
@@ -836,3 +846,40 @@ def test_writer_and_publish_do_not_import_each_other():
     assert not {n for n in imported(pub) if n.endswith("writer")}, imported(pub)
     assert "._publish" in imported(wr)
     assert wr.check_output_dir is pub.check_output_dir
+
+
+def test_a_hostile_file_name_stays_on_one_line(tmp_path):
+    """A field's file name holding a newline and a terminal escape: the error escapes it, and
+    the CLI's refusal is one line that sends nothing to the terminal."""
+    out = write(tmp_path / "ds")
+    doc = load(out)
+    doc["fields"][0]["file"] = "x\nsecond line \x1b[31mRED\x1b[0m.bin"
+    save(out, doc)
+    err = refused(out, "no such file")
+    assert "\n" not in str(err) and "\x1b" not in str(err) and "\\n" in str(err)
+    r = subprocess.run([sys.executable, "-m", "gds_stream", "info", str(out)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and "\x1b" not in r.stderr, r.stderr
+    assert "no such file" in r.stderr
+
+
+def test_dataset_read_refuses_a_file_written_in_place_since_open(tmp_path):
+    out = write(tmp_path / "ds")
+    ds = open_dataset(out)
+    try:
+        before = ds.read("label")
+        lay = ds.layout("label")
+        path = out / lay.file
+        data = bytearray(path.read_bytes())
+        data[lay.offset] ^= 0xFF  # same size, other bytes, written in place
+        with open(path, "r+b") as f:
+            f.write(data)
+        st = os.stat(path)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a coarse clock
+        with pytest.raises(DatasetError, match="written in place") as info:
+            ds.read("label")
+        assert str(path) in str(info.value)
+        assert len(before) == ds.num_points
+    finally:
+        ds.close()
