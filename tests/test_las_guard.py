@@ -341,3 +341,72 @@ def test_cli_refuses_a_count_smaller_than_the_data_in_one_line(tmp_path):
         "227..10427, up to the end of the file) holds 300 records of 34 bytes; the point count "
         "is wrong or the file is damaged"]
     assert no_output_left(tmp_path, "out")
+
+
+# -- the VLR chain: it must end by the point data, and hold as many VLRs as counted ----------
+def _vlr_file(tmp_path, suffix=".las"):
+    """A LAS 1.4 file with two VLRs (extra bytes, then a user VLR) and its raw bytes."""
+    las = _points(300, "1.4", 6, extra=[("amp", "f4")])
+    las.header.vlrs.append(laspy.VLR("gds-test", 7, "a user VLR", b"\x01" * 40))
+    las.write(tmp_path / f"src{suffix}")
+    data = bytearray((tmp_path / f"src{suffix}").read_bytes())
+    return data, struct.unpack_from("<H", data, 94)[0], struct.unpack_from("<II", data, 96)
+
+
+def _refused_with(tmp_path, data, message, suffix=".las"):
+    (tmp_path / f"a{suffix}").write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match=message) as info:
+        convert(tmp_path / f"a{suffix}", tmp_path / "ds", progress=False)
+    assert f"a{suffix}: " in str(info.value)
+    assert no_output_left(tmp_path)
+
+
+@pytest.mark.parametrize("patch, message", [
+    ("length +100", r"VLR 0 of 2 at byte \d+ \(\d+ bytes\) ends at byte \d+, past the start of "
+                    r"the point data"),
+    ("length 0", r"VLR 1 of 2 at byte \d+ is not a VLR header"),
+    ("count 0", r"the header counts 0 VLRs, but another one \('LASF_Spec'\) lies at byte 375"),
+    ("count 1", r"the header counts 1 VLRs, but another one \('gds-test'\) lies at byte"),
+    ("points 20 early", r"VLR 1 of 2 at byte \d+ \(\d+ bytes\) ends at byte \d+, past the start"),
+    ("header size 400", r"is not a VLR header|ends at byte"),
+])
+def test_a_damaged_vlr_chain_is_refused(tmp_path, patch, message):
+    """laspy skips a VLR it cannot place and reads on: the CRS and the extra-bytes fields were
+    lost, or the VLRs converted as points, without a word."""
+    data, header_size, (offset, count) = _vlr_file(tmp_path)
+    length_at = header_size + 20
+    length = struct.unpack_from("<H", data, length_at)[0]
+    if patch == "length +100":
+        struct.pack_into("<H", data, length_at, length + 100)
+    elif patch == "length 0":
+        struct.pack_into("<H", data, length_at, 0)
+    elif patch.startswith("count"):
+        struct.pack_into("<I", data, 100, int(patch.split()[1]))
+    elif patch == "points 20 early":
+        struct.pack_into("<I", data, 96, offset - 20)
+    else:
+        struct.pack_into("<H", data, 94, 400)
+    _refused_with(tmp_path, data, message)
+
+
+def test_padding_between_the_vlrs_and_the_points_is_accepted(tmp_path):
+    data, _, (offset, _) = _vlr_file(tmp_path)
+    padded = data[:offset] + bytes(200) + data[offset:]
+    struct.pack_into("<I", padded, 96, offset + 200)
+    (tmp_path / "a.las").write_bytes(bytes(padded))
+    ds = convert(tmp_path / "a.las", tmp_path / "ds", progress=False)
+    src = laspy.read(tmp_path / "src.las")
+    assert ds.num_points == 300 and "amp" in ds.schema
+    assert np.array_equal(ds.read("amp"), np.asarray(src["amp"]))
+
+
+@pytest.mark.parametrize("count", [0, 60_000, 100_000])
+def test_a_laz_count_its_chunk_table_disproves_is_refused(tmp_path, count):
+    """3 chunks of 50,000 points hold over 100,000: a header promising fewer converted them
+    silently (an empty dataset for a count of 0)."""
+    path = _patched(tmp_path, _points(123_457), ".laz", **{"107": struct.pack("<I", count)})
+    with pytest.raises(DatasetError, match=rf"a\.laz: the header counts {count} points, but its "
+                                           rf"LAZ chunk table counts 3 chunks of 50000 points, "
+                                           rf"so the file holds at least 100001"):
+        convert(path, tmp_path / "ds", progress=False)
+    assert no_output_left(tmp_path)

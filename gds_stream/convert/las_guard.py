@@ -6,8 +6,10 @@ claims 2³¹ chunks makes lazrs allocate tens of GB and abort the process; both 
 from the file's size. So are what laspy would read without a word: a version other than 1.0
 to 1.4 (laspy reads only the minor number), a point format the version does not have, a LAS
 1.4 legacy count that disagrees with the 64-bit one, uncompressed point data holding more
-records than the count (the rest would be dropped), EVLRs before the points or past the end
-(laspy reads each one's declared length whole). lazrs reports some damage with a Rust panic (``PanicException``, a
+records than the count (the rest would be dropped), a LAZ count its chunk table disproves,
+EVLRs before the points or past the end (laspy reads each one's declared length whole), a VLR
+chain that does not end by the points or holds more VLRs than counted (laspy drops what it
+cannot place: the CRS, the extra-bytes fields). lazrs reports some damage with a Rust panic (``PanicException``, a
 ``BaseException`` that ``except Exception`` misses): :func:`guard` turns every failure of
 laspy/lazrs into one error of the gds-stream family naming the file.
 """
@@ -94,7 +96,7 @@ def check_layout(path: Path, size: int) -> Layout:
         if n_evlrs and first_evlr < end:
             end, what = first_evlr, "the extended VLRs"
     return Layout(header_size, offset_to_points, end, what,
-                  _laszip_chunk_size(path, header_size, n_vlrs, offset_to_points))
+                  _walk_vlrs(path, header_size, n_vlrs, offset_to_points))
 
 
 def _check_evlrs(path: Path, at: int, count: int, points: int, size: int) -> None:
@@ -116,23 +118,51 @@ def _check_evlrs(path: Path, at: int, count: int, points: int, size: int) -> Non
             at += EVLR_HEADER + length
 
 
-def _laszip_chunk_size(path: Path, at: int, n_vlrs: int, stop: int) -> int | None:
-    """The chunk size the LASzip VLR records (its count was checked to fit before ``stop``)."""
+def _user_id(raw: bytes) -> bool:
+    """Whether a VLR header's 16-byte user id reads as one: printable ASCII up to its first
+    NUL, and not empty (what follows a NUL is not looked at: some writers leave bytes there)."""
+    text = raw.split(b"\0", 1)[0]
+    return bool(text.strip()) and all(0x20 <= c <= 0x7E for c in text)
+
+
+def _walk_vlrs(path: Path, at: int, n_vlrs: int, stop: int) -> int | None:
+    """Walk the header's ``n_vlrs`` VLRs from byte ``at``: each must read as a VLR header and
+    end by ``stop`` (the point data), and no further VLR may lie in the bytes left before it
+    (a damaged count or length would make laspy lose the CRS and the extra-bytes fields, or a
+    point offset inside the VLRs would convert them as points, without a word). Returns the
+    LASzip VLR's chunk size (``None``: no LASzip VLR)."""
+    chunk_size = None
     with open(path, "rb") as f:
-        for _ in range(n_vlrs):
+        for i in range(n_vlrs):
             f.seek(at)
             raw = f.read(VLR_HEADER)
-            if len(raw) < VLR_HEADER:
-                return None
+            if len(raw) < VLR_HEADER:  # the count was checked to fit: a file cut meanwhile
+                raise DatasetError(f"{path}: truncated inside VLR {i} of {n_vlrs} (byte {at})")
             user, record, length = struct.unpack_from("<16sHH", raw, 2)
-            if (user.rstrip(b"\0"), record) == _LASZIP:
+            if not _user_id(user):
+                raise DatasetError(
+                    f"{path}: VLR {i} of {n_vlrs} at byte {at} is not a VLR header (user id "
+                    f"{user!r}); the header size, the VLR count or a VLR's length is damaged")
+            end = at + VLR_HEADER + length
+            if end > stop:
+                raise DatasetError(
+                    f"{path}: VLR {i} of {n_vlrs} at byte {at} ({length} bytes) ends at byte "
+                    f"{end}, past the start of the point data (byte {stop}); a VLR's length or "
+                    f"the point data offset is damaged")
+            if (user.rstrip(b"\0"), record) == _LASZIP and length >= _LASZIP_CHUNK_SIZE_AT + 4:
                 f.seek(at + VLR_HEADER + _LASZIP_CHUNK_SIZE_AT)
-                val = f.read(4)
-                return struct.unpack("<I", val)[0] if len(val) == 4 else None
-            at += VLR_HEADER + length
-            if at > stop:
-                return None
-    return None
+                chunk_size = struct.unpack("<I", f.read(4))[0]
+            at = end
+        if stop - at >= VLR_HEADER:  # padding is allowed there; one more VLR is not
+            f.seek(at)
+            raw = f.read(VLR_HEADER)
+            reserved, user, _, length = struct.unpack_from("<H16sHH", raw)
+            if reserved in (0, 0xAABB) and _user_id(user) and at + VLR_HEADER + length <= stop:
+                raise DatasetError(
+                    f"{path}: the header counts {n_vlrs} VLRs, but another one "
+                    f"({user.split(bytes(1), 1)[0].decode()!r}) lies at byte {at}, before the "
+                    f"point data (byte {stop}); the VLR count is damaged")
+    return chunk_size
 
 
 def check_points_fit(path: Path, lay: Layout, n: int, record: int) -> None:
@@ -196,6 +226,12 @@ def check_chunk_table(path: Path, lay: Layout, n: int, record: int) -> None:
             f"chunks; {n} points{f' in chunks of {cs}' if cs and cs != _VARIABLE_CHUNKS else ''} "
             f"in {room} bytes of compressed data need {least}..{room}; the file is damaged"
         )
+    if cs and cs != _VARIABLE_CHUNKS and count and n <= (count - 1) * cs:
+        # every chunk but the last holds cs points: converting n would drop the rest silently
+        raise DatasetError(
+            f"{path}: the header counts {n} points, but its LAZ chunk table counts {count} "
+            f"chunks of {cs} points, so the file holds at least {(count - 1) * cs + 1}; the "
+            f"point count is wrong or the file is damaged")
 
 
 @contextlib.contextmanager
