@@ -410,3 +410,33 @@ def test_a_laz_count_its_chunk_table_disproves_is_refused(tmp_path, count):
                                            rf"so the file holds at least 100001"):
         convert(path, tmp_path / "ds", progress=False)
     assert no_output_left(tmp_path)
+
+
+def test_auto_converts_again_as_float64_when_later_points_leave_stale_header_bounds(tmp_path,
+                                                                                    caplog):
+    """Header bounds that hold the first points (the sample auto checks) but not later ones:
+    auto had decided float32 on them and refused mid-file with "pass --xyz float64"; it now
+    converts again as float64, with a warning. ``--xyz float32`` still refuses."""
+    hdr = laspy.LasHeader(point_format=1, version="1.2")
+    hdr.scales = np.full(3, 0.001)
+    hdr.offsets = np.array([500_000.0, 4_000_000.0, 0.0])
+    las = laspy.LasData(hdr)
+    rng = np.random.default_rng(5)
+    n = 20_000
+    x = 500_000 + rng.random(n) * 1000
+    x[12_000:] += 300_000  # a second strip 300 km east, after the sample
+    las.x, las.y, las.z = x, 4_000_000 + rng.random(n) * 1000, 100 + rng.random(n) * 50
+    las.write(tmp_path / "src.las")
+    data = bytearray((tmp_path / "src.las").read_bytes())
+    struct.pack_into("<d", data, 179, 501_000.0)  # max x: the first strip's only
+    (tmp_path / "a.las").write_bytes(bytes(data))
+    with caplog.at_level("WARNING"):
+        ds = convert(tmp_path / "a.las", tmp_path / "ds", progress=False)
+    assert ds.schema["x"].dtype == np.float64
+    src = laspy.read(tmp_path / "a.las")
+    for c in "xyz":
+        assert np.array_equal(ds.read(c), np.asarray(src[c])), c
+    assert "converting again with x, y, z as absolute float64" in caplog.text
+    with pytest.raises(ConversionError, match="pass --xyz float64"):
+        convert(tmp_path / "a.las", tmp_path / "ds32", xyz="float32", progress=False)
+    assert no_output_left(tmp_path, "ds32")

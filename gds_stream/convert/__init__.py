@@ -25,7 +25,7 @@ from ..storage import is_url
 from . import chunks
 from .common import Source, check_sources, write_sources
 from .kitti import KittiSource
-from .las import LasSource, choose_origin, is_las
+from .las import Float32Overflow, LasSource, choose_origin, is_las
 from .ply import PlySource
 from .raw import RawSource, raw_dtype as parse_raw_dtype
 from .remote_inputs import RemoteInputs
@@ -173,6 +173,20 @@ def convert(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: st
                 options["origin"] = origin
         if chunk_size is not None:  # before anything is written
             chunks.check_schema(sources[0].schema, sources[0].path)
-        write_sources(sources, out, overwrite=overwrite, progress=progress, writer_options=options,
-                      chunk_size=chunk_size, chunk_dims=chunk_dims, point_ids=point_ids)
+        try:
+            write_sources(sources, out, overwrite=overwrite, progress=progress,
+                          writer_options=options, chunk_size=chunk_size, chunk_dims=chunk_dims,
+                          point_ids=point_ids)
+        except Float32Overflow as exc:
+            if xyz != "auto":
+                raise
+            # header bounds that held a sample of the points, left by later ones: auto's
+            # float32 was decided on them; nothing was published, so convert again as float64
+            log.warning("%s; converting again with x, y, z as absolute float64",
+                        str(exc).split("; pass --xyz")[0])
+            options.pop("origin", None)
+            choose_origin(las, "float64")
+            write_sources(sources, out, overwrite=overwrite, progress=progress,
+                          writer_options=options, chunk_size=chunk_size, chunk_dims=chunk_dims,
+                          point_ids=point_ids)
     return open_dataset(out)

@@ -205,13 +205,19 @@ class LasSource(Source):
             v = float(scaled[i])
             where = ("" if self.lo[j] - 2 * half <= v <= self.hi[j] + 2 * half else
                      f", outside the header's bounds {float(self.lo[j])!r}..{float(self.hi[j])!r}")
-            raise ConversionError(
+            raise Float32Overflow(
                 f"{self.path}: point {first + i}: {_COORDS[j]} = {v!r}{where} is "
                 f"{abs(v - self.origin[j]):.6g} from the dataset origin "
                 f"{float(self.origin[j])!r}, where float32 cannot hold it within half the scale "
                 f"({half:g}); pass --xyz float64 (xyz='float64')"
             )
         return rel
+
+
+class Float32Overflow(ConversionError):
+    """A point float32 cannot hold relative to the dataset origin (``--xyz float32``, or
+    ``auto`` misled by header bounds the points leave: ``auto`` then converts again as
+    float64)."""
 
 
 def _floats(path: Path, dim: str, values, default: float) -> list[float]:
