@@ -145,6 +145,10 @@ class FieldFiles(Closeable):
         for name in self._stamps if names is None else names:
             check_stamp(self._fds[name], self._stamps[name], self._paths[name], name)
 
+    def stamps(self) -> dict[str, tuple[int, int]]:
+        """Each field file's ``(size, mtime_ns)`` when its dataset was opened."""
+        return dict(self._stamps)
+
     def fd(self, name: str) -> int:
         return self._fds[name]
 

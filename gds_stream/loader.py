@@ -211,9 +211,13 @@ class Loader(Closeable):
         """Where the training loop stands: resume with :meth:`load_state_dict`."""
         epoch, done = self._position
         o = self.options
+        stamps = getattr(self.files, "stamps", None)
         return {
             "epoch": epoch,
             "batches_done": done,
+            # each field file's (size, mtime_ns): a resume onto files written in place since
+            # is read with every block checked (load_state_dict)
+            **({"files": {k: list(v) for k, v in stamps().items()}} if stamps else {}),
             "config": {
                 "num_points": self.dataset.num_points, "num_scans": self.dataset.num_scans,
                 "batch_points": o.batch_points, "batch_scans": o.batch_scans,
@@ -268,7 +272,27 @@ class Loader(Closeable):
             raise LoaderError(f"state_dict batches_done={done} outside 0..{steps}")
         if done == steps:
             epoch, done = epoch + 1, 0
+        self._check_files_since(state.get("files"))
         self.epoch, self._resume_step, self._position = epoch, done, (epoch, done)
+
+    def _check_files_since(self, saved: Any) -> None:
+        """Field files whose size or modification time differ from the saved loader's: the same
+        bytes copied elsewhere, or a rewrite in place (``cp`` over a file) that the manifest
+        cannot show. The resumed loader then checks every block it reads against the manifest's
+        crc32 (as ``verify_reads=True``): a rewrite fails at its first changed block, with the
+        file named, instead of resuming the epoch on other bytes."""
+        stamps = getattr(self.files, "stamps", None)
+        if not isinstance(saved, dict) or stamps is None:
+            return  # an older state dict, or object storage (versions are checked there)
+        changed = [k for k, v in stamps().items()
+                   if k in saved and not (isinstance(saved[k], (list, tuple))
+                                          and [*saved[k]] == [*v])]
+        if changed and self.verifier is None:
+            log.warning("%s: the files of fields %s changed (size or modification time) since "
+                        "the state dict was saved; the resumed loader checks every block it "
+                        "reads against the manifest's checksums", self.dataset.path,
+                        ", ".join(changed))
+            self.verifier = BlockVerifier(self.dataset, self.specs, self.files)
 
     # -- lifetime -----------------------------------------------------------------------------
     def _close_active(self, why: str) -> "EpochIterator | None":

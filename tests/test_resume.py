@@ -104,3 +104,49 @@ def test_resume_onto_a_replaced_dataset_of_the_same_size_is_refused(tmp_path, ch
         with pytest.raises(LoaderError, match=rf"{tmp_path / 'ds'}: state_dict was saved on "
                                               rf"another version of this dataset"):
             ld.load_state_dict(state)
+
+
+def test_resume_onto_a_file_rewritten_in_place_checks_its_blocks(tmp_path, caplog):
+    """A cp over a field file between the checkpoint and the resume keeps the manifest, so the
+    state dict's fingerprint matched and the resumed epoch read the new bytes after the old
+    ones. The files' stamps differ: the resumed loader checks the blocks it reads, so the
+    rewrite fails by name; an identical copy (new mtime, same bytes) resumes as before."""
+    import os
+    import shutil
+
+    from gds_stream.errors import LoaderError
+    from gds_stream.format import open_dataset
+
+    make_dataset(tmp_path, [5000, 5000, 5000], name="ds", block_bytes=4096)
+    opts = dict(batch_points=2_000, fields=["pid", "x"], device="cpu", backend="fallback")
+    with open_loader(tmp_path / "ds", **opts) as ld:
+        want = [b["pid"].numpy().copy() for b in ld]
+        it = iter(ld)
+        next(it), next(it)
+        state = ld.state_dict()
+    assert set(state["files"]) == {"pid", "x"}
+    shutil.copytree(tmp_path / "ds", tmp_path / "copy")  # same bytes, new mtimes
+    os.utime(tmp_path / "copy" / open_dataset(tmp_path / "copy").layout("x").file,
+             ns=(1, 1))
+    with caplog.at_level(logging.WARNING, logger="gds_stream"):
+        with open_loader(tmp_path / "copy", **opts) as ld:
+            ld.load_state_dict(state)
+            got = [b["pid"].numpy().copy() for b in ld]
+    assert len(got) == len(want) - 2 and all(np.array_equal(g, w) for g, w in zip(got, want[2:]))
+    assert "changed (size or modification time) since the state dict was saved" in caplog.text
+    # a rewrite in place: the second half of x replaced by other values of the same size
+    ds = open_dataset(tmp_path / "ds")
+    lay = ds.layout("x")
+    path = tmp_path / "ds" / lay.file
+    ds.close()
+    data = bytearray(path.read_bytes())
+    half = lay.offset + lay.nbytes // 2
+    data[half:lay.offset + lay.nbytes] = bytes(lay.offset + lay.nbytes - half)
+    with open(path, "r+b") as f:  # in place: same inode, same size
+        f.write(data)
+    with open_loader(tmp_path / "ds", **opts) as ld:
+        ld.load_state_dict(state)
+        with pytest.raises(LoaderError, match=r"crc32") as info:
+            for _ in ld:
+                pass
+    assert lay.file in str(info.value)
