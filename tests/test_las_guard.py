@@ -189,8 +189,8 @@ def test_lazrs_panic_is_a_conversion_error(tmp_path):
                         "--no-progress"], cwd=tmp_path, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2, r.stderr[-2000:]
-    assert r.stderr.splitlines() == [f"gds-stream: error: a.laz: lazrs failed reading the "
-                                     f"points after the first 0 points ({message.split('(')[1]}"]
+    assert r.stderr.splitlines() == [f"gds-stream: error: a.laz: {message.split(': ', 1)[1]}"]
+    assert "lazrs failed reading the points (points 0.." in message
     r = subprocess.run([sys.executable, "-m", "gds_stream", "convert", "a.laz", "-o", "out",
                         "--no-progress", "-v"], cwd=tmp_path, capture_output=True, text=True,
                        timeout=120)
@@ -440,3 +440,14 @@ def test_auto_converts_again_as_float64_when_later_points_leave_stale_header_bou
     with pytest.raises(ConversionError, match="pass --xyz float64"):
         convert(tmp_path / "a.las", tmp_path / "ds32", xyz="float32", progress=False)
     assert no_output_left(tmp_path, "ds32")
+
+
+def test_a_laz_count_past_its_points_says_which_points_failed(tmp_path):
+    """lazrs runs out of data in the last chunk: the message said "after the first 0 points"
+    (whole batches are read at once); it names the points being read and the count."""
+    path = _patched(tmp_path, _points(3000), ".laz", **{"107": struct.pack("<I", 3001)})
+    with pytest.raises(DatasetError, match=r"a\.laz: reading the points \(points 0\.\.3,000 of "
+                                           r"the 3,001 the header promises\) failed .*its header "
+                                           r"counts more points than it holds"):
+        convert(path, tmp_path / "ds", progress=False)
+    assert no_output_left(tmp_path)

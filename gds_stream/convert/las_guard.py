@@ -238,18 +238,25 @@ def check_chunk_table(path: Path, lay: Layout, n: int, record: int) -> None:
 def guard(path: Path, what: str, done: list[int] | None = None):
     """Every failure of laspy/lazrs inside the block becomes one error naming ``path``:
     a lazrs panic a :class:`ConversionError`, anything else a :class:`DatasetError`.
-    ``done``: a one-item list holding the points read so far (said in the message)."""
+    ``done``: a list holding the points read so far, then optionally the points being read and
+    the points the header promises (said in the message)."""
     try:
         yield
     except (GDSStreamError, GeneratorExit, KeyboardInterrupt, SystemExit, MemoryError):
         raise
     except BaseException as exc:  # lazrs' PanicException derives from BaseException
         after = f" after the first {done[0]} points" if done else ""
+        if done and len(done) == 3 and done[1]:  # whole batches are read: say which
+            first, count, promised = done
+            after = (f" (points {first:,}..{first + count - 1:,} of the {promised:,} the header "
+                     f"promises)")
         if not isinstance(exc, Exception):
             raise ConversionError(f"{path}: lazrs failed {what}{after} ({why(exc)}); the file "
                                   f"is damaged") from exc
+        more = (", or its header counts more points than it holds"
+                if done and len(done) == 3 else "")
         raise DatasetError(f"{path}: {what}{after} failed ({why(exc)}); the file is damaged or "
-                           f"truncated") from exc
+                           f"truncated{more}") from exc
 
 
 def read_header(path: Path):
@@ -267,6 +274,8 @@ def read_points(path: Path, per: int, limit: int | None = None) -> Iterator:
     done = [0]
     with guard(path, "reading the points", done):
         with laspy.open(path, laz_backend=laspy.LazBackend.LazrsParallel) as reader:
+            promised = int(reader.header.point_count)
+            done += [min(per, promised), promised]
             for points in reader.chunk_iterator(per):
                 k = len(points)
                 if k == 0:
@@ -275,6 +284,7 @@ def read_points(path: Path, per: int, limit: int | None = None) -> Iterator:
                     points = points[:limit - done[0]]
                     k = len(points)
                 done[0] += k
+                done[1] = min(per, promised - done[0])
                 yield points
                 if limit is not None and done[0] >= limit:
                     break
