@@ -265,3 +265,94 @@ def test_a_failed_fetch_lets_a_waiting_thread_fetch_the_block_itself(tmp_path):
     assert len(client.gets) == 2 and len(errors) == 1 and "connection reset" in str(errors[0])
     assert sum(bytes(o) == data[10:74] for o in outs) == 1
     cache.close()
+
+
+@pytest.mark.parametrize("damage", ["flipped", "cut short", "empty"])
+def test_a_damaged_cache_block_is_fetched_again(local, remote, tmp_path, small_blocks, damage,
+                                                caplog):
+    """A block damaged on disk was served as it was (flipped bytes: wrong batches in every
+    later epoch and loader; a cut one: every loader failed until the directory was removed by
+    hand). Each block ends with its crc32, checked once per process: a damaged one is a miss."""
+    want = _epochs(local.path, epochs=1, **KW)
+    c = dict(cache_dir=tmp_path / "c", cache_bytes=64 << 20)
+    _same(_epochs(remote, epochs=1, **c, **KW), want)
+    blocks = sorted((tmp_path / "c").glob("*/*"))
+    assert [b.stat().st_size for b in blocks if b.name == "00000000"] == \
+        [BLOCK + 4] * len({b.parent for b in blocks})  # a whole first block and its crc32
+    victim = blocks[0]
+    data = bytearray(victim.read_bytes())
+    size = len(data)
+    if damage == "flipped":
+        data[100:108] = bytes(b ^ 0xFF for b in data[100:108])  # same size
+    else:
+        data = data[:len(data) // 2] if damage == "cut short" else bytearray()
+    victim.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="gds_stream"):
+        for _ in range(2):  # a fresh process's view each time: new loaders, new datasets
+            _same(_epochs(remote, epochs=1, **c, **KW), want)
+    assert "fetching it again" in caplog.text and str(victim) in caplog.text
+    assert victim.stat().st_size == size  # fetched again whole
+
+
+def test_close_releases_the_cache_directory_lock_file(remote, tmp_path, small_blocks):
+    def cache_fds():
+        out = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                if os.readlink(f"/proc/self/fd/{fd}").startswith(str(tmp_path / "c")):
+                    out.append(fd)
+            except OSError:
+                pass
+        return out
+
+    ld = gds_stream.open_loader(remote, backend="fallback", device="cpu",
+                                cache_dir=tmp_path / "c", cache_bytes=64 << 20, **KW)
+    next(iter(ld))
+    assert cache_fds()
+    ld.close()
+    assert cache_fds() == []  # the loader is still referenced: nothing waits for the GC
+    ds = gds_stream.open_dataset(remote, cache_dir=tmp_path / "c", cache_bytes=64 << 20)
+    with gds_stream.open_loader(ds, backend="fallback", device="cpu", **KW) as ld:
+        ds.close()  # the loader still reads through the dataset's cache
+        assert sum(len(b["pid"]) for b in ld) == sum(SCANS)
+    assert cache_fds() == []
+
+
+def test_a_full_cache_disk_fails_at_once_naming_the_cache(remote, tmp_path, small_blocks,
+                                                          monkeypatch):
+    """No space for a cache block is the local disk's fault: it was retried as a network
+    fault (9 downloads of one block, 12 s) and blamed the object."""
+    import builtins
+    import errno
+
+    from gds_stream.storage import s3 as s3_mod
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+    monkeypatch.setattr(cache_mod, "open", lambda *a, **k: Full(builtins.open(*a, **k)),
+                        raising=False)
+    gets = []
+    real = s3_mod.S3Client.get_to_file
+    monkeypatch.setattr(s3_mod.S3Client, "get_to_file",
+                        lambda self, *a: (gets.append(a[1]), real(self, *a))[1])
+    t0 = time.monotonic()
+    with pytest.raises(gds_stream.LoaderError,
+                       match=rf"{tmp_path / 'c'}: cannot write a cache block for s3://.*"
+                             rf"\(No space left on device\)"):
+        _epochs(remote, epochs=1, cache_dir=tmp_path / "c", cache_bytes=64 << 20, **KW)
+    assert time.monotonic() - t0 < 30
+    assert len(gets) <= 4  # one GET per block being fetched (two reader threads), no retries

@@ -31,6 +31,7 @@ import os
 import threading
 import time
 import uuid
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,10 @@ MIN_BLOCKS = 2
 #: A temporary file older than this is removed even if its pid lives (pid reuse).
 STALE_TMP_S = 3600.0
 _LOCK = ".lock"
+#: Each block file ends with the crc32 of its bytes (little-endian), checked the first time a
+#: process reads the block: a block damaged on disk is fetched again, never handed out.
+_CRC_BYTES = 4
+_CHECK_PIECE = 4 << 20
 
 
 class BlockCache:
@@ -72,6 +77,11 @@ class BlockCache:
             raise DatasetError(f"{self.dir}: cannot use the cache directory "
                                f"({exc.strerror or exc})") from exc
         self._mutex = threading.Lock()
+        #: Holders of this cache (its dataset, each loader's files): the directory's lock file
+        #: is closed when the last one releases it.
+        self._users = 1
+        #: Blocks whose crc32 this process has checked (a damaged one is fetched again).
+        self._checked: set[Path] = set()
         #: Blocks being fetched by a thread of this process: another thread missing the same
         #: block waits for that fetch instead of downloading it a second time.
         self._fetching: dict[Path, threading.Event] = {}
@@ -101,43 +111,69 @@ class BlockCache:
         while True:
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                fd = -1
+            if fd < 0:
+                # a miss: one thread of this process fetches the block, the others wait for it
+                # and read it from the cache (or, should that fetch fail or the block be
+                # evicted meanwhile, try again themselves)
+                with self._mutex:
+                    ahead = self._fetching.get(path)
+                    if ahead is None:
+                        done = self._fetching[path] = threading.Event()
+                if ahead is not None:
+                    ahead.wait()
+                    continue
+                try:
+                    self._fetch(client, obj, b, size, path, lo, out)
+                finally:
+                    with self._mutex:
+                        del self._fetching[path]
+                    done.set()
+                return
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH)  # held while copying: eviction skips this block
+                damage = self._damage(fd, path, size)
+                if damage is None:
+                    got = os.preadv(fd, [out], lo)
+                    if got != len(out):
+                        raise DatasetError(f"{path}: short read from the cache ({got} of "
+                                           f"{len(out)} bytes)")
+                    try:
+                        os.utime(fd)  # most recently used
+                    except OSError:
+                        pass
+            finally:
+                os.close(fd)
+            if damage is None:
                 break
+            # a damaged block is a miss: dropped and fetched again (the object is the one
+            # opened: its ETag names the block's directory)
+            log.warning("%s: cache block %s; fetching it again", client.url(obj.key), damage)
+            try:
+                os.unlink(path)
             except FileNotFoundError:
                 pass
-            # a miss: one thread of this process fetches the block, the others wait for it
-            # and read it from the cache (or, should that fetch fail or the block be evicted
-            # meanwhile, try again themselves)
-            with self._mutex:
-                ahead = self._fetching.get(path)
-                if ahead is None:
-                    done = self._fetching[path] = threading.Event()
-            if ahead is not None:
-                ahead.wait()
-                continue
-            try:
-                self._fetch(client, obj, b, size, path, lo, out)
-            finally:
-                with self._mutex:
-                    del self._fetching[path]
-                done.set()
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH)  # held while copying: eviction skips this block
-            if os.fstat(fd).st_size != size:
-                raise DatasetError(f"{path}: cache block holds {os.fstat(fd).st_size} bytes, "
-                                   f"expected {size}; remove the cache directory {self.dir}")
-            got = os.preadv(fd, [out], lo)
-            if got != len(out):
-                raise DatasetError(f"{path}: short read from the cache ({got} of {len(out)} "
-                                   f"bytes)")
-            try:
-                os.utime(fd)  # most recently used
-            except OSError:
-                pass
-        finally:
-            os.close(fd)
         with self._mutex:
             self.hits += 1
+
+    def _damage(self, fd: int, path: Path, size: int) -> str | None:
+        """``None`` if the block file ``fd`` holds ``size`` bytes and their crc32 trailer (the
+        bytes checked once per process), else what is wrong with it."""
+        held = os.fstat(fd).st_size
+        if held != size + _CRC_BYTES:
+            return (f"{path} holds {held} bytes, expected {size + _CRC_BYTES} (cut short, "
+                    f"damaged, or written by an older version)")
+        with self._mutex:
+            if path in self._checked:
+                return None
+        crc = _crc_of(fd, size)
+        trailer = os.pread(fd, _CRC_BYTES, size)
+        if trailer != crc.to_bytes(_CRC_BYTES, "little"):
+            return f"{path} has crc32 {crc:#010x}, its trailer says {trailer.hex()} (damaged)"
+        with self._mutex:
+            self._checked.add(path)
+        return None
 
     def _fetch(self, client: Any, obj: Any, b: int, size: int, path: Path, lo: int,
                out: memoryview) -> None:
@@ -150,6 +186,8 @@ class BlockCache:
                 got = os.preadv(f.fileno(), [out], lo)
                 if got != len(out):
                     raise DatasetError(f"{tmp}: short read of a block just written")
+                f.seek(size)
+                f.write(_crc_of(f.fileno(), size).to_bytes(_CRC_BYTES, "little"))
             path.parent.mkdir(exist_ok=True)
             os.replace(tmp, path)  # published whole, or not at all
         except OSError as exc:
@@ -247,6 +285,19 @@ class BlockCache:
         with self._mutex:
             return {"hits": self.hits, "misses": self.misses, "evictions": self.evictions}
 
+    def retain(self) -> None:
+        """One more holder (a loader's files); each calls :meth:`release` once."""
+        with self._mutex:
+            self._users += 1
+
+    def release(self) -> None:
+        """A holder is done: the last one closes the directory's lock file."""
+        with self._mutex:
+            self._users -= 1
+            last = self._users <= 0
+        if last:
+            self.close()
+
     def close(self) -> None:
         fd, self._lock_fd = getattr(self, "_lock_fd", -1), -1
         if fd >= 0:
@@ -257,6 +308,18 @@ class BlockCache:
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+def _crc_of(fd: int, size: int) -> int:
+    """crc32 of the first ``size`` bytes of ``fd`` (read in pieces)."""
+    crc, pos, buf = 0, 0, bytearray(max(1, min(size, _CHECK_PIECE)))
+    while pos < size:
+        n = os.preadv(fd, [memoryview(buf)[:min(len(buf), size - pos)]], pos)
+        if n <= 0:
+            break  # a file cut meanwhile: its crc cannot match
+        crc = zlib.crc32(memoryview(buf)[:n], crc)
+        pos += n
+    return crc
 
 
 def _alive(pid: int) -> bool:

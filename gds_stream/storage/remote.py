@@ -170,6 +170,8 @@ class RemoteDataset(Dataset):
         return RemoteFiles(self, names)
 
     def close(self) -> None:
+        if not self._closed and self.cache is not None:
+            self.cache.release()  # its lock file closes with the last loader reading through it
         self._closed = True
 
 
@@ -185,6 +187,9 @@ class RemoteFiles(Closeable):
         self._read = dataset.read_object
         self._objects = {n: dataset.version(n) for n in names}
         self._paths = {n: str(dataset.field_path(n)) for n in names}
+        self._cache = dataset.cache
+        if self._cache is not None:
+            self._cache.retain()
         self._closed = False
 
     def read_into(self, name: str, offset: int, view: memoryview,
@@ -236,5 +241,7 @@ class RemoteFiles(Closeable):
                                  f"GPU-direct backend opens it with open_kvikio()")
 
     def close(self) -> None:
+        if not self._closed and self._cache is not None:
+            self._cache.release()
         self._closed = True
 

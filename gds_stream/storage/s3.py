@@ -146,6 +146,8 @@ class S3Client:
                                       f"attempts: the loader was closed") from last
             try:
                 return fn()
+            except _LocalFileError as exc:  # the local side (a full disk): no retry helps
+                raise exc.error from None
             except PreconditionError as exc:
                 raise ObjectError(f"{self.url(key)}: the object changed since the dataset was "
                                   f"opened (ETag {etag} no longer matches; {what}): it was "
@@ -197,17 +199,18 @@ class S3Client:
 
     def get_to_file(self, obj: ObjectVersion, start: int, end: int, f: Any) -> None:
         """Stream bytes ``[start, end)`` of ``obj`` into the binary file ``f`` (rewritten from
-        its start on every attempt), checked against the ETag like :meth:`get`."""
+        its start on every attempt), checked against the ETag like :meth:`get`. An ``OSError``
+        of ``f`` itself (a full disk) is raised at once, not retried as a network fault."""
         opts: dict[str, Any] = {"range": (start, end)}
         if obj.etag:
             opts["if_match"] = obj.etag
 
         def fetch() -> None:
-            f.seek(0)
-            f.truncate()
+            local(f.seek, 0)
+            local(f.truncate)
             got = 0
             for chunk in self._obs.get(self.store, obj.key, options=opts).stream(64 << 10):
-                f.write(chunk)
+                local(f.write, chunk)
                 got += len(chunk)
             if got != end - start:
                 raise _ShortBody(f"the body held {got} bytes, expected {end - start}")
@@ -256,6 +259,23 @@ class S3Client:
 
     def delete(self, key: str) -> None:
         self._call(key, "DELETE", lambda: self._obs.delete(self.store, key))
+
+
+class _LocalFileError(Exception):
+    """An ``OSError`` of a local file written during a request: not the network's, so the
+    retry policy passes it on at once."""
+
+    def __init__(self, error: OSError):
+        super().__init__(str(error))
+        self.error = error
+
+
+def local(op: Callable[..., T], *args: Any) -> T:
+    """``op(*args)`` on a local file; its ``OSError`` is not retried as a network fault."""
+    try:
+        return op(*args)
+    except OSError as exc:
+        raise _LocalFileError(exc) from exc
 
 
 class _ShortBody(Exception):
