@@ -223,6 +223,36 @@ def test_retry_budget_spent_is_a_clear_error_not_a_hang(remote, s3_server):
     assert "503" in msg, msg
 
 
+@pytest.mark.parametrize("fault", ["timeout", "cut body", "refused"])
+def test_a_spent_budget_says_what_the_network_did(remote, s3_server, fault):
+    """A stalled answer and a cut body read alike in the error's first line ("request or
+    response body error"), a dead endpoint only "error sending request": the message now says
+    which, and names the setting for a timeout."""
+    import socket
+
+    if fault == "refused":
+        with socket.socket() as sock:  # a port nothing listens on
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        with pytest.raises(DatasetError, match=r"connection refused") as ei:
+            gds_stream.open_dataset(remote, storage_options={
+                "endpoint": f"http://127.0.0.1:{port}", "max_retries": 1, **FAST})
+        assert remote in str(ei.value)
+        return
+    faults = (Faults(delay=1.0, delay_s=3.0) if fault == "timeout" else Faults(truncate=1.0))
+    with FaultProxy(s3_server, faults) as proxy:
+        ds = gds_stream.open_dataset(remote, storage_options={
+            "endpoint": proxy.url, "max_retries": 1, **FAST, "timeout_s": 1.0})
+        with pytest.raises(DatasetError) as ei:
+            run_with_timeout(lambda: ds.read("x"), 60)
+    msg = str(ei.value)
+    assert "read of bytes" in msg and "failed 2 times" in msg, msg
+    if fault == "timeout":
+        assert "timed out: no whole answer within timeout_s=1 s" in msg, msg
+    else:
+        assert "the connection closed before the whole body arrived" in msg, msg
+
+
 # -- replaced objects -------------------------------------------------------------------------
 def test_object_replaced_mid_epoch_is_an_error_never_mixed_bytes(local, remote, s3_server):
     kw = dict(fields=["pid", "x"], batch_points=20_000, shuffle=False, prefetch=2,

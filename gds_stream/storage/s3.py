@@ -173,8 +173,9 @@ class S3Client:
             except Exception as exc:  # noqa: BLE001 - any other obstore error: not retried
                 raise ObjectError(f"{self.url(key)}: {what} failed: {_first_line(exc)}") from exc
         assert last is not None
+        why = _plain_reason(last, k)
         raise ObjectError(f"{self.url(key)}: {what} failed {attempts} times; last error: "
-                          f"{_first_line(last)}") from last
+                          f"{_first_line(last)}{f' ({why})' if why else ''}") from last
 
     def head(self, key: str) -> ObjectVersion:
         meta = self._call(key, "HEAD", lambda: self._obs.head(self.store, key))
@@ -285,6 +286,24 @@ class _ShortBody(Exception):
 def _status(exc: BaseException) -> int | None:
     m = _STATUS.search(str(exc))
     return int(m.group(1)) if m else None
+
+
+def _plain_reason(exc: BaseException, knobs: dict) -> str:
+    """What a network error's first line leaves out, in plain words, from the detail an
+    obstore error carries after it (a timeout and a cut body read alike there)."""
+    text = str(exc)
+    if "kind: Timeout" in text or "TimedOut" in text:
+        return (f"timed out: no whole answer within timeout_s={knobs['timeout_s']:g} s, or no "
+                f"connection within connect_timeout_s={knobs['connect_timeout_s']:g} s")
+    if "IncompleteBody" in text or "UnexpectedEof" in text:
+        return "the connection closed before the whole body arrived"
+    if "ConnectionRefused" in text or "Connection refused" in text:
+        return "connection refused: is the endpoint up?"
+    if "ConnectionReset" in text or "Connection reset" in text:
+        return "connection reset by the server"
+    if "kind: Connect" in text:
+        return "could not connect to the endpoint"
+    return ""
 
 
 def _first_line(exc: BaseException) -> str:
