@@ -37,7 +37,9 @@ _VERBOSE_HELP = "log progress information (before or after the subcommand)"
 
 
 def _csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
+    """Comma-separated names, an empty one kept (``x,,z``, a trailing comma) for the converter
+    to refuse: dropping it would change how many columns ``--raw-fields`` gives a record."""
+    return [t.strip() for t in text.split(",")]
 
 
 def _plural(n: int, word: str) -> str:

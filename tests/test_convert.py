@@ -520,3 +520,75 @@ def test_ascii_line_length_is_bounded(tmp_path, make_ply, monkeypatch):
                                               rf"bytes"):
         convert(tmp_path / "a.ply", tmp_path / "ds", progress=False)
     assert no_output_left(tmp_path)
+
+
+# -- counts that leave rows unread, and trailing elements cut short ---------------------------
+@pytest.mark.parametrize("faces", [0, 3])
+def test_ascii_rows_past_the_count_are_refused(tmp_path, make_ply, faces):
+    """An ASCII vertex count smaller than its rows dropped the rest without a word (a binary one
+    was refused); so did one followed by a face element."""
+    make_ply(tmp_path / "a.ply", 1000, "ascii", faces=faces)
+    data = (tmp_path / "a.ply").read_bytes().replace(b"element vertex 1000", b"element vertex 995")
+    (tmp_path / "a.ply").write_bytes(data)
+    with pytest.raises(DatasetError, match=r"a\.ply: line \d+ follows the rows the header counts "
+                                           r"\(the last element is '(vertex|face)'\); the count "
+                                           r"is wrong"):
+        convert(tmp_path / "a.ply", tmp_path / "ds", progress=False)
+    assert no_output_left(tmp_path)
+    make_ply(tmp_path / "b.ply", 1000, "ascii", faces=faces)  # whole, plus blank lines: fine
+    (tmp_path / "b.ply").write_bytes((tmp_path / "b.ply").read_bytes() + b"\n\n")
+    assert convert(tmp_path / "b.ply", tmp_path / "ds", progress=False).num_points == 1000
+
+
+@pytest.mark.parametrize("fmt", ["binary_little_endian", "ascii"])
+def test_a_trailing_element_cut_short_is_refused(tmp_path, make_ply, fmt):
+    make_ply(tmp_path / "a.ply", 1000, fmt, faces=0)
+    data = (tmp_path / "a.ply").read_bytes().replace(
+        b"end_header", b"element camera 1099511627776\nproperty float a\nend_header")
+    (tmp_path / "a.ply").write_bytes(data)
+    with pytest.raises(DatasetError, match=r"a\.ply: truncated: .*'camera'"):
+        convert(tmp_path / "a.ply", tmp_path / "ds", progress=False)
+    assert no_output_left(tmp_path)
+
+
+def test_kitti_voxel_grids_are_not_scans(tmp_path, make_kitti, caplog):
+    """SemanticKITTI's voxels/ folder holds 256×256×32 occupancy grids as .bin files (a
+    multiple of 16 bytes): they became a scan of garbage points."""
+    paths, want = make_kitti(tmp_path / "k", [1000], layout="semantickitti", labels=False)
+    vox = paths[0].parent.parent / "voxels"
+    vox.mkdir()
+    (vox / paths[0].name).write_bytes(bytes(256 * 256 * 32 // 8))
+    with caplog.at_level(logging.WARNING):
+        ds = convert(tmp_path / "k", tmp_path / "ds", progress=False)
+    assert list(ds.scan_offsets) == [0, 1000]
+    assert "skipping 1 SemanticKITTI voxel grid(s) under voxels/" in caplog.text
+    with pytest.raises(ConversionError, match="a SemanticKITTI voxel grid"):
+        convert(vox / paths[0].name, tmp_path / "ds2", progress=False)
+
+
+def test_api_option_types(tmp_path, make_ply, make_raw):
+    make_ply(tmp_path / "a.ply", 100)
+    for kw, message in ((dict(fields="x,y,z"), "fields= takes a list of field names"),
+                        (dict(chunk_size=10 ** 400), "--chunk-size must be a finite number")):
+        with pytest.raises(ConversionError, match=message):
+            convert(tmp_path / "a.ply", tmp_path / "ds", progress=False, **kw)
+    ds = convert(tmp_path / "a.ply", tmp_path / "ds", progress=False, chunk_size=np.float32(10))
+    assert ds.num_points == 100 and ds.num_chunks >= 1
+    cols = make_raw(tmp_path / "r.bin", 50, ["x", "y", "z", "i"])
+    ds = convert(tmp_path / "r.bin", tmp_path / "r", progress=False,
+                 raw_fields=["x", "y", "z", "i"], raw_dtype=None)  # None: the default, float32
+    assert ds.num_points == 50 and np.array_equal(ds.read("i"), cols["i"])
+
+
+def test_cli_raw_fields_with_an_empty_name_is_refused_in_one_line(tmp_path, make_raw):
+    import subprocess
+    import sys
+
+    make_raw(tmp_path / "r.bin", 12, ["a", "b", "c", "d"])
+    for spec in ("x,y,,z", "x,y,z,"):
+        r = subprocess.run([sys.executable, "-m", "gds_stream", "convert", "r.bin",
+                            "--raw-fields", spec, "-o", "ds", "--no-progress"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "field name '' is not usable" in r.stderr
+    assert not (tmp_path / "ds").exists()

@@ -112,6 +112,12 @@ def convert(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: st
         raise ConversionError(f"--xyz {xyz!r}: expected one of {', '.join(XYZ_TYPES)}")
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
+    for name, names in (("fields", fields), ("raw_fields", raw_fields)):
+        if isinstance(names, (str, bytes)):  # "x,y,z" would be read one character at a time
+            raise ConversionError(f"{name}= takes a list of field names, not the string "
+                                  f"{names[:60]!r}; e.g. {name}=['x', 'y', 'z']")
+    if raw_dtype is None:  # None: the default, as for every option
+        raw_dtype = "float32"
     if fields is not None:
         fields = list(fields)
         if not fields:
@@ -138,7 +144,7 @@ def convert(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: st
             "e.g. --raw-fields x,y,z,intensity (and --raw-dtype, default float32)"
         )
     if chunk_size is not None:
-        chunks.check_options(chunk_size, chunk_dims)
+        chunk_size, chunk_dims = chunks.check_options(chunk_size, chunk_dims)
     if not isinstance(point_ids, bool):
         raise ConversionError(f"point_ids must be True or False, found {point_ids!r}")
     out = Path(out_dir)
@@ -147,8 +153,12 @@ def convert(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: st
     with RemoteInputs(storage_options) as remote:  # URLs: one temporary file at a time
         sources: list[Source] = []
         warned: set = set()
+        voxels = []
         for path in remote.expand(inputs, _EXTENSIONS[format]):
             kind = _format_of(path, format, raw_fields)
+            if kind == "kitti" and path.parent.name == "voxels":
+                voxels.append(path)  # SemanticKITTI's occupancy grids, not point scans
+                continue
             if kind == "ply":
                 src: Source = PlySource(path, element, fields, warned)
             elif kind == "las":
@@ -161,6 +171,13 @@ def convert(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: st
             sources.append(src)
             check_sources(sources)
 
+        if voxels:
+            log.warning("skipping %d SemanticKITTI voxel grid(s) under voxels/ (%s%s): they are "
+                        "occupancy grids, not point scans", len(voxels), voxels[0],
+                        ", ..." if len(voxels) > 1 else "")
+            if not sources:
+                raise ConversionError(f"{voxels[0]}: a SemanticKITTI voxel grid (voxels/), not a "
+                                      f"point scan; convert the velodyne/ scans")
         las = [s for s in sources if isinstance(s, LasSource)]
         if xyz != "auto" and len(las) != len(sources):
             raise ConversionError(f"--xyz {xyz} applies to LAS/LAZ input; {sources[0].path} keeps "

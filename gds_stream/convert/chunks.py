@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 import os
 import shutil
 import tempfile
@@ -50,7 +51,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from .._manifest import MANIFEST_ABS_MAX_BYTES, MANIFEST_BASE_BYTES, MANIFEST_DATA_RATIO
+from .._manifest import MANIFEST_ABS_MAX_BYTES, MANIFEST_BASE_BYTES, MANIFEST_DATA_RATIO, short
 from .._schema import align_up
 from ..errors import ConversionError
 from ..format import FieldSpec
@@ -74,14 +75,21 @@ XYZ = ("x", "y", "z")
 _FINE_SPREAD = {d: spread_bits(np.arange(FINE), d) for d in (2, 3)}
 
 
-def check_options(size: object, dims: object, where: str = "") -> None:
-    """``--chunk-size`` / ``--chunk-dims`` usable, else a :class:`ConversionError`."""
+def check_options(size: object, dims: object, where: str = "") -> tuple[float, int]:
+    """``--chunk-size`` / ``--chunk-dims`` as a float and an int (numpy numbers too), else a
+    :class:`ConversionError`."""
     at = f"{where}: " if where else ""
-    if not (isinstance(size, (int, float)) and not isinstance(size, bool)
-            and math.isfinite(size) and size > 0):
-        raise ConversionError(f"{at}--chunk-size must be a finite number > 0, found {size!r}")
-    if dims not in (2, 3):
-        raise ConversionError(f"{at}--chunk-dims must be 2 or 3, found {dims!r}")
+    try:
+        value = (float(size) if isinstance(size, numbers.Real) and not isinstance(size, bool)
+                 else math.nan)
+    except OverflowError:  # an int beyond any float
+        value = math.inf
+    if not (math.isfinite(value) and value > 0):
+        raise ConversionError(f"{at}--chunk-size must be a finite number > 0, found "
+                              f"{short(size)}")
+    if isinstance(dims, bool) or not isinstance(dims, numbers.Integral) or int(dims) not in (2, 3):
+        raise ConversionError(f"{at}--chunk-dims must be 2 or 3, found {short(dims)}")
+    return value, int(dims)
 
 
 def check_schema(schema: Sequence[FieldSpec], where: object) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 ASCII_CHUNK_ROWS = 1 << 18
 #: Longest ASCII row accepted (a row of scalars is far shorter).
 MAX_LINE = 1 << 16
+#: ASCII: the rows of the elements after the converted one are counted up to this many lines
+#: (a few seconds), to check that nothing follows them.
+ASCII_TAIL_LINES = 1 << 24
 #: A PLY header must end within this many bytes.
 HEADER_LIMIT = 1 << 20
 
@@ -94,6 +98,9 @@ class PlySource(Source):
         self.data_start = data_start
         self.header_lines = head[:data_start].count(b"\n")
         self.row_dtype = target.dtype("=" if ply.text else ply.byte_order)
+        #: ASCII: rows of the elements after the target (one line each), then nothing more.
+        self.rows_after = sum(e.count for e in elements[t_index + 1:])
+        self.after_names = [e.name for e in elements[t_index + 1:]]
         if self.text:
             self.skip_rows = sum(e.count for e in elements[:t_index])
         else:
@@ -123,6 +130,11 @@ class PlySource(Source):
                 end = need + sum(e.count * e.dtype(ply.byte_order).itemsize for e in after)
                 last = (after[-1] if after else target)
                 row = last.dtype(ply.byte_order).itemsize
+                if have < end:  # the target is whole; what the header says follows it is not
+                    raise DatasetError(
+                        f"{path}: truncated: the header promises {end} bytes of data (element "
+                        f"{target.name!r}, then {', '.join(repr(e.name) for e in after)}), but "
+                        f"only {have} bytes follow the header")
                 if row and have - end >= row:  # whole rows past the counts: dropped silently
                     raise DatasetError(
                         f"{path}: the header counts {last.count} rows of element "
@@ -219,6 +231,40 @@ class PlySource(Source):
                 yield {k: rows[k] for k in names}, sum(map(len, lines))
                 done += n
                 line_no += n
+            self._check_ascii_end(f, line_no)
+
+    def _check_ascii_end(self, f, line_no: int) -> None:
+        """After the target's rows: the rows the header promises for the elements after it (one
+        line each; counted up to :data:`ASCII_TAIL_LINES`), then nothing but blank lines. A
+        count smaller than the rows dropped the rest without a word."""
+        left_bytes = os.fstat(f.fileno()).st_size - f.tell()
+        if left_bytes < self.rows_after:  # every row takes a line break at least
+            raise DatasetError(
+                f"{self.path}: truncated: the header promises {self.rows_after} rows of "
+                f"element(s) {', '.join(map(repr, self.after_names))} after {self.element!r}, "
+                f"but only {left_bytes} bytes follow its rows")
+        if self.rows_after > ASCII_TAIL_LINES:
+            return  # too many to count here; the target's rows are whole
+        left = self.rows_after
+        while left:
+            k = len(self._read_lines(f, min(left, common.CHUNK_ROWS), line_no))
+            if k == 0:
+                raise DatasetError(
+                    f"{self.path}: truncated: file ends at line {line_no - 1}, but the header "
+                    f"promises {self.rows_after} rows of element(s) "
+                    f"{', '.join(map(repr, self.after_names))} after {self.element!r}")
+            left -= k
+            line_no += k
+        while True:
+            extra = self._read_lines(f, 1, line_no)
+            if not extra:
+                return
+            if extra[0].strip():
+                last = self.after_names[-1] if self.after_names else self.element
+                raise DatasetError(
+                    f"{self.path}: line {line_no} follows the rows the header counts (the "
+                    f"last element is {last!r}); the count is wrong or the file is damaged")
+            line_no += 1
 
     def _read_lines(self, f, n: int, line_no: int) -> list[bytes]:
         """Up to ``n`` lines (fewer at the end of the file), each at most ``MAX_LINE`` bytes, so
