@@ -190,10 +190,12 @@ def convert(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: st
                 options["origin"] = origin
         if chunk_size is not None:  # before anything is written
             chunks.check_schema(sources[0].schema, sources[0].path)
-        try:
+        def write() -> None:
             write_sources(sources, out, overwrite=overwrite, progress=progress,
                           writer_options=options, chunk_size=chunk_size, chunk_dims=chunk_dims,
                           point_ids=point_ids)
+        try:
+            write()
         except Float32Overflow as exc:
             if xyz != "auto":
                 raise
@@ -203,7 +205,5 @@ def convert(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: st
                         str(exc).split("; pass --xyz")[0])
             options.pop("origin", None)
             choose_origin(las, "float64")
-            write_sources(sources, out, overwrite=overwrite, progress=progress,
-                          writer_options=options, chunk_size=chunk_size, chunk_dims=chunk_dims,
-                          point_ids=point_ids)
+            write()
     return open_dataset(out)

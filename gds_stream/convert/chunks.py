@@ -149,11 +149,9 @@ class ScanChunker:
 
     def __init__(self, schema: Sequence[FieldSpec], size: float, dims: int, tmp_parent: Path,
                  where: str, limit: ChunkLimit | None = None):
-        check_options(size, dims, where)
+        self.size, self.dims = check_options(size, dims, where)
         check_schema(schema, where)
         self.schema = list(schema)
-        self.size = float(size)
-        self.dims = dims
         self.where = where
         self.limit = limit
         self.width = sum(s.dtype.itemsize * s.components for s in self.schema)
