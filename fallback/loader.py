@@ -123,14 +123,21 @@ def _read_inline(p: _Pending, fs: _FillSpec) -> None:
         return
     # local files in file order: the reads themselves, no tasks to group them into
     mv = memoryview(host)
-    segments = batch.segments.tolist()
-    for spec, (fd, path, base), dst in zip(fs.specs, fs.files, p.layout.field_offsets):
+    for fd, path, dst, off, length in _ranges(p, fs):
         if fs.stop.is_set():
             return
+        pread_into(fd, mv[dst:dst + length], off, path)
+
+
+def _ranges(p: _Pending, fs: _FillSpec):
+    """Batch ``p``'s reads in order: (source, path, offset in the slab, offset in the file,
+    bytes), one per field and segment."""
+    segments = p.batch.segments.tolist()
+    for spec, (src, path, base), dst in zip(fs.specs, fs.files, p.layout.field_offsets):
         pb = spec.point_bytes
         for a, b in segments:
             length = (b - a) * pb
-            pread_into(fd, mv[dst:dst + length], base + a * pb, path)
+            yield src, path, dst, base + a * pb, length
             dst += length
 
 
@@ -143,20 +150,14 @@ def _tasks(p: _Pending, fs: _FillSpec) -> list[tuple[Any, tuple]]:
     out: list[tuple[Any, tuple]] = []
     task: list[tuple[Any, str, memoryview, int]] = []
     task_bytes = 0
-    segments = batch.segments.tolist()
-    for spec, (fd, path, base), foff in zip(fs.specs, fs.files, layout.field_offsets):
-        pb = spec.point_bytes
-        dst = foff
-        for a, b in segments:
-            off, length = base + a * pb, (b - a) * pb
-            for c in range(0, length, fs.task_bytes):
-                m = min(fs.task_bytes, length - c)
-                task.append((fd, path, mv[dst + c:dst + c + m], off + c))
-                task_bytes += m
-                if task_bytes >= fs.task_bytes:
-                    out.append((_read, (task, fs.stop, slot)))
-                    task, task_bytes = [], 0
-            dst += length
+    for src, path, dst, off, length in _ranges(p, fs):
+        for c in range(0, length, fs.task_bytes):
+            m = min(fs.task_bytes, length - c)
+            task.append((src, path, mv[dst + c:dst + c + m], off + c))
+            task_bytes += m
+            if task_bytes >= fs.task_bytes:
+                out.append((_read, (task, fs.stop, slot)))
+                task, task_bytes = [], 0
     if task:
         out.append((_read, (task, fs.stop, slot)))
     if fs.verifier is not None:
