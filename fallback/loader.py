@@ -46,8 +46,9 @@ from typing import Any
 
 import numpy as np
 
+from gds_stream._lifetime import pread_into
 from gds_stream.errors import DatasetError, LoaderError
-from gds_stream.format import Dataset, pread_into
+from gds_stream.format import Dataset
 from gds_stream.integrity import BlockVerifier
 from gds_stream.loader import POLL_S, EpochIterator, Loader
 from gds_stream.slab import SlabLayout

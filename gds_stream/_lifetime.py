@@ -9,6 +9,7 @@ import sys
 import threading
 from typing import Any, Sequence, TypeVar
 
+from ._manifest import os_reason
 from .errors import DatasetError
 
 T = TypeVar("T", bound="Closeable")
@@ -91,6 +92,25 @@ def check_stamp(fd: int, stamp: tuple[int, int], path: str, name: str) -> None:
             f"opened ({size} bytes then, {st.st_size} now"
             f"{'' if st.st_size != size else ', modified since'}); its bytes no longer match "
             f"the manifest: open the dataset again")
+
+
+def pread_into(fd: int, view: memoryview, offset: int, path: object = "") -> None:
+    """Fill ``view`` (a byte memoryview) from ``fd`` at ``offset``, looping over short reads.
+
+    A short file or a failing read is a :class:`DatasetError` naming ``path``.
+    """
+    done, total = 0, len(view)
+    while done < total:
+        try:
+            n = os.preadv(fd, [view[done:]], offset + done)
+        except OSError as exc:
+            raise DatasetError(f"{path}: read of {total - done} bytes at {offset + done} failed "
+                               f"({os_reason(exc)})") from exc
+        if n == 0:
+            raise DatasetError(
+                f"{path}: file ended at byte {offset + done}, expected {total - done} more bytes"
+            )
+        done += n
 
 
 class FieldFiles(Closeable):

@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ._lifetime import Closeable, check_stamp, fd_limit_hint
+from ._lifetime import Closeable, check_stamp, fd_limit_hint, pread_into
 from ._manifest import (
     ChunkTable,
     check_disjoint,
@@ -480,23 +480,4 @@ def _old_hint(path: Path) -> str:
         return ""
     return (f"; a replacement was interrupted and the previous dataset is in {olds[0]} "
             f"(the next convert to this directory restores it)")
-
-
-def pread_into(fd: int, view: memoryview, offset: int, path: object = "") -> None:
-    """Fill ``view`` (a byte memoryview) from ``fd`` at ``offset``, looping over short reads.
-
-    A short file or a failing read is a :class:`DatasetError` naming ``path``.
-    """
-    done, total = 0, len(view)
-    while done < total:
-        try:
-            n = os.preadv(fd, [view[done:]], offset + done)
-        except OSError as exc:
-            raise DatasetError(f"{path}: read of {total - done} bytes at {offset + done} failed "
-                               f"({os_reason(exc)})") from exc
-        if n == 0:
-            raise DatasetError(
-                f"{path}: file ended at byte {offset + done}, expected {total - done} more bytes"
-            )
-        done += n
 

@@ -24,9 +24,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ._lifetime import FieldFiles
+from ._lifetime import FieldFiles, pread_into
 from .errors import DatasetError
-from .format import Dataset, FieldSpec, pread_into
+from .format import Dataset, FieldSpec
 
 log = logging.getLogger(__name__)
 

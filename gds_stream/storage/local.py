@@ -12,7 +12,7 @@ class LocalFiles(FieldFiles):
     snapshot) with the storage read interface on top."""
 
     def read_into(self, name: str, offset: int, view: memoryview) -> None:
-        from ..format import pread_into
+        from .._lifetime import pread_into
 
         pread_into(self.fd(name), view, offset, self.path(name))
 
