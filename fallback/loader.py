@@ -310,7 +310,9 @@ class FallbackLoader(Loader):
         return _FallbackIterator(self, plan, start)
 
     def _release(self) -> None:
-        self._ring = None
+        ring, self._ring = self.__dict__.get("_ring"), None
+        if ring is not None:  # its pinned memory goes before the stream its copies ran on
+            ring.close()
         stream, self.__dict__["_copy_stream"] = self.__dict__.get("_copy_stream"), None
         if stream is not None:
             self._ops.destroy_stream(stream)
@@ -490,3 +492,6 @@ class _FallbackIterator(EpochIterator):
                 if p.slot is not None:
                     slot, p.slot = p.slot, None
                     self._ring.release(slot)
+                # the pinned memory is the ring's to free (at the loader's close, while the
+                # copy stream exists), not this iterator's whenever it is collected
+                p.host = None

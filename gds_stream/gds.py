@@ -198,6 +198,9 @@ class GDSLoader(Loader):
                 f.close()
             except Exception:  # pragma: no cover
                 log.debug("CuFile close failed", exc_info=True)
+        ring, self._ring = self.__dict__.get("_ring"), None
+        if ring is not None:  # its pinned memory goes before the streams its copies ran on
+            ring.close()
         if streams:
             import kvikio
 
@@ -208,7 +211,6 @@ class GDSLoader(Loader):
                     log.debug("stream_deregister failed", exc_info=True)
             for st in streams:
                 self._ops.destroy_stream(st)
-        self._ring = None
 
 
 def _stream_register(kvikio: Any, ops: Any, stream: Any) -> bool:

@@ -98,3 +98,14 @@ class PinnedRing:
     @property
     def free(self) -> int:
         return len(self._free)
+
+    def close(self) -> None:
+        """Free every slot's pinned memory now (after its last copy), while the streams its
+        copies ran on still exist: torch's pinned-memory allocator records an event on each such
+        stream when a block is freed, and on a stream destroyed by then that is a CUDA error
+        that aborts the process."""
+        with self._lock:
+            slots, self._free = list(self._free), deque()
+        for s in slots:
+            s.wait_free()
+            s.tensor = s.array = s.event = None

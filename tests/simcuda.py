@@ -14,7 +14,8 @@ the hazards of stream-ordered code show up as wrong bytes or as recorded violati
   while a simulated asynchronous host read still writes into it is a violation
   (``ops.violations``);
 * threads: CUDA calls from a thread that did not ``bind()`` first are violations; streams the
-  loader creates must be destroyed (``ops.live_streams``).
+  loader creates must be destroyed (``ops.live_streams``), and not before the buffers used on
+  them are freed (torch records an event on those streams at free: a violation otherwise).
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ class _Block:
         self.stream = None
         self.pending: list = []  # events that must complete before reuse
         self.recorded: set = set()
+        self.copied_on: set = set()  # pinned: the streams its copies ran on
         self.addr = self.mem.ctypes.data
 
     def reusable(self, stream):
@@ -177,6 +179,7 @@ class SimOps:
             else:
                 block = _Block(want, fill)
             block.stream, block.pending, block.recorded = stream, [], set()
+            block.copied_on = set()
             self._live[block.addr] = block
         view = block.mem[:nbytes * itemsize]  # a new object: its death is the free
         weakref.finalize(view, self._free, block, free)
@@ -188,6 +191,10 @@ class SimOps:
             if self.host_writes.get(block.addr):
                 self.violations.append("pinned buffer freed while a host read still writes "
                                        "into it")
+            gone = [s.name for s in block.recorded | block.copied_on if s.destroyed]
+            if gone:  # an event recorded on a destroyed stream: a CUDA error, the process aborts
+                self.violations.append(f"buffer freed after stream(s) {gone} it was used on were "
+                                       f"destroyed")
             for s in block.recorded:  # torch records an event on each recorded stream at free
                 e = SimEvent()
                 e.record(s)
@@ -221,6 +228,7 @@ class SimOps:
             e = SimEvent()
             e.record(stream)
             b.pending.append(e)
+            b.copied_on.add(stream)  # and, when the block is freed, one more on that stream
 
     def record_stream(self, tensor, stream):
         self.recorded.append((tensor.data_ptr(), stream))

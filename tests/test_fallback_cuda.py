@@ -3,6 +3,8 @@ both backends share (``gds_stream.cudaops``) against fake CUDA bindings."""
 
 from __future__ import annotations
 
+import gc
+
 import threading
 import types
 
@@ -87,6 +89,26 @@ def test_copy_stream_is_the_loaders_own_and_workers_bind(ds, sim):
     assert ops.bound - before, "the workers never bound the device"
     g.close()
     assert ops.live_streams == [] and ops.violations == []
+
+
+def test_close_frees_the_pinned_ring_before_destroying_the_copy_stream(ds, sim):
+    """torch's pinned-memory allocator records an event on every stream a block was copied on
+    when the block is freed; a ring still referenced (an iterator the loop kept) freed after
+    close() destroyed the copy stream aborted the process (CUDA error: invalid device
+    context, seen on an H200)."""
+    g = FallbackLoader(ds, device="cuda", batch_points=5_000, prefetch=3, num_threads=2)
+    ops = sim[-1]
+    it = iter(g)
+    got = [next(it) for _ in range(3)]
+    ops.consumer.run_all()
+    assert len(got) == 3
+    g.close()
+    del got
+    gc.collect()
+    assert ops.live_streams == [] and ops.violations == []
+    del it
+    gc.collect()
+    assert ops.violations == []
 
 
 # -- gds_stream.cudaops against fake bindings -------------------------------------------------
