@@ -127,10 +127,11 @@ class Pipeline:
                 n = int(t.shape[0])
                 cols.append(t)
             width = sum(1 if t.dim() == 1 else int(t.shape[1]) for t in cols)
-            kw = dict(dtype=self.dtype, device=cols[0].device)
             # (n, width) either way; "columns": the transpose of a (width, n) tensor
-            dst = (torch.empty((width, n or 0), **kw).t() if self.layout == "columns"
-                   else torch.empty((n or 0, width), **kw))
+            shape = (width, n or 0) if self.layout == "columns" else (n or 0, width)
+            dst = _stack_buffer(torch, shape, self.dtype, cols[0].device)
+            if self.layout == "columns":
+                dst = dst.t()
             j = 0
             for t in cols:
                 k = 1 if t.dim() == 1 else int(t.shape[1])
@@ -141,6 +142,24 @@ class Pipeline:
         for name in drop:
             out.pop(name, None)
         return out
+
+
+def _stack_buffer(torch: Any, shape: tuple[int, int], dtype: Any, device: Any) -> Any:
+    """An uninitialised tensor for a stack (every element is written). On a CPU device it lies
+    in a recycled host buffer (:func:`gds_stream._hostmem.anon_buffer`), which returns to the
+    pool when the batch's last view of it dies. A batch-sized tensor allocated afresh may be
+    faulted in page by page on every batch: with torch's huge-page allocations
+    (``THP_MEM_ALLOC_ENABLE=1``) each 2 MiB page is zeroed, and often compacted first, per batch.
+    Loader-only, 4 M points of six float32 fields stacked row-major in batches of 250,000, that
+    took the epoch from 17 ms to 28-33 ms on the development VM. On CUDA: torch's caching
+    allocator."""
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    from ._hostmem import anon_buffer
+
+    size = torch.empty(0, dtype=dtype).element_size()
+    raw = torch.from_numpy(anon_buffer(shape[0] * shape[1] * size))
+    return raw.view(dtype).view(shape)
 
 
 def make_pipeline(where: str, schema: Sequence[str], fields: Sequence[str], transform: Any,

@@ -89,6 +89,43 @@ def test_stack_shape_dtype_values_and_dropped_sources(ds):
             assert torch.equal(s64["ids"], p["pid"].double()[:, None])
 
 
+def _pooled(t: torch.Tensor) -> bool:
+    """Whether ``t``'s memory lies in one of the host buffers of gds_stream._hostmem alive now."""
+    from gds_stream import _hostmem
+
+    lo = t.data_ptr()
+    hi = lo + t.untyped_storage().nbytes()
+    for _, mm in list(_hostmem._live.values()):
+        base = np.frombuffer(mm, dtype=np.uint8).ctypes.data
+        if base <= lo and hi <= base + len(mm):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("layout", ["rows", "columns"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [0, 2])
+def test_cpu_stacks_lie_in_recycled_host_buffers(ds, layout, dtype, threads):
+    # A batch-sized tensor allocated afresh per batch is faulted in page by page every time;
+    # the stack goes into a buffer of the pool, which the batch's death hands back.
+    kw = dict(backend="fallback", device="cpu", batch_points=4_000, num_threads=threads)
+    with open_loader(ds, **kw) as plain, open_loader(
+            ds, stack={"feat": ["x", "rgb", "label"]}, dtype=dtype, stack_layout=layout,
+            transform=lambda b, g: b, **kw) as st:
+        batches = 0
+        for p, s in zip(plain, st):
+            f = s["feat"]
+            assert f.dtype == dtype and f.shape == (p["x"].shape[0], 5)
+            assert f.is_contiguous() == (layout == "rows")
+            assert _pooled(f)
+            want = torch.cat([p["x"][:, None].to(dtype), p["rgb"].to(dtype),
+                              p["label"][:, None].to(dtype)], dim=1)
+            assert torch.equal(f, want)
+            batches += 1
+            del p, s, f
+        assert batches == -(-32_518 // 4_000)
+
+
 def test_transform_then_stack_runs_in_the_pipeline_thread(ds):
     seen = []
 
