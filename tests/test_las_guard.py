@@ -8,6 +8,7 @@ clear error (or one warning) naming the file; CLI cases run through a subprocess
 
 from __future__ import annotations
 
+import re
 import shutil
 import struct
 
@@ -121,6 +122,8 @@ def _laz_table(path):
     ("count", "counts 2147483648 chunks"),
     ("into", "chunks;"),
     ("chunk_size", "chunk size 2147483648 points"),
+    # a writer that could not seek back leaves -1 there and the offset in the last 8 bytes
+    ("minus one", "counts 2147483648 chunks"),
 ])
 def test_laz_chunk_table_is_checked_before_lazrs(tmp_path, patch, message):
     """A chunk table claiming 2³¹ chunks, one pointing into the point data, or a LASzip chunk
@@ -138,6 +141,10 @@ def test_laz_chunk_table_is_checked_before_lazrs(tmp_path, patch, message):
         struct.pack_into("<I", data, table + 4, 2**31)
     elif patch == "into":
         struct.pack_into("<q", data, start, start + 60)
+    elif patch == "minus one":
+        struct.pack_into("<q", data, start, -1)
+        data += struct.pack("<q", table)
+        struct.pack_into("<I", data, table + 4, 2**31)
     else:
         at = data.index(b"laszip encoded") - 2 + 54 + 12
         struct.pack_into("<I", data, at, 2**31)
@@ -364,7 +371,8 @@ def _refused_with(tmp_path, data, message, suffix=".las"):
 @pytest.mark.parametrize("patch, message", [
     ("length +100", r"VLR 0 of 2 at byte \d+ \(\d+ bytes\) ends at byte \d+, past the start of "
                     r"the point data"),
-    ("length 0", r"VLR 1 of 2 at byte \d+ is not a VLR header"),
+    ("length 0", r"the extra-bytes VLR \(VLR 0 of 2 at byte \d+\) holds 0 bytes, not a whole "
+                 r"number of 192-byte field descriptions"),
     ("count 0", r"the header counts 0 VLRs, but another one \('LASF_Spec'\) lies at byte 375"),
     ("count 1", r"the header counts 1 VLRs, but another one \('gds-test'\) lies at byte"),
     ("points 20 early", r"VLR 1 of 2 at byte \d+ \(\d+ bytes\) ends at byte \d+, past the start"),
@@ -451,3 +459,243 @@ def test_a_laz_count_past_its_points_says_which_points_failed(tmp_path):
                                            r"counts more points than it holds"):
         convert(path, tmp_path / "ds", progress=False)
     assert no_output_left(tmp_path)
+
+
+# -- variable-size LAZ chunks (COPC), and the files lazrs writes without points ---------------
+def _variable_laz(path, chunks=(30_000, 50_000, 20_000), table=None):
+    """A LAZ of ``sum(chunks)`` points in chunks of those sizes (a variable-size chunk table, as
+    COPC writes), its table replaced by ``table`` [(points, bytes), ...] when given."""
+    import io
+
+    import lazrs
+
+    n = sum(chunks)
+    las = _points(n)
+    out = io.BytesIO()
+    las.write(out, do_compress=True, laz_backend=laspy.LazBackend.Lazrs)
+    data = bytearray(out.getvalue())
+    header_size, = struct.unpack_from("<H", data, 94)
+    points_at, n_vlrs = struct.unpack_from("<II", data, 96)
+    vlr = lazrs.LazVlr.new_for_compression(las.header.point_format.id, 0, True)
+    record = bytes(vlr.record_data())
+    at = header_size
+    for _ in range(n_vlrs):  # the LASzip VLR, now saying "variable chunks"
+        length, = struct.unpack_from("<H", data, at + 20)
+        if data[at + 2:at + 18].rstrip(b"\0") == b"laszip encoded":
+            assert length == len(record)
+            data[at + 54:at + 54 + length] = record
+        at += 54 + length
+    raw = las.points.array.tobytes()
+    size = las.points.array.dtype.itemsize
+    buf = io.BytesIO()
+    buf.write(bytes(data[:points_at]))
+    comp = lazrs.LasZipCompressor(buf, vlr)
+    parts, s = [], 0
+    for c in chunks:
+        parts.append(raw[s * size:(s + c) * size])
+        s += c
+    comp.compress_chunks(parts)
+    comp.done()
+    out_bytes = bytearray(buf.getvalue())
+    if table is not None:
+        at, = struct.unpack_from("<q", out_bytes, points_at)
+        del out_bytes[at:]
+        tb = io.BytesIO()
+        lazrs.write_chunk_table(tb, table, vlr)
+        out_bytes += tb.getvalue()
+    path.write_bytes(bytes(out_bytes))
+    return las
+
+
+def test_variable_size_chunks_convert_whole(tmp_path):
+    las = _variable_laz(tmp_path / "a.laz")
+    ds = convert(tmp_path / "a.laz", tmp_path / "ds", progress=False, xyz="float64")
+    assert ds.num_points == 100_000
+    assert np.array_equal(ds.read("x"), np.asarray(las.x))
+    assert np.array_equal(ds.read("intensity"), np.asarray(las.intensity))
+
+
+def _table(tmp_path):
+    """The (points, bytes) entries of the chunk table of ``_variable_laz``'s file."""
+    import lazrs
+
+    path = tmp_path / "ok.laz"
+    _variable_laz(path)
+    data = path.read_bytes()
+    points_at, = struct.unpack_from("<I", data, 96)
+    at = data.index(b"laszip encoded") - 2
+    vlr = lazrs.LazVlr(data[at + 54:at + 54 + struct.unpack_from("<H", data, at + 20)[0]])
+    with open(path, "rb") as f:
+        f.seek(points_at)
+        return [(int(p), int(b)) for p, b in lazrs.read_chunk_table(f, vlr)]
+
+
+@pytest.mark.parametrize("edit, message", [
+    # lazrs allocates a chunk's points before decoding them: 2³⁰ of them aborted the process
+    (lambda t: [(2**30, t[0][1])] + t[1:], r"LAZ chunk 0 of \d+ claims 1073741824 points"),
+    (lambda t: [(t[0][0] - 10_000, t[0][1])] + t[1:],
+     r"the header counts 100000 points, but the LAZ chunk table.s \d+ chunks hold 90000"),
+])
+def test_variable_size_chunk_tables_are_checked_before_lazrs(tmp_path, edit, message):
+    """(In a subprocess under a 4 GiB address-space limit, so a regression cannot take the
+    machine's memory.)"""
+    import resource
+    import subprocess
+    import sys
+
+    _variable_laz(tmp_path / "a.laz", table=edit(_table(tmp_path)))
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    r = subprocess.run([sys.executable, "-m", "gds_stream", "convert", "a.laz", "-o", "out",
+                        "--no-progress"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120, preexec_fn=limit)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    assert "a.laz: " in r.stderr and re.search(message, r.stderr), r.stderr
+    assert no_output_left(tmp_path, "out")
+
+
+@pytest.mark.parametrize("backend", ["Lazrs", "LazrsParallel"])
+@pytest.mark.parametrize("version, point_format", [("1.2", 3), ("1.4", 6)])
+def test_a_laz_of_no_points_converts_whatever_lazrs_wrote(tmp_path, backend, version,
+                                                          point_format):
+    """lazrs's single-threaded writer leaves one empty chunk in a file of no points, its
+    parallel one none: both are valid."""
+    las = laspy.LasData(laspy.LasHeader(version=version, point_format=point_format))
+    las.write(tmp_path / "a.laz", laz_backend=getattr(laspy.LazBackend, backend))
+    ds = convert(tmp_path / "a.laz", tmp_path / "ds", progress=False)
+    assert ds.num_points == 0
+
+
+@pytest.mark.parametrize("user", ["", " "])
+def test_a_vlr_with_an_empty_user_id_is_accepted(tmp_path, user):
+    las = _points(50)
+    las.vlrs.append(laspy.VLR(user, 1, "desc", b"abc"))
+    las.write(tmp_path / "a.las")
+    ds = convert(tmp_path / "a.las", tmp_path / "ds", progress=False)
+    assert ds.num_points == 50
+
+
+def _crs_file(tmp_path, vlr):
+    las = _points(50)
+    las.vlrs.append(vlr)
+    las.write(tmp_path / "src.las")
+    return bytearray((tmp_path / "src.las").read_bytes())
+
+
+def _vlr_length_at(data, user: bytes, record: int) -> int:
+    header_size, = struct.unpack_from("<H", data, 94)
+    _, n = struct.unpack_from("<II", data, 96)
+    at = header_size
+    for _ in range(n):
+        length, = struct.unpack_from("<H", data, at + 20)
+        if (data[at + 2:at + 18].rstrip(b"\0"), struct.unpack_from("<H", data, at + 18)[0]) \
+                == (user, record):
+            return at + 20
+        at += 54 + length
+    raise AssertionError("no such VLR")
+
+
+WKT = ('PROJCS["WGS 84 / UTM zone 33N",GEOGCS["WGS 84",DATUM["WGS_1984",SPHEROID["WGS 84",'
+       '6378137,298.257223563]],PRIMEM["Greenwich",0],UNIT["degree",0.0174532925199433]],'
+       'PROJECTION["Transverse_Mercator"],PARAMETER["central_meridian",15],UNIT["metre",1],'
+       'AUTHORITY["EPSG","32633"]]')
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("extra bytes 191", r"the extra-bytes VLR \(VLR 0 of 1 at byte \d+\) holds 191 bytes"),
+    ("wkt cut", r"the OGC WKT CRS \(VLR \d of \d at byte \d+, \d+ bytes\) is cut short"),
+    ("wkt not utf-8", r"the OGC WKT CRS \(VLR \d of \d at byte \d+\) is not UTF-8 text"),
+    ("geokeys short", r"the GeoTIFF key directory \(VLR \d of \d at byte \d+\) holds 16 bytes "
+                      r"for 5 keys \(needs 48\)"),
+])
+def test_damaged_vlrs_laspy_would_drop_are_refused(tmp_path, damage, message):
+    """laspy drops an extra-bytes, WKT or GeoTIFF-keys VLR it cannot parse with only a warning
+    (the extra fields then convert as one unnamed byte array, the CRS is lost or cut short); a
+    length cut to what still fits before the points got past the VLR chain's checks."""
+    if damage == "extra bytes 191":
+        las = _points(50, extra=[("amp", "f4")])
+        las.write(tmp_path / "src.las")
+        data = bytearray((tmp_path / "src.las").read_bytes())
+        struct.pack_into("<H", data, _vlr_length_at(data, b"LASF_Spec", 4), 191)
+    elif damage.startswith("wkt"):
+        from laspy.vlrs.known import WktCoordinateSystemVlr
+
+        data = _crs_file(tmp_path, WktCoordinateSystemVlr(WKT))
+        at = _vlr_length_at(data, b"LASF_Projection", 2112)
+        length, = struct.unpack_from("<H", data, at)
+        if damage == "wkt cut":
+            struct.pack_into("<H", data, at, length - 60)
+        else:
+            data[at + 34 + 5] = 0xFF  # a byte no UTF-8 text holds
+    else:
+        from laspy.vlrs.known import GeoKeyDirectoryVlr
+
+        vlr = GeoKeyDirectoryVlr()
+        data = _crs_file(tmp_path, vlr)
+        at = _vlr_length_at(data, b"LASF_Projection", 34735)
+        struct.pack_into("<H", data, at, 16)
+        struct.pack_into("<H", data, at + 34 + 6, 5)  # five keys, in 16 bytes
+    _refused_with(tmp_path, data, message)
+
+
+def test_a_whole_wkt_crs_is_accepted(tmp_path):
+    from laspy.vlrs.known import WktCoordinateSystemVlr
+
+    data = _crs_file(tmp_path, WktCoordinateSystemVlr(WKT))
+    (tmp_path / "a.las").write_bytes(bytes(data))
+    ds = convert(tmp_path / "a.las", tmp_path / "ds", progress=False)
+    assert ds.num_points == 50 and ds.sources[0]["crs_wkt"] == WKT
+
+
+def test_an_extra_bytes_type_laspy_cannot_size_is_a_dataset_error(tmp_path):
+    las = _points(50, "1.4", 6, extra=[("amp", "f4")])
+    las.write(tmp_path / "src.las")
+    data = bytearray((tmp_path / "src.las").read_bytes())
+    at = _vlr_length_at(data, b"LASF_Spec", 4) + 34  # the first description
+    data[at + 2] = 0  # data type 0 ("undocumented bytes") ...
+    data[at + 3] = 0  # ... with no size in its options: laspy divides by zero
+    _refused_with(tmp_path, data, r"reading the point format's dimensions failed "
+                                  r"\(ZeroDivisionError")
+
+
+def test_an_unreadable_file_is_a_dataset_error_naming_it(tmp_path, monkeypatch):
+    from gds_stream.convert import las as las_module
+
+    (tmp_path / "a.las").write_bytes(b"LASF" + bytes(400))
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(las_module, "is_las", lambda path: False)
+    monkeypatch.setattr(las_module, "open", refuse, raising=False)
+    with pytest.raises(DatasetError, match=r"a\.las: cannot read the file \(Permission denied\)"):
+        convert(tmp_path / "a.las", tmp_path / "ds", progress=False, format="las")
+    assert no_output_left(tmp_path)
+
+
+def test_a_georeferenced_file_of_no_points_converts_without_a_warning(tmp_path, caplog):
+    hdr = laspy.LasHeader(point_format=3, version="1.2")
+    hdr.offsets = np.array([500_000.0, 4_000_000.0, 0.0])
+    laspy.LasData(hdr).write(tmp_path / "a.las")
+    with caplog.at_level("WARNING"):
+        ds = convert(tmp_path / "a.las", tmp_path / "ds", progress=False)
+    assert ds.num_points == 0
+    assert not [r for r in caplog.records if r.levelname == "WARNING"], caplog.text
+
+
+def test_a_pass_over_every_point_before_writing_shows_progress(tmp_path, capsys):
+    """Header bounds left at zero: every point is read for its bounds before anything is
+    written, with a bar of its own."""
+    las = _points(5000)
+    las.header.offsets = np.array([500_000.0, 4_000_000.0, 0.0])
+    las.x = las.x + 500_000
+    las.y = las.y + 4_000_000
+    las.write(tmp_path / "src.las")
+    data = bytearray((tmp_path / "src.las").read_bytes())
+    data[179:227] = bytes(48)  # max/min x, y, z
+    (tmp_path / "a.las").write_bytes(bytes(data))
+    ds = convert(tmp_path / "a.las", tmp_path / "ds", progress=True)
+    assert ds.num_points == 5000
+    assert "bounds a.las" in capsys.readouterr().err

@@ -184,7 +184,7 @@ def convert(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: st
                                   f"its own stored types")
         options = {}
         if las:
-            origin = choose_origin(las, xyz)
+            origin = choose_origin(las, xyz, progress)
             if origin.any():
                 log.info("dataset origin %s (x, y, z are stored relative to it)", origin.tolist())
                 options["origin"] = origin

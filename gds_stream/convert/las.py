@@ -72,8 +72,12 @@ class LasSource(Source):
     def __init__(self, path: Path, fields: Sequence[str] | None, xyz: str):
         size = file_size(path)
         if not is_las(path):
-            with open(path, "rb") as f:
-                head = f.read(4)
+            try:
+                with open(path, "rb") as f:
+                    head = f.read(4)
+            except OSError as exc:
+                raise DatasetError(f"{path}: cannot read the file "
+                                   f"({exc.strerror or exc})") from exc
             raise DatasetError(f"{path}: not a LAS/LAZ file: expected the signature 'LASF' at "
                                f"byte 0, found {head!r}")
         layout = las_guard.check_layout(path, size)
@@ -105,26 +109,29 @@ class LasSource(Source):
         available = [FieldSpec(c, self.xyz_dtype) for c in _COORDS]
         self.dims: list[tuple[str, str, str]] = []  # (field, laspy name, how: raw|bits|scaled)
         scaled: dict[str, dict] = {}
-        for d in pf.dimensions:
-            if d.name in ("X", "Y", "Z"):
-                continue
-            name = names[d.name]
-            where = f"{path}: dimension {d.name!r}"
-            base = d.dtype.base if d.dtype is not None and d.dtype.subdtype is not None \
-                else d.dtype
-            if d.dtype is None:
-                spec, how = FieldSpec(name, np.dtype("u1")), "bits"
-            elif getattr(d, "scales", None) is not None or getattr(d, "offsets", None) is not None:
-                # an extra-bytes dimension with a scale/offset: its values are the scaled ones
-                # (as laspy presents them); the stored type and the scale are recorded
-                spec, how = FieldSpec(name, np.dtype("<f8"), d.num_elements), "scaled"
-                scaled[name] = {"stored_dtype": np.dtype(base).str,
-                                "scale": _floats(path, d.name, d.scales, 1.0),
-                                "offset": _floats(path, d.name, d.offsets, 0.0)}
-            else:
-                spec, how = FieldSpec(name, stored_dtype(base, where), d.num_elements), "raw"
-            available.append(spec)
-            self.dims.append((name, d.name, how))
+        # an extra-bytes description of a damaged type fails inside laspy on first use
+        with las_guard.guard(path, "reading the point format's dimensions"):
+            for d in pf.dimensions:
+                if d.name in ("X", "Y", "Z"):
+                    continue
+                name = names[d.name]
+                where = f"{path}: dimension {d.name!r}"
+                base = d.dtype.base if d.dtype is not None and d.dtype.subdtype is not None \
+                    else d.dtype
+                if d.dtype is None:
+                    spec, how = FieldSpec(name, np.dtype("u1")), "bits"
+                elif (getattr(d, "scales", None) is not None
+                      or getattr(d, "offsets", None) is not None):
+                    # an extra-bytes dimension with a scale/offset: its values are the scaled
+                    # ones (as laspy presents them); the stored type and the scale are recorded
+                    spec, how = FieldSpec(name, np.dtype("<f8"), d.num_elements), "scaled"
+                    scaled[name] = {"stored_dtype": np.dtype(base).str,
+                                    "scale": _floats(path, d.name, d.scales, 1.0),
+                                    "offset": _floats(path, d.name, d.offsets, 0.0)}
+                else:
+                    spec, how = FieldSpec(name, stored_dtype(base, where), d.num_elements), "raw"
+                available.append(spec)
+                self.dims.append((name, d.name, how))
         schema = select(path, available, _resolve(path, fields, names), "LAS dimension")
         copc = any(v.user_id == "copc" and v.record_id == 1 for v in header.vlrs)
         info = {"las_version": str(header.version), "point_format": pf.id,
@@ -231,6 +238,9 @@ def _floats(path: Path, dim: str, values, default: float) -> list[float]:
     return out
 
 
-def choose_origin(sources: Sequence[LasSource], xyz: str = "float32") -> np.ndarray:
-    """Decide how ``sources`` store x, y, z (see :func:`.las_xyz.place`); the dataset origin."""
-    return las_xyz.place(sources, xyz)
+def choose_origin(sources: Sequence[LasSource], xyz: str = "float32",
+                  progress: bool | None = None) -> np.ndarray:
+    """Decide how ``sources`` store x, y, z (see :func:`.las_xyz.place`); the dataset origin.
+    ``progress``: bars over the passes that read every point first (bounds the header does not
+    give, points float32 may not hold), as the conversion's own."""
+    return las_xyz.place(sources, xyz, progress)

@@ -49,6 +49,8 @@ class Layout:
     point_end_what: str
     #: The LASzip VLR's chunk size (``None``: no LASzip VLR).
     laz_chunk_size: int | None
+    #: The LASzip VLR's payload (``None``: no LASzip VLR).
+    laz_vlr: bytes | None = None
 
 
 def check_layout(path: Path, size: int) -> Layout:
@@ -95,8 +97,8 @@ def check_layout(path: Path, size: int) -> Layout:
             _check_evlrs(path, first_evlr, n_evlrs, offset_to_points, size)
         if n_evlrs and first_evlr < end:
             end, what = first_evlr, "the extended VLRs"
-    return Layout(header_size, offset_to_points, end, what,
-                  _walk_vlrs(path, header_size, n_vlrs, offset_to_points))
+    chunk_size, laz_vlr = _walk_vlrs(path, header_size, n_vlrs, offset_to_points)
+    return Layout(header_size, offset_to_points, end, what, chunk_size, laz_vlr)
 
 
 def _check_evlrs(path: Path, at: int, count: int, points: int, size: int) -> None:
@@ -115,14 +117,90 @@ def _check_evlrs(path: Path, at: int, count: int, points: int, size: int) -> Non
                     f"{path}: extended VLR {i} of {count} at byte {at} "
                     f"{'is cut short' if length is None else f'claims {length} bytes'}, more "
                     f"than the {size}-byte file holds; the file is truncated or damaged")
+            user, record = struct.unpack_from("<16sH", raw, 2)
+            _check_payload(path, f, f"extended VLR {i} of {count} at byte {at}", user, record,
+                           at + EVLR_HEADER, length)
             at += EVLR_HEADER + length
 
 
-def _user_id(raw: bytes) -> bool:
+def _user_id(raw: bytes, empty: bool = False) -> bool:
     """Whether a VLR header's 16-byte user id reads as one: printable ASCII up to its first
-    NUL, and not empty (what follows a NUL is not looked at: some writers leave bytes there)."""
+    NUL (what follows a NUL is not looked at: some writers leave bytes there), and not empty
+    unless ``empty`` (laspy writes and reads a VLR with an empty user id; the bytes after the
+    counted VLRs, often zero padding, must look more like a VLR to be taken for one)."""
     text = raw.split(b"\0", 1)[0]
-    return bool(text.strip()) and all(0x20 <= c <= 0x7E for c in text)
+    return (empty or bool(text.strip())) and all(0x20 <= c <= 0x7E for c in text)
+
+
+#: VLRs whose payload laspy parses, by (user id, record id): a damaged one is dropped with only
+#: a warning (the extra-bytes fields, the CRS), so it is refused here.
+_EXTRA_BYTES = (b"LASF_Spec", 4)
+_WKT = (b"LASF_Projection", 2112)
+_GEOKEYS = (b"LASF_Projection", 34735)
+_GEODOUBLES = (b"LASF_Projection", 34736)
+#: Largest payload read to check it (a WKT VLR holds at most 64 KiB; an EVLR could hold more).
+_MAX_CHECKED = 1 << 20
+
+
+def _wkt_complete(text: str) -> bool:
+    """Whether ``text`` reads as whole WKT: a keyword, then brackets that all close, outside
+    quoted strings (a WKT cut short leaves some open)."""
+    depth, quoted, opened = 0, False, False
+    for c in text:
+        if c == '"':
+            quoted = not quoted
+        elif quoted:
+            continue
+        elif c in "[(":
+            depth, opened = depth + 1, True
+        elif c in "])":
+            depth -= 1
+            if depth < 0:
+                return False
+    return opened and depth == 0 and not quoted
+
+
+def _check_payload(path: Path, f, where: str, user: bytes, record: int, at: int,
+                   length: int) -> None:
+    """Refuse a damaged payload of the (E)VLRs laspy would drop with only a warning: the
+    extra-bytes descriptions (whole 192-byte records), the OGC WKT (UTF-8, complete), the
+    GeoTIFF key directory (as many keys as it counts)."""
+    key = (user.split(b"\0", 1)[0], record)
+    if key not in (_EXTRA_BYTES, _WKT, _GEOKEYS, _GEODOUBLES):
+        return
+    if key == _EXTRA_BYTES:
+        if length == 0 or length % 192:
+            raise DatasetError(
+                f"{path}: the extra-bytes VLR ({where}) holds {length} bytes, not a whole "
+                f"number of 192-byte field descriptions; its length is damaged (the extra "
+                f"fields would be lost)")
+        return
+    if key == _GEODOUBLES:
+        if length % 8:
+            raise DatasetError(f"{path}: the GeoTIFF double parameters ({where}) hold {length} "
+                               f"bytes, not whole doubles; the CRS record is damaged")
+        return
+    f.seek(at)
+    raw = f.read(min(length, _MAX_CHECKED))
+    if key == _GEOKEYS:
+        keys = struct.unpack_from("<H", raw, 6)[0] if len(raw) >= 8 else None
+        if keys is None or length < 8 * (keys + 1):
+            raise DatasetError(
+                f"{path}: the GeoTIFF key directory ({where}) holds {length} bytes"
+                + ("" if keys is None else f" for {keys} keys (needs {8 * (keys + 1)})")
+                + "; the CRS record is damaged (the CRS would be lost)")
+        return
+    if length > _MAX_CHECKED:
+        return
+    try:
+        text = raw.split(b"\0", 1)[0].decode("utf-8")
+    except UnicodeDecodeError:
+        raise DatasetError(f"{path}: the OGC WKT CRS ({where}) is not UTF-8 text; the CRS "
+                           f"record is damaged (the CRS would be lost)") from None
+    if text.strip() and not _wkt_complete(text):
+        raise DatasetError(f"{path}: the OGC WKT CRS ({where}, {length} bytes) is cut short or "
+                           f"damaged: its brackets do not close (the CRS would be recorded "
+                           f"wrong)")
 
 
 def _walk_vlrs(path: Path, at: int, n_vlrs: int, stop: int) -> int | None:
@@ -130,8 +208,8 @@ def _walk_vlrs(path: Path, at: int, n_vlrs: int, stop: int) -> int | None:
     end by ``stop`` (the point data), and no further VLR may lie in the bytes left before it
     (a damaged count or length would make laspy lose the CRS and the extra-bytes fields, or a
     point offset inside the VLRs would convert them as points, without a word). Returns the
-    LASzip VLR's chunk size (``None``: no LASzip VLR)."""
-    chunk_size = None
+    LASzip VLR's chunk size and payload (``None``: no LASzip VLR)."""
+    chunk_size = laz_vlr = None
     with open(path, "rb") as f:
         for i in range(n_vlrs):
             f.seek(at)
@@ -139,7 +217,8 @@ def _walk_vlrs(path: Path, at: int, n_vlrs: int, stop: int) -> int | None:
             if len(raw) < VLR_HEADER:  # the count was checked to fit: a file cut meanwhile
                 raise DatasetError(f"{path}: truncated inside VLR {i} of {n_vlrs} (byte {at})")
             user, record, length = struct.unpack_from("<16sHH", raw, 2)
-            if not _user_id(user):
+            # an empty user id only with a record id or a payload: zeros are not a VLR
+            if not _user_id(user, empty=bool(record or length)):
                 raise DatasetError(
                     f"{path}: VLR {i} of {n_vlrs} at byte {at} is not a VLR header (user id "
                     f"{user!r}); the header size, the VLR count or a VLR's length is damaged")
@@ -150,8 +229,11 @@ def _walk_vlrs(path: Path, at: int, n_vlrs: int, stop: int) -> int | None:
                     f"{end}, past the start of the point data (byte {stop}); a VLR's length or "
                     f"the point data offset is damaged")
             if (user.rstrip(b"\0"), record) == _LASZIP and length >= _LASZIP_CHUNK_SIZE_AT + 4:
-                f.seek(at + VLR_HEADER + _LASZIP_CHUNK_SIZE_AT)
-                chunk_size = struct.unpack("<I", f.read(4))[0]
+                f.seek(at + VLR_HEADER)
+                laz_vlr = f.read(length)
+                chunk_size = struct.unpack_from("<I", laz_vlr, _LASZIP_CHUNK_SIZE_AT)[0]
+            _check_payload(path, f, f"VLR {i} of {n_vlrs} at byte {at}", user, record,
+                           at + VLR_HEADER, length)
             at = end
         if stop - at >= VLR_HEADER:  # padding is allowed there; one more VLR is not
             f.seek(at)
@@ -162,7 +244,7 @@ def _walk_vlrs(path: Path, at: int, n_vlrs: int, stop: int) -> int | None:
                     f"{path}: the header counts {n_vlrs} VLRs, but another one "
                     f"({user.split(bytes(1), 1)[0].decode()!r}) lies at byte {at}, before the "
                     f"point data (byte {stop}); the VLR count is damaged")
-    return chunk_size
+    return chunk_size, laz_vlr
 
 
 def check_points_fit(path: Path, lay: Layout, n: int, record: int) -> None:
@@ -193,9 +275,13 @@ MAX_RATIO = 1000
 
 def check_chunk_table(path: Path, lay: Layout, n: int, record: int) -> None:
     """A LAZ file's first 8 bytes of point data give the offset of its chunk table (-1 when the
-    writer could not seek back); the table must lie after the compressed points and before
-    the end of the point data, and its chunk count must fit both the bytes before it (each chunk
-    takes at least one) and the point count (``ceil(n / chunk size)`` chunks at least)."""
+    writer could not seek back: the offset is then the file's last 8 bytes); the table must lie
+    after the compressed points and before the end of the point data, and its chunk count must
+    fit both the bytes before it (each chunk takes at least one) and the point count
+    (``ceil(n / chunk size)`` chunks at least; a file of no points may hold one empty chunk).
+    Chunks of variable size (COPC) give each chunk's points in the table: each must fit the
+    bytes it is compressed in, and together they must hold the header's count — lazrs
+    allocates a chunk's points before decoding them."""
     start, end = lay.point_start, lay.point_end
     with open(path, "rb") as f:
         f.seek(start)
@@ -204,34 +290,75 @@ def check_chunk_table(path: Path, lay: Layout, n: int, record: int) -> None:
             raise DatasetError(f"{path}: truncated: the file ends at byte {end}, before the "
                                f"point data the header places at byte {start}")
         (table,) = struct.unpack("<q", raw)
+        where = ""
         if table == -1:
-            return
+            size = f.seek(0, 2)
+            f.seek(max(size - 8, 0))
+            tail = f.read(8)
+            (table,) = struct.unpack("<q", tail) if len(tail) == 8 else (-1,)
+            where = " (from the file's last 8 bytes)"
         if not start + 8 <= table <= end - 8:
-            raise DatasetError(f"{path}: the LAZ chunk table offset {table} lies outside the "
-                               f"compressed points (bytes {start + 8}..{end}); the file is "
+            raise DatasetError(f"{path}: the LAZ chunk table offset {table}{where} lies outside "
+                               f"the compressed points (bytes {start + 8}..{end}); the file is "
                                f"truncated or damaged")
         f.seek(table)
         version, count = struct.unpack("<II", f.read(8))
     room = table - (start + 8)
     cs = lay.laz_chunk_size
-    if cs and cs != _VARIABLE_CHUNKS and cs * record > max(MAX_CHUNK_BYTES, MAX_RATIO * room):
+    fixed = bool(cs) and cs != _VARIABLE_CHUNKS
+    if fixed and cs * record > max(MAX_CHUNK_BYTES, MAX_RATIO * room):
         raise DatasetError(
             f"{path}: the LASzip VLR's chunk size {cs} points ({cs * record} bytes "
             f"uncompressed) cannot come from {room} bytes of compressed data; the file is "
             f"damaged")
-    least = -(-n // cs) if cs and cs != _VARIABLE_CHUNKS else (1 if n else 0)
-    if version != 0 or count > room or count < least:
+    least = -(-n // cs) if fixed else (1 if n else 0)
+    most = room if n else max(room, 1)  # no points: one empty chunk is allowed
+    if not fixed:
+        most = min(most, n + 1)  # each chunk holds a point, but for an empty last one
+    if version != 0 or count > most or count < least:
         raise DatasetError(
             f"{path}: the LAZ chunk table at byte {table} (version {version}) counts {count} "
-            f"chunks; {n} points{f' in chunks of {cs}' if cs and cs != _VARIABLE_CHUNKS else ''} "
-            f"in {room} bytes of compressed data need {least}..{room}; the file is damaged"
+            f"chunks; {n} points{f' in chunks of {cs}' if fixed else ''} "
+            f"in {room} bytes of compressed data need {least}..{most}; the file is damaged"
         )
-    if cs and cs != _VARIABLE_CHUNKS and count and n <= (count - 1) * cs:
+    if fixed and count > 1 and n <= (count - 1) * cs:
         # every chunk but the last holds cs points: converting n would drop the rest silently
         raise DatasetError(
             f"{path}: the header counts {n} points, but its LAZ chunk table counts {count} "
             f"chunks of {cs} points, so the file holds at least {(count - 1) * cs + 1}; the "
             f"point count is wrong or the file is damaged")
+    if not fixed and count and lay.laz_vlr is not None:
+        _check_variable_chunks(path, lay, n, record, room)
+
+
+def _check_variable_chunks(path: Path, lay: Layout, n: int, record: int, room: int) -> None:
+    """Each chunk of a variable-size chunk table: its points fit the bytes it is compressed in
+    (as for a fixed chunk size), its bytes lie before the table, and the chunks hold at least
+    the header's count."""
+    import lazrs
+
+    with guard(path, "reading the LAZ chunk table"):
+        vlr = lazrs.LazVlr(lay.laz_vlr)
+        with open(path, "rb") as f:
+            f.seek(lay.point_start)
+            entries = [(int(p), int(b)) for p, b in lazrs.read_chunk_table(f, vlr)]
+    points = used = 0
+    for i, (pts, nbytes) in enumerate(entries):
+        if pts * record > max(MAX_CHUNK_BYTES, MAX_RATIO * nbytes):
+            raise DatasetError(
+                f"{path}: LAZ chunk {i} of {len(entries)} claims {pts} points ({pts * record} "
+                f"bytes uncompressed) in {nbytes} bytes of compressed data; the chunk table is "
+                f"damaged")
+        points += pts
+        used += nbytes
+    if used > room + 8:
+        raise DatasetError(
+            f"{path}: the LAZ chunk table's {len(entries)} chunks take {used} bytes, more than "
+            f"the {room + 8} bytes of compressed data before it; the chunk table is damaged")
+    if points < n:
+        raise DatasetError(
+            f"{path}: the header counts {n} points, but the LAZ chunk table's {len(entries)} "
+            f"chunks hold {points}; the file is truncated or damaged")
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -85,25 +86,37 @@ def _header_bounds_hold(src: "LasSource") -> bool:
     return True
 
 
-def _measured_bounds(src: "LasSource") -> tuple[np.ndarray, np.ndarray]:
+def _bar(progress: bool | None, src: "LasSource", what: str):
+    """A progress bar (stderr, as the conversion's own) over a pass that reads every point of
+    ``src`` before the conversion writes anything."""
+    from tqdm import tqdm
+
+    return tqdm(total=src.num_points, unit="pt", unit_scale=True, file=sys.stderr,
+                desc=f"{what} {src.path.name}", dynamic_ncols=True, leave=False,
+                disable=None if progress is None else not progress)
+
+
+def _measured_bounds(src: "LasSource", bar) -> tuple[np.ndarray, np.ndarray]:
     """Read every point's coordinates once: their bounds (a warning says so, with the count of
     points outside the header's bounds)."""
     lo, hi = np.full(3, np.inf), np.full(3, -np.inf)
     count = done = 0
-    for p in read_points(src.path, common.chunk_rows(src.header.point_format.size),
-                         src.num_points):
-        xyz = scaled(src, p, done)
-        done += len(p)
-        lo = np.minimum(lo, [v.min() for v in xyz])
-        hi = np.maximum(hi, [v.max() for v in xyz])
-        count += outside(src, xyz)
+    with bar:
+        for p in read_points(src.path, common.chunk_rows(src.header.point_format.size),
+                             src.num_points):
+            xyz = scaled(src, p, done)
+            done += len(p)
+            bar.update(len(p))
+            lo = np.minimum(lo, [v.min() for v in xyz])
+            hi = np.maximum(hi, [v.max() for v in xyz])
+            count += outside(src, xyz)
+    src.outside_reported = True
+    if not done:  # no points: nothing lies outside, and nothing to place the origin from
+        return src.offsets.copy(), src.offsets.copy()
     log.warning("%s: %d of %d points lie outside the header's bounds %s..%s by more than a "
                 "scale step; the dataset origin is placed from the points read (%s..%s)",
                 src.path, count, done, src.lo.tolist(), src.hi.tolist(), lo.tolist(),
                 hi.tolist())
-    src.outside_reported = True
-    if not done:
-        return src.offsets.copy(), src.offsets.copy()
     return lo, hi
 
 
@@ -113,7 +126,7 @@ def _f32_ulp(v: float) -> float:
     return float(np.spacing(np.float32(v)))
 
 
-def place(sources: Sequence["LasSource"], mode: str) -> np.ndarray:
+def place(sources: Sequence["LasSource"], mode: str, progress: bool | None = None) -> np.ndarray:
     """Decide how ``sources`` store x, y, z under ``mode``: sets each one's ``origin`` and
     x/y/z dtype, and returns the dataset origin (zeros for absolute coordinates)."""
     if mode == "float64":
@@ -122,7 +135,8 @@ def place(sources: Sequence["LasSource"], mode: str) -> np.ndarray:
     if not any(f.name in ("x", "y", "z") for f in sources[0].schema):  # --fields without them
         _store(sources, np.dtype("<f4"), np.zeros(3))
         return np.zeros(3)
-    bounds = [(s.lo, s.hi) if _header_bounds_hold(s) else _measured_bounds(s) for s in sources]
+    bounds = [(s.lo, s.hi) if _header_bounds_hold(s) else
+              _measured_bounds(s, _bar(progress, s, "bounds")) for s in sources]
     lo = np.min([b[0] for b in bounds], axis=0)
     hi = np.max([b[1] for b in bounds], axis=0)
     origin = np.zeros(3)
@@ -132,7 +146,7 @@ def place(sources: Sequence["LasSource"], mode: str) -> np.ndarray:
         for s, b in zip(sources, bounds):
             why = _fits(s, b, origin)
             if why is not None:  # the bounds do not prove it: are the points held?
-                why = _points_fit(s, origin)
+                why = _points_fit(s, origin, _bar(progress, s, "check"))
             if why is not None:
                 log.warning("%s: %s; storing x, y, z as absolute float64 (--xyz float32 refuses "
                             "instead)", s.path, why)
@@ -154,12 +168,12 @@ def _fits(src: "LasSource", bounds, origin: np.ndarray) -> str | None:
     return None
 
 
-def _points_fit(src: "LasSource", origin: np.ndarray) -> str | None:
+def _points_fit(src: "LasSource", origin: np.ndarray, bar) -> str | None:
     """``None`` where float32 relative to ``origin`` holds every point of ``src`` within half
     its scale's magnitude (data quantised more coarsely than its scale), else why not (the
     first point that it does not hold; reading stops there)."""
     done = 0
-    with contextlib.closing(read_points(src.path, common.chunk_rows(
+    with bar, contextlib.closing(read_points(src.path, common.chunk_rows(
             src.header.point_format.size), src.num_points)) as chunks:
         for p in chunks:
             for j, v in enumerate(scaled(src, p, done)):
@@ -173,6 +187,7 @@ def _points_fit(src: "LasSource", origin: np.ndarray) -> str | None:
                             f"{float(origin[j])!r}, where float32 cannot hold it within half "
                             f"the scale ({half:g})")
             done += len(p)
+            bar.update(len(p))
     return None
 
 
