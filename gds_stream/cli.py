@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
+import os
 import sys
 from typing import Sequence
 
@@ -29,6 +30,9 @@ from ._quiet import quiet_stderr
 from .errors import GDSStreamError
 
 EXIT_ERROR = 2
+#: The reader of our output closed it: 128 + SIGPIPE, as a shell reports a process the signal
+#: ended.
+EXIT_BROKEN_PIPE = 141
 EXIT_MISMATCH = 1
 
 
@@ -246,7 +250,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with quiet_stderr(debug=args.debug, verbose=args.verbose) as held:
         try:
-            return _COMMANDS[args.command](args)
+            rc = _COMMANDS[args.command](args)
+            sys.stdout.flush()  # a closed pipe fails here, not in the interpreter's exit
+            return rc
+        except BrokenPipeError:
+            # the reader of our output left (``gds-stream info DIR | head``): not an error of
+            # ours to report; stdout goes to /dev/null so the exit's own flush cannot fail too
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            return EXIT_BROKEN_PIPE
         except (GDSStreamError, OSError) as exc:
             if args.debug:
                 raise

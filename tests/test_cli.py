@@ -63,6 +63,20 @@ def edit_manifest(ds, change) -> None:
 
 
 # -- success -----------------------------------------------------------------------------------------
+def test_a_reader_that_leaves_early_is_no_error(dataset):
+    """``gds-stream info DS | head -1``: the pipe closes before the output is written; the
+    command ends quietly with 141 (128 + SIGPIPE, as a shell reports it), no error line."""
+    proc = subprocess.Popen([sys.executable, "-m", "gds_stream", "info", str(dataset)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the interpreter has even started: every write fails
+    try:
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=120) == 141, err
+    finally:
+        proc.stderr.close()
+    assert err == ""
+
+
 def test_convert_then_info(dataset):
     proc = cli("info", dataset)
     assert proc.returncode == 0, proc.stderr
