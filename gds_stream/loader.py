@@ -108,6 +108,9 @@ class Loader(Closeable):
             raise
         self.epoch = 0
         self._resume_step = 0
+        #: The epoch a loaded state dict had completed (its last batch seen), until the next
+        #: set_epoch() or iter(): set_epoch() of it resumes it with nothing left to yield.
+        self._completed: int | None = None
         self._position = (0, 0)  # (epoch, batches yielded) of the latest iterator
         self.stats = LoaderStats()
 
@@ -159,6 +162,16 @@ class Loader(Closeable):
         position (the usual ``for epoch in range(start, n): loader.set_epoch(epoch)`` loop
         resumes mid-epoch); another epoch drops it, with a warning naming both."""
         epoch = _epoch_value(epoch, "set_epoch()")
+        completed, self._completed = self._completed, None
+        if completed is not None and epoch == completed and self.epoch == completed + 1 \
+                and not self._resume_step:
+            # the state dict was saved after the epoch's last batch, and the loop enters that
+            # epoch again (for epoch in range(saved["epoch"], n)): it has nothing left to yield
+            log.info("%s: epoch %d was complete when the state dict was saved: it yields no "
+                     "more batches", self.dataset.path, epoch)
+            self.epoch, self._resume_step = epoch, self.plan_spec.num_steps(epoch)
+            self._position = (epoch, self._resume_step)
+            return
         if self._resume_step and epoch != self.epoch:
             log.warning("%s: set_epoch(%d) drops the resume position loaded by "
                         "load_state_dict() (epoch %d at batch %d): epoch %d starts from its "
@@ -187,6 +200,7 @@ class Loader(Closeable):
         if self._closed:
             raise LoaderError(f"{self.dataset.path}: iter() on a closed loader")
         self._close_active("superseded")
+        self._completed = None
         plan = self.epoch_plan()
         start, self._resume_step = self._resume_step, 0
         it = self._make_iterator(plan, start)
@@ -270,9 +284,10 @@ class Loader(Closeable):
         steps = self.plan_spec.num_steps(epoch)
         if not 0 <= done <= steps:
             raise LoaderError(f"state_dict batches_done={done} outside 0..{steps}")
-        if done == steps:
-            epoch, done = epoch + 1, 0
         self._check_files_since(state.get("files"))
+        self._completed = None
+        if done == steps:  # saved after the epoch's last batch: the next one is unseen
+            self._completed, epoch, done = epoch, epoch + 1, 0
         self.epoch, self._resume_step, self._position = epoch, done, (epoch, done)
 
     def _check_files_since(self, saved: Any) -> None:

@@ -117,7 +117,8 @@ def _gather_packed(win: PackedWindow, rows: np.ndarray) -> dict[str, Any]:
         dsts.append(buf[pos:pos + m * k * es].view(f"<i{es}").reshape(m, k))
         pos += size
     block = max(1, _PACK_BYTES // width)
-    scratch = np.empty((min(block, m), width), dtype=np.uint8)
+    # one row at least: torch cannot view an empty byte matrix as wider integers
+    scratch = np.empty((max(1, min(block, m)), width), dtype=np.uint8)
     if width <= 16:  # a row is one integer (complex128 for 16 bytes): torch's 1-D gather,
         one = torch.complex128 if width == 16 else torch_int(torch, width)  # serial, fastest
         src = torch.from_numpy(win.rows).view(one).view(n)
