@@ -7,6 +7,7 @@ manifest, invalid or absurdly nested JSON, integers beyond int64, NaN where a co
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -60,10 +61,26 @@ def read_manifest(path: Path, cap: int, dir_fd: int | None = None) -> dict:
     check and read).
     """
     try:
-        fd = (os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC) if dir_fd is None else
-              os.open(path.name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd))
+        # not through a symbolic link: the manifest is the dataset's own file, as its fields'
+        # files are (a link could read any file, or another dataset's manifest)
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+        fd = (os.open(path, flags) if dir_fd is None else
+              os.open(path.name, flags, dir_fd=dir_fd))
     except FileNotFoundError:
         raise DatasetError(f"{path}: no such file; expected a gds-stream dataset directory") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            try:
+                st = (os.stat(path) if dir_fd is None else os.stat(path.name, dir_fd=dir_fd))
+                kind = None if stat.S_ISREG(st.st_mode) else file_kind(st.st_mode)
+            except (OSError, ValueError):
+                kind = None
+            if kind is not None:
+                raise DatasetError(f"{path}: the manifest is not a regular file ({kind}, "
+                                   f"through a symbolic link)") from None
+            raise DatasetError(f"{path}: the manifest is a symbolic link; a dataset's manifest "
+                               f"must be a regular file of its own directory") from None
+        raise DatasetError(f"{path}: cannot open the manifest ({os_reason(exc)})") from exc
     except (OSError, ValueError) as exc:
         raise DatasetError(f"{path}: cannot open the manifest ({os_reason(exc)})") from exc
     try:
@@ -387,16 +404,19 @@ def chunk_table(v: object, num_points: int, scan_offsets: np.ndarray, path: obje
                       _ro(np.asarray(cells, dtype=np.int64).reshape(n, 3)), _ro(barr))
 
 
-def check_disjoint(layouts: dict, path: object) -> None:
+def check_disjoint(layouts: dict, path: object, same_file: dict | None = None) -> None:
     """Fields that share a file must not share bytes (the writer gives each field its own file;
     a manifest edited to point two fields at the same bytes would read one as the other), and
-    no field lives in the manifest. ``layouts``: field name -> ``FieldLayout``."""
+    no field lives in the manifest. ``layouts``: field name -> ``FieldLayout``; ``same_file``:
+    a file's name -> the name its bytes were first found under (hard links are one file)."""
+    same_file = same_file or {}
     by_file: dict[str, list] = {}
     for name, lay in layouts.items():
         want(lay.file != MANIFEST, path, f"field {name!r}: file {MANIFEST!r} is the manifest, "
              f"not a data file")
         if lay.nbytes:
-            by_file.setdefault(lay.file, []).append((lay.offset, lay.offset + lay.nbytes, name))
+            by_file.setdefault(same_file.get(lay.file, lay.file), []).append(
+                (lay.offset, lay.offset + lay.nbytes, name))
     for file, spans in by_file.items():
         spans.sort()
         for (_, end, a), (start, _, b) in zip(spans, spans[1:]):

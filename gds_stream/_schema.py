@@ -23,6 +23,9 @@ DEFAULT_BLOCK_BYTES = 4 << 20
 MAX_BLOCK_BYTES = 1 << 30
 #: Upper bounds that keep a lying manifest from asking for absurd allocations.
 MAX_COMPONENTS = 4096
+#: Fields a dataset may hold (each is a file a loader keeps open: far below any real schema's
+#: need, and it bounds what a manifest makes the opener check).
+MAX_FIELDS = 4096
 #: Integers that become numpy int64 arrays (offsets, counts, cells) must stay below this.
 INT64_LIMIT = 1 << 63
 #: Names a batch dict already uses, so no field may take them.
@@ -41,9 +44,11 @@ def align_down(n: int, a: int = ALIGN) -> int:
 
 def check_field_name(name: str, where: str) -> None:
     """Raise :class:`DatasetError` unless ``name`` can be a field (and a file) name."""
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):  # no "name\n" ($ allows it)
+        shown = repr(name)
+        shown = shown if len(shown) <= 80 else f"{shown[:77]}..."
         raise DatasetError(
-            f"{where}: field name {name!r} is not usable; expected letters, digits and '_' "
+            f"{where}: field name {shown} is not usable; expected letters, digits and '_' "
             f"(at most 64, not starting with a digit)"
         )
     if name in RESERVED_NAMES:

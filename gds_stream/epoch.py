@@ -146,7 +146,7 @@ class EpochIterator(Closeable):
         except BaseException as exc:
             closed_meanwhile = self._why is not None
             if isinstance(exc, KeyboardInterrupt):
-                self._end("interrupted by KeyboardInterrupt")
+                self._end("was interrupted by KeyboardInterrupt")
                 raise
             self._end(f"failed at batch {self._yielded} ({type(exc).__name__})")
             if closed_meanwhile:

@@ -60,6 +60,7 @@ from ._schema import (
     MANIFEST,
     MAX_BLOCK_BYTES,
     MAX_COMPONENTS,
+    MAX_FIELDS,
     RESERVED_NAMES,
     FieldLayout,
     FieldSpec,
@@ -98,6 +99,9 @@ class Dataset(Closeable):
 
     def __init__(self, path: str | os.PathLike):
         self._fds: dict[str, int] = {}  # field file (relative name) -> pinned descriptor
+        #: (device, inode) -> the first relative name of that file; each name -> that first one
+        self._inodes: dict[tuple[int, int], str] = {}
+        self._same_file: dict[str, str] = {}
         self.stamps: dict[str, tuple[int, int]] = {}  # ... -> (size, mtime_ns) when opened
         self._dir_fd = -1
         self.path = Path(path)
@@ -180,12 +184,14 @@ class Dataset(Closeable):
         _want(isinstance(fields, list) and len(fields) > 0, mpath,
               "expected a non-empty list of fields")
         assert isinstance(fields, list)
+        _want(len(fields) <= MAX_FIELDS, mpath,
+              f"the manifest lists {len(fields)} fields; a dataset holds at most {MAX_FIELDS}")
         for i, fd in enumerate(fields):
             lay = self._validate_field(fd, i, mpath)
             _want(lay.spec.name not in self._layouts, mpath,
                   f"field {lay.spec.name!r} appears twice")
             self._layouts[lay.spec.name] = lay
-        check_disjoint(self._layouts, mpath)
+        check_disjoint(self._layouts, mpath, getattr(self, "_same_file", None))
 
     def _read_manifest(self, mpath: Path) -> dict:
         return read_manifest(mpath, manifest_cap(self._dir_fd), dir_fd=self._dir_fd)
@@ -280,6 +286,8 @@ class Dataset(Closeable):
                                    f"{fd_limit_hint(exc)}") from exc
             self._fds[rel] = fd  # closed by close() from here on
             st = os.fstat(fd)
+            # two names of one file (a hard link): its fields must not share bytes either
+            self._same_file[rel] = self._inodes.setdefault((st.st_dev, st.st_ino), rel)
             self.stamps[rel] = (st.st_size, st.st_mtime_ns)  # an in-place rewrite changes it
             want(stat.S_ISREG(st.st_mode), full,
                  f"the file of field {name!r} must be a regular file ({file_kind(st.st_mode)})")
@@ -388,6 +396,11 @@ class Dataset(Closeable):
         """Points ``[start, stop)`` of one field as a new array: shape (n,) or (n, components)."""
         lay = self.layout(name)
         stop = self.num_points if stop is None else stop
+        for what, v in (("start", start), ("stop", stop)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise DatasetError(f"{self.path}: read() {what} must be an integer point index, "
+                                   f"got {v!r}")
+        start, stop = int(start), int(stop)
         if not (0 <= start <= stop <= self.num_points):
             raise DatasetError(
                 f"{self.path}: read of points [{start}, {stop}) is outside [0, {self.num_points})"
