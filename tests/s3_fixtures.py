@@ -133,6 +133,13 @@ class Faults:
     #: When > 0: bodies of faulted paths go out in 64 KiB pieces this many seconds apart.
     trickle_s: float = 0.0
     seed: int = 0
+    #: Ranged GETs of faulted paths answer with another ETag (a store that ignores If-Match
+    #: serving a replaced object).
+    other_etag: bool = False
+    #: When > 0: every this-many-th multipart part upload (PUT ...partNumber=) answers 503.
+    part_503_every: int = 0
+    #: Path substring of PUTs that reach the store but whose answer is lost (a cut connection).
+    lose_put_answer: str = ""
     counts: Counter = field(default_factory=Counter)
 
 
@@ -198,6 +205,15 @@ class FaultProxy:
             return
         fault = (self._draw() if h.command == "GET" and "Range" in h.headers
                  and f.only in h.path else "ok")
+        if h.command == "PUT" and "partNumber=" in h.path and f.part_503_every:
+            with self._lock:
+                f.counts["part"] += 1
+                fail = f.counts["part"] % f.part_503_every == 0
+            if fail:
+                fault = "503"
+        if h.command == "POST" and h.path.rstrip("=").endswith("?uploads"):
+            with self._lock:
+                f.counts["multipart-create"] += 1
         with self._lock:
             f.counts[fault] += 1
         if fault == "503":
@@ -219,10 +235,20 @@ class FaultProxy:
             data = resp.read()
         finally:
             conn.close()
+        if h.command == "PUT" and f.lose_put_answer and f.lose_put_answer in h.path:
+            with self._lock:
+                f.counts["answer-lost"] += 1
+            h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            h.close_connection = True
+            h.connection.close()
+            return
         h.send_response(resp.status)
         for k, v in resp.getheaders():
             if k.lower() not in ("content-length", "transfer-encoding", "connection", "server",
                                  "date"):
+                if (k.lower() == "etag" and f.other_etag and h.command == "GET"
+                        and "Range" in h.headers and f.only in h.path):
+                    v = '"0123456789abcdef0123456789abcdef"'
                 h.send_header(k, v)
         if fault == "short" and len(data) > 1:
             data = data[:len(data) // 2]

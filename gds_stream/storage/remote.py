@@ -74,12 +74,23 @@ class RemoteDataset(Dataset):
 
             self.cache = BlockCache(cache_dir, cache_bytes)  # type: ignore[arg-type]
         self._manifest: ObjectVersion | None = None
+        try:
+            self._open()
+        except BaseException:
+            if self.cache is not None:  # its lock file: not left to the garbage collector
+                self.cache.release()
+                self.cache = None
+            raise
+
+    def _open(self) -> None:
         for attempt in range(OPEN_ATTEMPTS):
             self._objects = {}
             try:
                 self._load()
                 return
             except DatasetError as exc:
+                if self._manifest is None and "no such object" in str(exc):
+                    self.client.check_bucket()  # a missing bucket, said as such
                 # ``convert --overwrite`` between our manifest read and a field's HEAD (its
                 # objects deleted, or the manifest replaced while fetched): open the new one.
                 if attempt + 1 == OPEN_ATTEMPTS or not self._manifest_moved():

@@ -77,9 +77,65 @@ class ObjectError(DatasetError):
     """A request failed for good (after the retry budget, or at once for 403/404)."""
 
 
+#: The smallest value each fault-handling option takes (``timeout_s`` and
+#: ``connect_timeout_s`` must be above it), and the largest.
+_RANGES: dict[str, tuple[float, float]] = {
+    "max_retries": (0, 1_000_000), "retry_backoff_s": (0, 3600), "retry_max_backoff_s": (0, 3600),
+    "timeout_s": (0, 86400), "connect_timeout_s": (0, 86400)}
+#: ``storage_options`` keys that name the endpoint (``obstore``'s spellings, any case).
+_ENDPOINT_KEYS = ("endpoint", "aws_endpoint", "endpoint_url", "aws_endpoint_url")
+
+
+def _knob(name: str, value: Any) -> float:
+    """A fault-handling option, checked: a finite number in its range (``max_retries`` a whole
+    one, the timeouts above 0)."""
+    import math
+
+    lo, hi = _RANGES[name]
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok and isinstance(value, str):  # from a config file or the environment
+        try:
+            value, ok = float(value), True
+        except ValueError:
+            ok = False
+    ok = ok and math.isfinite(value) and lo <= value <= hi
+    if ok and name == "max_retries":
+        ok = float(value).is_integer()
+    if ok and name in ("timeout_s", "connect_timeout_s"):
+        ok = value > 0
+    if not ok:
+        kind = ("a whole number" if name == "max_retries" else "a number of seconds")
+        bound = (f"in {lo:,.0f}..{hi:,.0f}" if name not in ("timeout_s", "connect_timeout_s")
+                 else f"above 0 and at most {hi:,.0f}")
+        raise DatasetError(f"storage_options {name}={value!r} is not usable: {kind} {bound}")
+    return float(value)
+
+
+def _endpoint(config: dict[str, Any]) -> str | None:
+    """The endpoint ``config`` names (under any of obstore's spellings), checked to be an
+    http(s) URL with a host (obstore panics on some others)."""
+    from urllib.parse import urlsplit
+
+    found = [(k, v) for k, v in config.items() if str(k).lower() in _ENDPOINT_KEYS]
+    if not found:
+        return None
+    key, value = found[-1]
+    text = str(value)
+    try:
+        parts = urlsplit(text)
+        port = parts.port  # ValueError when out of range
+    except ValueError:
+        parts, port = None, None
+    if parts is None or parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise DatasetError(f"storage_options {key}={text!r} is not an endpoint URL: expected "
+                           f"http://host[:port] or https://host[:port]")
+    del port
+    return text
+
+
 def _config(options: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, float]]:
     options = dict(options or {})
-    knobs = {k: float(options.pop(k, v)) for k, v in DEFAULTS.items()}
+    knobs = {k: _knob(k, options.pop(k, v)) for k, v in DEFAULTS.items()}
     config: dict[str, Any] = {}
     for var, key in ENV:
         if os.environ.get(var):
@@ -101,25 +157,47 @@ class S3Client:
                                f"pip install 'gds-stream[s3]' ({exc})") from exc
         self._obs = obstore
         self.bucket, self.scheme = bucket, scheme
-        config, self.knobs = _config(storage_options)
+        try:
+            config, self.knobs = _config(storage_options)
+        except DatasetError as exc:
+            raise DatasetError(f"{scheme}://{bucket}: {exc}") from None
         #: The settings ``storage_options`` gave beyond the environment (not the fault knobs).
         self.overrides = sorted(set(storage_options or {}) - set(DEFAULTS))
-        endpoint = str(config.get("endpoint", ""))
+        try:
+            endpoint = _endpoint(config) or ""
+        except DatasetError as exc:
+            raise DatasetError(f"{scheme}://{bucket}: {exc}") from None
         client = {"timeout": timedelta(seconds=self.knobs["timeout_s"]),
                   "connect_timeout": timedelta(seconds=self.knobs["connect_timeout_s"]),
-                  "allow_http": endpoint.startswith("http://")}
+                  "allow_http": endpoint.lower().startswith("http://")}
         retry = {"max_retries": 0, "retry_timeout": timedelta(seconds=1),
                  "backoff": {"init_backoff": timedelta(milliseconds=10),
                              "max_backoff": timedelta(milliseconds=10), "base": 2.0}}
         try:
             self.store = S3Store(bucket, config=config, client_options=client,
                                  retry_config=retry)
-        except Exception as exc:  # noqa: BLE001 - obstore raises its own family, and ValueError
+            # multipart uploads: each part is retried on its own inside obstore (retrying the
+            # whole upload here would send every part again for one part's transient fault)
+            k = self.knobs
+            parts_retry = {"max_retries": int(k["max_retries"]),
+                           "retry_timeout": timedelta(seconds=k["timeout_s"] * (
+                               int(k["max_retries"]) + 1)),
+                           "backoff": {"init_backoff": timedelta(
+                                           seconds=max(k["retry_backoff_s"], 0.001)),
+                                       "max_backoff": timedelta(
+                                           seconds=max(k["retry_max_backoff_s"], 0.001)),
+                                       "base": 2.0}}
+            self._upload_store = S3Store(bucket, config=config, client_options=client,
+                                         retry_config=parts_retry)
+        except (KeyboardInterrupt, SystemExit, GeneratorExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - obstore's family, ValueError, a panic
             raise DatasetError(f"{scheme}://{bucket}: cannot configure the object store "
                                f"({_first_line(exc)})") from exc
         self._lock = threading.Lock()
         #: Requests retried after a transient error, over this client's life.
         self.retries = 0
+        self._warned_etag = False
 
     def url(self, key: str) -> str:
         return f"{self.scheme}://{self.bucket}/{key}"
@@ -146,6 +224,8 @@ class S3Client:
                                       f"attempts: the loader was closed") from last
             try:
                 return fn()
+            except DatasetError:  # decided by fn itself (an object changed): not retried
+                raise
             except _LocalFileError as exc:  # the local side (a full disk): no retry helps
                 raise exc.error from None
             except PreconditionError as exc:
@@ -170,16 +250,36 @@ class S3Client:
                 last = exc
                 log.debug("%s: %s failed (attempt %d of %d): %s", self.url(key), what,
                           attempt + 1, attempts, _first_line(exc))
-            except Exception as exc:  # noqa: BLE001 - any other obstore error: not retried
+            except (KeyboardInterrupt, SystemExit, GeneratorExit):
+                raise
+            except BaseException as exc:  # noqa: BLE001 - any other obstore error, or a panic
                 raise ObjectError(f"{self.url(key)}: {what} failed: {_first_line(exc)}") from exc
-        assert last is not None
+        assert last is not None  # max_retries >= 0 (checked): at least one attempt ran
         why = _plain_reason(last, k)
         raise ObjectError(f"{self.url(key)}: {what} failed {attempts} times; last error: "
                           f"{_first_line(last)}{f' ({why})' if why else ''}") from last
 
     def head(self, key: str) -> ObjectVersion:
         meta = self._call(key, "HEAD", lambda: self._obs.head(self.store, key))
-        return ObjectVersion(key, int(meta["size"]), str(meta["e_tag"] or ""))
+        etag = str(meta["e_tag"] or "")
+        if not etag and not self._warned_etag:
+            self._warned_etag = True
+            log.warning("%s: the store sent no ETag: an object replaced while a loader reads "
+                        "it cannot be told from the one opened (nor a cache block of the old "
+                        "one from the new)", self.url(key))
+        return ObjectVersion(key, int(meta["size"]), etag)
+
+    def _same_version(self, obj: ObjectVersion, result: Any, what: str) -> None:
+        """The response to a read of ``obj`` is of the version opened: a store that ignores
+        ``If-Match`` (or a cache in front of it) must not hand out another version's bytes."""
+        if not obj.etag:
+            return
+        meta = getattr(result, "meta", None)
+        got = meta.get("e_tag") if isinstance(meta, dict) else None
+        if got and str(got) != obj.etag:
+            raise ObjectError(f"{self.url(obj.key)}: the object changed since the dataset was "
+                              f"opened (ETag {obj.etag}, the response's {got}; {what}): it was "
+                              f"replaced; open the dataset again")
 
     def get(self, obj: ObjectVersion, start: int, end: int) -> Any:
         """Bytes ``[start, end)`` of ``obj`` (a buffer), if it still has the ETag of ``obj``."""
@@ -191,7 +291,9 @@ class S3Client:
             opts["if_match"] = obj.etag
 
         def fetch() -> Any:
-            data = self._obs.get(self.store, obj.key, options=opts).bytes()
+            result = self._obs.get(self.store, obj.key, options=opts)
+            self._same_version(obj, result, what)
+            data = result.bytes()
             if len(data) != end - start:
                 raise _ShortBody(f"the body held {len(data)} bytes, expected {end - start}")
             return data
@@ -210,7 +312,9 @@ class S3Client:
             local(f.seek, 0)
             local(f.truncate)
             got = 0
-            for chunk in self._obs.get(self.store, obj.key, options=opts).stream(64 << 10):
+            result = self._obs.get(self.store, obj.key, options=opts)
+            self._same_version(obj, result, f"read of bytes {start}..{end}")
+            for chunk in result.stream(64 << 10):
                 local(f.write, chunk)
                 got += len(chunk)
             if got != end - start:
@@ -224,6 +328,21 @@ class S3Client:
                               f" runs past the end of the object ({obj.size} bytes)")
         if len(view):
             view[:] = memoryview(self.get(obj, offset, offset + len(view))).cast("B")
+
+    def check_bucket(self) -> None:
+        """Raise :class:`ObjectError` if the bucket itself does not exist (a HEAD's 404 cannot
+        tell a missing bucket from a missing object; a listing's error body can)."""
+        def first() -> None:
+            for _ in self._obs.list(self.store, None, chunk_size=1):
+                return
+
+        try:
+            self._call("", "LIST", first)
+        except ObjectError as exc:
+            if "NoSuchBucket" in str(exc.__cause__ or "") or "NoSuchBucket" in str(exc):
+                raise ObjectError(f"{self.scheme}://{self.bucket}: no such bucket (create it "
+                                  f"first, or check the name and the endpoint)") from None
+            raise
 
     def list_sizes(self, prefix: str) -> int:
         """Total bytes of the objects under ``prefix/`` (bounds the manifest, as for a local
@@ -248,9 +367,10 @@ class S3Client:
         from pathlib import Path
 
         size = os.path.getsize(path)
+        multipart = size > multipart_bytes
         res = self._call(key, "upload", lambda: self._obs.put(
-            self.store, key, Path(path), use_multipart=size > multipart_bytes,
-            chunk_size=max(5 << 20, multipart_bytes)))
+            self._upload_store if multipart else self.store, key, Path(path),
+            use_multipart=multipart, chunk_size=max(5 << 20, multipart_bytes)))
         return str(res.get("e_tag") or "")
 
     def put_bytes(self, key: str, data: bytes) -> str:

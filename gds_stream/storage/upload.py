@@ -40,6 +40,7 @@ def convert_to_url(build: Callable[[Path], Any], url: str, overwrite: bool,
     scheme, bucket, prefix = split_url(url)
     client = S3Client(bucket, storage_options, scheme)
     mkey = f"{prefix}/{MANIFEST}" if prefix else MANIFEST
+    client.check_bucket()  # before any conversion work
     old = _existing(client, mkey)
     if old is not None and not overwrite:
         raise ConversionError(f"{client.url(mkey)}: a dataset is already there; pass --overwrite "
@@ -69,6 +70,15 @@ def _existing(client, mkey: str) -> dict | None:
         return {}  # not a valid manifest: replaced like one, nothing of it deleted
 
 
+def _landed(client, mkey: str, data: bytes) -> bool:
+    """Whether the object at ``mkey`` holds exactly ``data`` now."""
+    try:
+        meta = client.head(mkey)
+        return meta.size == len(data) and bytes(client.get(meta, 0, meta.size)) == data
+    except DatasetError:
+        return False
+
+
 def upload_dir(client, local: Path, prefix: str, old: dict | None) -> None:
     """Upload the dataset directory ``local`` under ``prefix``: field files first, under a new
     ``data-<id>/``, the manifest last; then delete what only ``old`` named."""
@@ -86,7 +96,16 @@ def upload_dir(client, local: Path, prefix: str, old: dict | None) -> None:
             log.info("uploading %s to %s", rel, client.url(key(done[rel])))
             client.put_file(key(done[rel]), os.fspath(local / rel), MULTIPART_BYTES)
         fd["file"] = done[rel]
-    client.put_bytes(key(MANIFEST), json.dumps(doc).encode())  # last: the dataset appears
+    manifest = json.dumps(doc).encode()
+    try:
+        client.put_bytes(key(MANIFEST), manifest)  # last: the dataset appears
+    except DatasetError as exc:
+        # the request may have reached the store and only its answers been lost: what is
+        # there now says whether the new dataset is live (its old objects then go too)
+        if not _landed(client, key(MANIFEST), manifest):
+            raise
+        log.warning("%s: the upload of the manifest reported a failure (%s), but the store "
+                    "holds it: the new dataset is live", client.url(key(MANIFEST)), exc)
     stale = {f.get("file") for f in (old or {}).get("fields", []) if isinstance(f, dict)}
     for rel in sorted(r for r in stale - set(done.values()) if isinstance(r, str)):
         parts = rel.split("/")
