@@ -356,3 +356,26 @@ def test_a_full_cache_disk_fails_at_once_naming_the_cache(remote, tmp_path, smal
         _epochs(remote, epochs=1, cache_dir=tmp_path / "c", cache_bytes=64 << 20, **KW)
     assert time.monotonic() - t0 < 30
     assert len(gets) <= 4  # one GET per block being fetched (two reader threads), no retries
+
+
+def test_a_fetch_of_a_process_we_cannot_see_is_never_removed(tmp_path):
+    """A process in another PID namespace (another container on one cache volume) has a pid
+    that means nothing here: its fetch's temporary file is kept while it holds the file's
+    lock, and removed once the lock is free (the process gone)."""
+    import fcntl
+
+    cdir = tmp_path / "c"
+    cdir.mkdir()
+    with open("/proc/sys/kernel/pid_max") as f:
+        ghost = int(f.read())  # pids run below pid_max: no process here has this one
+    live, dead = cdir / f".tmp-{ghost}-aaaa", cdir / f".tmp-{ghost}-bbbb"
+    live.write_bytes(b"x" * 100)
+    dead.write_bytes(b"y" * 100)
+    with open(live, "rb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)  # as the other process's fetch holds it
+        cache = cache_mod.BlockCache(cdir, 64 << 20)
+        try:
+            assert live.exists(), "a fetch in progress was removed"
+            assert not dead.exists(), "a fetch nobody makes any more was kept"
+        finally:
+            cache.close()

@@ -181,6 +181,9 @@ class BlockCache:
         tmp = self.dir / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         try:
             with open(tmp, "wb+") as f:
+                # held until the file is renamed or removed: another process (in another PID
+                # namespace too, where our pid means nothing) sees the fetch is alive
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
                 client.get_to_file(obj, start, start + size, f)
                 f.flush()
                 got = os.preadv(f.fileno(), [out], lo)
@@ -189,7 +192,10 @@ class BlockCache:
                 f.seek(size)
                 f.write(_crc_of(f.fileno(), size).to_bytes(_CRC_BYTES, "little"))
             path.parent.mkdir(exist_ok=True)
-            os.replace(tmp, path)  # published whole, or not at all
+            try:
+                os.replace(tmp, path)  # published whole, or not at all
+            except FileNotFoundError:  # removed as stale by another process: not published
+                log.debug("%s: removed before it was published; the block stays uncached", tmp)
         except OSError as exc:
             raise DatasetError(f"{self.dir}: cannot write a cache block for "
                                f"{client.url(obj.key)} ({exc.strerror or exc})") from exc
@@ -265,21 +271,39 @@ class BlockCache:
         return True
 
     def _remove_stale_tmp(self) -> None:
+        """Remove the temporary files of fetches no process is making any more: a fetch holds
+        an exclusive lock on its file while it writes (released when its process dies, whatever
+        PID namespace it ran in). A file whose lock is free is removed when its pid is gone from
+        this namespace, or after :data:`STALE_TMP_S` whatever its pid. (A fetch whose file went
+        in the instant between its creation and its lock still hands out its bytes; it only
+        does not publish the block.)"""
         now = time.time()
         for e in os.scandir(self.dir):
             if not e.name.startswith(".tmp-"):
                 continue
             try:
-                pid = int(e.name.split("-")[1])
-                alive = _alive(pid) and now - e.stat().st_mtime < STALE_TMP_S
-            except (ValueError, IndexError, OSError):
-                alive = False
-            if not alive:
+                fd = os.open(e.path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue  # renamed or removed meanwhile
+            try:
                 try:
-                    os.unlink(e.path)
-                    log.info("%s: removed a block a stopped process left half-fetched", e.path)
-                except FileNotFoundError:
-                    pass
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a fetch in progress, maybe of a process we cannot see
+                try:
+                    keep = (_alive(int(e.name.split("-")[1]))
+                            and now - os.fstat(fd).st_mtime < STALE_TMP_S)
+                except (ValueError, IndexError, OSError):
+                    keep = False
+                if not keep:
+                    try:
+                        os.unlink(e.path)
+                        log.info("%s: removed a block a stopped process left half-fetched",
+                                 e.path)
+                    except FileNotFoundError:
+                        pass
+            finally:
+                os.close(fd)
 
     def stats(self) -> dict[str, int]:
         with self._mutex:
