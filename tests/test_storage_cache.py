@@ -379,3 +379,15 @@ def test_a_fetch_of_a_process_we_cannot_see_is_never_removed(tmp_path):
             assert not dead.exists(), "a fetch nobody makes any more was kept"
         finally:
             cache.close()
+
+
+@pytest.mark.parametrize("budget, ok", [(2.5e9, True), (np.int64(1 << 30), True),
+                                        ("8G", False), (1.5e8 + 0.5, False), (True, False)])
+def test_cache_bytes_takes_whole_numbers_however_written(tmp_path, budget, ok):
+    if ok:
+        cache = cache_mod.BlockCache(tmp_path / "c", budget)
+        assert cache.budget == int(budget)
+        cache.close()
+    else:
+        with pytest.raises(DatasetError, match=r"cache_bytes=.* is not a number of bytes"):
+            cache_mod.BlockCache(tmp_path / "c", budget)

@@ -35,6 +35,8 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -63,8 +65,13 @@ class BlockCache:
                  block_bytes: int | None = None):
         self.dir = Path(directory)
         self.block_bytes = int(block_bytes or CACHE_BLOCK_BYTES)
-        if not isinstance(budget, int) or isinstance(budget, bool) or \
-                budget < MIN_BLOCKS * self.block_bytes:
+        if isinstance(budget, float) and budget.is_integer():
+            budget = int(budget)  # 2.5e9 bytes: a whole number, written as a float
+        if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)):
+            raise DatasetError(f"{self.dir}: cache_bytes={budget!r} is not a number of bytes "
+                               f"(a whole number, e.g. 8 << 30)")
+        budget = int(budget)
+        if budget < MIN_BLOCKS * self.block_bytes:
             raise DatasetError(f"{self.dir}: cache_bytes={budget!r} is smaller than "
                                f"{MIN_BLOCKS} cache blocks of {self.block_bytes} bytes; give at "
                                f"least {MIN_BLOCKS * self.block_bytes} (better: a few epochs' "

@@ -229,6 +229,9 @@ class S3Client:
             except _LocalFileError as exc:  # the local side (a full disk): no retry helps
                 raise exc.error from None
             except PreconditionError as exc:
+                if etag is None:  # a request of ours that carried no ETag
+                    raise ObjectError(f"{self.url(key)}: {what} failed: a precondition of the "
+                                      f"store failed ({_first_line(exc)})") from exc
                 raise ObjectError(f"{self.url(key)}: the object changed since the dataset was "
                                   f"opened (ETag {etag} no longer matches; {what}): it was "
                                   f"replaced; open the dataset again") from exc
@@ -244,7 +247,9 @@ class S3Client:
                 if status is not None and 400 <= status < 500 and status not in (408, 429):
                     if status in (401, 403):
                         raise ObjectError(f"{self.url(key)}: access denied ({status}, {what}): "
-                                          f"{_first_line(exc)}") from exc
+                                          f"{_first_line(exc)}; check the credentials "
+                                          f"(AWS_ACCESS_KEY_ID, ...) and the bucket "
+                                          f"policy") from exc
                     raise ObjectError(f"{self.url(key)}: {what} failed with status {status}: "
                                       f"{_first_line(exc)}") from exc
                 last = exc
