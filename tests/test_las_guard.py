@@ -111,6 +111,25 @@ def test_points_outside_the_header_bounds_warn_with_the_count(tmp_path, caplog):
         in warned[0], warned
 
 
+def _refused_under_4_gib(tmp_path) -> str:
+    """``gds-stream convert a.laz -o out`` in ``tmp_path``, in a subprocess under a 4 GiB
+    address-space limit (a regression cannot take the machine's memory): refused in one line,
+    exit 2; that line."""
+    import resource
+    import subprocess
+    import sys
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    r = subprocess.run([sys.executable, "-m", "gds_stream", "convert", "a.laz", "-o", "out",
+                        "--no-progress"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120, preexec_fn=limit)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    return r.stderr
+
+
 def _laz_table(path):
     """(offset of the chunk table, the file's bytes) of a laspy-written LAZ."""
     data = bytearray(path.read_bytes())
@@ -130,10 +149,6 @@ def test_laz_chunk_table_is_checked_before_lazrs(tmp_path, patch, message):
     size of 2³¹ points made lazrs allocate tens of GB and abort: refused from the file's size.
     (In a subprocess under a 4 GiB address-space limit, so a regression cannot take the
     machine's memory.)"""
-    import resource
-    import subprocess
-    import sys
-
     _points(2000).write(tmp_path / "a.laz")
     table, data = _laz_table(tmp_path / "a.laz")
     start = laspy.read(tmp_path / "a.laz").header.offset_to_point_data
@@ -150,15 +165,8 @@ def test_laz_chunk_table_is_checked_before_lazrs(tmp_path, patch, message):
         struct.pack_into("<I", data, at, 2**31)
     (tmp_path / "a.laz").write_bytes(bytes(data))
 
-    def limit():
-        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
-
-    r = subprocess.run([sys.executable, "-m", "gds_stream", "convert", "a.laz", "-o", "out",
-                        "--no-progress"], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=120, preexec_fn=limit)
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
-    assert "a.laz: " in r.stderr and message in r.stderr, r.stderr
+    err = _refused_under_4_gib(tmp_path)
+    assert "a.laz: " in err and message in err, err
     assert no_output_left(tmp_path, "out")
 
 
@@ -539,21 +547,10 @@ def _table(tmp_path):
 def test_variable_size_chunk_tables_are_checked_before_lazrs(tmp_path, edit, message):
     """(In a subprocess under a 4 GiB address-space limit, so a regression cannot take the
     machine's memory.)"""
-    import resource
-    import subprocess
-    import sys
-
     _variable_laz(tmp_path / "a.laz", table=edit(_table(tmp_path)))
 
-    def limit():
-        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
-
-    r = subprocess.run([sys.executable, "-m", "gds_stream", "convert", "a.laz", "-o", "out",
-                        "--no-progress"], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=120, preexec_fn=limit)
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
-    assert "a.laz: " in r.stderr and re.search(message, r.stderr), r.stderr
+    err = _refused_under_4_gib(tmp_path)
+    assert "a.laz: " in err and re.search(message, err), err
     assert no_output_left(tmp_path, "out")
 
 

@@ -123,13 +123,12 @@ def _endpoint(config: dict[str, Any]) -> str | None:
     text = str(value)
     try:
         parts = urlsplit(text)
-        port = parts.port  # ValueError when out of range
+        parts.port  # noqa: B018 - a ValueError when the port is out of range
     except ValueError:
-        parts, port = None, None
+        parts = None
     if parts is None or parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         raise DatasetError(f"storage_options {key}={text!r} is not an endpoint URL: expected "
                            f"http://host[:port] or https://host[:port]")
-    del port
     return text
 
 
